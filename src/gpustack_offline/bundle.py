@@ -1,0 +1,169 @@
+"""One bundle per cell: `dist/<cell-id>/` and `dist/<cell-id>.tar`, with manifest and sums.
+
+The folder is assembled beside its final name and renamed into place only when complete, and the
+tar likewise, so an interrupted build never leaves a bundle that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .fsutil import atomic_dir, atomic_path, link_or_copy, sha256_file
+from .locks import Lock, ensure_lock, inputs_for, load_overrides
+from .matrix import Cell
+from .options import Options
+from .runner import run
+from .wheels import Wheel, requirements_txt, simple_index, wheelhouse
+
+SCHEMA_VERSION = 1
+README_TEMPLATES = ("README.md", "README.zh-CN.md")
+
+
+@dataclass(frozen=True)
+class Result:
+    cell: Cell
+    directory: Path
+    tar: Path
+    files: int
+    bytes: int
+    seconds: float
+    lock_state: str
+
+
+def tool_commit(root: Path) -> str:
+    try:
+        head = run(["git", "-C", root, "rev-parse", "HEAD"], what="git rev-parse").stdout.strip()
+        dirty = run(["git", "-C", root, "status", "--porcelain"], what="git status").stdout.strip()
+    except Exception:  # noqa: BLE001 - a bundle built outside a checkout has no commit
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def bundle_env(cell: Cell) -> dict[str, str]:
+    return {
+        "BUNDLE_CELL": cell.id,
+        "GPUSTACK_VERSION": cell.version,
+        "TARGET_OS": cell.os,
+        "TARGET_ARCH": cell.arch,
+        "TARGET_DEVICE": cell.device,
+        "TARGET_PYTHON": cell.python,
+        "TARGET_EXTRAS": cell.extras,
+        "INSTALL_METHOD": cell.method,
+        "GLIBC_FLOOR": cell.glibc or "",
+        "CUDA_FLOOR": cell.cuda or "",
+        "REQUIREMENT": cell.requirement,
+    }
+
+
+def render(template: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        template = template.replace("{{" + key + "}}", value or "-")
+    return template
+
+
+def _scripts(cell: Cell) -> tuple[str, ...]:
+    return ("install.ps1",) if cell.os == "windows" else ("install.sh", "preflight.sh")
+
+
+def assemble(
+    cell: Cell, wheels: Iterable[Wheel], lock: Lock, stage: Path, root: Path
+) -> dict[str, object]:
+    """Write the bundle's files into `stage`; return the manifest."""
+    wheels = list(wheels)
+    files: list[dict[str, object]] = []
+
+    def add(rel: str, kind: str, origin: str) -> None:
+        path = stage / rel
+        files.append(
+            {"path": rel, "sha256": sha256_file(path), "size": path.stat().st_size,
+             "kind": kind, "origin": origin}
+        )  # fmt: skip
+
+    for w in wheels:
+        link_or_copy(w.path, stage / "wheels" / w.filename)
+        add(f"wheels/{w.filename}", "built-wheel" if w.built else "wheel", w.origin)
+    for rel, text in simple_index(wheels).items():
+        (stage / "wheels/simple" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (stage / "wheels/simple" / rel).write_text(text)
+        add(f"wheels/simple/{rel}", "index", "generated")
+    env = bundle_env(cell)
+    texts = {
+        "requirements.txt": requirements_txt(cell, wheels),
+        "bundle.env": "".join(f"{k}={v}\n" for k, v in env.items()),
+        "lock/pylock.toml": lock.path.read_text(),
+    }
+    for rel, text in texts.items():
+        (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+        (stage / rel).write_text(text)
+        add(rel, "lock" if rel.startswith("lock/") else "config", "generated")
+    for name in _scripts(cell):
+        (stage / name).write_bytes((root / "scripts" / name).read_bytes())
+        os.chmod(stage / name, 0o755)
+        add(name, "script", f"scripts/{name}")
+    for name in README_TEMPLATES:
+        (stage / name).write_text(render((root / "scripts" / name).read_text(), env))
+        add(name, "doc", f"scripts/{name}")
+
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "cell": cell.as_dict(),
+        "gpustack_version": cell.version,
+        "tool": {"name": "gpustack-offline", "version": __version__, "commit": tool_commit(root)},
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "lock": {"path": str(lock.path.relative_to(root)), "sha256": lock.digest()},
+        "files": sorted(files, key=lambda f: str(f["path"])),
+    }
+    (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    sums = [(f["path"], f["sha256"]) for f in manifest["files"]]  # type: ignore[index]
+    sums.append(("manifest.json", sha256_file(stage / "manifest.json")))
+    (stage / "SHA256SUMS").write_text("".join(f"{h}  {p}\n" for p, h in sorted(sums)))
+    return manifest
+
+
+def write_tar(directory: Path, final: Path) -> None:
+    """A plain tar of the bundle folder (wheels are compressed already), files in sorted order."""
+    with atomic_path(final) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
+        for path in sorted(directory.rglob("*")):
+            info = tf.gettarinfo(path, arcname=f"{directory.name}/{path.relative_to(directory)}")
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            if path.is_file():
+                with path.open("rb") as fh:
+                    tf.addfile(info, fh)
+            else:
+                tf.addfile(info)
+
+
+def build(cell: Cell, opts: Options, root: Path) -> Result:
+    """Lock (if needed), fetch, build and assemble one cell's bundle."""
+    started = time.monotonic()
+    cache = opts.path("cache_dir", root)
+    inputs = inputs_for(cell, load_overrides(opts.path("overrides", root)), opts.index_url)
+    lock, lock_state = ensure_lock(
+        cell, inputs, opts.path("locks_dir", root), cache, frozen=opts.frozen
+    )
+    wheels = wheelhouse(
+        cell, lock, cache, inputs.build_constraints, opts.index_url, opts.jobs, opts.progress
+    )
+    dist = opts.path("dist_dir", root)
+    final_dir = dist / cell.id
+    with atomic_dir(final_dir) as stage:
+        manifest = assemble(cell, wheels, lock, stage, root)
+    write_tar(final_dir, dist / f"{cell.id}.tar")
+    files = manifest["files"]  # type: ignore[assignment]
+    return Result(
+        cell=cell,
+        directory=final_dir,
+        tar=dist / f"{cell.id}.tar",
+        files=len(files) + 2,  # type: ignore[arg-type]
+        bytes=sum(int(f["size"]) for f in files),  # type: ignore[union-attr]
+        seconds=time.monotonic() - started,
+        lock_state=lock_state,
+    )

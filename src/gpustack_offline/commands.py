@@ -1,0 +1,135 @@
+"""What the invoke tasks and nox sessions do, as plain functions over options and a selection.
+
+`tasks.py` and `noxfile.py` only parse flags and call these; errors are `BundleError`s whose
+messages the wiring prints without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from . import bundle, containers, verify
+from .errors import BundleError
+from .locks import inputs_for, load_overrides, make_lock
+from .matrix import AXES, Cell, Matrix
+from .options import Options, resolve
+
+console = Console(stderr=True)
+log = logging.getLogger("gpustack_offline")
+
+
+@dataclass(frozen=True)
+class Context:
+    root: Path
+    opts: Options
+    matrix: Matrix
+
+    @classmethod
+    def load(
+        cls, root: Path, cli: Mapping[str, object] | None = None, env: Mapping[str, str] | None = None
+    ) -> Context:
+        opts = resolve(root, env=env, cli=cli)
+        return cls(root, opts, Matrix.load(opts.path("matrix", root)))
+
+    def select(self, cells: Sequence[str] = (), **axes: str | None) -> list[Cell]:
+        return self.matrix.select(list(cells), **{a: v for a, v in axes.items() if a in AXES})
+
+    @property
+    def dist(self) -> Path:
+        return self.opts.path("dist_dir", self.root)
+
+    @property
+    def cache(self) -> Path:
+        return self.opts.path("cache_dir", self.root)
+
+
+def matrix_table(ctx: Context, cells: Sequence[Cell], as_json: bool) -> str:
+    if as_json:
+        return json.dumps(ctx.matrix.ci_matrix(cells))
+    table = Table(title=f"{len(cells)} cells", show_lines=False)
+    for column in ("id", *AXES, "cuda"):
+        table.add_column(column)
+    for c in cells:
+        table.add_row(c.id, *(getattr(c, a) for a in AXES), c.cuda or "-")
+    out = Console(width=200, record=True)
+    with out.capture() as captured:
+        out.print(table)
+    return captured.get()
+
+
+def lock(ctx: Context, cells: Sequence[Cell]) -> list[Path]:
+    overrides = load_overrides(ctx.opts.path("overrides", ctx.root))
+    paths = []
+    for cell in cells:
+        console.print(f"locking {cell.id}")
+        inputs = inputs_for(cell, overrides, ctx.opts.index_url)
+        paths.append(make_lock(cell, inputs, ctx.opts.path("locks_dir", ctx.root), ctx.cache))
+    return paths
+
+
+def build(ctx: Context, cells: Sequence[Cell]) -> list[bundle.Result]:
+    """Build every selected cell; report each failure and go on, then fail if any failed."""
+    results, failures = [], []
+    for cell in cells:
+        console.print(f"[bold]building {cell.id}[/bold]")
+        try:
+            results.append(bundle.build(cell, ctx.opts, ctx.root))
+        except BundleError as exc:
+            console.print(f"[red]{cell.id}: {exc}[/red]")
+            failures.append(cell.id)
+    console.print(summary(results))
+    if failures:
+        raise BundleError(f"{len(failures)} of {len(cells)} cells failed: {', '.join(failures)}")
+    return results
+
+
+def summary(results: Sequence[bundle.Result]) -> Table:
+    table = Table(title="bundles")
+    for column, justify in (("cell", "left"), ("files", "right"), ("MB", "right"),
+                            ("seconds", "right"), ("lock", "left"), ("bundle", "left")):  # fmt: skip
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for r in results:
+        table.add_row(
+            r.cell.id, str(r.files), f"{r.bytes / 1e6:.1f}", f"{r.seconds:.1f}", r.lock_state, str(r.tar)
+        )
+    return table
+
+
+def built_cells(ctx: Context) -> list[Cell]:
+    """Cells that have a finished bundle under dist/."""
+    found = []
+    if ctx.dist.is_dir():
+        for manifest in sorted(ctx.dist.glob("*/manifest.json")):
+            try:
+                found.append(ctx.matrix.cell(manifest.parent.name))
+            except BundleError:
+                log.warning("ignoring %s: not a cell of the current matrix", manifest.parent)
+    return found
+
+
+def verify_cell(ctx: Context, cell: Cell) -> verify.Report:
+    bundle_dir = ctx.dist / cell.id
+    report = verify.verify(
+        cell,
+        bundle_dir,
+        ctx.cache,
+        ctx.opts.verify_timeout,
+        ctx.opts.debian_mirror,
+        report_path=ctx.dist / f"{cell.id}.verify.json",
+    )
+    console.print(
+        f"[green]{cell.id}: verified[/green] — installed offline, `gpustack start` answered "
+        f"/healthz after {report.seconds_to_healthz}s"
+    )
+    return report
+
+
+def base_images(ctx: Context, arches: Sequence[str]) -> list[str]:
+    return [containers.base_image(a, ctx.cache, ctx.opts.debian_mirror) for a in arches]

@@ -1,0 +1,227 @@
+"""The Docker Engine: clean base images made here, builder images, and containers that clean up.
+
+Nothing here pulls from a registry. Base images are made with debootstrap from Debian's package
+servers and loaded as a Docker archive whose config names the right architecture (`docker
+import` would record the host's); containers of another architecture run under qemu binfmt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+from .errors import BundleError, CommandError
+from .fsutil import atomic_path, sha256_file
+from .runner import run
+
+log = logging.getLogger("gpustack_offline")
+
+SUITE = "bookworm"  # Debian 12: Python 3.11, glibc 2.36
+BUILDER_PYTHON = "3.11"
+BASE_PACKAGES = ("python3", "python3-venv")
+BUILDER_DOCKERFILE = """\
+FROM {base}
+RUN apt-get update \\
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \\
+      build-essential python3-dev python3-pip \\
+ && rm -rf /var/lib/apt/lists/* \\
+ && python3 -m pip install --no-cache-dir --break-system-packages build
+"""
+LABEL = "gpustack-offline.key"
+
+
+class EngineError(BundleError):
+    """The Docker Engine is missing, unreachable or refused a request."""
+
+
+def client():  # type: ignore[no-untyped-def]
+    import docker
+
+    try:
+        engine = docker.from_env(timeout=600)
+        engine.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure here means the same thing
+        raise EngineError(
+            f"cannot reach the Docker Engine ({exc}). Install it (`apt-get install docker.io`) "
+            "and start it (`dockerd &` or `systemctl start docker`), then retry"
+        ) from exc
+    return engine
+
+
+def image_key(image: str) -> str | None:
+    import docker.errors
+
+    try:
+        return client().images.get(image).labels.get(LABEL)
+    except docker.errors.ImageNotFound:
+        return None
+
+
+def _base_key(arch: str, mirror: str) -> str:
+    blob = f"{SUITE}|{arch}|minbase|{','.join(BASE_PACKAGES)}|{mirror}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def rootfs_tar(arch: str, cache: Path, mirror: str) -> Path:
+    """A debootstrapped Debian root filesystem as a tar, cached by its inputs."""
+    final = cache / "base" / f"{SUITE}-{arch}-{_base_key(arch, mirror)}.tar"
+    if final.is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="rootfs-", dir=final.parent) as tmp:
+        root = Path(tmp) / "root"
+        run(
+            [
+                "debootstrap", f"--arch={arch}", "--variant=minbase",
+                f"--include={','.join(BASE_PACKAGES)}", SUITE, root, mirror,
+            ],
+            what=f"debootstrap of Debian {SUITE} for {arch}",
+            fix="install debootstrap (and qemu-user-static + binfmt-support for arm64) and "
+            "check that Debian's package servers are reachable",
+        )  # fmt: skip
+        with atomic_path(final) as part:
+            run(["tar", "-C", root, "--numeric-owner", "-cf", part, "."], what="packing rootfs")
+    return final
+
+
+def load_image(layer_tar: Path, tag: str, arch: str, labels: Mapping[str, str]) -> None:
+    """Load a one-layer image into the engine as a Docker archive with the right architecture."""
+    diff_id = "sha256:" + sha256_file(layer_tar)
+    config = {
+        "architecture": arch,
+        "os": "linux",
+        "config": {
+            "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+            "Cmd": ["/bin/bash"],
+            "Labels": dict(labels),
+        },
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "history": [{"created_by": f"gpustack-offline: debootstrap {SUITE} {arch}"}],
+    }
+    config_bytes = json.dumps(config, sort_keys=True).encode()
+    config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
+    manifest = [{"Config": config_name, "RepoTags": [tag], "Layers": ["layer/layer.tar"]}]
+    with tempfile.TemporaryFile() as archive:
+        with tarfile.open(fileobj=archive, mode="w") as tf:
+            for name, data in (
+                (config_name, config_bytes),
+                ("manifest.json", json.dumps(manifest).encode()),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+            tf.add(layer_tar, arcname="layer/layer.tar")
+        archive.seek(0)
+        client().images.load(archive)
+
+
+def base_image(arch: str, cache: Path, mirror: str = "http://deb.debian.org/debian") -> str:
+    """The clean Debian base image for `arch`, made and loaded if the engine lacks it."""
+    tag = f"gpustack-offline/base:{SUITE}-{arch}"
+    key = _base_key(arch, mirror)
+    if image_key(tag) != key:
+        log.info("making base image %s", tag)
+        load_image(rootfs_tar(arch, cache, mirror), tag, arch, {LABEL: key})
+    return tag
+
+
+def builder_image(arch: str, cache: Path, mirror: str = "http://deb.debian.org/debian") -> str:
+    """Base image plus compilers and `build`, for native sdist builds of the target arch."""
+    base = base_image(arch, cache, mirror)
+    dockerfile = BUILDER_DOCKERFILE.format(base=base)
+    key = hashlib.sha256(f"{image_key(base)}|{dockerfile}".encode()).hexdigest()[:16]
+    tag = f"gpustack-offline/builder:{SUITE}-{arch}"
+    if image_key(tag) != key:
+        log.info("making builder image %s", tag)
+        with tempfile.TemporaryDirectory() as ctx:
+            (Path(ctx) / "Dockerfile").write_text(dockerfile)
+            run(
+                ["docker", "build", "--pull=false", "--label", f"{LABEL}={key}", "-t", tag, ctx],
+                what=f"building the {arch} builder image",
+                fix="check that Debian's package servers and PyPI are reachable from containers",
+            )
+    return tag
+
+
+@contextlib.contextmanager
+def container(
+    image: str,
+    *,
+    network: str = "none",
+    mounts: Mapping[Path, str] | None = None,
+    read_only: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    name_hint: str = "gpustack-offline",
+) -> Iterator[object]:
+    """A started container that idles until used, always removed afterwards. Never pulls."""
+    import docker.errors
+
+    engine = client()
+    try:
+        engine.images.get(image)
+    except docker.errors.ImageNotFound:
+        raise EngineError(f"image {image} is not in the local engine (nothing is pulled)") from None
+    volumes = {
+        str(host): {"bind": inside, "mode": "ro" if inside in read_only else "rw"}
+        for host, inside in (mounts or {}).items()
+    }
+    box = engine.containers.create(
+        image,
+        command=["sleep", "infinity"],
+        name=f"{name_hint}-{int(time.time() * 1000) % 10**9}",
+        network=network,
+        volumes=volumes,
+        environment=dict(env or {}),
+        detach=True,
+    )
+    try:
+        box.start()
+        yield box
+    finally:
+        with contextlib.suppress(docker.errors.APIError):
+            box.remove(force=True)
+
+
+def exec_in(box: object, argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """Run argv in a container; return (exit code, combined output)."""
+    code, output = box.exec_run(list(argv), environment=dict(env or {}), demux=False)  # type: ignore[attr-defined]
+    return code, (output or b"").decode(errors="replace")
+
+
+def run_container(
+    image: str,
+    argv: Sequence[str],
+    *,
+    mounts: Mapping[Path, str],
+    env: Mapping[str, str],
+    what: str,
+    network: bool,
+) -> str:
+    """Run one command in a fresh container; raise CommandError with its output if it fails."""
+    with container(image, network="bridge" if network else "none", mounts=mounts, env=env) as box:
+        code, output = exec_in(box, argv, env=env)
+    if code != 0:
+        tail = "\n".join(output.strip().splitlines()[-25:])
+        raise CommandError(f"{what} failed (exit {code}):\n{tail}")
+    return output
+
+
+def internal_network(name: str = "gpustack-offline-verify") -> str:
+    """A Docker network with no route out (`--internal`); made once."""
+    engine = client()
+    if not engine.networks.list(names=[name]):
+        engine.networks.create(name, driver="bridge", internal=True)
+    return name
+
+
+def have(program: str) -> bool:
+    return shutil.which(program) is not None

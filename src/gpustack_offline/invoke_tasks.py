@@ -1,0 +1,108 @@
+"""Invoke tasks: flags in, `commands` called, errors printed as one line each.
+
+`tasks.py` at the project root only composes the collections defined here.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from invoke import Collection, Exit, task
+
+from . import commands
+from .errors import BundleError
+
+_AXIS_HELP = {
+    "cell": "cell id or glob pattern, e.g. 'v0.7.1-linux-amd64-cpu-*' (repeatable)",
+    "version": "GPUStack version(s), comma-separated (default: the matrix default)",
+    "os": "linux or windows",
+    "arch": "amd64 or arm64",
+    "device": "cpu, cuda12.4, cuda12.8",
+    "python": "target Python X.Y (default: the matrix default)",
+    "extras": "base, audio, vllm, all",
+    "method": "install method (pip)",
+}
+
+
+def _root(c: Any) -> Path:
+    return Path(c.cwd).resolve() if getattr(c, "cwd", None) else Path.cwd()
+
+
+def _wired(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a BundleError as one line and exit 2, instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(c: Any, *args: Any, **kwargs: Any) -> Any:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        try:
+            return fn(c, *args, **kwargs)
+        except BundleError as exc:
+            raise Exit(f"error: {exc}", code=2) from exc
+
+    return wrapper
+
+
+@task(
+    iterable=["cell"],
+    help={**_AXIS_HELP, "json": "print a CI job matrix ({'include': [...]}) instead of a table",
+          "all": "every cell of every version and Python, ignoring the defaults"},
+)  # fmt: skip
+@_wired
+def matrix(c, cell=None, version=None, os=None, arch=None, device=None, python=None,
+           extras=None, method=None, json=False, all=False):  # type: ignore[no-untyped-def]  # noqa: A002
+    """List the cells of the build matrix (table, or --json for CI)."""
+    ctx = commands.Context.load(_root(c))
+    patterns = cell or (["*"] if all else [])
+    cells = ctx.select(patterns, version=version, os=os, arch=arch, device=device,
+                       python=python, extras=extras, method=method)  # fmt: skip
+    print(commands.matrix_table(ctx, cells, json))
+
+
+@task(
+    iterable=["cell"],
+    help={**_AXIS_HELP, "frozen": "refuse to build a cell whose lock is missing or stale",
+          "jobs": "parallel downloads", "dist": "output folder (default dist/)"},
+)  # fmt: skip
+@_wired
+def bundle(c, cell=None, version=None, os=None, arch=None, device=None, python=None,
+           extras=None, method=None, frozen=None, jobs=None, dist=None):  # type: ignore[no-untyped-def]
+    """Build the bundle of every selected cell into dist/<cell-id>/ and dist/<cell-id>.tar."""
+    ctx = commands.Context.load(_root(c), cli={"frozen": frozen, "jobs": jobs, "dist_dir": dist})
+    cells = ctx.select(cell or [], version=version, os=os, arch=arch, device=device,
+                       python=python, extras=extras, method=method)  # fmt: skip
+    commands.build(ctx, cells)
+
+
+@task(iterable=["cell"], help=_AXIS_HELP)
+@_wired
+def refresh(c, cell=None, version=None, os=None, arch=None, device=None, python=None,
+            extras=None, method=None):  # type: ignore[no-untyped-def]
+    """Resolve the selected cells again and rewrite their locks under bundles/locks/."""
+    ctx = commands.Context.load(_root(c))
+    cells = ctx.select(cell or [], version=version, os=os, arch=arch, device=device,
+                       python=python, extras=extras, method=method)  # fmt: skip
+    for path in commands.lock(ctx, cells):
+        print(path)
+
+
+@task(iterable=["arch"], help={"arch": "amd64 and/or arm64 (default: both)"})
+@_wired
+def base(c, arch=None):  # type: ignore[no-untyped-def]
+    """Make the clean Debian base images that verification and native builds use."""
+    ctx = commands.Context.load(_root(c))
+    for tag in commands.base_images(ctx, arch or ["amd64", "arm64"]):
+        print(tag)
+
+
+def namespace() -> Collection:
+    """`invoke matrix`, `invoke bundle`, `invoke lock [--cell …]`, `invoke images.base`."""
+    locks = Collection("lock")
+    locks.add_task(refresh, default=True)
+    ns = Collection(matrix, bundle)
+    ns.add_collection(locks)
+    ns.add_collection(Collection("images", base))
+    return ns

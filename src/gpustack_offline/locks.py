@@ -1,0 +1,233 @@
+"""Per-cell lock files: the wheel set of a cell, resolved for its target, with hashes.
+
+`uv pip compile --python-platform` resolves for the target platform and Python, not for the host,
+and writes a PEP 751 `pylock.toml` that names every file with its URL, size and sha256. One lock
+per cell lives in `bundles/locks/<cell-id>/pylock.toml`; its `[tool.gpustack-offline]` table
+records a digest of the inputs, so a changed override or requirement shows up as a stale lock
+instead of a silently different bundle.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import LockError
+from .fsutil import write_text
+from .matrix import Cell
+from .options import TOOL_KEY
+from .runner import run
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Everything that decides a cell's wheel set."""
+
+    requirements: tuple[str, ...]
+    constraints: tuple[str, ...] = ()
+    build_constraints: tuple[str, ...] = ()
+    platform: str = ""
+    python: str = ""
+    index_url: str = ""
+
+    def digest(self) -> str:
+        blob = json.dumps(self.__dict__, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
+
+
+@dataclass(frozen=True)
+class Override:
+    select: tuple[str, ...]
+    constraints: tuple[str, ...] = ()
+    build_constraints: tuple[str, ...] = ()
+    extra_requirements: tuple[str, ...] = ()
+
+
+def load_overrides(path: Path) -> list[Override]:
+    if not path.is_file():
+        return []
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise LockError(f"{path}: not valid TOML: {exc}") from exc
+    known = {"select", "constraints", "build-constraints", "extra-requirements"}
+    result = []
+    for i, entry in enumerate(data.get("override", []), start=1):
+        unknown = set(entry) - known
+        if unknown or "select" not in entry:
+            raise LockError(
+                f"{path}: [[override]] #{i} has unknown keys {sorted(unknown)} or no 'select'; "
+                f"known keys: {', '.join(sorted(known))}"
+            )
+        select = entry["select"]
+        result.append(
+            Override(
+                select=(select,) if isinstance(select, str) else tuple(select),
+                constraints=tuple(entry.get("constraints", ())),
+                build_constraints=tuple(entry.get("build-constraints", ())),
+                extra_requirements=tuple(entry.get("extra-requirements", ())),
+            )
+        )
+    return result
+
+
+def inputs_for(cell: Cell, overrides: Sequence[Override], index_url: str) -> Inputs:
+    matching = [o for o in overrides if any(fnmatch.fnmatchcase(cell.id, s) for s in o.select)]
+    return Inputs(
+        requirements=(cell.requirement, *(r for o in matching for r in o.extra_requirements)),
+        constraints=tuple(c for o in matching for c in o.constraints),
+        build_constraints=tuple(c for o in matching for c in o.build_constraints),
+        platform=cell.uv_platform,
+        python=cell.python,
+        index_url=index_url,
+    )
+
+
+@dataclass(frozen=True)
+class LockedFile:
+    url: str
+    sha256: str
+    size: int | None
+
+    @property
+    def filename(self) -> str:
+        return self.url.rsplit("/", 1)[-1].split("#", 1)[0]
+
+
+@dataclass(frozen=True)
+class LockedPackage:
+    name: str
+    version: str
+    marker: str | None
+    wheels: tuple[LockedFile, ...]
+    sdist: LockedFile | None
+
+
+@dataclass(frozen=True)
+class Lock:
+    path: Path
+    cell_id: str
+    inputs_digest: str
+    packages: tuple[LockedPackage, ...] = field(default=())
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+
+def lock_path(locks_dir: Path, cell: Cell) -> Path:
+    return locks_dir / cell.id / "pylock.toml"
+
+
+def _file(entry: Mapping[str, object], where: str) -> LockedFile:
+    hashes = entry.get("hashes") or {}
+    if "url" not in entry or "sha256" not in hashes:  # type: ignore[operator]
+        raise LockError(f"{where}: a file entry has no url or sha256; refresh the lock")
+    return LockedFile(str(entry["url"]), str(hashes["sha256"]), entry.get("size"))  # type: ignore[index,arg-type]
+
+
+def read_lock(path: Path) -> Lock:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise LockError(f"lock {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise LockError(f"{path}: not valid TOML: {exc}; refresh it with `invoke lock`") from exc
+    meta = data.get("tool", {}).get(TOOL_KEY, {})
+    packages = []
+    for entry in data.get("packages", []):
+        where = f"{path} package {entry.get('name')}"
+        sdist = entry.get("sdist")
+        packages.append(
+            LockedPackage(
+                name=entry["name"],
+                version=entry["version"],
+                marker=entry.get("marker"),
+                wheels=tuple(_file(w, where) for w in entry.get("wheels", [])),
+                sdist=_file(sdist, where) if sdist else None,
+            )
+        )
+    return Lock(path, meta.get("cell", ""), meta.get("inputs-digest", ""), tuple(packages))
+
+
+def _toml_list(values: Sequence[str]) -> str:
+    return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+
+def make_lock(cell: Cell, inputs: Inputs, locks_dir: Path, cache_dir: Path) -> Path:
+    """Resolve the cell with uv and write its lock atomically."""
+    final = lock_path(locks_dir, cell)
+    with tempfile.TemporaryDirectory(prefix="lock-") as tmp_name:
+        tmp = Path(tmp_name)
+        (tmp / "requirements.in").write_text("\n".join(inputs.requirements) + "\n")
+        argv: list[str | Path] = [
+            sys.executable, "-m", "uv", "pip", "compile", tmp / "requirements.in",
+            "--python-platform", inputs.platform,
+            "--python-version", inputs.python,
+            "--format", "pylock.toml", "--no-header", "--quiet",
+            "--index-url", inputs.index_url,
+            "-o", tmp / "pylock.toml",
+        ]  # fmt: skip
+        if inputs.constraints:
+            (tmp / "constraints.txt").write_text("\n".join(inputs.constraints) + "\n")
+            argv += ["--constraints", tmp / "constraints.txt"]
+        if inputs.build_constraints:
+            (tmp / "build-constraints.txt").write_text("\n".join(inputs.build_constraints) + "\n")
+            argv += ["--build-constraints", tmp / "build-constraints.txt"]
+        env = {**os.environ, "UV_CACHE_DIR": str(cache_dir / "uv")}
+        run(
+            argv,
+            env=env,
+            what=f"resolving {cell.id} ({inputs.platform}, Python {inputs.python})",
+            fix="read uv's message above; a pin in bundles/overrides.toml (constraints, "
+            "build-constraints) for this cell usually settles it",
+        )
+        body = (tmp / "pylock.toml").read_text()
+    header = (
+        f"# Lock for cell {cell.id}: written by `invoke lock`, read by `invoke bundle`.\n"
+        "# Resolved for the target's platform and Python, not the build host's.\n"
+    )
+    meta = (
+        f"\n[tool.{TOOL_KEY}]\n"
+        f"cell = {json.dumps(cell.id)}\n"
+        f"inputs-digest = {json.dumps(inputs.digest())}\n"
+        f"requirements = {_toml_list(inputs.requirements)}\n"
+        f"constraints = {_toml_list(inputs.constraints)}\n"
+        f"build-constraints = {_toml_list(inputs.build_constraints)}\n"
+        f"platform = {json.dumps(inputs.platform)}\n"
+        f"python = {json.dumps(inputs.python)}\n"
+    )
+    write_text(final, header + body.rstrip() + "\n" + meta)
+    return final
+
+
+def ensure_lock(
+    cell: Cell, inputs: Inputs, locks_dir: Path, cache_dir: Path, frozen: bool
+) -> tuple[Lock, str]:
+    """The cell's current lock, made or refreshed unless `frozen`. Returns (lock, what happened)."""
+    path = lock_path(locks_dir, cell)
+    state = "used"
+    if not path.is_file():
+        if frozen:
+            raise LockError(
+                f"no lock for {cell.id} at {path}; run `invoke lock --cell {cell.id}` and commit it"
+            )
+        make_lock(cell, inputs, locks_dir, cache_dir)
+        state = "created"
+    lock = read_lock(path)
+    if lock.inputs_digest != inputs.digest():
+        if frozen:
+            raise LockError(
+                f"lock {path} is stale: its inputs (requirement, overrides, index) changed; "
+                f"run `invoke lock --cell {cell.id}` and commit it"
+            )
+        make_lock(cell, inputs, locks_dir, cache_dir)
+        lock, state = read_lock(path), "refreshed"
+    return lock, state

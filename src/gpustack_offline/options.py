@@ -1,0 +1,126 @@
+"""Every option, declared once, resolved in one place.
+
+Cascade, lowest first: defaults < `[tool.gpustack-offline]` in pyproject.toml <
+`GPUSTACK_OFFLINE_<NAME>` environment variables < CLI flags. An unknown key in the pyproject table
+or an unknown `GPUSTACK_OFFLINE_*` variable is an error, so a typo never silently does nothing.
+The environment is passed in as a mapping so that the resolver is testable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import OptionError
+
+TOOL_KEY = "gpustack-offline"
+ENV_PREFIX = "GPUSTACK_OFFLINE_"
+
+
+def _default_cache() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "gpustack-offline")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Resolved options. Field names are the option names (`-` in pyproject, `_` here)."""
+
+    matrix: str = "bundles/matrix.toml"
+    overrides: str = "bundles/overrides.toml"
+    locks_dir: str = "bundles/locks"
+    dist_dir: str = "dist"
+    cache_dir: str = dataclasses.field(default_factory=_default_cache)
+    index_url: str = "https://pypi.org/simple"
+    debian_mirror: str = "http://deb.debian.org/debian"
+    jobs: int = 4
+    frozen: bool = False
+    verify_timeout: int = 900
+    progress: bool = True
+
+    def path(self, name: str, root: Path) -> Path:
+        """An option that names a path, resolved against the project root."""
+        value = Path(str(getattr(self, name))).expanduser()
+        return value if value.is_absolute() else root / value
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Options)}
+
+
+def _convert(name: str, value: Any, source: str) -> Any:
+    kind = type(getattr(Options(), name))
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in {"1", "true", "yes", "on"}:
+            return True
+        if text in {"0", "false", "no", "off", ""}:
+            return False
+        raise OptionError(f"{source}: option {name} must be true or false, not {value!r}")
+    if kind is int:
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise OptionError(f"{source}: option {name} must be a whole number, not {value!r}") from None
+    if not isinstance(value, str):
+        raise OptionError(f"{source}: option {name} must be a string, not {value!r}")
+    return value
+
+
+def _unknown(key: str, source: str, spelled: str) -> OptionError:
+    known = ", ".join(sorted(spelled.format(n) for n in _FIELDS))
+    return OptionError(f"{source}: unknown option {key!r}; known options: {known}")
+
+
+def from_pyproject(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        table = tomllib.loads(path.read_text()).get("tool", {}).get(TOOL_KEY, {})
+    except tomllib.TOMLDecodeError as exc:
+        raise OptionError(f"{path}: not valid TOML: {exc}") from exc
+    source = f"{path} [tool.{TOOL_KEY}]"
+    values = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name not in _FIELDS:
+            raise _unknown(key, source, "{}")
+        values[name] = _convert(name, value, source)
+    return values
+
+
+def from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    values = {}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name not in _FIELDS:
+            raise _unknown(key, "environment", ENV_PREFIX + "{}")
+        values[name] = _convert(name, value, f"environment {key}")
+    return values
+
+
+def resolve(
+    root: Path,
+    env: Mapping[str, str] | None = None,
+    cli: Mapping[str, Any] | None = None,
+) -> Options:
+    """Options for the project at `root`: defaults < pyproject < environment < CLI.
+
+    CLI values of None mean "not given" and do not override.
+    """
+    values = from_pyproject(root / "pyproject.toml")
+    values.update(from_env(os.environ if env is None else env))
+    for key, value in (cli or {}).items():
+        if value is None:
+            continue
+        if key not in _FIELDS:
+            raise _unknown(key, "command line", "--{}")
+        values[key] = _convert(key, value, "command line")
+    return Options(**values)
