@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from .locks import inputs_for, load_overrides, make_lock
 from .matrix import AXES, Cell, Matrix
 from .options import Options, resolve
 
-console = Console(stderr=True)
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 log = logging.getLogger("gpustack_offline")
 
 
@@ -35,6 +36,8 @@ class Context:
     def load(
         cls, root: Path, cli: Mapping[str, object] | None = None, env: Mapping[str, str] | None = None
     ) -> Context:
+        for noisy in ("urllib3", "docker"):  # nox turns on DEBUG for every logger
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         opts = resolve(root, env=env, cli=cli)
         return cls(root, opts, Matrix.load(opts.path("matrix", root)))
 
@@ -97,9 +100,16 @@ def summary(results: Sequence[bundle.Result]) -> Table:
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
     for r in results:
         table.add_row(
-            r.cell.id, str(r.files), f"{r.bytes / 1e6:.1f}", f"{r.seconds:.1f}", r.lock_state, str(r.tar)
+            r.cell.id, str(r.files), f"{r.bytes / 1e6:.1f}", f"{r.seconds:.1f}", r.lock_state, _shown(r.tar)
         )
     return table
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def built_cells(ctx: Context) -> list[Cell]:

@@ -13,6 +13,17 @@ from pathlib import Path
 CHUNK = 1 << 20
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+# mkstemp/mkdtemp make private (0600/0700) entries; finished artifacts get the usual modes.
+FILE_MODE = 0o644 & ~_umask()
+DIR_MODE = 0o755 & ~_umask()
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as fh:
@@ -32,6 +43,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
         yield tmp
         with tmp.open("rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
@@ -49,6 +61,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
     try:
         yield tmp
+        os.chmod(tmp, DIR_MODE)
         old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if final.exists():

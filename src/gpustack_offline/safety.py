@@ -13,11 +13,19 @@ from pathlib import Path
 from .errors import IntegrityError
 
 
+def _refuse(what: str, member: str, why: str) -> IntegrityError:
+    return IntegrityError(
+        f"{what}: refused to unpack {member!r}: {why}. The archive is damaged or hostile; "
+        "get it again from its source"
+    )
+
+
 def safe_extract_tar(tf: tarfile.TarFile, dest: Path, what: str) -> None:
+    # The data filter would quietly strip a leading "/"; an archive that has one is refused.
+    for member in tf.getmembers():
+        if member.name.startswith("/") or ".." in Path(member.name).parts:
+            raise _refuse(what, member.name, "absolute path or '..' component")
     try:
         tf.extractall(dest, filter="data")
     except tarfile.FilterError as exc:
-        raise IntegrityError(
-            f"{what}: refused to unpack {exc.tarinfo.name!r}: {exc}. The archive is damaged or "
-            "hostile; get it again from its source"
-        ) from exc
+        raise _refuse(what, exc.tarinfo.name, str(exc)) from exc

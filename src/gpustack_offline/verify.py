@@ -21,6 +21,10 @@ from .matrix import Cell
 
 PREFIX = "/opt/gpustack"
 PORT = 8080
+NO_ROUTE = (
+    "if awk 'NR > 1 && $2 == \"00000000\"' /proc/net/route | grep -q .; then "
+    "echo 'container has a default route: it could reach the network'; exit 1; fi"
+)
 HEALTH_PROBE = (
     "import sys, urllib.request\n"
     "try:\n"
@@ -117,6 +121,8 @@ def _verify(
                 raise VerifyError(_failure(cell, result))
             return result
 
+        # No default route means no packet can leave; proven without sending one.
+        step("isolation", ["sh", "-c", NO_ROUTE])
         step("sums", ["sh", "-c", "cd /bundle && sha256sum -c --quiet --strict SHA256SUMS"])
         step("preflight", ["/bundle/preflight.sh", "--json", "--prefix", PREFIX])
         step("install", ["/bundle/install.sh", "--prefix", PREFIX])

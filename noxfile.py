@@ -1,0 +1,60 @@
+"""Nox sessions: `nox -l` lists them. Logic lives in the gpustack_offline package.
+
+`verify` is parametrised by the bundles under dist/, so one cell runs alone:
+    nox -s "verify(v0.7.1-linux-arm64-cpu-py3.11-base-pip)"
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nox
+
+nox.options.sessions = ["tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+ROOT = Path(__file__).parent
+
+
+def _built_cells() -> list[str]:
+    """Cell ids with a finished bundle under dist/ (a folder with a manifest)."""
+    dist = ROOT / "dist"
+    return sorted(p.parent.name for p in dist.glob("*/manifest.json")) if dist.is_dir() else []
+
+
+@nox.session(venv_backend="none")
+@nox.parametrize("cell", [nox.param(c, id=c) for c in _built_cells() or ["none-built"]])
+def verify(session: nox.Session, cell: str) -> None:
+    """Verify a built bundle offline in a clean container of its target."""
+    from gpustack_offline import commands, verify as verifying
+    from gpustack_offline.errors import BundleError
+
+    if cell == "none-built":
+        session.error("no bundles under dist/; build some first, e.g. `invoke bundle --arch arm64`")
+    ctx = commands.Context.load(ROOT)
+    try:
+        commands.verify_cell(ctx, ctx.matrix.cell(cell))
+    except verifying.Unverifiable as exc:
+        session.skip(f"NOT VERIFIED: {exc}")
+    except BundleError as exc:
+        session.error(str(exc))
+
+
+@nox.session(venv_backend="none")
+def tests(session: nox.Session) -> None:
+    """Run the test suite (unit and integration; needs Docker and PyPI)."""
+    session.run(sys.executable, "-m", "pytest", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def unit(session: nox.Session) -> None:
+    """Run the unit tests only (no Docker, no network)."""
+    session.run(sys.executable, "-m", "pytest", "-m", "not integration", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def lint(session: nox.Session) -> None:
+    """Lint and type-check the package."""
+    session.run(sys.executable, "-m", "ruff", "check", "src", "tests", "noxfile.py", "tasks.py")
+    session.run(sys.executable, "-m", "mypy", "src")
