@@ -27,7 +27,8 @@ def _built_cells() -> list[str]:
 @nox.parametrize("cell", [nox.param(c, id=c) for c in _built_cells() or ["none-built"]])
 def verify(session: nox.Session, cell: str) -> None:
     """Verify a built bundle offline in a clean container of its target."""
-    from gpustack_offline import commands, verify as verifying
+    from gpustack_offline import commands
+    from gpustack_offline import verify as verifying
     from gpustack_offline.errors import BundleError
 
     if cell == "none-built":

@@ -13,7 +13,6 @@ from gpustack_offline.locks import Lock
 from gpustack_offline.safety import safe_extract_tar
 from gpustack_offline.wheels import Wheel
 
-
 LOCK = "bundles/locks/v0.7.1-linux-amd64-cpu-py3.11-base-pip/pylock.toml"
 
 
@@ -26,7 +25,9 @@ def _assemble(matrix, root, tmp_path, cell_id="v0.7.1-linux-amd64-cpu-py3.11-bas
     for name, version in (("gpustack", "0.7.1"), ("six", "1.17.0")):
         path = files / f"{name}-{version}-py3-none-any.whl"
         path.write_bytes(f"{name} bytes".encode())
-        wheels.append(Wheel(name, version, path.name, sha256_file(path), path, f"https://x/{path.name}"))
+        wheels.append(
+            Wheel(name, version, path.name, sha256_file(path), path, f"https://x/{path.name}")
+        )
     stage = tmp_path / "dist" / cell.id
     stage.mkdir(parents=True)
     manifest = bundle.assemble(cell, wheels, Lock(root / LOCK, cell.id, "d"), stage, root)
@@ -39,9 +40,16 @@ def test_bundle_has_manifest_sums_scripts_and_index(matrix, root, tmp_path):
     assert manifest["cell"]["id"] == cell.id and manifest["gpustack_version"] == "0.7.1"
     assert manifest["tool"]["name"] == "gpustack-offline" and manifest["tool"]["commit"]
     paths = {f["path"]: f for f in manifest["files"]}
-    for required in ("install.sh", "preflight.sh", "README.md", "README.zh-CN.md",
-                     "requirements.txt", "bundle.env", "wheels/simple/index.html",
-                     "wheels/gpustack-0.7.1-py3-none-any.whl"):
+    for required in (
+        "install.sh",
+        "preflight.sh",
+        "README.md",
+        "README.zh-CN.md",
+        "requirements.txt",
+        "bundle.env",
+        "wheels/simple/index.html",
+        "wheels/gpustack-0.7.1-py3-none-any.whl",
+    ):
         assert required in paths, required
     assert paths["wheels/six-1.17.0-py3-none-any.whl"]["kind"] == "wheel"
     assert paths["wheels/six-1.17.0-py3-none-any.whl"]["origin"].startswith("https://")
@@ -58,7 +66,9 @@ def test_bundle_has_manifest_sums_scripts_and_index(matrix, root, tmp_path):
 def test_sha256sum_catches_an_altered_wheel(matrix, root, tmp_path):
     cell, stage, _ = _assemble(matrix, root, tmp_path)
     (stage / "wheels/six-1.17.0-py3-none-any.whl").write_bytes(b"evil")
-    proc = subprocess.run(["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=stage, capture_output=True, text=True)
+    proc = subprocess.run(
+        ["sha256sum", "-c", "--quiet", "SHA256SUMS"], cwd=stage, capture_output=True, text=True
+    )
     assert proc.returncode != 0 and "six-1.17.0-py3-none-any.whl: FAILED" in proc.stdout
 
 

@@ -28,7 +28,9 @@ CELLS = ["v0.7.1-linux-amd64-cpu-py3.11-base-pip", "v0.7.1-linux-arm64-cpu-py3.1
 @pytest.fixture(scope="module")
 def ctx(root, tmp_path_factory) -> commands.Context:
     dist = tmp_path_factory.mktemp("dist")
-    return commands.Context.load(root, cli={"dist_dir": str(dist), "frozen": True, "progress": False})
+    return commands.Context.load(
+        root, cli={"dist_dir": str(dist), "frozen": True, "progress": False}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,13 @@ def test_bundle_from_pypi_installs_and_starts_offline(ctx, built, cell_id):
     report = commands.verify_cell(ctx, cell)
     assert report.ok and report.seconds_to_healthz is not None
     assert [s.name for s in report.steps] == [
-        "isolation", "sums", "preflight", "install", "cli", "start", "healthz"
+        "isolation",
+        "sums",
+        "preflight",
+        "install",
+        "cli",
+        "start",
+        "healthz",
     ]
     saved = json.loads((ctx.dist / f"{cell_id}.verify.json").read_text())
     assert saved["ok"] is True and saved["cell"] == cell_id
@@ -71,7 +79,10 @@ def test_verification_names_a_damaged_file_and_fails(ctx, built, tmp_path):
 
 
 def test_windows_and_other_python_cells_are_reported_unverifiable(ctx):
-    for cell_id in ("v0.7.1-windows-amd64-cpu-py3.11-base-pip", "v0.7.1-linux-amd64-cpu-py3.12-base-pip"):
+    for cell_id in (
+        "v0.7.1-windows-amd64-cpu-py3.11-base-pip",
+        "v0.7.1-linux-amd64-cpu-py3.12-base-pip",
+    ):
         with pytest.raises(Unverifiable, match="cannot|no clean"):
             commands.verify_cell(ctx, ctx.matrix.cell(cell_id))
 
@@ -82,7 +93,10 @@ def test_sdists_build_pure_here_and_native_in_a_target_container(ctx, tmp_path):
     inputs = Inputs(("wget==3.2", "crcmod==1.7"), platform=cell.uv_platform, python=cell.python,
                     index_url=ctx.opts.index_url)  # fmt: skip
     lock = read_lock(make_lock(cell, inputs, tmp_path, ctx.cache))
-    wheels = {w.name: w for w in wheelhouse(cell, lock, ctx.cache, (), ctx.opts.index_url, show_progress=False)}
+    wheels = {
+        w.name: w
+        for w in wheelhouse(cell, lock, ctx.cache, (), ctx.opts.index_url, show_progress=False)
+    }
     assert wheels["wget"].built and wheels["wget"].filename.endswith("-py3-none-any.whl")
     assert wheels["crcmod"].built and wheels["crcmod"].filename.endswith("linux_aarch64.whl")
     assert "built from https://" in wheels["crcmod"].origin
@@ -92,7 +106,8 @@ def test_sdists_build_pure_here_and_native_in_a_target_container(ctx, tmp_path):
     ) as box:
         code, out = containers.exec_in(box, ["sh", "-c",
             "python3 -m venv /v && /v/bin/pip install -q --no-index /w/*.whl && "
-            "/v/bin/python -c 'import crcmod._crcfunext, platform; print(platform.machine())'"])  # fmt: skip
+            "/v/bin/python -c 'import crcmod._crcfunext, platform; print(platform.machine())'",
+        ])  # fmt: skip
     assert code == 0 and "aarch64" in out, out
 
 
@@ -106,11 +121,16 @@ def test_cuda_gate_refuses_torch_built_for_cuda13_on_a_cuda12_cell(ctx, tmp_path
     assert "CUDA 13" in str(err.value) and "pulled in by torch==2.11.0" in str(err.value)
 
 
+IMPOSSIBLE = "v0.7.1-linux-arm64-cuda12.8-py3.11-vllm-pip"
+
+
 def test_invoke_refuses_an_unknown_cell_with_one_line(root):
     proc = subprocess.run(
-        [sys.executable, "-m", "invoke", "bundle", "--cell", "v0.7.1-linux-arm64-cuda12.8-py3.11-vllm-pip"],
+        [sys.executable, "-m", "invoke", "bundle", "--cell", IMPOSSIBLE],
         cwd=root, capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert proc.stderr.startswith("error: cell 'v0.7.1-linux-arm64-cuda12.8-py3.11-vllm-pip': impossible")
+    assert proc.stderr.startswith(
+        "error: cell 'v0.7.1-linux-arm64-cuda12.8-py3.11-vllm-pip': impossible"
+    )
     assert "Traceback" not in proc.stderr

@@ -47,7 +47,9 @@ def test_frozen_build_refuses_a_stale_lock(matrix, root, tmp_path):
     copy = lock_path(tmp_path, cell)
     copy.parent.mkdir(parents=True)
     copy.write_text(committed.read_text())
-    inputs = inputs_for(cell, load_overrides(root / "bundles/overrides.toml"), "https://pypi.org/simple")
+    inputs = inputs_for(
+        cell, load_overrides(root / "bundles/overrides.toml"), "https://pypi.org/simple"
+    )
     lock, state = ensure_lock(cell, inputs, tmp_path, tmp_path, frozen=True)
     assert state == "used" and lock.packages
     changed = inputs_for(cell, [], "https://pypi.org/simple")

@@ -5,7 +5,14 @@ import pytest
 from gpustack_offline import targets
 from gpustack_offline.errors import CudaGateError, WheelError
 from gpustack_offline.locks import Lock, LockedFile, LockedPackage
-from gpustack_offline.wheels import Wheel, check_tags, cuda_gate, plan, requirements_txt, simple_index
+from gpustack_offline.wheels import (
+    Wheel,
+    check_tags,
+    cuda_gate,
+    plan,
+    requirements_txt,
+    simple_index,
+)
 
 URL = "https://files.example/"
 
@@ -59,8 +66,15 @@ def test_plan_picks_the_target_wheel_and_builds_sdist_only_packages(matrix):
 def test_plan_evaluates_markers_for_the_target_not_the_host(matrix):
     linux = matrix.cell("v0.7.1-linux-amd64-cpu-py3.11-base-pip")
     windows = matrix.cell("v0.7.1-windows-amd64-cpu-py3.11-base-pip")
-    pywin = pkg("pywin32", "306", "pywin32-306-cp311-cp311-win_amd64.whl", marker="sys_platform == 'win32'")
-    old = pkg("async-timeout", "5.0", "async_timeout-5.0-py3-none-any.whl", marker="python_version < '3.11'")
+    pywin = pkg(
+        "pywin32", "306", "pywin32-306-cp311-cp311-win_amd64.whl", marker="sys_platform == 'win32'"
+    )
+    old = pkg(
+        "async-timeout",
+        "5.0",
+        "async_timeout-5.0-py3-none-any.whl",
+        marker="python_version < '3.11'",
+    )
     assert plan(linux, lock(pywin, old)) == ([], [])
     fetch, _ = plan(windows, lock(pywin, old))
     assert [p.name for p, _ in fetch] == ["pywin32"]
@@ -68,8 +82,19 @@ def test_plan_evaluates_markers_for_the_target_not_the_host(matrix):
 
 def test_package_with_no_wheel_and_no_sdist_is_refused_by_name(matrix):
     cell = matrix.cell("v0.7.1-linux-arm64-cpu-py3.11-base-pip")
-    with pytest.raises(WheelError, match="bitsandbytes==0.45.0 has no wheel for v0.7.1-linux-arm64"):
-        plan(cell, lock(pkg("bitsandbytes", "0.45.0", "bitsandbytes-0.45.0-py3-none-manylinux_2_24_x86_64.whl")))
+    with pytest.raises(
+        WheelError, match="bitsandbytes==0.45.0 has no wheel for v0.7.1-linux-arm64"
+    ):
+        plan(
+            cell,
+            lock(
+                pkg(
+                    "bitsandbytes",
+                    "0.45.0",
+                    "bitsandbytes-0.45.0-py3-none-manylinux_2_24_x86_64.whl",
+                )
+            ),
+        )
 
 
 def test_check_tags_refuses_a_wheel_the_target_cannot_install(matrix, tmp_path):
@@ -83,7 +108,11 @@ def test_cuda_gate_refuses_a_newer_cuda_major_naming_package_and_fix(matrix):
     cell = matrix.cell("v0.7.1-linux-amd64-cuda12.4-py3.11-audio-pip")
     packages = [
         pkg("torch", "2.11.0", "torch-2.11.0-cp311-cp311-manylinux_2_28_x86_64.whl"),
-        pkg("nvidia-cuda-runtime", "13.0.96", "nvidia_cuda_runtime-13.0.96-py3-none-manylinux_2_28_x86_64.whl"),
+        pkg(
+            "nvidia-cuda-runtime",
+            "13.0.96",
+            "nvidia_cuda_runtime-13.0.96-py3-none-manylinux_2_28_x86_64.whl",
+        ),
     ]
     with pytest.raises(CudaGateError) as err:
         cuda_gate(cell, packages)
@@ -93,9 +122,21 @@ def test_cuda_gate_refuses_a_newer_cuda_major_naming_package_and_fix(matrix):
 
 
 def test_cuda_gate_accepts_same_major_and_ignores_cpu_cells(matrix):
-    cu12 = [pkg("nvidia-cuda-runtime-cu12", "12.8.90", "nvidia_cuda_runtime_cu12-12.8.90-py3-none-manylinux2014_x86_64.whl")]
+    cu12 = [
+        pkg(
+            "nvidia-cuda-runtime-cu12",
+            "12.8.90",
+            "nvidia_cuda_runtime_cu12-12.8.90-py3-none-manylinux2014_x86_64.whl",
+        )
+    ]
     cuda_gate(matrix.cell("v0.7.1-linux-amd64-cuda12.4-py3.11-audio-pip"), cu12)
-    cu13 = [pkg("nvidia-nccl-cu13", "2.30.7", "nvidia_nccl_cu13-2.30.7-py3-none-manylinux_2_18_x86_64.whl")]
+    cu13 = [
+        pkg(
+            "nvidia-nccl-cu13",
+            "2.30.7",
+            "nvidia_nccl_cu13-2.30.7-py3-none-manylinux_2_18_x86_64.whl",
+        )
+    ]
     cuda_gate(matrix.cell("v0.7.1-linux-amd64-cpu-py3.11-audio-pip"), cu13)
     with pytest.raises(CudaGateError, match="nvidia-nccl-cu13"):
         cuda_gate(matrix.cell("v0.7.1-linux-amd64-cuda12.8-py3.11-audio-pip"), cu13)
@@ -104,7 +145,14 @@ def test_cuda_gate_accepts_same_major_and_ignores_cpu_cells(matrix):
 def _wheels(tmp_path):
     return [
         Wheel("gpustack", "0.7.1", "gpustack-0.7.1-py3-none-any.whl", "a" * 64, tmp_path, "u"),
-        Wheel("PyYAML", "6.0", "PyYAML-6.0-cp311-cp311-manylinux_2_17_x86_64.whl", "b" * 64, tmp_path, "u"),
+        Wheel(
+            "PyYAML",
+            "6.0",
+            "PyYAML-6.0-cp311-cp311-manylinux_2_17_x86_64.whl",
+            "b" * 64,
+            tmp_path,
+            "u",
+        ),
     ]
 
 
@@ -119,4 +167,7 @@ def test_simple_index_is_pep503_with_normalized_names_and_hashes(tmp_path):
     pages = simple_index(_wheels(tmp_path))
     assert set(pages) == {"index.html", "gpustack/index.html", "pyyaml/index.html"}
     assert 'href="pyyaml/"' in pages["index.html"]
-    assert 'href="../../PyYAML-6.0-cp311-cp311-manylinux_2_17_x86_64.whl#sha256=' + "b" * 64 in pages["pyyaml/index.html"]
+    assert (
+        'href="../../PyYAML-6.0-cp311-cp311-manylinux_2_17_x86_64.whl#sha256=' + "b" * 64
+        in pages["pyyaml/index.html"]
+    )

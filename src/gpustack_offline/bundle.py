@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .fsutil import atomic_dir, atomic_path, link_or_copy, sha256_file
@@ -74,10 +75,10 @@ def _scripts(cell: Cell) -> tuple[str, ...]:
 
 def assemble(
     cell: Cell, wheels: Iterable[Wheel], lock: Lock, stage: Path, root: Path
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """Write the bundle's files into `stage`; return the manifest."""
     wheels = list(wheels)
-    files: list[dict[str, object]] = []
+    files: list[dict[str, Any]] = []
 
     def add(rel: str, kind: str, origin: str) -> None:
         path = stage / rel
@@ -121,7 +122,7 @@ def assemble(
         "files": sorted(files, key=lambda f: str(f["path"])),
     }
     (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    sums = [(f["path"], f["sha256"]) for f in manifest["files"]]  # type: ignore[index]
+    sums = [(f["path"], f["sha256"]) for f in files]
     sums.append(("manifest.json", sha256_file(stage / "manifest.json")))
     (stage / "SHA256SUMS").write_text("".join(f"{h}  {p}\n" for p, h in sorted(sums)))
     return manifest
@@ -157,13 +158,13 @@ def build(cell: Cell, opts: Options, root: Path) -> Result:
     with atomic_dir(final_dir) as stage:
         manifest = assemble(cell, wheels, lock, stage, root)
     write_tar(final_dir, dist / f"{cell.id}.tar")
-    files = manifest["files"]  # type: ignore[assignment]
+    files = manifest["files"]
     return Result(
         cell=cell,
         directory=final_dir,
         tar=dist / f"{cell.id}.tar",
-        files=len(files) + 2,  # type: ignore[arg-type]
-        bytes=sum(int(f["size"]) for f in files),  # type: ignore[union-attr]
+        files=len(files) + 2,  # with manifest.json and SHA256SUMS
+        bytes=sum(int(f["size"]) for f in files),
         seconds=time.monotonic() - started,
         lock_state=lock_state,
     )

@@ -34,7 +34,10 @@ class Context:
 
     @classmethod
     def load(
-        cls, root: Path, cli: Mapping[str, object] | None = None, env: Mapping[str, str] | None = None
+        cls,
+        root: Path,
+        cli: Mapping[str, object] | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> Context:
         for noisy in ("urllib3", "docker"):  # nox turns on DEBUG for every logger
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -95,12 +98,16 @@ def build(ctx: Context, cells: Sequence[Cell]) -> list[bundle.Result]:
 
 def summary(results: Sequence[bundle.Result]) -> Table:
     table = Table(title="bundles")
-    for column, justify in (("cell", "left"), ("files", "right"), ("MB", "right"),
-                            ("seconds", "right"), ("lock", "left"), ("bundle", "left")):  # fmt: skip
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for column in ("cell", "files", "MB", "seconds", "lock", "bundle"):
+        table.add_column(column, justify="right" if column in ("files", "MB", "seconds") else "left")
     for r in results:
         table.add_row(
-            r.cell.id, str(r.files), f"{r.bytes / 1e6:.1f}", f"{r.seconds:.1f}", r.lock_state, _shown(r.tar)
+            r.cell.id,
+            str(r.files),
+            f"{r.bytes / 1e6:.1f}",
+            f"{r.seconds:.1f}",
+            r.lock_state,
+            _shown(r.tar),
         )
     return table
 

@@ -191,7 +191,9 @@ def container(
             box.remove(force=True)
 
 
-def exec_in(box: object, argv: Sequence[str], *, env: Mapping[str, str] | None = None) -> tuple[int, str]:
+def exec_in(
+    box: object, argv: Sequence[str], *, env: Mapping[str, str] | None = None
+) -> tuple[int, str]:
     """Run argv in a container; return (exit code, combined output)."""
     code, output = box.exec_run(list(argv), environment=dict(env or {}), demux=False)  # type: ignore[attr-defined]
     return code, (output or b"").decode(errors="replace")
@@ -218,8 +220,14 @@ def run_container(
 def internal_network(name: str = "gpustack-offline-verify") -> str:
     """A Docker network with no route out (`--internal`); made once."""
     engine = client()
-    if not engine.networks.list(names=[name]):
+    found = engine.networks.list(names=[name])
+    if not found:
         engine.networks.create(name, driver="bridge", internal=True)
+    elif not found[0].attrs.get("Internal"):
+        raise EngineError(
+            f"Docker network {name} exists but is not --internal; remove it "
+            f"(`docker network rm {name}`) and it is made again without a route out"
+        )
     return name
 
 

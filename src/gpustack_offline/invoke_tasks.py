@@ -52,8 +52,19 @@ def _wired(fn: Callable[..., Any]) -> Callable[..., Any]:
           "all": "every cell of every version and Python, ignoring the defaults"},
 )  # fmt: skip
 @_wired
-def matrix(c, cell=None, version=None, os=None, arch=None, device=None, python=None,
-           extras=None, method=None, json=False, all=False):  # type: ignore[no-untyped-def]  # noqa: A002
+def matrix(
+    c,
+    cell=None,
+    version=None,
+    os=None,
+    arch=None,
+    device=None,
+    python=None,
+    extras=None,
+    method=None,
+    json=False,
+    all=False,
+):  # type: ignore[no-untyped-def]  # noqa: A002
     """List the cells of the build matrix (table, or --json for CI)."""
     ctx = commands.Context.load(_root(c))
     patterns = cell or (["*"] if all else [])
@@ -68,8 +79,20 @@ def matrix(c, cell=None, version=None, os=None, arch=None, device=None, python=N
           "jobs": "parallel downloads", "dist": "output folder (default dist/)"},
 )  # fmt: skip
 @_wired
-def bundle(c, cell=None, version=None, os=None, arch=None, device=None, python=None,
-           extras=None, method=None, frozen=None, jobs=None, dist=None):  # type: ignore[no-untyped-def]
+def bundle(
+    c,
+    cell=None,
+    version=None,
+    os=None,
+    arch=None,
+    device=None,
+    python=None,
+    extras=None,
+    method=None,
+    frozen=None,
+    jobs=None,
+    dist=None,
+):  # type: ignore[no-untyped-def]
     """Build the bundle of every selected cell into dist/<cell-id>/ and dist/<cell-id>.tar."""
     ctx = commands.Context.load(_root(c), cli={"frozen": frozen, "jobs": jobs, "dist_dir": dist})
     cells = ctx.select(cell or [], version=version, os=os, arch=arch, device=device,
@@ -79,8 +102,17 @@ def bundle(c, cell=None, version=None, os=None, arch=None, device=None, python=N
 
 @task(iterable=["cell"], help=_AXIS_HELP)
 @_wired
-def refresh(c, cell=None, version=None, os=None, arch=None, device=None, python=None,
-            extras=None, method=None):  # type: ignore[no-untyped-def]
+def refresh(
+    c,
+    cell=None,
+    version=None,
+    os=None,
+    arch=None,
+    device=None,
+    python=None,
+    extras=None,
+    method=None,
+):  # type: ignore[no-untyped-def]
     """Resolve the selected cells again and rewrite their locks under bundles/locks/."""
     ctx = commands.Context.load(_root(c))
     cells = ctx.select(cell or [], version=version, os=os, arch=arch, device=device,

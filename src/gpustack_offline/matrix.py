@@ -15,6 +15,7 @@ import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import CellError
 
@@ -93,18 +94,18 @@ class Rule:
 class Matrix:
     """The matrix data of one `matrix.toml`, with validation and selection."""
 
-    def __init__(self, data: Mapping[str, object], source: str = "matrix.toml") -> None:
+    def __init__(self, data: Mapping[str, Any], source: str = "matrix.toml") -> None:
         self.source = source
         try:
-            self.axes: dict[str, list[str]] = {a: list(data["axes"][a]) for a in AXES}  # type: ignore[index]
-            self.defaults: dict[str, str] = dict(data.get("defaults", {}))  # type: ignore[arg-type]
-            self._os: dict[str, dict] = dict(data["os"])  # type: ignore[arg-type]
-            self._devices: dict[str, dict] = dict(data["devices"])  # type: ignore[arg-type]
-            self._extras: dict[str, list[str]] = dict(data["extras"])  # type: ignore[arg-type]
-            self._versions: dict[str, dict] = dict(data["versions"])  # type: ignore[arg-type]
+            self.axes: dict[str, list[str]] = {a: list(data["axes"][a]) for a in AXES}
+            self.defaults: dict[str, str] = dict(data.get("defaults", {}))
+            self._os: dict[str, dict] = dict(data["os"])
+            self._devices: dict[str, dict] = dict(data["devices"])
+            self._extras: dict[str, list[str]] = dict(data["extras"])
+            self._versions: dict[str, dict] = dict(data["versions"])
             self.rules = [
                 Rule(r["when"], r["require"], r["reason"])
-                for r in data.get("rules", [])  # type: ignore[attr-defined]
+                for r in data.get("rules", [])
             ]
         except (KeyError, TypeError) as exc:
             raise CellError(f"{source}: malformed matrix data, missing or wrong {exc}") from exc
@@ -122,13 +123,14 @@ class Matrix:
         return cls(data, source=str(path))
 
     def _check_data(self) -> None:
-        for name, values in (
+        tables: tuple[tuple[str, Mapping[str, Any]], ...] = (
             ("os", self._os),
             ("device", self._devices),
             ("extras", self._extras),
             ("version", self._versions),
-        ):
-            missing = set(self.axes[name]) - set(values)
+        )
+        for name, table in tables:
+            missing = set(self.axes[name]) - set(table)
             if missing:
                 raise CellError(
                     f"{self.source}: axis {name} lists {sorted(missing)} with no [{name}] table; "
@@ -136,7 +138,9 @@ class Matrix:
                 )
         for default_axis, value in self.defaults.items():
             if default_axis not in AXES or value not in self.axes[default_axis]:
-                raise CellError(f"{self.source}: default {default_axis}={value!r} is not on its axis")
+                raise CellError(
+                    f"{self.source}: default {default_axis}={value!r} is not on its axis"
+                )
         for rule in self.rules:
             for axis, values in [*rule.when.items(), *rule.require.items()]:
                 unknown = set(values) - set(self.axes.get(axis, []))
@@ -149,7 +153,7 @@ class Matrix:
     def _make(self, axes: Mapping[str, str]) -> Cell:
         os_data = self._os[axes["os"]]
         return Cell(
-            **axes,  # type: ignore[arg-type]
+            **axes,
             cuda=self._devices[axes["device"]].get("cuda"),
             glibc=os_data.get("glibc"),
             uv_platform=os_data.get("uv-platform", {}).get(axes["arch"], ""),

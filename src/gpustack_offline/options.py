@@ -66,7 +66,9 @@ def _convert(name: str, value: Any, source: str) -> Any:
         try:
             return int(value)
         except (TypeError, ValueError):
-            raise OptionError(f"{source}: option {name} must be a whole number, not {value!r}") from None
+            raise OptionError(
+                f"{source}: option {name} must be a whole number, not {value!r}"
+            ) from None
     if not isinstance(value, str):
         raise OptionError(f"{source}: option {name} must be a string, not {value!r}")
     return value

@@ -41,7 +41,9 @@ def run(
             check=False,
         )
     except FileNotFoundError as exc:
-        raise CommandError(f"{args[0]} is not installed or not on PATH ({what or 'needed here'})") from exc
+        raise CommandError(
+            f"{args[0]} is not installed or not on PATH ({what or 'needed here'})"
+        ) from exc
     except subprocess.TimeoutExpired as exc:
         raise CommandError(f"{what or args[0]} did not finish within {timeout:.0f}s") from exc
     if proc.returncode != 0:

@@ -29,9 +29,7 @@ def platforms(cell: Cell) -> list[str]:
     tags: list[str] = []
     for m in range(minor, _OLDEST_GLIBC_MINOR[machine] - 1, -1):
         tags.append(f"manylinux_{major}_{m}_{machine}")
-        tags.extend(
-            f"{legacy}_{machine}" for legacy, lm in _LEGACY_MANYLINUX.items() if lm == m
-        )
+        tags.extend(f"{legacy}_{machine}" for legacy, lm in _LEGACY_MANYLINUX.items() if lm == m)
     # Wheels built here from sdists carry the plain platform tag, as pip's own builds do.
     tags.append(f"linux_{machine}")
     return tags

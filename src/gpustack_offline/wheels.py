@@ -52,7 +52,9 @@ def choose(cell: Cell, package: LockedPackage) -> LockedFile | None:
     return min(usable, key=lambda rw: rw[0])[1] if usable else None
 
 
-def plan(cell: Cell, lock: Lock) -> tuple[list[tuple[LockedPackage, LockedFile]], list[LockedPackage]]:
+def plan(
+    cell: Cell, lock: Lock
+) -> tuple[list[tuple[LockedPackage, LockedFile]], list[LockedPackage]]:
     """Split the lock into (wheels to fetch, packages to build from sdist) for this target."""
     fetch: list[tuple[LockedPackage, LockedFile]] = []
     build: list[LockedPackage] = []
@@ -121,7 +123,7 @@ def cuda_gate(cell: Cell, packages: Sequence[LockedPackage], index_url: str = ""
     raise CudaGateError(
         f"{cell.id}: the wheel set needs CUDA {major} ({names}{by}), but the cell's driver floor "
         f"is CUDA {cell.cuda}. Fix: pin {hint} to a release built for CUDA {floor} in "
-        f"bundles/overrides.toml `constraints` for this cell (for torch: \"torch<2.11\" stays on "
+        f'bundles/overrides.toml `constraints` for this cell (for torch: "torch<2.11" stays on '
         f"CUDA 12), then `invoke lock --cell {cell.id}`"
     )
 
@@ -209,7 +211,9 @@ class SdistBuilder:
         tops = [p for p in dest.iterdir() if p.is_dir()]
         return tops[0] if len(tops) == 1 else dest
 
-    def _build_here(self, package: LockedPackage, source: Path, out: Path, constraints: Path) -> Path:
+    def _build_here(
+        self, package: LockedPackage, source: Path, out: Path, constraints: Path
+    ) -> Path:
         import os
 
         env = {**os.environ, "PIP_CONSTRAINT": str(constraints), "PIP_INDEX_URL": self.index_url}
@@ -218,7 +222,7 @@ class SdistBuilder:
             env=env,
             what=f"building {package.name}=={package.version} from its sdist",
             fix=f"add old build tools for it to `build-constraints` in bundles/overrides.toml "
-            f"for {self.cell.id} (e.g. \"setuptools<81\"), or pin a version that ships wheels",
+            f'for {self.cell.id} (e.g. "setuptools<81"), or pin a version that ships wheels',
         )
         return _only_wheel(out, package)
 
@@ -237,7 +241,8 @@ class SdistBuilder:
             raise WheelError(
                 f"{package.name}=={package.version} needs a native build for Python "
                 f"{self.cell.python}, but the builder containers (Debian 12) have Python "
-                f"{BUILDER_PYTHON} only. Pin a version that ships a cp{self.cell.python.replace('.', '')} "
+                f"{BUILDER_PYTHON} only. Pin a version that ships a "
+                f"cp{self.cell.python.replace('.', '')} "
                 "wheel in bundles/overrides.toml, or bundle this cell for Python "
                 f"{BUILDER_PYTHON}"
             )
@@ -326,7 +331,8 @@ def requirements_txt(cell: Cell, wheels: Sequence[Wheel]) -> str:
     lines = [
         "# Every package of the bundle, pinned to the exact file shipped in wheels/.",
         f"# Cell {cell.id}; install with install.sh, or:",
-        "#   pip install --no-index --find-links wheels --require-hashes --no-deps -r requirements.txt",
+        "#   pip install --no-index --find-links wheels --require-hashes --no-deps \\",
+        "#       -r requirements.txt",
     ]
     for w in wheels:
         name = cell.requirement.split("==")[0] if canonicalize_name(w.name) == top else w.name
@@ -339,7 +345,9 @@ def simple_index(wheels: Sequence[Wheel]) -> dict[str, str]:
     projects: dict[str, list[Wheel]] = {}
     for w in wheels:
         projects.setdefault(str(canonicalize_name(w.name)), []).append(w)
-    page = "<!DOCTYPE html>\n<html><head><title>{title}</title></head><body>\n{body}</body></html>\n"
+    page = (
+        "<!DOCTYPE html>\n<html><head><title>{title}</title></head><body>\n{body}</body></html>\n"
+    )
     pages = {
         "index.html": page.format(
             title="Simple index",

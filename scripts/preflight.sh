@@ -1,0 +1,437 @@
+#!/usr/bin/env bash
+# preflight.sh: check an air-gapped Linux host against GPUStack's prerequisites for this bundle.
+#
+# The checks are the ones upstream's installation docs ask for (CPU flags, Python 3.10-3.12,
+# glibc >= 2.29 for pip workers, NVIDIA driver CUDA version, nvcc, cuDNN for audio), narrowed to
+# the cell described by bundle.env next to this script. Nothing on the system is changed.
+#
+# Exit status: 0 no check failed (warnings allowed), 1 a check failed, 2 usage error.
+set -uo pipefail
+
+PROG=preflight.sh
+BUNDLE_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+
+# Upstream floors that hold whatever the bundle says.
+UPSTREAM_GLIBC_FLOOR=2.29
+UPSTREAM_PYTHON_MIN=3.10
+UPSTREAM_PYTHON_MAX=3.12
+
+usage() {
+  cat <<EOF
+Usage: $PROG [--python PATH] [--prefix DIR] [--json] [--help]
+
+Checks this host against the prerequisites of the GPUStack bundle in $BUNDLE_DIR.
+
+  --python PATH   Python interpreter to check (default: python<TARGET_PYTHON>, else python3)
+  --prefix DIR    install prefix whose file system needs the free space (default: /opt/gpustack)
+  --json          print one JSON object instead of the report
+  --help          show this help
+
+Exit status: 0 when no check failed (warnings allowed), 1 when a check failed, 2 on usage error.
+EOF
+}
+
+usage_error() {
+  printf '%s: error: %s\n' "$PROG" "$1" >&2
+  printf "Run '%s --help' for usage.\n" "$PROG" >&2
+  exit 2
+}
+
+# version_ge A B: true when version A >= version B, comparing dot-separated numbers one
+# component at a time (so 12.10 > 12.8; a missing component counts as 0). Returns 2 when
+# either side is not a dotted number, which callers treat as "cannot tell".
+version_ge() {
+  local re='^[0-9]+(\.[0-9]+)*$'
+  [[ $1 =~ $re && $2 =~ $re ]] || return 2
+  local -a a b
+  IFS=. read -ra a <<<"$1"
+  IFS=. read -ra b <<<"$2"
+  local i n=${#a[@]}
+  ((${#b[@]} > n)) && n=${#b[@]}
+  for ((i = 0; i < n; i++)); do
+    # 10# forces base ten, so a component like 08 is not read as octal.
+    local x=$((10#${a[i]:-0})) y=$((10#${b[i]:-0}))
+    ((x > y)) && return 0
+    ((x < y)) && return 1
+  done
+  return 0
+}
+
+# The newer of two versions (used to combine the bundle's floor with upstream's).
+version_max() {
+  if version_ge "$1" "$2"; then printf '%s' "$1"; else printf '%s' "$2"; fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Results: parallel arrays, one entry per check.
+C_NAME=() C_STATUS=() C_DETAIL=() C_FIX=()
+
+# add_check NAME STATUS DETAIL [FIX]   (STATUS is ok|warn|fail|skip)
+add_check() {
+  C_NAME+=("$1")
+  C_STATUS+=("$2")
+  C_DETAIL+=("$3")
+  C_FIX+=("${4:-}")
+}
+
+# ---------------------------------------------------------------------------------------------
+# Checks. Each adds one or more results and never exits.
+
+check_os() {
+  local kernel
+  kernel=$(uname -s)
+  if [[ $TARGET_OS != linux ]]; then
+    add_check os fail "this bundle is for $TARGET_OS, not Linux" \
+      "use a bundle built for linux, or run install.ps1 on a $TARGET_OS host"
+  elif [[ $kernel != Linux ]]; then
+    add_check os fail "host kernel is $kernel; this bundle is for Linux" "run it on a Linux host"
+  else
+    add_check os ok "Linux"
+  fi
+}
+
+# Host architecture in the bundle's naming (amd64|arm64), or the raw uname value.
+host_arch() {
+  local m
+  m=$(uname -m)
+  case $m in
+    x86_64 | amd64) echo amd64 ;;
+    aarch64 | arm64) echo arm64 ;;
+    *) echo "$m" ;;
+  esac
+}
+
+check_arch() {
+  HOST_ARCH=$(host_arch)
+  if [[ $HOST_ARCH == "$TARGET_ARCH" ]]; then
+    add_check arch ok "$HOST_ARCH ($(uname -m))"
+  else
+    add_check arch fail "host is $HOST_ARCH ($(uname -m)); this bundle is for $TARGET_ARCH" \
+      "use the $HOST_ARCH bundle of the same cell, or install on a $TARGET_ARCH host"
+  fi
+}
+
+# The first "<key> : ..." line of /proc/cpuinfo, padded with spaces so " flag " matches whole words.
+cpuinfo_words() {
+  local line
+  line=$(grep -m1 -i "^$1[[:space:]]*:" /proc/cpuinfo 2>/dev/null) || return 1
+  printf ' %s ' "${line#*:}" | tr '[:upper:]' '[:lower:]' | tr -s '[:space:]' ' '
+}
+
+check_cpu() {
+  local words
+  if [[ $HOST_ARCH != "$TARGET_ARCH" ]]; then
+    add_check cpu skip "architecture does not match (see arch)"
+    return
+  fi
+  case $TARGET_ARCH in
+    amd64)
+      # No flags line is not proof of a missing flag (restricted /proc, an emulated CPU): warn.
+      if ! words=$(cpuinfo_words flags); then
+        add_check cpu warn "cannot read CPU flags from /proc/cpuinfo" \
+          "check by hand that the CPU has AVX (upstream requires it): grep -w avx /proc/cpuinfo"
+      elif [[ $words != *" avx "* ]]; then
+        add_check cpu fail "CPU lacks the avx instruction set" \
+          "GPUStack needs an x86_64 CPU with AVX; use another host (in a VM, pass the host CPU model through)"
+      elif [[ $words != *" avx2 "* ]]; then
+        add_check cpu warn "avx present, avx2 missing" \
+          "CPU inference is slow without AVX2; use a host with AVX2 or pass the host CPU model through to the VM"
+      else
+        add_check cpu ok "avx, avx2"
+      fi
+      ;;
+    arm64)
+      # Upstream: grep -Ei "neon|asimd" /proc/cpuinfo. The kernel names NEON "asimd" on arm64.
+      # qemu-user shows the host's x86 cpuinfo, with no Features line: warn, don't fail.
+      if ! words=$(cpuinfo_words features); then
+        add_check cpu warn "cannot read CPU features from /proc/cpuinfo (emulated CPU?)" \
+          "check by hand that the CPU has NEON/ASIMD (upstream requires it): grep -Ei 'neon|asimd' /proc/cpuinfo"
+      elif [[ $words == *" asimd "* || $words == *" neon "* ]]; then
+        add_check cpu ok "asimd (NEON)"
+      else
+        add_check cpu fail "CPU lacks NEON/ASIMD" "GPUStack needs an arm64 CPU with NEON (asimd); use another host"
+      fi
+      ;;
+    *)
+      add_check cpu skip "no CPU flag rule for $TARGET_ARCH"
+      ;;
+  esac
+}
+
+# Distribution-neutral hint for installing Python X.Y with venv support.
+python_install_hint() {
+  printf 'install Python %s with venv support from your OS media or mirror (Debian/Ubuntu: apt install python%s python%s-venv; RHEL: dnf install python%s) and pass --python /usr/bin/python%s' \
+    "$1" "$1" "$1" "$1" "$1"
+}
+
+check_python() {
+  local path version xy
+  if ! path=$(command -v -- "$PY" 2>/dev/null); then
+    add_check python fail "Python interpreter '$PY' not found" "$(python_install_hint "$TARGET_PYTHON")"
+    add_check python-venv skip "no Python to check"
+    return
+  fi
+  if ! version=$("$path" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null); then
+    add_check python fail "$path does not run" "$(python_install_hint "$TARGET_PYTHON")"
+    add_check python-venv skip "no Python to check"
+    return
+  fi
+  xy=${version%.*}
+  if [[ $xy != "$TARGET_PYTHON" ]]; then
+    add_check python fail "found Python $version at $path; this bundle's wheels are for Python $TARGET_PYTHON" \
+      "$(python_install_hint "$TARGET_PYTHON"), or use the py$xy bundle of the same cell"
+  elif ! version_ge "$xy" "$UPSTREAM_PYTHON_MIN" || ! version_ge "$UPSTREAM_PYTHON_MAX" "$xy"; then
+    add_check python fail "this bundle is for Python $xy; GPUStack supports $UPSTREAM_PYTHON_MIN to $UPSTREAM_PYTHON_MAX" \
+      "use a bundle built for Python $UPSTREAM_PYTHON_MIN to $UPSTREAM_PYTHON_MAX"
+  else
+    add_check python ok "$version at $path"
+  fi
+  # install.sh creates a venv; Debian/Ubuntu ship ensurepip separately (pythonX.Y-venv).
+  if "$path" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+    add_check python-venv ok "venv and ensurepip available"
+  else
+    add_check python-venv fail "$path cannot create virtual environments (venv or ensurepip missing)" \
+      "install python$xy-venv (Debian/Ubuntu: apt install python$xy-venv; RHEL: dnf install python$xy)"
+  fi
+}
+
+# Installed glibc version (e.g. 2.36), or nothing when it cannot be found (musl, no getconf/ldd).
+glibc_version() {
+  local v
+  v=$(getconf GNU_LIBC_VERSION 2>/dev/null) && v=${v##* } && [[ -n $v ]] && { echo "$v"; return 0; }
+  # ldd --version, first line: "ldd (Debian GLIBC 2.36-9+deb12u4) 2.36"; the last field is the version.
+  v=$(ldd --version 2>/dev/null | head -n1) && v=${v##* } && [[ $v =~ ^[0-9]+(\.[0-9]+)+$ ]] && { echo "$v"; return 0; }
+  return 1
+}
+
+check_glibc() {
+  local have need
+  need=$(version_max "${GLIBC_FLOOR:-$UPSTREAM_GLIBC_FLOOR}" "$UPSTREAM_GLIBC_FLOOR")
+  if ! have=$(glibc_version); then
+    add_check glibc fail "cannot find the glibc version (getconf GNU_LIBC_VERSION and ldd --version gave nothing)" \
+      "use a glibc-based distribution (glibc >= $need; musl-based systems such as Alpine are not supported)"
+  elif version_ge "$have" "$need"; then
+    add_check glibc ok "$have (need >= $need)"
+  else
+    add_check glibc fail "glibc $have is older than $need, the newest any wheel in this bundle needs" \
+      "upgrade the OS to one with glibc >= $need (for example Ubuntu 22.04, Debian 12 or RHEL 10)"
+  fi
+}
+
+# One line per GPU from nvidia-smi's CSV, joined with "; ".
+gpu_summary() {
+  awk -F', *' 'NF >= 6 { printf "%s%s %s (%s total, %s used, util %s, %s C)", sep, $1, $2, $3, $4, $5, $6; sep = "; " }'
+}
+
+check_nvidia() {
+  local floor=$CUDA_FLOOR csv gpus smi driver_cuda nvcc nvcc_rel
+  if ! command -v nvidia-smi >/dev/null 2>&1; then
+    add_check nvidia-smi fail "nvidia-smi not found; this is a $TARGET_DEVICE bundle" \
+      "install the NVIDIA driver (it provides nvidia-smi) with CUDA >= $floor support, or use the cpu bundle"
+    add_check cuda-driver skip "no nvidia-smi"
+  else
+    if ! csv=$(nvidia-smi --format=csv,noheader \
+      --query-gpu=index,name,memory.total,memory.used,utilization.gpu,temperature.gpu 2>&1); then
+      add_check nvidia-smi fail "nvidia-smi cannot query the GPUs: $(head -n1 <<<"$csv")" \
+        "make sure the NVIDIA driver is loaded and matches its user-space tools (reboot after a driver upgrade)"
+    elif gpus=$(gpu_summary <<<"$csv") && [[ -n $gpus ]]; then
+      add_check nvidia-smi ok "$(grep -c . <<<"$csv") GPU(s): $gpus"
+    else
+      add_check nvidia-smi fail "nvidia-smi lists no GPU" "check that the GPU is visible to this host (lspci, VM passthrough)"
+    fi
+    # "| NVIDIA-SMI 550.54.15   Driver Version: 550.54.15   CUDA Version: 12.4 |"
+    smi=$(nvidia-smi 2>/dev/null)
+    driver_cuda=$(sed -n 's/.*CUDA Version: *\([0-9][0-9.]*\).*/\1/p' <<<"$smi" | head -n1)
+    if [[ -z $driver_cuda ]]; then
+      add_check cuda-driver fail "cannot read 'CUDA Version' from nvidia-smi" \
+        "make sure the NVIDIA driver is loaded (run nvidia-smi), then run preflight again"
+    elif version_ge "$driver_cuda" "$floor"; then
+      add_check cuda-driver ok "driver supports CUDA $driver_cuda (need >= $floor)"
+    else
+      local fix="upgrade the NVIDIA driver to one that supports CUDA $floor or newer"
+      version_ge "$floor" 12.5 && fix+=", or use the cuda12.4 bundle of the same cell"
+      add_check cuda-driver fail "driver supports CUDA $driver_cuda; this bundle needs >= $floor" "$fix"
+    fi
+  fi
+
+  # Upstream lists nvcc for the pip path, but the wheels carry their own CUDA runtime: warn only.
+  nvcc=$(command -v nvcc 2>/dev/null || { [[ -x /usr/local/cuda/bin/nvcc ]] && echo /usr/local/cuda/bin/nvcc; })
+  if [[ -z $nvcc ]]; then
+    add_check nvcc warn "nvcc not found (CUDA toolkit)" \
+      "optional for this bundle; install CUDA toolkit >= $floor if models need to compile CUDA code"
+  else
+    nvcc_rel=$("$nvcc" -V 2>/dev/null | sed -n 's/.*release \([0-9][0-9.]*\),.*/\1/p' | head -n1)
+    if [[ -n $nvcc_rel ]] && version_ge "$nvcc_rel" "$floor"; then
+      add_check nvcc ok "CUDA toolkit $nvcc_rel at $nvcc"
+    else
+      add_check nvcc warn "CUDA toolkit ${nvcc_rel:-of unknown version} at $nvcc is older than $floor" \
+        "optional for this bundle; install CUDA toolkit >= $floor if models need to compile CUDA code"
+    fi
+  fi
+
+  check_cudnn
+}
+
+check_cudnn() {
+  local ldconfig found=""
+  ldconfig=$(command -v ldconfig 2>/dev/null || echo /sbin/ldconfig)
+  found=$("$ldconfig" -p 2>/dev/null | grep -m1 -o 'libcudnn[^ ]*') || found=""
+  case $TARGET_EXTRAS in
+    audio | all)
+      if [[ -n $found ]]; then
+        add_check cudnn ok "$found"
+      else
+        add_check cudnn warn "cuDNN not found (ldconfig -p | grep libcudnn); audio models need cuDNN 9" \
+          "install cuDNN 9 for CUDA 12 from your mirror (e.g. apt install libcudnn9-cuda-12), then run ldconfig"
+      fi
+      ;;
+    *)
+      add_check cudnn skip "not needed for $TARGET_EXTRAS extras${found:+ (found $found)}"
+      ;;
+  esac
+}
+
+# Nearest existing directory at or above $1 (the prefix may not exist yet).
+existing_parent() {
+  local d=$1
+  while [[ ! -e $d ]]; do d=$(dirname -- "$d"); done
+  printf '%s' "$d"
+}
+
+check_disk() {
+  local parent need_kb need_mb free_kb wheels_kb
+  if [[ ! -d $BUNDLE_DIR/wheels ]]; then
+    add_check disk fail "wheels/ is missing from the bundle" "re-copy the whole bundle from the source media"
+    return
+  fi
+  wheels_kb=$(du -sk -- "$BUNDLE_DIR/wheels" | awk '{ print $1 }')
+  need_kb=$((wheels_kb * 2))
+  need_mb=$(((need_kb + 1023) / 1024))
+  parent=$(existing_parent "$PREFIX")
+  # -P keeps each file system on one line; the 4th column is the space available to non-root too.
+  free_kb=$(df -Pk -- "$parent" 2>/dev/null | awk 'END { print $4 }')
+  if [[ ! $free_kb =~ ^[0-9]+$ ]]; then
+    add_check disk warn "cannot read free space of $parent" "make sure $need_mb MiB are free under $PREFIX"
+  elif ((free_kb >= need_kb)); then
+    add_check disk ok "$((free_kb / 1024)) MiB free at $parent (need $need_mb MiB for $PREFIX)"
+  else
+    add_check disk fail "$((free_kb / 1024)) MiB free at $parent; installing into $PREFIX needs $need_mb MiB" \
+      "free space there or pass --prefix on a file system with $need_mb MiB free"
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+# json_str S: S as a JSON string literal. Backslash and quote are escaped first, then the
+# whitespace controls; any other control character is dropped (details are one line of text).
+json_str() {
+  local s=$1
+  s=${s//\\/\\\\}
+  s=${s//\"/\\\"}
+  s=${s//$'\n'/\\n}
+  s=${s//$'\r'/\\r}
+  s=${s//$'\t'/\\t}
+  s=$(LC_ALL=C tr -d '\001-\010\013\014\016-\037' <<<"$s")
+  printf '"%s"' "$s"
+}
+
+print_json() {
+  local i sep="" ok=$1
+  printf '{"cell": %s, "ok": %s, "checks": [' "$(json_str "$BUNDLE_CELL")" "$ok"
+  for i in "${!C_NAME[@]}"; do
+    printf '%s{"name": %s, "status": %s, "detail": %s, "fix": %s}' "$sep" \
+      "$(json_str "${C_NAME[i]}")" "$(json_str "${C_STATUS[i]}")" \
+      "$(json_str "${C_DETAIL[i]}")" "$(json_str "${C_FIX[i]}")"
+    sep=", "
+  done
+  printf ']}\n'
+}
+
+print_report() {
+  local i width=0 tag n_ok=0 n_warn=0 n_fail=0 n_skip=0
+  for i in "${!C_NAME[@]}"; do ((${#C_NAME[i]} > width)) && width=${#C_NAME[i]}; done
+  printf 'GPUStack preflight for %s\n' "$BUNDLE_CELL"
+  for i in "${!C_NAME[@]}"; do
+    case ${C_STATUS[i]} in
+      ok) tag=" ok " n_ok=$((n_ok + 1)) ;;
+      warn) tag=warn n_warn=$((n_warn + 1)) ;;
+      fail) tag=fail n_fail=$((n_fail + 1)) ;;
+      *) tag=skip n_skip=$((n_skip + 1)) ;;
+    esac
+    printf '[%s] %-*s  %s\n' "$tag" "$width" "${C_NAME[i]}" "${C_DETAIL[i]}"
+    [[ -n ${C_FIX[i]} ]] && printf '       %-*s  fix: %s\n' "$width" "" "${C_FIX[i]}"
+  done
+  if ((n_fail > 0)); then
+    printf 'preflight: FAILED (%d ok, %d warn, %d fail, %d skip); fix the failed items above\n' \
+      "$n_ok" "$n_warn" "$n_fail" "$n_skip"
+  else
+    printf 'preflight: passed (%d ok, %d warn, %d fail, %d skip); this host can install %s\n' \
+      "$n_ok" "$n_warn" "$n_fail" "$n_skip" "$BUNDLE_CELL"
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------
+
+load_bundle_env() {
+  local env=$BUNDLE_DIR/bundle.env key
+  [[ -f $env ]] || usage_error "bundle.env not found in $BUNDLE_DIR; run the preflight.sh that sits in the bundle"
+  # shellcheck source=/dev/null
+  . "$env"
+  for key in BUNDLE_CELL TARGET_OS TARGET_ARCH TARGET_DEVICE TARGET_PYTHON TARGET_EXTRAS; do
+    [[ -n ${!key:-} ]] || usage_error "bundle.env in $BUNDLE_DIR has no $key; re-copy the bundle from the source media"
+  done
+  GLIBC_FLOOR=${GLIBC_FLOOR:-}
+  CUDA_FLOOR=${CUDA_FLOOR:-}
+}
+
+main() {
+  local json=0
+  PY="" PREFIX=/opt/gpustack
+  while (($# > 0)); do
+    case $1 in
+      --python) (($# >= 2)) || usage_error "--python needs a path"; PY=$2; shift 2 ;;
+      --python=*) PY=${1#*=}; shift ;;
+      --prefix) (($# >= 2)) || usage_error "--prefix needs a directory"; PREFIX=$2; shift 2 ;;
+      --prefix=*) PREFIX=${1#*=}; shift ;;
+      --json) json=1; shift ;;
+      -h | --help) usage; exit 0 ;;
+      *) usage_error "unknown argument: $1" ;;
+    esac
+  done
+  [[ -n $PREFIX ]] || usage_error "--prefix must not be empty"
+  [[ $PREFIX == /* ]] || PREFIX=$PWD/$PREFIX
+  load_bundle_env
+  if [[ -z $PY ]]; then
+    PY=python$TARGET_PYTHON
+    command -v "$PY" >/dev/null 2>&1 || PY=python3
+  fi
+
+  check_os
+  check_arch
+  check_cpu
+  check_python
+  check_glibc
+  if [[ $TARGET_DEVICE == cuda* ]]; then
+    if [[ -z $CUDA_FLOOR ]]; then
+      add_check cuda-driver fail "bundle.env names device $TARGET_DEVICE but no CUDA_FLOOR" \
+        "re-copy the bundle from the source media"
+    else
+      check_nvidia
+    fi
+  else
+    add_check nvidia-smi skip "not a CUDA bundle (device $TARGET_DEVICE)"
+  fi
+  check_disk
+
+  local failed=0 s
+  for s in "${C_STATUS[@]}"; do [[ $s == fail ]] && failed=1; done
+  if ((json)); then
+    if ((failed)); then print_json false; else print_json true; fi
+  else
+    print_report
+  fi
+  return "$failed"
+}
+
+main "$@"
