@@ -98,8 +98,9 @@ def build(ctx: Context, cells: Sequence[Cell]) -> list[bundle.Result]:
 
 def summary(results: Sequence[bundle.Result]) -> Table:
     table = Table(title="bundles")
-    for column in ("cell", "files", "MB", "seconds", "lock", "bundle"):
-        table.add_column(column, justify="right" if column in ("files", "MB", "seconds") else "left")
+    numeric = ("files", "MB", "seconds")
+    for column in ("cell", *numeric, "lock", "bundle"):
+        table.add_column(column, justify="right" if column in numeric else "left")
     for r in results:
         table.add_row(
             r.cell.id,
