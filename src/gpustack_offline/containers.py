@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
 import tarfile
 import tempfile
@@ -32,10 +33,23 @@ BUILDER_DOCKERFILE = """\
 FROM {base}
 RUN apt-get update \\
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \\
-      build-essential python3-dev python3-pip \\
- && rm -rf /var/lib/apt/lists/* \\
- && python3 -m pip install --no-cache-dir --break-system-packages build
+      build-essential python3-dev python3-pip python3-venv python3-build \\
+ && rm -rf /var/lib/apt/lists/*
 """
+CONTAINER_CA = "/etc/ssl/certs/build-host-ca.pem"
+
+
+def host_ca_bundle() -> Path | None:
+    """The CA bundle the build host trusts (a site's TLS-inspecting proxy included), if any.
+
+    Builder containers get it too, so that pip inside them reaches the index the host reaches.
+    """
+    for var in ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "PIP_CERT"):
+        value = os.environ.get(var)
+        if value and Path(value).is_file():
+            return Path(value)
+    default = Path("/etc/ssl/certs/ca-certificates.crt")
+    return default if default.is_file() else None
 LABEL = "gpustack-offline.key"
 
 
@@ -209,7 +223,18 @@ def run_container(
     network: bool,
 ) -> str:
     """Run one command in a fresh container; raise CommandError with its output if it fails."""
-    with container(image, network="bridge" if network else "none", mounts=mounts, env=env) as box:
+    mounts, env = dict(mounts), dict(env)
+    ca = host_ca_bundle() if network else None
+    if ca:
+        mounts[ca] = CONTAINER_CA
+        env.update(PIP_CERT=CONTAINER_CA, SSL_CERT_FILE=CONTAINER_CA)
+    with container(
+        image,
+        network="bridge" if network else "none",
+        mounts=mounts,
+        read_only=[CONTAINER_CA],
+        env=env,
+    ) as box:
         code, output = exec_in(box, argv, env=env)
     if code != 0:
         tail = "\n".join(output.strip().splitlines()[-25:])
