@@ -13,7 +13,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import tarfile
 import tempfile
 import time
@@ -255,6 +254,3 @@ def internal_network(name: str = "gpustack-offline-verify") -> str:
         )
     return name
 
-
-def have(program: str) -> bool:
-    return shutil.which(program) is not None

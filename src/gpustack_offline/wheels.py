@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from packaging.utils import canonicalize_name, parse_wheel_filename
+from packaging.utils import canonicalize_name
 
 from . import targets
 from .errors import CudaGateError, WheelError
@@ -363,7 +363,3 @@ def simple_index(wheels: Sequence[Wheel]) -> dict[str, str]:
         pages[f"{name}/index.html"] = page.format(title=f"Links for {name}", body=links)
     return pages
 
-
-def wheel_name_version(filename: str) -> tuple[str, str]:
-    name, version, _, _ = parse_wheel_filename(filename)
-    return str(name), str(version)
