@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
+from . import __version__, tools
 from .fsutil import atomic_dir, atomic_path, link_or_copy, sha256_file
 from .locks import Lock, ensure_lock, inputs_for, load_overrides
 from .matrix import Cell
@@ -47,7 +47,7 @@ def tool_commit(root: Path) -> str:
     return head + ("-dirty" if dirty else "")
 
 
-def bundle_env(cell: Cell) -> dict[str, str]:
+def bundle_env(cell: Cell, tools_archive: str = "") -> dict[str, str]:
     return {
         "BUNDLE_CELL": cell.id,
         "GPUSTACK_VERSION": cell.version,
@@ -60,6 +60,7 @@ def bundle_env(cell: Cell) -> dict[str, str]:
         "GLIBC_FLOOR": cell.glibc or "",
         "CUDA_FLOOR": cell.cuda or "",
         "REQUIREMENT": cell.requirement,
+        "TOOLS_ARCHIVE": tools_archive,
     }
 
 
@@ -70,11 +71,17 @@ def render(template: str, values: dict[str, str]) -> str:
 
 
 def _scripts(cell: Cell) -> tuple[str, ...]:
-    return ("install.ps1",) if cell.os == "windows" else ("install.sh", "preflight.sh")
+    entry = ("install.ps1",) if cell.os == "windows" else ("install.sh", "preflight.sh")
+    return (*entry, "check-tools-archive.py")
 
 
 def assemble(
-    cell: Cell, wheels: Iterable[Wheel], lock: Lock, stage: Path, root: Path
+    cell: Cell,
+    wheels: Iterable[Wheel],
+    lock: Lock,
+    stage: Path,
+    root: Path,
+    tools_archive: tools.Archive | None = None,
 ) -> dict[str, Any]:
     """Write the bundle's files into `stage`; return the manifest."""
     wheels = list(wheels)
@@ -94,7 +101,10 @@ def assemble(
         (stage / "wheels/simple" / rel).parent.mkdir(parents=True, exist_ok=True)
         (stage / "wheels/simple" / rel).write_text(text)
         add(f"wheels/simple/{rel}", "index", "generated")
-    env = bundle_env(cell)
+    if tools_archive:
+        link_or_copy(tools_archive.path, stage / tools.BUNDLE_PATH)
+        add(tools.BUNDLE_PATH, "tools", f"gpustack {cell.version} download-tools")
+    env = bundle_env(cell, tools.BUNDLE_PATH if tools_archive else "")
     texts = {
         "requirements.txt": requirements_txt(cell, wheels),
         "bundle.env": "".join(f"{k}={v}\n" for k, v in env.items()),
@@ -119,6 +129,7 @@ def assemble(
         "tool": {"name": "gpustack-offline", "version": __version__, "commit": tool_commit(root)},
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "lock": {"path": str(lock.path.relative_to(root)), "sha256": lock.digest()},
+        "tools": tools_archive.manifest() if tools_archive else None,
         "files": sorted(files, key=lambda f: str(f["path"])),
     }
     (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -146,17 +157,27 @@ def build(cell: Cell, opts: Options, root: Path) -> Result:
     """Lock (if needed), fetch, build and assemble one cell's bundle."""
     started = time.monotonic()
     cache = opts.path("cache_dir", root)
-    inputs = inputs_for(cell, load_overrides(opts.path("overrides", root)), opts.index_url)
+    overrides = load_overrides(opts.path("overrides", root))
+    inputs = inputs_for(cell, overrides, opts.index_url)
     lock, lock_state = ensure_lock(
         cell, inputs, opts.path("locks_dir", root), cache, frozen=opts.frozen
     )
     wheels = wheelhouse(
         cell, lock, cache, inputs.build_constraints, opts.index_url, opts.jobs, opts.progress
     )
+    archive = tools.build(
+        cell,
+        cache,
+        opts.path("tools_locks_dir", root),
+        overrides,
+        opts.index_url,
+        opts.tools_base_url,
+        opts.frozen,
+    )
     dist = opts.path("dist_dir", root)
     final_dir = dist / cell.id
     with atomic_dir(final_dir) as stage:
-        manifest = assemble(cell, wheels, lock, stage, root)
+        manifest = assemble(cell, wheels, lock, stage, root, archive)
     write_tar(final_dir, dist / f"{cell.id}.tar")
     files = manifest["files"]
     return Result(

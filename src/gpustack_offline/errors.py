@@ -39,3 +39,7 @@ class CommandError(BundleError):
 
 class VerifyError(BundleError):
     """A bundle failed verification."""
+
+
+class ToolsError(BundleError):
+    """A tools archive that cannot be made, or would not be found by the target's worker."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from rich.progress import (
 from urllib3.util.retry import Retry
 
 from .errors import IntegrityError
-from .fsutil import CHUNK, atomic_path, sha256_file
+from .fsutil import CHUNK, FILE_MODE, atomic_path, sha256_file
 
 log = logging.getLogger("gpustack_offline")
 
@@ -108,6 +110,39 @@ class BlobStore:
                     "refresh the lock (`invoke lock`) and review the change"
                 )
         return final
+
+    def fetch_new(self, url: str, http: requests.Session, expect: str | None = None) -> str:
+        """Store a file whose digest is learned while it streams; return its sha256.
+
+        With `expect`, a file already stored under that digest is not fetched again, and other
+        bytes are refused (and not kept) with an error that names both digests.
+        """
+        if expect and self.has(expect):
+            return expect
+        self.root.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        with tempfile.NamedTemporaryFile(dir=self.root, prefix=".new.", delete=False) as out:
+            tmp = Path(out.name)
+            try:
+                with http.get(url, stream=True, timeout=(15, 120)) as resp:
+                    resp.raise_for_status()
+                    for chunk in resp.iter_content(CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+        got = digest.hexdigest()
+        if expect and got != expect:
+            tmp.unlink(missing_ok=True)
+            raise IntegrityError(
+                f"{url}: sha256 {got} does not match the locked {expect}; the file was not kept"
+            )
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, self.path(got))
+        return got
 
     def fetch_all(self, items: Sequence[Download], jobs: int = 4, show: bool = True) -> list[Path]:
         """Fetch many files in parallel, with one overall progress bar."""

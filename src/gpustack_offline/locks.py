@@ -79,12 +79,16 @@ def load_overrides(path: Path) -> list[Override]:
     return result
 
 
+def matching(overrides: Sequence[Override], cell: Cell) -> list[Override]:
+    return [o for o in overrides if any(fnmatch.fnmatchcase(cell.id, s) for s in o.select)]
+
+
 def inputs_for(cell: Cell, overrides: Sequence[Override], index_url: str) -> Inputs:
-    matching = [o for o in overrides if any(fnmatch.fnmatchcase(cell.id, s) for s in o.select)]
+    found = matching(overrides, cell)
     return Inputs(
-        requirements=(cell.requirement, *(r for o in matching for r in o.extra_requirements)),
-        constraints=tuple(c for o in matching for c in o.constraints),
-        build_constraints=tuple(c for o in matching for c in o.build_constraints),
+        requirements=(cell.requirement, *(r for o in found for r in o.extra_requirements)),
+        constraints=tuple(c for o in found for c in o.constraints),
+        build_constraints=tuple(c for o in found for c in o.build_constraints),
         platform=cell.uv_platform,
         python=cell.python,
         index_url=index_url,

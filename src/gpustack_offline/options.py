@@ -37,6 +37,10 @@ class Options:
     cache_dir: str = dataclasses.field(default_factory=_default_cache)
     index_url: str = "https://pypi.org/simple"
     debian_mirror: str = "http://deb.debian.org/debian"
+    # Empty: upstream's own choice, the faster of github.com and GPUStack's COS mirror. A site
+    # mirror must answer upstream's paths, /gpustack/<repo>/releases/download/<version>/<asset>.
+    tools_base_url: str = ""
+    tools_locks_dir: str = "bundles/tools"
     jobs: int = 4
     frozen: bool = False
     verify_timeout: int = 900

@@ -1,0 +1,450 @@
+"""Tools archives: llama-box, gguf-parser and fastfetch for the cell's target, made by upstream.
+
+GPUStack 0.6/0.7 workers run prebuilt tools and download any that are missing when they start.
+Upstream's offline answer is `gpustack download-tools --save-archive` online and `--load-archive`
+on the target. This stage runs exactly that command, of the cell's GPUStack version, from a tool
+venv for the build host, with the cell's `--system/--arch/--device` and the toolkit environment a
+cross build needs (`CUDA_VERSION`). Around it:
+
+- Every asset download-tools asks for goes through `AssetProxy`, a loopback server that fetches
+  from the upstream base URL into the content-addressed cache and checks each file against the
+  version's checksum lock (`bundles/tools/gpustack-<version>.toml`). A changed upstream asset is a
+  build error, every sha256 lands in the manifest, and a warm build downloads nothing.
+- `tools_probe.py` asks the version's own worker code, answering the machine questions as the
+  target would, whether the archive is complete. GPUStack 0.7 names the llama-box folder after the
+  machine that *saved* the archive, not after `--arch/--device`, so an archive saved here for
+  another machine is not found by the target's worker, which then downloads at start. Such an
+  archive is retargeted (folder, its versions.json key and the `llama-box-default` link renamed to
+  what the probe says the target looks for) and probed again; it must then want nothing.
+- The archive is rewritten deterministically (sorted, fixed times and owners), so the same assets
+  give the same bytes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.server
+import json
+import logging
+import os
+import shutil
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+import tomllib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from .errors import BundleError, IntegrityError, ToolsError
+from .fetch import BlobStore, session
+from .fsutil import atomic_dir, atomic_path, sha256_file, write_text
+from .locks import Override, matching
+from .matrix import Cell
+from .runner import run
+from .safety import safe_extract_tar
+
+log = logging.getLogger("gpustack_offline")
+
+# Where upstream's download-tools looks when no base URL is given (tools_manager.py).
+UPSTREAM_BASES = (
+    "https://github.com",
+    "https://gpustack-1303613262.cos.ap-guangzhou.myqcloud.com",
+)
+ARCHIVE_NAME = "gpustack-tools.tar.gz"
+BUNDLE_PATH = f"tools/{ARCHIVE_NAME}"
+# Settings of the build host that would change what download-tools fetches or where it looks.
+HOST_ENV_LEAKS = ("CUDA_VERSION", "CANN_VERSION", "CANN_CHIP", "GPUSTACK_")
+
+
+@dataclass(frozen=True)
+class Asset:
+    path: str  # upstream URL path, "gpustack/<repo>/releases/download/<version>/<asset>"
+    sha256: str
+    size: int
+    url: str = ""  # where this build fetched it ("" when it came from the cache)
+
+
+@dataclass
+class Archive:
+    """A finished tools archive in the cache, and what it is made of."""
+
+    path: Path
+    sha256: str
+    assets: list[Asset]
+    llama_box_dir: str | None
+    retargeted_from: str | None
+    base_url: str
+    # What the target's worker would have downloaded from upstream's own archive (before the fix).
+    wanted_before_fix: list[str] = field(default_factory=list)
+
+    def manifest(self) -> dict[str, Any]:
+        return {
+            "archive": BUNDLE_PATH,
+            "sha256": self.sha256,
+            "llama_box_dir": self.llama_box_dir,
+            "retargeted_from": self.retargeted_from,
+            "wanted_before_fix": self.wanted_before_fix,
+            "base_url": self.base_url or "upstream (github.com or its COS mirror)",
+            "assets": [a.__dict__ for a in sorted(self.assets, key=lambda a: a.path)],
+        }
+
+
+def target_identity(cell: Cell) -> dict[str, str]:
+    """The machine facts the target's worker derives its tools from (gpustack.utils.platform)."""
+    return {"system": cell.os, "arch": cell.arch, "device": "cuda" if cell.cuda else ""}
+
+
+def download_env(cell: Cell, base: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a download-tools run: the host's, minus what would leak into the
+    choice of assets, plus the cell's toolkit version."""
+    env = {k: v for k, v in base.items() if not k.startswith(HOST_ENV_LEAKS)}
+    if cell.cuda:
+        env["CUDA_VERSION"] = cell.cuda
+    return env
+
+
+# --- the checksum lock ----------------------------------------------------------------------
+
+
+class ToolsLock:
+    """sha256 and size of every upstream asset, per GPUStack version; new assets are added."""
+
+    def __init__(self, path: Path, frozen: bool) -> None:
+        self.path = path
+        self.frozen = frozen
+        self.entries: dict[str, tuple[str, int]] = {}
+        self._lock = threading.Lock()
+        if path.is_file():
+            try:
+                data = tomllib.loads(path.read_text())
+            except tomllib.TOMLDecodeError as exc:
+                raise ToolsError(f"{path}: not valid TOML: {exc}; fix or delete it") from exc
+            for name, entry in data.get("assets", {}).items():
+                self.entries[name] = (str(entry["sha256"]), int(entry["size"]))
+
+    def expected(self, path: str) -> str | None:
+        entry = self.entries.get(path)
+        if entry is None and self.frozen:
+            raise ToolsError(
+                f"{path} is not in {self.path} and the build is frozen; run the build once "
+                "without --frozen on the online side to record it, and review the change"
+            )
+        return entry[0] if entry else None
+
+    def record(self, asset: Asset) -> None:
+        with self._lock:
+            known = self.entries.get(asset.path)
+            if known and known[0] != asset.sha256:
+                raise IntegrityError(
+                    f"upstream asset {asset.path} changed: {self.path} has sha256 {known[0]}, "
+                    f"the download has {asset.sha256}. The file was not kept. If the change is "
+                    "intended, delete its entry from the lock, rebuild, and review the new sum"
+                )
+            self.entries[asset.path] = (asset.sha256, asset.size)
+
+    def save(self, version: str) -> None:
+        lines = [
+            f"# sha256 of every release asset `gpustack download-tools` fetched for GPUStack "
+            f"{version}.\n# Written by the build; a changed asset is a build error. Review "
+            "changes like code.\n"
+        ]
+        for name in sorted(self.entries):
+            sha, size = self.entries[name]
+            lines.append(f'\n[assets."{name}"]\nsha256 = "{sha}"\nsize = {size}\n')
+        text = "".join(lines)
+        if not self.path.is_file() or self.path.read_text() != text:
+            write_text(self.path, text)
+
+
+def lock_path(locks_dir: Path, version: str) -> Path:
+    return locks_dir / f"gpustack-{version}.toml"
+
+
+# --- the asset proxy ------------------------------------------------------------------------
+
+
+@dataclass
+class AssetProxy:
+    """A loopback server with upstream's release paths, backed by the blob cache and the lock."""
+
+    store: BlobStore
+    lock: ToolsLock
+    base_url: str = ""  # "" = choose among UPSTREAM_BASES as upstream does
+    fetched: dict[str, Asset] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    url: str = ""
+
+    def __post_init__(self) -> None:
+        self._http = session()
+        self._chosen = self.base_url.rstrip("/")
+        self._guard = threading.Lock()
+
+    def asset(self, path: str) -> Path:
+        """The cached file for an upstream path, fetched and checked if needed."""
+        expected = self.lock.expected(path)
+        if expected and self.store.has(expected):
+            blob = self.store.path(expected)
+            self.fetched[path] = Asset(path, expected, blob.stat().st_size)
+            return blob
+        url = f"{self._base(path)}/{path}"
+        try:
+            sha = self.store.fetch_new(url, self._http, expect=expected)
+        except requests.HTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else "?"
+            raise ToolsError(
+                f"{url} answered {status}: the tools base URL does not have this asset. A site "
+                "mirror must serve upstream's paths (/gpustack/<repo>/releases/download/...)"
+            ) from exc
+        except requests.RequestException as exc:
+            raise ToolsError(
+                f"could not download {url}: {exc}. Check the network or the tools-base-url option"
+            ) from exc
+        got = Asset(path, sha, self.store.path(sha).stat().st_size, url)
+        self.lock.record(got)
+        self.fetched[path] = got
+        return self.store.path(sha)
+
+    def _base(self, path: str) -> str:
+        with self._guard:
+            if not self._chosen:
+                self._chosen = self._fastest(path)
+            return self._chosen
+
+    def _fastest(self, path: str) -> str:
+        # Upstream times a ranged 512 KiB GET against each host and takes the faster.
+        timings = []
+        for base in UPSTREAM_BASES:
+            started = time.monotonic()
+            try:
+                resp = self._http.get(
+                    f"{base}/{path}", headers={"Range": "bytes=0-524287"}, timeout=5
+                )
+                resp.raise_for_status()
+                timings.append((time.monotonic() - started, base))
+            except requests.RequestException as exc:
+                log.info("tools host %s: %s", base, exc)
+        if not timings:
+            raise ToolsError(
+                f"neither {' nor '.join(UPSTREAM_BASES)} answered; set tools-base-url to a "
+                "mirror of upstream's release downloads"
+            )
+        return min(timings)[1]
+
+    @contextmanager
+    def serving(self) -> Iterator[str]:
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                path = self.path.lstrip("/").split("?")[0]
+                try:
+                    blob = proxy.asset(path)
+                except BundleError as exc:
+                    proxy.failures.append(str(exc))
+                    self.send_error(502 if not isinstance(exc, ToolsError) else 404, str(exc)[:200])
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(blob.stat().st_size))
+                self.end_headers()
+                with blob.open("rb") as fh:
+                    shutil.copyfileobj(fh, self.wfile)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                log.debug("tools proxy: " + format, *args)
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            self.url = f"http://127.0.0.1:{server.server_address[1]}"
+            yield self.url
+        finally:
+            server.shutdown()
+            server.server_close()
+
+
+# --- the tool venv --------------------------------------------------------------------------
+
+
+def tool_venv(cell: Cell, overrides: list[Override], cache: Path, index_url: str) -> Path:
+    """A venv for the build host with the cell's GPUStack, made once and cached; its python."""
+    extra = [r for o in matching(overrides, cell) for r in o.extra_requirements]
+    spec = [f"gpustack=={cell.version}", *sorted(set(extra))]
+    key = hashlib.sha256(json.dumps([spec, sys.version, index_url]).encode()).hexdigest()[:16]
+    final = cache / "tools" / "venv" / f"gpustack-{cell.version}-{key}"
+    python = final / "bin" / "python"
+    if python.exists():
+        return python
+    env = {**os.environ, "UV_CACHE_DIR": str(cache / "uv")}
+    with atomic_dir(final) as stage:
+        run(
+            [sys.executable, "-m", "uv", "venv", "--quiet", "--python", sys.executable, stage],
+            env=env, what=f"creating the GPUStack {cell.version} tool venv",
+        )  # fmt: skip
+        run(
+            [sys.executable, "-m", "uv", "pip", "install", "--quiet", "--python",
+             stage / "bin" / "python", "--index-url", index_url, *spec],
+            env=env, what=f"installing GPUStack {cell.version} into its tool venv",
+            fix="the tool venv runs upstream's download-tools on this host; check the index URL",
+        )  # fmt: skip
+    return python
+
+
+# --- the archive: make, probe, retarget, normalise --------------------------------------------
+
+
+def probe(python: Path, archive: Path, cell: Cell) -> dict[str, Any]:
+    script = Path(str(resources.files("gpustack_offline") / "tools_probe.py"))
+    out = run(
+        [python, script, archive, json.dumps(target_identity(cell))],
+        env=download_env(cell, os.environ),
+        what=f"probing the tools archive for {cell.id}",
+    ).stdout
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+def retarget(tree: Path, want: str) -> str | None:
+    """Rename the one llama-box folder to `want`; return the old name (None if already right)."""
+    base = tree / "llama-box"
+    folders = [p for p in base.iterdir() if p.name != "llama-box-default" and p.is_dir()
+               and not p.is_symlink()]  # fmt: skip
+    if len(folders) != 1:
+        raise ToolsError(
+            f"expected one llama-box folder in the archive, found {[p.name for p in folders]}"
+        )
+    old = folders[0].name
+    if old == want:
+        return None
+    folders[0].rename(base / want)
+    versions_file = tree / "versions.json"
+    versions = json.loads(versions_file.read_text())
+    versions[want] = versions.pop(old)
+    versions_file.write_text(json.dumps(versions, indent=4))
+    default = base / "llama-box-default"
+    if default.is_symlink():
+        default.unlink()
+        default.symlink_to(want)
+    return old
+
+
+def write_archive(tree: Path, final: Path) -> None:
+    """A reproducible tar.gz of `tree`: sorted entries, fixed times, root-owned."""
+    with (
+        atomic_path(final) as tmp,
+        tmp.open("wb") as raw,
+        gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tf,
+    ):
+        for path in sorted(tree.rglob("*")):
+            info = tf.gettarinfo(path, arcname=str(path.relative_to(tree)))
+            if not (info.isreg() or info.isdir() or info.issym()):
+                raise ToolsError(
+                    f"{path}: only files, folders and symlinks go into a tools archive"
+                )
+            info.mtime = 0
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            if not info.issym():
+                info.mode = 0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644
+            if info.isreg():
+                with path.open("rb") as fh:
+                    tf.addfile(info, fh)
+            else:
+                tf.addfile(info)
+
+
+def build_archive(
+    cell: Cell,
+    python: Path,
+    proxy: AssetProxy,
+    cache: Path,
+) -> Archive:
+    """Run download-tools for the cell through the proxy; probe, retarget, normalise."""
+    final = cache / "tools" / "archives" / cell.version / f"{cell.os}-{cell.arch}-{cell.device}"
+    with tempfile.TemporaryDirectory(prefix="tools-", dir=cache) as scratch:
+        raw = Path(scratch) / "raw" / ARCHIVE_NAME
+        with proxy.serving() as url:
+            try:
+                run(
+                    [python, "-m", "gpustack.main", "download-tools",
+                     "--tools-download-base-url", url, "--save-archive", raw,
+                     "--system", cell.os, "--arch", cell.arch,
+                     "--device", "cuda" if cell.cuda else "cpu"],
+                    env=download_env(cell, os.environ),
+                    what=f"gpustack {cell.version} download-tools for {cell.id}",
+                )  # fmt: skip
+            except BundleError:
+                if proxy.failures:
+                    raise ToolsError(proxy.failures[0]) from None
+                raise
+        tree = Path(scratch) / "tree"
+        with tarfile.open(raw) as tf:
+            safe_extract_tar(tf, tree, f"download-tools archive for {cell.id}")
+        first = probe(python, raw, cell)
+        _fail_on_errors(cell, first)
+        moved = None
+        if first["would_download"]:
+            if not first["llama_box_dir"]:
+                raise ToolsError(_incomplete(cell, first))
+            moved = retarget(tree, first["llama_box_dir"])
+        archive = final / ARCHIVE_NAME
+        write_archive(tree, archive)
+        second = probe(python, archive, cell)
+        _fail_on_errors(cell, second)
+        if second["would_download"]:
+            raise ToolsError(_incomplete(cell, second))
+    return Archive(
+        path=archive,
+        sha256=sha256_file(archive),
+        assets=list(proxy.fetched.values()),
+        llama_box_dir=second["llama_box_dir"],
+        retargeted_from=moved,
+        base_url=proxy.base_url,
+        wanted_before_fix=first["would_download"],
+    )
+
+
+def _fail_on_errors(cell: Cell, probed: Mapping[str, Any]) -> None:
+    if probed["errors"]:
+        raise ToolsError(
+            f"{cell.id}: GPUStack {cell.version}'s worker code fails on the tools archive: "
+            + "; ".join(probed["errors"])
+        )
+
+
+def _incomplete(cell: Cell, probed: Mapping[str, Any]) -> str:
+    return (
+        f"{cell.id}: the tools archive is not complete for the target: its worker would "
+        f"download {', '.join(probed['would_download'])} at start. This project cannot fix the "
+        "archive for this cell; report it with the cell id"
+    )
+
+
+def build(
+    cell: Cell,
+    cache: Path,
+    locks_dir: Path,
+    overrides: list[Override],
+    index_url: str,
+    base_url: str,
+    frozen: bool,
+) -> Archive:
+    """The cell's tools archive (from the cache when its assets are already known)."""
+    python = tool_venv(cell, overrides, cache, index_url)
+    lock = ToolsLock(lock_path(locks_dir, cell.version), frozen)
+    proxy = AssetProxy(BlobStore(cache), lock, base_url)
+    archive = build_archive(cell, python, proxy, cache)
+    if not frozen:
+        lock.save(cell.version)
+    return archive

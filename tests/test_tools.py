@@ -1,0 +1,175 @@
+"""The tools stage without the network: the lock, the retargeting and the archive's bytes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from gpustack_offline import tools
+from gpustack_offline.errors import IntegrityError, ToolsError
+
+
+def make_tree(root: Path, folder: str = "llama-box-v0.0.171-linux-amd64") -> Path:
+    """The layout GPUStack 0.7's download-tools writes, with the host's folder name."""
+    box = root / "llama-box" / folder
+    box.mkdir(parents=True)
+    (box / "llama-box").write_bytes(b"\x7fELF fake")
+    os.chmod(box / "llama-box", 0o755)
+    (box / "llama-box-rpc-server").symlink_to("llama-box")
+    (root / "llama-box" / "llama-box-default").symlink_to(folder)
+    (root / "gguf-parser").mkdir()
+    (root / "gguf-parser" / "gguf-parser").write_bytes(b"parser")
+    versions = {folder: "v0.0.171", "gguf-parser": "v0.22.1", "fastfetch": "2.25.0.1"}
+    (root / "versions.json").write_text(json.dumps(versions))
+    return root
+
+
+def test_retarget_renames_the_folder_its_version_key_and_the_default_link(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "t")
+    old = tools.retarget(tree, "llama-box-v0.0.171-linux-arm64-cuda")
+    assert old == "llama-box-v0.0.171-linux-amd64"
+    box = tree / "llama-box"
+    assert sorted(p.name for p in box.iterdir()) == [
+        "llama-box-default",
+        "llama-box-v0.0.171-linux-arm64-cuda",
+    ]
+    assert os.readlink(box / "llama-box-default") == "llama-box-v0.0.171-linux-arm64-cuda"
+    assert (box / "llama-box-default" / "llama-box-rpc-server").resolve().name == "llama-box"
+    versions = json.loads((tree / "versions.json").read_text())
+    assert versions == {
+        "llama-box-v0.0.171-linux-arm64-cuda": "v0.0.171",
+        "gguf-parser": "v0.22.1",
+        "fastfetch": "2.25.0.1",
+    }
+
+
+def test_retarget_leaves_a_right_archive_alone(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "t")
+    assert tools.retarget(tree, "llama-box-v0.0.171-linux-amd64") is None
+    assert os.readlink(tree / "llama-box" / "llama-box-default") == "llama-box-v0.0.171-linux-amd64"
+
+
+def test_retarget_refuses_an_archive_with_two_llama_box_folders(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "t")
+    (tree / "llama-box" / "llama-box-v0.0.170-linux-amd64").mkdir()
+    with pytest.raises(ToolsError, match="expected one llama-box folder"):
+        tools.retarget(tree, "llama-box-v0.0.171-linux-arm64")
+
+
+def test_archives_are_byte_identical_whatever_the_file_times(tmp_path: Path) -> None:
+    one = make_tree(tmp_path / "one")
+    two = make_tree(tmp_path / "two")
+    for path in two.rglob("*"):
+        if not path.is_symlink():
+            os.utime(path, (1_000_000, 1_000_000))
+    tools.write_archive(one, tmp_path / "one.tar.gz")
+    tools.write_archive(two, tmp_path / "two.tar.gz")
+    assert (tmp_path / "one.tar.gz").read_bytes() == (tmp_path / "two.tar.gz").read_bytes()
+    with tarfile.open(tmp_path / "one.tar.gz") as tf:
+        members = {m.name: m for m in tf.getmembers()}
+    link = members["llama-box/llama-box-default"]
+    assert link.issym() and link.linkname == "llama-box-v0.0.171-linux-amd64"
+    assert members["llama-box/llama-box-v0.0.171-linux-amd64/llama-box"].mode == 0o755
+    assert members["gguf-parser/gguf-parser"].mode == 0o644
+    assert all(m.uid == 0 and m.mtime == 0 for m in members.values())
+
+
+def test_an_archive_with_a_fifo_is_refused_and_leaves_no_file(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path / "t")
+    os.mkfifo(tree / "gguf-parser" / "pipe")
+    final = tmp_path / "out" / "gpustack-tools.tar.gz"
+    with pytest.raises(ToolsError, match="pipe"):
+        tools.write_archive(tree, final)
+    assert list(final.parent.iterdir()) == []
+
+
+def lock_file(tmp_path: Path, entries: dict[str, tuple[str, int]]) -> Path:
+    lock = tools.ToolsLock(tmp_path / "gpustack-0.7.1.toml", frozen=False)
+    for path, (sha, size) in entries.items():
+        lock.record(tools.Asset(path, sha, size))
+    lock.save("0.7.1")
+    return lock.path
+
+
+def test_the_lock_round_trips_and_refuses_a_changed_asset(tmp_path: Path) -> None:
+    asset = "gpustack/gguf-parser-go/releases/download/v0.22.1/gguf-parser-linux-arm64"
+    path = lock_file(tmp_path, {asset: ("a" * 64, 10)})
+    text = path.read_text()
+    assert text.startswith("# sha256 of every release asset") and asset in text
+    lock = tools.ToolsLock(path, frozen=True)
+    assert lock.expected(asset) == "a" * 64
+    with pytest.raises(IntegrityError) as err:
+        lock.record(tools.Asset(asset, "b" * 64, 10))
+    assert asset in str(err.value) and "a" * 64 in str(err.value) and "b" * 64 in str(err.value)
+
+
+def test_a_frozen_lock_refuses_an_asset_it_does_not_list(tmp_path: Path) -> None:
+    path = lock_file(tmp_path, {})
+    lock = tools.ToolsLock(path, frozen=True)
+    with pytest.raises(ToolsError, match="not in .*frozen"):
+        lock.expected("gpustack/fastfetch/releases/download/2.25.0.1/fastfetch-linux-amd64.zip")
+    assert tools.ToolsLock(path, frozen=False).expected("anything") is None
+
+
+def test_a_malformed_lock_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "gpustack-0.7.1.toml"
+    path.write_text("[assets\n")
+    with pytest.raises(ToolsError, match=str(path)):
+        tools.ToolsLock(path, frozen=False)
+
+
+def test_download_env_keeps_host_settings_out_and_sets_the_cells_cuda(matrix) -> None:
+    host = {
+        "PATH": "/usr/bin",
+        "CUDA_VERSION": "11.8",
+        "GPUSTACK_DISABLE_DYNAMIC_LINK_LLAMA_BOX": "true",
+        "GPUSTACK_TOOLS_DOWNLOAD_BASE_URL": "http://elsewhere",
+        "CANN_VERSION": "8.0",
+    }
+    cuda = matrix.cell("v0.7.1-linux-arm64-cuda12.8-py3.11-base-pip")
+    assert tools.download_env(cuda, host) == {"PATH": "/usr/bin", "CUDA_VERSION": "12.8"}
+    cpu = matrix.cell("v0.7.1-linux-arm64-cpu-py3.11-base-pip")
+    assert tools.download_env(cpu, host) == {"PATH": "/usr/bin"}
+
+
+@pytest.mark.parametrize(
+    ("cell_id", "identity"),
+    [
+        ("v0.7.1-linux-arm64-cpu-py3.11-base-pip", ("linux", "arm64", "")),
+        ("v0.7.1-linux-amd64-cuda12.4-py3.11-base-pip", ("linux", "amd64", "cuda")),
+        ("v0.6.2-windows-amd64-cuda12.8-py3.11-audio-pip", ("windows", "amd64", "cuda")),
+    ],
+)
+def test_the_target_identity_is_the_cells_not_the_build_hosts(matrix, cell_id, identity) -> None:
+    got = tools.target_identity(matrix.cell(cell_id))
+    assert (got["system"], got["arch"], got["device"]) == identity
+
+
+def test_the_manifest_lists_every_asset_sorted(tmp_path: Path) -> None:
+    assets = [tools.Asset("b/x", "1" * 64, 3, "http://m/b/x"), tools.Asset("a/y", "2" * 64, 4)]
+    archive = tools.Archive(
+        tmp_path / "a.tar.gz", "f" * 64, assets, "llama-box-v0.0.171-linux-arm64", "old", ""
+    )
+    info = archive.manifest()
+    assert [a["path"] for a in info["assets"]] == ["a/y", "b/x"]
+    assert info["archive"] == "tools/gpustack-tools.tar.gz"
+    assert "github.com" in info["base_url"]
+    json.dumps(info)  # it goes into manifest.json as it is
+
+
+def test_tar_reader_rejects_what_write_archive_would_never_write(tmp_path: Path) -> None:
+    """The build unpacks download-tools' own archive through the safe extractor."""
+    from gpustack_offline.safety import safe_extract_tar
+
+    bad = tmp_path / "bad.tar.gz"
+    with tarfile.open(bad, "w:gz") as tf:
+        info = tarfile.TarInfo("../escape")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"x"))
+    with tarfile.open(bad) as tf, pytest.raises(IntegrityError, match="escape"):
+        safe_extract_tar(tf, tmp_path / "out", "download-tools archive")
