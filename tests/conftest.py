@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from release_mirror import release_mirror  # noqa: F401 - a session fixture for every test
 
 from gpustack_offline.matrix import Matrix
 

@@ -348,14 +348,13 @@ def write_archive(tree: Path, final: Path) -> None:
     ):
         for path in sorted(tree.rglob("*")):
             info = tf.gettarinfo(path, arcname=str(path.relative_to(tree)))
-            if not (info.isreg() or info.isdir() or info.issym()):
-                raise ToolsError(
-                    f"{path}: only files, folders and symlinks go into a tools archive"
-                )
+            # Hard links: upstream's Windows layout makes llama-box-default a folder of them.
+            if not (info.isreg() or info.isdir() or info.issym() or info.islnk()):
+                raise ToolsError(f"{path}: only files, folders and links go into a tools archive")
             info.mtime = 0
             info.uid = info.gid = 0
             info.uname = info.gname = "root"
-            if not info.issym():
+            if not (info.issym() or info.islnk()):
                 info.mode = 0o755 if path.is_dir() or os.access(path, os.X_OK) else 0o644
             if info.isreg():
                 with path.open("rb") as fh:
@@ -364,15 +363,9 @@ def write_archive(tree: Path, final: Path) -> None:
                 tf.addfile(info)
 
 
-def build_archive(
-    cell: Cell,
-    python: Path,
-    proxy: AssetProxy,
-    cache: Path,
-) -> Archive:
-    """Run download-tools for the cell through the proxy; probe, retarget, normalise."""
-    final = cache / "tools" / "archives" / cell.version / f"{cell.os}-{cell.arch}-{cell.device}"
-    with tempfile.TemporaryDirectory(prefix="tools-", dir=cache) as scratch:
+def build_archive(cell: Cell, python: Path, proxy: AssetProxy, out: Path) -> Archive:
+    """Run download-tools for the cell through the proxy; probe, retarget, normalise into `out`."""
+    with tempfile.TemporaryDirectory(prefix="tools-", dir=out.parent) as scratch:
         raw = Path(scratch) / "raw" / ARCHIVE_NAME
         with proxy.serving() as url:
             try:
@@ -398,7 +391,7 @@ def build_archive(
             if not first["llama_box_dir"]:
                 raise ToolsError(_incomplete(cell, first))
             moved = retarget(tree, first["llama_box_dir"])
-        archive = final / ARCHIVE_NAME
+        archive = out / ARCHIVE_NAME
         write_archive(tree, archive)
         second = probe(python, archive, cell)
         _fail_on_errors(cell, second)
@@ -440,11 +433,41 @@ def build(
     base_url: str,
     frozen: bool,
 ) -> Archive:
-    """The cell's tools archive (from the cache when its assets are already known)."""
+    """The cell's tools archive. Cells that share a target (extras, Python) share one archive,
+    made once and cached with a record of its assets, which are checked against the lock again."""
     python = tool_venv(cell, overrides, cache, index_url)
     lock = ToolsLock(lock_path(locks_dir, cell.version), frozen)
-    proxy = AssetProxy(BlobStore(cache), lock, base_url)
-    archive = build_archive(cell, python, proxy, cache)
+    identity = [cell.version, target_identity(cell), cell.cuda, str(python), base_url]
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+    final = (
+        cache / "tools" / "archives" / f"{cell.version}-{cell.os}-{cell.arch}-{cell.device}-{key}"
+    )
+    archive = _cached(final, lock)
+    if archive is None:
+        proxy = AssetProxy(BlobStore(cache), lock, base_url)
+        with atomic_dir(final) as stage:
+            archive = build_archive(cell, python, proxy, stage)
+            record = {**archive.__dict__, "path": ARCHIVE_NAME,
+                      "assets": [a.__dict__ for a in archive.assets]}  # fmt: skip
+            (stage / "archive.json").write_text(json.dumps(record, indent=2))
+        archive.path = final / ARCHIVE_NAME
     if not frozen:
         lock.save(cell.version)
+    return archive
+
+
+def _cached(final: Path, lock: ToolsLock) -> Archive | None:
+    """The cached archive if it is intact; its assets are checked against the lock (frozen or
+    not), so deleting a lock entry or changing it is never hidden by the cache."""
+    try:
+        record = json.loads((final / "archive.json").read_text())
+        archive = Archive(**{**record, "path": final / ARCHIVE_NAME,
+                             "assets": [Asset(**a) for a in record["assets"]]})  # fmt: skip
+    except (OSError, ValueError, TypeError):
+        return None
+    if not archive.path.is_file() or sha256_file(archive.path) != archive.sha256:
+        return None
+    for asset in archive.assets:
+        lock.expected(asset.path)
+        lock.record(asset)
     return archive
