@@ -15,7 +15,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import release_mirror as mirror_module
 import requests
 from release_mirror import (
     RangeNotSatisfiable,
@@ -27,7 +26,6 @@ from release_mirror import (
 
 # The session fixture. Drop this line once tests/conftest.py imports it for the whole suite,
 # or this module gets a mirror of its own.
-# the release_mirror fixture comes from conftest.py
 
 # Written out from tools_manager.py of each version, not from the mirror's own table, so that a
 # wrong name in the table fails here. BUILTIN_LLAMA_BOX_VERSION / BUILTIN_GGUF_PARSER_VERSION:
