@@ -36,7 +36,8 @@ from typing import cast
 
 import pytest
 
-from gpustack_offline.fsutil import atomic_path
+from gpustack_offline import tools
+from gpustack_offline.fsutil import atomic_path, sha256_file
 from gpustack_offline.runner import run
 
 log = logging.getLogger("gpustack_offline.release_mirror")
@@ -271,9 +272,7 @@ def _windows_text(asset: Asset) -> str:
 
 def _asset_bytes(asset: Asset, programs: Mapping[tuple[str, str], bytes]) -> bytes:
     windows = asset.os == "windows"
-    program = (
-        pe_stub(_windows_text(asset)) if windows else programs[asset.url_path, asset.tool]
-    )
+    program = pe_stub(_windows_text(asset)) if windows else programs[asset.url_path, asset.tool]
     if asset.tool == "gguf-parser":
         return program
     if asset.tool == "fastfetch":
@@ -519,6 +518,17 @@ class ReleaseMirror:
 
 def _normalise(url_path: str) -> str:
     return url_path if url_path.startswith("/") else "/" + url_path
+
+
+def write_fixture_locks(mirror_root: Path, locks_dir: Path, versions=("0.6.2", "0.7.1")) -> Path:
+    """Tools checksum locks for the fixture assets: what `bundles/tools/` holds for upstream."""
+    for version in versions:
+        lock = tools.ToolsLock(tools.lock_path(locks_dir, version), frozen=False)
+        for file in sorted(p for p in mirror_root.rglob("*") if p.is_file()):
+            path = str(file.relative_to(mirror_root))
+            lock.record(tools.Asset(path, sha256_file(file), file.stat().st_size))
+        lock.save(version)
+    return locks_dir
 
 
 @pytest.fixture(scope="session")

@@ -10,27 +10,45 @@ import json
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
+from release_mirror import write_fixture_locks
 
-from gpustack_offline import commands, containers
+from gpustack_offline import commands, containers, tools
 from gpustack_offline.errors import CudaGateError, VerifyError
+from gpustack_offline.fsutil import sha256_file
 from gpustack_offline.locks import Inputs, make_lock, read_lock
 from gpustack_offline.verify import Unverifiable
 from gpustack_offline.wheels import wheelhouse
 
 pytestmark = pytest.mark.integration
 
-CELLS = ["v0.7.1-linux-amd64-cpu-py3.11-base-pip", "v0.7.1-linux-arm64-cpu-py3.11-base-pip"]
+CELLS = [
+    "v0.7.1-linux-amd64-cpu-py3.11-base-pip",
+    "v0.7.1-linux-arm64-cpu-py3.11-base-pip",
+    "v0.7.1-linux-amd64-cuda12.8-py3.11-base-pip",
+]
+VERIFY_STEPS = [
+    "isolation", "sums", "preflight", "install", "cli", "start", "healthz", "worker",
+    "tools-offline", "tools",
+]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def ctx(root, tmp_path_factory) -> commands.Context:
+def ctx(root, tmp_path_factory, release_mirror) -> commands.Context:
+    """Frozen locks from bundles/; tools from the loopback release mirror, locked like upstream."""
     dist = tmp_path_factory.mktemp("dist")
-    return commands.Context.load(
-        root, cli={"dist_dir": str(dist), "frozen": True, "progress": False}
-    )
+    tools_locks = write_fixture_locks(release_mirror.root, tmp_path_factory.mktemp("tools-locks"))
+    cli = {
+        "dist_dir": str(dist),
+        "frozen": True,
+        "progress": False,
+        "tools_base_url": release_mirror.base_url,
+        "tools_locks_dir": str(tools_locks),
+    }
+    return commands.Context.load(root, cli=cli)
 
 
 @pytest.fixture(scope="module")
@@ -51,17 +69,21 @@ def test_bundle_from_pypi_installs_and_starts_offline(ctx, built, cell_id):
     native = [f["path"] for f in wheels if not f["path"].endswith("-none-any.whl")]
     assert native and all(cell.machine in p for p in native), native
 
+    tools_file = next(f for f in manifest["files"] if f["kind"] == "tools")
+    assert tools_file["sha256"] == manifest["tools"]["sha256"]
+    assert manifest["tools"]["llama_box_dir"].endswith(
+        f"-linux-{cell.arch}" + ("-cuda" if cell.cuda else "")
+    )
+
     report = commands.verify_cell(ctx, cell)
-    assert report.ok and report.seconds_to_healthz is not None
-    assert [s.name for s in report.steps] == [
-        "isolation",
-        "sums",
-        "preflight",
-        "install",
-        "cli",
-        "start",
-        "healthz",
-    ]
+    assert report.ok and report.seconds_to_healthz and report.seconds_to_worker
+    assert [s.name for s in report.steps] == VERIFY_STEPS
+    steps = {s.name: s.output for s in report.steps}
+    # the worker said it found each tool; each bundled tool ran here, built for this machine
+    assert steps["tools-offline"].count("already exists, skipping download") == 3
+    machine = {"amd64": "x86_64", "arm64": "aarch64"}[cell.arch]
+    assert f"fastfetch 2.25.0.1 ({machine})" in steps["tools"]
+    assert f"linux-{cell.arch}-" in steps["tools"] and "FAIL" not in steps["tools"]
     saved = json.loads((ctx.dist / f"{cell_id}.verify.json").read_text())
     assert saved["ok"] is True and saved["cell"] == cell_id
 
@@ -76,6 +98,36 @@ def test_verification_names_a_damaged_file_and_fails(ctx, built, tmp_path):
     with pytest.raises(VerifyError) as err:
         commands.verify_cell(damaged_ctx, damaged_ctx.matrix.cell(cell_id))
     assert "step 'sums'" in str(err.value) and victim.name in str(err.value)
+
+
+def resum(bundle: Path) -> None:
+    """Re-write SHA256SUMS after a deliberate change, so that only the change is tested."""
+    lines = []
+    for path in sorted(p for p in bundle.rglob("*") if p.is_file() and p.name != "SHA256SUMS"):
+        lines.append(f"{sha256_file(path)}  {path.relative_to(bundle)}\n")
+    (bundle / "SHA256SUMS").write_text("".join(lines))
+
+
+def test_a_worker_that_reaches_for_a_tool_fails_verification(ctx, built, tmp_path):
+    """Upstream's own archive, unfixed: llama-box under the build host's folder name."""
+    cell_id = CELLS[0]
+    bundle = tmp_path / "dist" / cell_id
+    shutil.copytree(built[cell_id], bundle)
+    archive = bundle / "tools" / "gpustack-tools.tar.gz"
+    tree = tmp_path / "tree"
+    with tarfile.open(archive) as tf:
+        tf.extractall(tree, filter="data")
+    box = tree / "llama-box"
+    good = json.loads((bundle / "manifest.json").read_text())["tools"]["llama_box_dir"]
+    tools.retarget(tree, good.replace("linux-amd64", "linux-amd64-build-host"))
+    assert not (box / good).exists()
+    tools.write_archive(tree, archive)
+    resum(bundle)
+    damaged_ctx = commands.Context.load(ctx.root, cli={"dist_dir": str(tmp_path / "dist")})
+    with pytest.raises(VerifyError) as err:
+        commands.verify_cell(damaged_ctx, damaged_ctx.matrix.cell(cell_id))
+    assert "tried to download tools at start" in str(err.value)
+    assert "Downloading" in str(err.value)
 
 
 def test_windows_and_other_python_cells_are_reported_unverifiable(ctx):

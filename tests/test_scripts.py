@@ -1,20 +1,28 @@
-"""The target-host scripts (scripts/preflight.sh, scripts/install.sh), run for real with bash.
+"""The target-host scripts (scripts/preflight.sh, scripts/install.sh,
+scripts/check-tools-archive.py), run for real with bash and Python.
 
 Each test builds a small bundle in tmp_path around a real wheel: a tiny package that provides a
 `gpustack` console script, built offline with `pip wheel` through a dependency-free in-tree
-PEP 517 backend. The only fake is `nvidia-smi`, because this host has no NVIDIA driver.
+PEP 517 backend. Its `download-tools --load-archive` unpacks the way upstream's does
+(shutil.unpack_archive, no filter), so a hostile tools archive that got past the check would
+really write where it points. The only fake is `nvidia-smi`, because this host has no NVIDIA
+driver.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import platform
 import re
 import shutil
+import stat
 import subprocess
 import sys
+import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,7 +39,10 @@ GPUSTACK_VERSION = "0.7.1"
 README_KEYS = {
     "BUNDLE_CELL", "GPUSTACK_VERSION", "TARGET_OS", "TARGET_ARCH", "TARGET_DEVICE",
     "TARGET_PYTHON", "TARGET_EXTRAS", "GLIBC_FLOOR", "CUDA_FLOOR", "REQUIREMENT",
+    "TOOLS_ARCHIVE",
 }  # fmt: skip
+TOOLS_ARCHIVE = "tools/gpustack-tools.tar.gz"
+CHECKER = "check-tools-archive.py"
 
 # ---------------------------------------------------------------------------------------------
 # Fixture package: a stand-in `gpustack` distribution with a console script.
@@ -72,14 +83,27 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
 '''
 
 PACKAGE_SOURCE = """\
+import os
+import shutil
 import sys
 
 
 def main():
-    if sys.argv[1:] == ["version"]:
+    args = sys.argv[1:]
+    if args == ["version"]:
         print("gpustack {version} (test fixture)")
         return 0
-    print("test fixture: only 'gpustack version' is supported", file=sys.stderr)
+    if len(args) == 3 and args[:2] == ["download-tools", "--load-archive"]:
+        # As upstream 0.6/0.7: download-tools refuses a base URL with --load-archive, and
+        # ToolsManager.load_archive unpacks into the package's third_party/bin with no filter.
+        if os.environ.get("GPUSTACK_TOOLS_DOWNLOAD_BASE_URL"):
+            print("Cannot specify both load-archive and tools-download-base-url.", file=sys.stderr)
+            return 1
+        bin_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "third_party", "bin")
+        os.makedirs(bin_path, exist_ok=True)
+        shutil.unpack_archive(args[2], bin_path)
+        return 0
+    print("test fixture: only 'version' and 'download-tools --load-archive' work", file=sys.stderr)
     return 2
 """
 
@@ -134,6 +158,7 @@ def bundle_env(**overrides: str) -> dict[str, str]:
         "GLIBC_FLOOR": "2.29",
         "CUDA_FLOOR": "",
         "REQUIREMENT": f"gpustack=={GPUSTACK_VERSION}",
+        "TOOLS_ARCHIVE": "",
     }
     env.update(overrides)
     if env["TARGET_DEVICE"].startswith("cuda") and "CUDA_FLOOR" not in overrides:
@@ -157,11 +182,20 @@ def write_sha256sums(bundle: Path) -> None:
 
 
 def render_readme(template: Path, env: dict[str, str]) -> str:
-    return re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: env[m.group(1)], template.read_text())
+    """As the build renders it: an empty value shows as '-'."""
+    return re.sub(r"\{\{([A-Z_]+)\}\}", lambda m: env[m.group(1)] or "-", template.read_text())
 
 
-def make_bundle(where: Path, wheel: Path, **overrides: str) -> Path:
-    """A complete bundle folder, laid out as the build writes it, around `wheel`."""
+def make_bundle(
+    where: Path, wheel: Path, *, tools_archive: Path | None = None, **overrides: str
+) -> Path:
+    """A complete bundle folder, laid out as the build writes it, around `wheel`.
+
+    With `tools_archive`, that file is carried as tools/gpustack-tools.tar.gz and named in
+    bundle.env; check-tools-archive.py is in every bundle, as install.sh is.
+    """
+    if tools_archive is not None:
+        overrides.setdefault("TOOLS_ARCHIVE", TOOLS_ARCHIVE)
     env = bundle_env(**overrides)
     bundle = where / "bundle"
     wheels = bundle / "wheels"
@@ -177,8 +211,11 @@ def make_bundle(where: Path, wheel: Path, **overrides: str) -> Path:
     )
     (bundle / "bundle.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
     (bundle / "manifest.json").write_text(json.dumps({"cell": env["BUNDLE_CELL"]}) + "\n")
-    for name in ("install.sh", "preflight.sh"):
+    for name in ("install.sh", "preflight.sh", CHECKER):
         shutil.copy2(SCRIPTS / name, bundle / name)
+    if tools_archive is not None:
+        (bundle / "tools").mkdir()
+        shutil.copy2(tools_archive, bundle / TOOLS_ARCHIVE)
     for name in ("README.md", "README.zh-CN.md"):
         (bundle / name).write_text(render_readme(SCRIPTS / name, env), encoding="utf-8")
     write_sha256sums(bundle)
@@ -308,6 +345,16 @@ def test_install_ps1_uses_the_same_pip_flags_as_install_sh() -> None:
     for flag in ("--no-index", "--find-links", "--require-hashes", "--only-binary=:all:",
                  "--no-deps", "--disable-update-check"):  # fmt: skip
         assert flag in ps1, flag
+
+
+def test_install_ps1_checks_and_loads_the_tools_archive_as_install_sh_does() -> None:
+    ps1 = (SCRIPTS / "install.ps1").read_text()
+    sh = (SCRIPTS / "install.sh").read_text()
+    for needle in ("TOOLS_ARCHIVE", "check-tools-archive.py", "download-tools", "--load-archive",
+                   "versions.json", "re-copy the bundle from the source media",
+                   "GPUSTACK_TOOLS_DOWNLOAD_BASE_URL", "find_spec"):  # fmt: skip
+        assert needle in ps1, needle
+        assert needle in sh, needle
 
 
 # ---------------------------------------------------------------------------------------------
@@ -649,3 +696,472 @@ def test_install_usage(tmp_path: Path, gpustack_wheel: Path) -> None:
     bad = run_script(bundle, "install.sh", "--frobnicate")
     assert bad.returncode == 2
     assert bad.stderr.startswith("install.sh: error: unknown argument: --frobnicate")
+
+
+# ---------------------------------------------------------------------------------------------
+# The tools archive: check-tools-archive.py alone, then install.sh loading it
+
+LLAMA_BOX_DIR = "llama-box-v0.0.171-linux-amd64"
+TOOL_VERSIONS = {LLAMA_BOX_DIR: "v0.0.171", "gguf-parser": "v0.22.1", "fastfetch": "2.25.0.1"}
+
+
+def tools_folder(where: Path) -> Path:
+    """A tools folder laid out as GPUStack 0.7.1 leaves it, with stand-in binaries."""
+    root = where / "bin"
+    box = root / "llama-box" / LLAMA_BOX_DIR
+    box.mkdir(parents=True)
+    (box / "llama-box").write_text("#!/bin/sh\necho llama-box\n")
+    (box / "llama-box").chmod(0o775)  # group-writable, as a build host with umask 002 leaves it
+    (box / "libllama.so").write_bytes(b"\x7fELF stand-in\n")
+    os.link(box / "libllama.so", box / "libllama.so.1")  # the archive stores it as a hard link
+    (box / "llama-box-rpc-server").symlink_to("llama-box")
+    (root / "llama-box" / "llama-box-default").symlink_to(LLAMA_BOX_DIR)
+    for tool in ("gguf-parser", "fastfetch"):
+        (root / tool).mkdir()
+        (root / tool / tool).write_text(f"#!/bin/sh\necho {tool}\n")
+        (root / tool / tool).chmod(0o755)
+    (root / "versions.json").write_text(json.dumps(TOOL_VERSIONS, indent=4))
+    return root
+
+
+def save_tools_archive(folder: Path, dest: Path) -> Path:
+    """As upstream's ToolsManager.save_archive: shutil.make_archive(..., "gztar", folder).
+
+    Owned by `nobody` inside the archive, as a build user's files would be.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    base = dest.parent / dest.name.removesuffix(".tar.gz")
+    return Path(shutil.make_archive(str(base), "gztar", folder, owner="nobody", group="nogroup"))
+
+
+@pytest.fixture
+def good_tools_archive(tmp_path: Path) -> Path:
+    return save_tools_archive(tools_folder(tmp_path / "tools-src"), tmp_path / "good.tar.gz")
+
+
+Member = tuple[tarfile.TarInfo, bytes]
+
+
+def entry(
+    name: str,
+    kind: bytes = tarfile.REGTYPE,
+    link: str = "",
+    data: bytes = b"x\n",
+    mode: int = 0o644,
+) -> Member:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mode = kind, link, mode
+    info.size = len(data) if kind == tarfile.REGTYPE else 0
+    if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        info.devmajor, info.devminor = 1, 3  # /dev/null's numbers
+    return info, data if kind == tarfile.REGTYPE else b""
+
+
+GOOD_ENTRIES = [
+    entry(".", tarfile.DIRTYPE, mode=0o755),
+    entry("./versions.json", data=json.dumps(TOOL_VERSIONS).encode()),
+    entry("./gguf-parser", tarfile.DIRTYPE, mode=0o755),
+    entry("./gguf-parser/gguf-parser", mode=0o755),
+    entry("./fastfetch", tarfile.DIRTYPE, mode=0o755),
+    entry("./fastfetch/fastfetch", mode=0o755),
+]
+
+
+def write_archive(path: Path, members: list[Member], gzip: bool = True) -> Path:
+    """The good entries, then `members`, as a tar.gz (or a plain tar with gzip=False)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz" if gzip else "w", format=tarfile.PAX_FORMAT) as tf:
+        for info, data in [*GOOD_ENTRIES, *members]:
+            tf.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    return path
+
+
+def check_archive(archive: Path, *, python: str = sys.executable) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [python, str(SCRIPTS / CHECKER), str(archive)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+
+
+# Where the stand-in's tools folder sits below the prefix: releases/<name>/lib/pythonX.Y/
+# site-packages/gpustack/third_party/bin, nine levels below the test's tmp_path.
+UP_TO_TMP = "../" * 9
+
+
+@dataclass(frozen=True)
+class Hostile:
+    """A hostile archive: its extra members and the entry names the refusal must give."""
+
+    members: list[Member]
+    names: list[str]
+    why: str
+
+
+def hostile_archives(outside: Path) -> dict[str, Hostile]:
+    """Each way an archive can reach outside the tools folder; `outside` is a folder to protect."""
+    secret = str(outside / "secret.txt")
+    return {
+        "absolute-path": Hostile(
+            [entry(str(outside / "abs.txt"))], [str(outside / "abs.txt")], "absolute name"
+        ),
+        "dotdot": Hostile(
+            [entry(UP_TO_TMP + "outside/dotdot.txt")], [UP_TO_TMP + "outside/dotdot.txt"],
+            "'..' in the name",
+        ),
+        "symlink-absolute": Hostile(
+            [entry("./fastfetch/out", tarfile.SYMTYPE, str(outside)),
+             entry("./fastfetch/out/pwned.txt")],
+            ["./fastfetch/out", "./fastfetch/out/pwned.txt"], "absolute symlink target",
+        ),
+        "symlink-dotdot": Hostile(
+            [entry("./up", tarfile.SYMTYPE, UP_TO_TMP + "outside"), entry("./up/pwned.txt")],
+            ["./up", "./up/pwned.txt"], "outside the tools folder",
+        ),
+        "symlink-chain": Hostile(  # "here/.." looks like ".", but here -> . makes it ".."
+            [entry("./here", tarfile.SYMTYPE, "."),
+             entry("./there", tarfile.SYMTYPE, "here/../" + UP_TO_TMP[3:] + "outside"),
+             entry("./there/pwned.txt")],
+            ["./there", "./there/pwned.txt"], "outside the tools folder",
+        ),
+        "hardlink-absolute": Hostile(
+            [entry("./fastfetch/secret", tarfile.LNKTYPE, secret)], ["./fastfetch/secret"],
+            "absolute hard link target",
+        ),
+        "hardlink-dotdot": Hostile(
+            [entry("./fastfetch/secret", tarfile.LNKTYPE, UP_TO_TMP + "outside/secret.txt")],
+            ["./fastfetch/secret"], "outside the tools folder",
+        ),
+        "hardlink-to-a-later-file": Hostile(
+            [entry("./early", tarfile.LNKTYPE, "late"), entry("./late")],
+            ["./early"], "not a file earlier in the archive",
+        ),
+        "char-device": Hostile(
+            [entry("./fastfetch/null", tarfile.CHRTYPE)], ["./fastfetch/null"], "character device"
+        ),
+        "block-device": Hostile(
+            [entry("./fastfetch/disk", tarfile.BLKTYPE)], ["./fastfetch/disk"], "block device"
+        ),
+        "fifo": Hostile(
+            [entry("./fastfetch/pipe", tarfile.FIFOTYPE)], ["./fastfetch/pipe"], "FIFO"
+        ),
+    }  # fmt: skip
+
+
+HOSTILE = sorted(hostile_archives(Path("/x")))
+
+
+def test_checker_passes_an_archive_written_like_upstreams(good_tools_archive: Path) -> None:
+    proc = check_archive(good_tools_archive)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert proc.stdout.endswith("entries, all safe to unpack\n")
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_checker_refuses_each_hostile_entry_by_name(tmp_path: Path, case: str) -> None:
+    hostile = hostile_archives(tmp_path / "outside")[case]
+    archive = write_archive(tmp_path / "t.tar.gz", hostile.members)
+
+    proc = check_archive(archive)
+
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    lines = proc.stderr.splitlines()
+    assert [line.split(": ")[1] for line in lines] == hostile.names
+    assert all(line.startswith("check-tools-archive.py: ") for line in lines)
+    assert hostile.why in lines[0]
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("members", "why"),
+    [
+        ([entry("./a", tarfile.SYMTYPE, "b"), entry("./b", tarfile.SYMTYPE, "a")],
+         "too many levels of symlinks"),
+        ([entry("./fastfetch/fastfetch")], "appears more than once"),
+        ([entry("./setuid", mode=0o4755)], "set-user-ID or set-group-ID"),
+        ([entry("./a", tarfile.SYMTYPE, "b"), entry("./b", tarfile.SYMTYPE, "/etc")],
+         "through b: absolute symlink target"),
+        ([entry("..\\..\\evil.exe")], "backslash"),
+        ([entry("C:evil.exe")], "Windows drive"),
+        ([entry("./d", tarfile.DIRTYPE), entry("./d/x", tarfile.LNKTYPE, "fastfetch/../x")],
+         "outside the tools folder"),
+        ([entry("./volume", b"V")], "unsupported entry type"),
+        ([entry(".", tarfile.SYMTYPE, "fastfetch")], "the tools folder itself"),
+    ],
+    ids=["symlink-loop", "duplicate", "setuid", "symlink-through-escaping-symlink", "backslash",
+         "drive", "hardlink-dotdot-inside", "unknown-type", "root-replaced"],
+)  # fmt: skip
+def test_checker_refuses_other_unsafe_entries(
+    tmp_path: Path, members: list[Member], why: str
+) -> None:
+    proc = check_archive(write_archive(tmp_path / "t.tar.gz", members))
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert why in proc.stderr
+
+
+def test_checker_accepts_links_that_stay_inside(tmp_path: Path) -> None:
+    members = [
+        entry("./llama-box/v1", tarfile.DIRTYPE),
+        entry("./llama-box/v1/llama-box", mode=0o755),
+        entry("./llama-box/v1/rpc", tarfile.SYMTYPE, "llama-box"),
+        entry("./llama-box/default", tarfile.SYMTYPE, "v1"),
+        entry("./llama-box/versions", tarfile.SYMTYPE, "../versions.json"),
+        entry("./llama-box/dangling", tarfile.SYMTYPE, "not-there-yet"),
+        entry("./llama-box/v1/copy", tarfile.LNKTYPE, "llama-box/v1/llama-box"),
+    ]
+    proc = check_archive(write_archive(tmp_path / "t.tar.gz", members))
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("how", ["plain-tar", "garbage", "truncated", "empty", "missing"])
+def test_checker_refuses_a_file_that_is_not_a_readable_gzip_tar(
+    tmp_path: Path, good_tools_archive: Path, how: str
+) -> None:
+    archive = tmp_path / "t.tar.gz"
+    if how == "plain-tar":
+        write_archive(archive, [], gzip=False)
+    elif how == "garbage":
+        archive.write_text("not an archive\n")
+    elif how == "truncated":
+        archive.write_bytes(good_tools_archive.read_bytes()[:-40])
+    elif how == "empty":
+        archive.write_bytes(b"")
+
+    proc = check_archive(archive)
+
+    assert proc.returncode == 3
+    assert proc.stderr.startswith(f"check-tools-archive.py: {archive}: not a readable gzip tar (")
+    assert proc.stderr.count("\n") == 1
+
+
+def test_checker_names_every_offending_entry_on_its_own_line(tmp_path: Path) -> None:
+    members = [entry("/abs"), entry("./ok"), entry("./pipe", tarfile.FIFOTYPE),
+               entry("./new\nline", tarfile.CHRTYPE)]  # fmt: skip
+    proc = check_archive(write_archive(tmp_path / "t.tar.gz", members))
+    assert proc.returncode == 3
+    assert proc.stderr.splitlines() == [
+        "check-tools-archive.py: /abs: absolute name",
+        "check-tools-archive.py: ./pipe: FIFO (named pipe)",
+        "check-tools-archive.py: './new\\nline': character device",
+    ]
+
+
+def test_checker_usage() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / CHECKER)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2
+    assert "usage: check-tools-archive.py" in proc.stderr
+
+
+def other_pythons() -> list[str]:
+    """Interpreters of other versions that run here: on PATH, or installed by pyenv."""
+    found = [shutil.which(f"python3.{minor}") for minor in range(8, 14)]
+    found += sorted(str(p) for p in Path.home().glob(".pyenv/versions/3.*/bin/python3"))
+    runs = {}
+    for python in filter(None, found):
+        probe = subprocess.run(
+            [python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        version = probe.stdout.strip()
+        if probe.returncode == 0 and version != HOST_PY and int(version.split(".")[1]) >= 8:
+            runs.setdefault(version, python)
+    return sorted(runs.values())
+
+
+def test_checker_runs_on_every_python_the_target_may_have(tmp_path: Path) -> None:
+    """Stdlib only and 3.8 syntax: the target's interpreter runs it, not ours."""
+    pythons = other_pythons()
+    if not pythons:
+        pytest.skip("no Python of another version here")
+    good = write_archive(tmp_path / "good.tar.gz", [])
+    bad = write_archive(tmp_path / "bad.tar.gz", [entry("./p", tarfile.FIFOTYPE)])
+    for python in pythons:
+        assert check_archive(good, python=python).returncode == 0, python
+        assert check_archive(bad, python=python).returncode == 3, python
+
+
+# install.sh with a tools archive
+
+
+def tools_dir(prefix: Path, bundle: Path) -> Path:
+    site = prefix / "releases" / release_name(bundle) / "lib" / f"python{HOST_PY}" / "site-packages"
+    return site / "gpustack" / "third_party" / "bin"
+
+
+def error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    """The `install.sh: error:` line (the EXIT trap may print after it)."""
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("install.sh: error:")]
+    return line
+
+
+@dataclass(frozen=True)
+class Site:
+    """A prefix with a release that loaded a good tools archive, next to a folder to protect.
+
+    Shared by the tests that must leave it as it is, which saves a venv and a pip install each.
+    """
+
+    root: Path
+    prefix: Path
+    outside: Path
+    bundle: Path
+    proc: subprocess.CompletedProcess[str]
+
+    def state(self) -> tuple[dict[str, str], dict[str, str], list[str]]:
+        return snapshot(self.prefix), snapshot(self.outside), sorted(os.listdir(self.root))
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory, gpustack_wheel: Path) -> Site:
+    root = tmp_path_factory.mktemp("site")
+    archive = save_tools_archive(tools_folder(root / "tools-src"), root / "good.tar.gz")
+    bundle = make_bundle(root / "old", gpustack_wheel, tools_archive=archive)
+    outside = root / "outside"
+    outside.mkdir()
+    (outside / "secret.txt").write_text("do not touch\n")
+    # A host that sets a download base URL: download-tools would refuse --load-archive with it.
+    proc = install(
+        bundle, root / "prefix", extra_env={"GPUSTACK_TOOLS_DOWNLOAD_BASE_URL": "http://x"}
+    )
+    return Site(root, root / "prefix", outside, bundle, proc)
+
+
+def test_install_loads_the_tools_archive_with_its_links(site: Site) -> None:
+    proc, bundle = site.proc, site.bundle
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_installed(site.prefix, bundle)
+    tools = tools_dir(site.prefix, bundle)
+    assert snapshot(tools) == snapshot(site.root / "tools-src" / "bin")
+    box = tools / "llama-box"
+    assert os.readlink(box / "llama-box-default") == LLAMA_BOX_DIR
+    assert os.readlink(box / LLAMA_BOX_DIR / "llama-box-rpc-server") == "llama-box"
+    lib = box / LLAMA_BOX_DIR / "libllama.so"
+    assert lib.stat().st_ino == (box / LLAMA_BOX_DIR / "libllama.so.1").stat().st_ino
+    mode = stat.S_IMODE((box / "llama-box-default" / "llama-box").stat().st_mode)
+    assert mode == 0o755  # executable, and no longer group-writable
+    if os.geteuid() == 0:  # tarfile gave them to `nobody`; install.sh gives them back to root
+        assert {p.lstat().st_uid for p in [tools, *tools.rglob("*")]} == {0}
+    assert f"check-tools-archive.py: {bundle / TOOLS_ARCHIVE}: " in proc.stdout
+    assert f"tools loaded into {tools}" in proc.stdout
+    assert re.search(rf"^  {LLAMA_BOX_DIR} +v0\.0\.171$", proc.stdout, re.M)
+    assert f"were loaded from {TOOLS_ARCHIVE}" in proc.stdout
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_install_refuses_a_hostile_tools_archive_and_switches_nothing(
+    tmp_path: Path, gpustack_wheel: Path, site: Site, case: str
+) -> None:
+    before = site.state()
+    hostile = hostile_archives(site.outside)[case]
+    archive = write_archive(tmp_path / "hostile.tar.gz", hostile.members)
+    new = make_bundle(tmp_path, gpustack_wheel, tools_archive=archive, TARGET_EXTRAS="audio")
+
+    proc = install(new, site.prefix)
+
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    for name in hostile.names:
+        assert f"check-tools-archive.py: {name}: " in proc.stderr
+    error = error_line(proc)
+    assert error.startswith(
+        f"install.sh: error: the tools archive {new / TOOLS_ARCHIVE} is not safe"
+    )
+    assert "re-copy the bundle from the source media" in error
+    assert "install.sh: removed the partial release" in proc.stderr
+    assert site.state() == before
+    assert_installed(site.prefix, site.bundle)
+
+
+def test_install_refuses_a_tools_archive_that_is_not_gzip(
+    tmp_path: Path, gpustack_wheel: Path, site: Site
+) -> None:
+    before = site.state()
+    archive = write_archive(tmp_path / "plain.tar.gz", [], gzip=False)
+    bundle = make_bundle(tmp_path, gpustack_wheel, tools_archive=archive, TARGET_EXTRAS="audio")
+
+    proc = install(bundle, site.prefix)
+
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    expected = f"check-tools-archive.py: {bundle / TOOLS_ARCHIVE}: not a readable gzip tar ("
+    assert expected in proc.stderr
+    assert "re-copy the bundle from the source media" in error_line(proc)
+    assert site.state() == before
+    assert_installed(site.prefix, site.bundle)
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        # A file where the archive then needs a folder: tarfile fails half-way through.
+        ([*GOOD_ENTRIES, entry("./fastfetch/fastfetch/x")], "download-tools --load-archive"),
+        (GOOD_ENTRIES[2:4], "has no versions.json"),
+    ],
+    ids=["unpack-fails", "no-versions-json"],
+)
+def test_a_tools_archive_that_does_not_load_switches_nothing(
+    tmp_path: Path, gpustack_wheel: Path, site: Site, members: list[Member], message: str
+) -> None:
+    before = site.state()
+    archive = tmp_path / "t.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for info, data in members:
+            tf.addfile(info, io.BytesIO(data) if info.isreg() else None)
+    bad = make_bundle(tmp_path, gpustack_wheel, tools_archive=archive, TARGET_EXTRAS="all")
+
+    proc = install(bad, site.prefix)
+
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert message in error_line(proc)
+    assert error_line(proc).endswith("nothing was switched")
+    assert site.state() == before
+    assert_installed(site.prefix, site.bundle)
+
+
+def test_install_without_tools_archive_key_loads_nothing(
+    tmp_path: Path, gpustack_wheel: Path
+) -> None:
+    bundle = make_bundle(tmp_path, gpustack_wheel)
+    env_file = bundle / "bundle.env"
+    env_file.write_text(re.sub(r"^TOOLS_ARCHIVE=.*\n", "", env_file.read_text(), flags=re.M))
+    write_sha256sums(bundle)  # an older bundle: no TOOLS_ARCHIVE line at all
+    prefix = tmp_path / "prefix"
+
+    # A value in the caller's environment must not stand in for the bundle's.
+    proc = install(bundle, prefix, extra_env={"TOOLS_ARCHIVE": "/etc/passwd"})
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_installed(prefix, bundle)
+    assert "this bundle has no tools archive" in proc.stdout
+    assert "check-tools-archive.py" in proc.stdout  # the next steps say how to check one
+    assert not tools_dir(prefix, bundle).exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "remove", "message"),
+    [
+        ("tools/gpustack-tools.tar.gz", TOOLS_ARCHIVE, "not in"),
+        ("tools/gpustack-tools.tar.gz", CHECKER, "check-tools-archive.py not found"),
+        ("/etc/passwd", None, "not a path inside the bundle"),
+        ("tools/../../x.tar.gz", None, "not a path inside the bundle"),
+    ],
+    ids=["archive-missing", "checker-missing", "absolute", "dotdot"],
+)
+def test_install_refuses_a_tools_archive_it_cannot_check_before_changing_anything(
+    tmp_path: Path, gpustack_wheel: Path, good_tools_archive: Path, value: str,
+    remove: str | None, message: str,
+) -> None:  # fmt: skip
+    bundle = make_bundle(tmp_path, gpustack_wheel, tools_archive=good_tools_archive,
+                         TOOLS_ARCHIVE=value)  # fmt: skip
+    if remove:
+        (bundle / remove).unlink()
+        write_sha256sums(bundle)  # consistent, yet without the file
+    prefix = tmp_path / "prefix"
+
+    proc = install(bundle, prefix)
+
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert message in proc.stderr.splitlines()[-1]
+    assert "re-copy the whole bundle from the source media" in proc.stderr.splitlines()[-1]
+    assert not prefix.exists()

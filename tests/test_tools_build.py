@@ -13,12 +13,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from release_mirror import ReleaseMirror
+from release_mirror import ReleaseMirror, write_fixture_locks
 
 from gpustack_offline import tools
 from gpustack_offline.errors import IntegrityError, ToolsError
 from gpustack_offline.fetch import BlobStore
-from gpustack_offline.fsutil import sha256_file
 from gpustack_offline.locks import load_overrides
 from gpustack_offline.options import resolve
 
@@ -58,17 +57,6 @@ CASES = {
 }
 
 
-def write_fixture_locks(mirror_root: Path, locks_dir: Path, versions=("0.6.2", "0.7.1")) -> Path:
-    """What `bundles/tools/` holds for upstream, for the fixture assets instead."""
-    for version in versions:
-        lock = tools.ToolsLock(tools.lock_path(locks_dir, version), frozen=False)
-        for file in sorted(p for p in mirror_root.rglob("*") if p.is_file()):
-            path = str(file.relative_to(mirror_root))
-            lock.record(tools.Asset(path, sha256_file(file), file.stat().st_size))
-        lock.save(version)
-    return locks_dir
-
-
 @pytest.fixture(scope="module")
 def setting(root, release_mirror, tmp_path_factory):
     opts = resolve(root)
@@ -99,9 +87,7 @@ def read(archive: Path, name: str) -> bytes:
 
 
 @pytest.mark.parametrize("cell_id", list(CASES))
-def test_the_archive_is_what_the_targets_worker_looks_for(
-    matrix, setting, release_mirror, cell_id
-):
+def test_the_archive_is_what_the_targets_worker_looks_for(matrix, setting, release_mirror, cell_id):
     cell = matrix.cell(cell_id)
     folder, asset = CASES[cell_id]
     archive = build(cell, setting, release_mirror.base_url)
