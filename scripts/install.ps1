@@ -9,8 +9,14 @@ anything on the system changes. The install goes into a new release directory
 works, so a failed run leaves the site as it was and a good run can be rolled back by pointing
 the junction at the previous release again.
 
-Exit codes: 0 installed (or already installed), 2 usage error, 3 damaged bundle,
-4 preflight failed, 5 install step failed (nothing switched), 6 could not switch current.
+When bundle.env names a tools archive (TOOLS_ARCHIVE, the tar.gz of 'gpustack download-tools
+--save-archive'), it is loaded into the new release before the junction moves, after
+check-tools-archive.py has found every entry safe to unpack: upstream's --load-archive unpacks
+with no filter.
+
+Exit codes: 0 installed (or already installed), 2 usage error, 3 damaged bundle or a tools
+archive refused by check-tools-archive.py, 4 preflight failed, 5 install step failed (pip,
+'gpustack version' or loading the tools; nothing switched), 6 could not switch current.
 
 .PARAMETER Prefix
 Install prefix (default C:\gpustack).
@@ -78,7 +84,8 @@ if ($Help) {
     Write-Host @"
 Usage: install.ps1 [-Prefix DIR] [-Python PATH] [-SkipPreflight] [-Help]
 
-Installs GPUStack from this bundle into DIR\releases\<release>, then points the DIR\current
+Installs GPUStack from this bundle into DIR\releases\<release>, loads the bundle's tools
+archive (llama-box, gguf-parser, fastfetch) into it if it has one, then points the DIR\current
 junction at it.
 
   -Prefix DIR      install prefix (default: C:\gpustack)
@@ -86,8 +93,8 @@ junction at it.
   -SkipPreflight   do not check the host before installing
   -Help            show this help
 
-Exit codes: 0 installed, 2 usage error, 3 damaged bundle, 4 preflight failed,
-5 install failed (nothing switched), 6 could not switch the current junction.
+Exit codes: 0 installed, 2 usage error, 3 damaged bundle or unsafe tools archive,
+4 preflight failed, 5 install failed (nothing switched), 6 could not switch the current junction.
 "@
     exit 0
 }
@@ -153,7 +160,25 @@ function Read-BundleEnv {
             Fail 3 "bundle.env has no $key; re-copy the whole bundle from the source media"
         }
     }
+    if (-not $values.ContainsKey('TOOLS_ARCHIVE')) { $values['TOOLS_ARCHIVE'] = '' }   # optional
+    Test-ToolsFiles $values['TOOLS_ARCHIVE']
     return $values
+}
+
+# The tools archive and its checker must be in the bundle before anything changes; what is
+# inside the archive is checked once the release's Python exists (Import-Tools).
+function Test-ToolsFiles([string]$Archive) {
+    if (-not $Archive) { return }
+    $slashed = '/' + ($Archive -replace '\\', '/') + '/'
+    if ($slashed -like '//*' -or $slashed -like '*/../*' -or $Archive -match '^[A-Za-z]:') {
+        Fail 3 "bundle.env has TOOLS_ARCHIVE=$Archive, not a path inside the bundle; re-copy the whole bundle from the source media"
+    }
+    if (-not (Test-Path -LiteralPath (Join-Path $Bundle ($Archive -replace '/', '\')) -PathType Leaf)) {
+        Fail 3 "the tools archive $Archive named in bundle.env is not in $Bundle; re-copy the whole bundle from the source media"
+    }
+    if (-not (Test-Path -LiteralPath (Join-Path $Bundle 'check-tools-archive.py') -PathType Leaf)) {
+        Fail 3 "check-tools-archive.py not found in $Bundle; re-copy the whole bundle from the source media"
+    }
 }
 
 # The interpreter as an executable plus leading arguments: the py launcher picks a version by flag.
@@ -253,6 +278,76 @@ function Test-Host {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Tools: the bundle's tools archive, loaded into the new release before it is marked complete,
+# so a failure here removes the release and leaves the junction where it was. (On Windows
+# tarfile sets no owners, so there is nothing to hand back as install.sh does as root.)
+
+# Exit code for the failure Install-Release reports: 3 when the archive is refused, else 5.
+$FailCode = 5
+
+function Import-Tools {
+    $relative = $Cell.TOOLS_ARCHIVE
+    if (-not $relative) {
+        Say 'this bundle has no tools archive (TOOLS_ARCHIVE in bundle.env); not loading tools'
+        return
+    }
+    $archive = Join-Path $Bundle ($relative -replace '/', '\')
+    $venvPython = Join-Path $Rel 'Scripts\python.exe'
+
+    Say "checking the tools archive $relative"
+    # -I: the bundle folder and PYTHON* variables must not change which modules the check imports.
+    $check = Invoke-Native $venvPython @('-I', (Join-Path $Bundle 'check-tools-archive.py'), $archive)
+    if ($check.Code -eq 3) {
+        $script:FailCode = 3
+        throw "the tools archive $archive is not safe to unpack (entries listed above); nothing was switched; re-copy the bundle from the source media, or rebuild the bundle if the copy there is the same"
+    }
+    if ($check.Code -ne 0) {
+        throw "check-tools-archive.py could not check $archive (exit $($check.Code), see above); nothing was switched"
+    }
+
+    Say "loading the tools from $relative"
+    # GPUSTACK_* variables of the host would change what download-tools does (a download base URL
+    # even makes it refuse --load-archive), so they are cleared for this one command.
+    $names = 'GPUSTACK_TOOLS_DOWNLOAD_BASE_URL', 'GPUSTACK_SAVE_ARCHIVE', 'GPUSTACK_LOAD_ARCHIVE',
+        'GPUSTACK_SYSTEM', 'GPUSTACK_ARCH', 'GPUSTACK_DEVICE'
+    $saved = @{}
+    foreach ($name in $names) {
+        $saved[$name] = [Environment]::GetEnvironmentVariable($name, 'Process')
+        [Environment]::SetEnvironmentVariable($name, $null, 'Process')
+    }
+    try {
+        $load = Invoke-Native (Join-Path $Rel 'Scripts\gpustack.exe') @('download-tools', '--load-archive', $archive)
+    } finally {
+        foreach ($name in $names) { [Environment]::SetEnvironmentVariable($name, $saved[$name], 'Process') }
+    }
+    if ($load.Code -ne 0) {
+        throw "'$Rel\Scripts\gpustack.exe download-tools --load-archive $archive' failed (see above); nothing was switched"
+    }
+
+    # The installed package's tools folder; find_spec locates it without running its __init__.
+    # Single quotes only: Windows PowerShell mangles double quotes inside native arguments.
+    $probe = 'import importlib.util, os; print(os.path.join(list(importlib.util.find_spec(''gpustack'').submodule_search_locations)[0], ''third_party'', ''bin''))'
+    $where = Invoke-Native $venvPython @('-I', '-c', $probe) -Capture
+    if ($where.Code -ne 0) {
+        throw "cannot find the gpustack package in $Rel; nothing was switched"
+    }
+    $dir = $where.Output.Trim()
+    $versionsFile = Join-Path $dir 'versions.json'
+    if (-not (Test-Path -LiteralPath $versionsFile -PathType Leaf)) {
+        throw "the tools archive $relative has no versions.json; $dir is not a GPUStack tools folder; nothing was switched"
+    }
+    try {
+        $versions = [System.IO.File]::ReadAllText($versionsFile) | ConvertFrom-Json
+        if ($versions -isnot [System.Management.Automation.PSCustomObject]) { throw 'not a JSON object' }
+        $entries = @($versions.PSObject.Properties | Sort-Object Name)
+    } catch {
+        throw "$versionsFile is not readable ($($_.Exception.Message)); nothing was switched"
+    }
+    Say "tools loaded into $dir (from versions.json):"
+    foreach ($e in $entries) { Write-Host ('  {0,-40} {1}' -f $e.Name, $e.Value) }
+}
+
+# ---------------------------------------------------------------------------------------------
 # Install into a new release directory; remove it again unless it reached .complete.
 
 function Install-Release {
@@ -294,6 +389,7 @@ function Install-Release {
         if ((Invoke-Native (Join-Path $Rel 'Scripts\gpustack.exe') @('version')).Code -ne 0) {
             throw "the installed '$Rel\Scripts\gpustack.exe version' failed (see above); nothing was switched"
         }
+        Import-Tools
         New-Item -ItemType File -Path (Join-Path $Rel '.complete') | Out-Null
     } catch {
         $problem = $_.Exception.Message
@@ -304,7 +400,7 @@ function Install-Release {
             [Console]::Error.WriteLine("${Prog}: removed the partial release $Rel")
         }
     }
-    if ($problem) { Fail 5 $problem }
+    if ($problem) { Fail $script:FailCode $problem }
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -355,9 +451,18 @@ $Rel = Join-Path (Join-Path $Prefix 'releases') $RelName
 Install-Release
 Switch-Current
 
-# tools archive: loaded here (issue 3)
-
 $exe = Join-Path $Prefix 'current\Scripts\gpustack.exe'
+if ($Cell.TOOLS_ARCHIVE) {
+    $toolsStep = "  1. The tools (llama-box, gguf-parser, fastfetch) were loaded from $($Cell.TOOLS_ARCHIVE)."
+} else {
+    $toolsStep = @"
+  1. This bundle has no tools archive, so gpustack tries to download llama-box, gguf-parser and
+     fastfetch when it starts. Check, then load, an archive of 'gpustack download-tools
+     --save-archive' made for this host:
+       & '$Rel\Scripts\python.exe' -I '$Bundle\check-tools-archive.py' FILE.tar.gz
+       & '$Rel\Scripts\gpustack.exe' download-tools --load-archive FILE.tar.gz
+"@
+}
 Write-Host @"
 
 GPUStack $($Cell.GPUSTACK_VERSION) is installed ($($Cell.BUNDLE_CELL)).
@@ -365,8 +470,7 @@ GPUStack $($Cell.GPUSTACK_VERSION) is installed ($($Cell.BUNDLE_CELL)).
   release:         $Rel
 
 Next steps:
-  1. Load the tools archive for this host (llama-box, gguf-parser, fastfetch). That is a later
-     step of this bundle; until it is done, gpustack tries to download the tools at start.
+$toolsStep
   2. Start GPUStack without reaching the network for update checks:
        & '$exe' start --disable-update-check
 "@

@@ -6,8 +6,14 @@
 # `current` link moves only after the new release works, so a failed run leaves the site as it
 # was and a good run can be rolled back by re-pointing `current`.
 #
-# Exit status: 0 installed (or already installed), 2 usage error, 3 damaged bundle,
-# 4 preflight failed, 5 install step failed (nothing switched), 6 could not switch `current`.
+# When bundle.env names a tools archive (TOOLS_ARCHIVE, the tar.gz of `gpustack download-tools
+# --save-archive`), it is loaded into the new release before `current` moves, after
+# check-tools-archive.py has found every entry safe to unpack: upstream's --load-archive unpacks
+# with no filter, as root.
+#
+# Exit status: 0 installed (or already installed), 2 usage error, 3 damaged bundle or a tools
+# archive refused by check-tools-archive.py, 4 preflight failed, 5 install step failed (pip,
+# `gpustack version` or loading the tools; nothing switched), 6 could not switch `current`.
 set -euo pipefail
 
 PROG=install.sh
@@ -16,7 +22,8 @@ usage() {
   cat <<EOF
 Usage: $PROG [--prefix DIR] [--python PATH] [--skip-preflight] [--help]
 
-Installs GPUStack from this bundle into DIR/releases/<release>, then points DIR/current at it.
+Installs GPUStack from this bundle into DIR/releases/<release>, loads the bundle's tools
+archive (llama-box, gguf-parser, fastfetch) into it if it has one, then points DIR/current at it.
 
   --prefix DIR       install prefix (default: /opt/gpustack)
   --python PATH      Python interpreter for the virtual environment
@@ -24,8 +31,8 @@ Installs GPUStack from this bundle into DIR/releases/<release>, then points DIR/
   --skip-preflight   do not run preflight.sh before installing
   --help             show this help
 
-Exit status: 0 installed, 2 usage error, 3 damaged bundle, 4 preflight failed,
-5 install failed (nothing switched), 6 could not switch the current link.
+Exit status: 0 installed, 2 usage error, 3 damaged bundle or unsafe tools archive,
+4 preflight failed, 5 install failed (nothing switched), 6 could not switch the current link.
 EOF
 }
 
@@ -125,11 +132,27 @@ verify_bundle() {
 load_bundle_env() {
   local key
   [[ -f bundle.env ]] || die 3 "bundle.env not found in $BUNDLE; re-copy the whole bundle from the source media"
+  # Optional key: a value from the caller's environment must not stand in for a missing one.
+  TOOLS_ARCHIVE=""
   # shellcheck source=/dev/null
   . ./bundle.env
   for key in BUNDLE_CELL GPUSTACK_VERSION TARGET_PYTHON REQUIREMENT; do
     [[ -n ${!key:-} ]] || die 3 "bundle.env has no $key; re-copy the whole bundle from the source media"
   done
+  check_tools_files
+}
+
+# The tools archive and its checker must be in the bundle before anything changes; what is
+# inside the archive is checked once the release's Python exists (load_tools).
+check_tools_files() {
+  [[ -n $TOOLS_ARCHIVE ]] || return 0
+  case /$TOOLS_ARCHIVE/ in
+    //* | */../*) die 3 "bundle.env has TOOLS_ARCHIVE=$TOOLS_ARCHIVE, not a path inside the bundle; re-copy the whole bundle from the source media" ;;
+  esac
+  [[ -f $TOOLS_ARCHIVE ]] ||
+    die 3 "the tools archive $TOOLS_ARCHIVE named in bundle.env is not in $BUNDLE; re-copy the whole bundle from the source media"
+  [[ -f check-tools-archive.py ]] ||
+    die 3 "check-tools-archive.py not found in $BUNDLE; re-copy the whole bundle from the source media"
 }
 
 default_python() {
@@ -199,9 +222,75 @@ install_release() {
   "$REL/bin/gpustack" version ||
     die 5 "the installed '$REL/bin/gpustack version' failed (see above); nothing was switched"
 
+  load_tools
+
   touch -- "$REL/.complete"
   PARTIAL=""
   trap - EXIT INT TERM
+}
+
+# ---------------------------------------------------------------------------------------------
+# Step 4b: the tools archive, loaded into the new release before it is marked complete, so a
+# failure here removes the release and leaves `current` where it was.
+
+# The installed package's tools folder, where upstream's ToolsManager keeps llama-box & co.
+# find_spec locates the package without running its __init__.
+tools_dir() {
+  "$REL/bin/python" -I -c 'import importlib.util, os, sys
+spec = importlib.util.find_spec("gpustack")
+if spec is None or not spec.submodule_search_locations:
+    sys.exit("gpustack is not installed as a package")
+print(os.path.join(list(spec.submodule_search_locations)[0], "third_party", "bin"))'
+}
+
+# Print versions.json (tool or folder -> version), one per line; fails unless it is an object.
+print_tool_versions() {
+  "$REL/bin/python" -I -c 'import json, sys
+with open(sys.argv[1], encoding="utf-8") as f:
+    versions = json.load(f)
+if not isinstance(versions, dict):
+    sys.exit(sys.argv[1] + " is not a JSON object")
+for name, version in sorted(versions.items()):
+    print("  %-40s %s" % (name, version))' "$1"
+}
+
+load_tools() {
+  local archive=$BUNDLE/$TOOLS_ARCHIVE dir rc=0
+  if [[ -z $TOOLS_ARCHIVE ]]; then
+    say "this bundle has no tools archive (TOOLS_ARCHIVE in bundle.env); not loading tools"
+    return
+  fi
+
+  say "checking the tools archive $TOOLS_ARCHIVE"
+  # -I: the bundle folder and PYTHON* variables must not change which modules the check imports.
+  "$REL/bin/python" -I "$BUNDLE/check-tools-archive.py" "$archive" || rc=$?
+  case $rc in
+    0) ;;
+    3) die 3 "the tools archive $archive is not safe to unpack (entries listed above); nothing was switched; re-copy the bundle from the source media, or rebuild the bundle if the copy there is the same" ;;
+    *) die 5 "check-tools-archive.py could not check $archive (exit $rc, see above); nothing was switched" ;;
+  esac
+
+  say "loading the tools from $TOOLS_ARCHIVE"
+  # GPUSTACK_* variables of the host would change what download-tools does (a download base URL
+  # even makes it refuse --load-archive), so they are cleared for this one command.
+  env -u GPUSTACK_TOOLS_DOWNLOAD_BASE_URL -u GPUSTACK_SAVE_ARCHIVE -u GPUSTACK_LOAD_ARCHIVE \
+    -u GPUSTACK_SYSTEM -u GPUSTACK_ARCH -u GPUSTACK_DEVICE \
+    "$REL/bin/gpustack" download-tools --load-archive "$archive" ||
+    die 5 "'$REL/bin/gpustack download-tools --load-archive $archive' failed (see above); nothing was switched"
+
+  dir=$(tools_dir) || die 5 "cannot find the gpustack package in $REL (see above); nothing was switched"
+  [[ -f $dir/versions.json ]] ||
+    die 5 "the tools archive $TOOLS_ARCHIVE has no versions.json; $dir is not a GPUStack tools folder; nothing was switched"
+  # The archive's owners and group-write bits come from the build host; the tools are run by
+  # the GPUStack service, so they must be no more writable than the rest of the release.
+  if ((EUID == 0)); then
+    chown -R -h 0:0 -- "$dir" || die 5 "cannot give $dir to root; nothing was switched"
+  fi
+  chmod -R go-w -- "$dir" || die 5 "cannot remove group and other write access in $dir; nothing was switched"
+
+  say "tools loaded into $dir (from versions.json):"
+  print_tool_versions "$dir/versions.json" ||
+    die 5 "$dir/versions.json is not readable (see above); nothing was switched"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -246,8 +335,19 @@ GPUStack $GPUSTACK_VERSION is installed ($BUNDLE_CELL).
   release:         $REL
 
 Next steps:
-  1. Load the tools archive for this host (llama-box, gguf-parser, fastfetch). That is a later
-     step of this bundle; until it is done, gpustack tries to download the tools at start.
+EOF
+  if [[ -n $TOOLS_ARCHIVE ]]; then
+    printf '  1. The tools (llama-box, gguf-parser, fastfetch) were loaded from %s.\n' "$TOOLS_ARCHIVE"
+  else
+    cat <<EOF
+  1. This bundle has no tools archive, so gpustack tries to download llama-box, gguf-parser and
+     fastfetch when it starts. Check, then load, an archive of 'gpustack download-tools
+     --save-archive' made for this host:
+       $REL/bin/python -I $BUNDLE/check-tools-archive.py FILE.tar.gz &&
+         $REL/bin/gpustack download-tools --load-archive FILE.tar.gz
+EOF
+  fi
+  cat <<EOF
   2. Start GPUStack without reaching the network for update checks:
        $PREFIX/bin/gpustack start --disable-update-check
 EOF
@@ -272,9 +372,6 @@ main() {
   REL=$PREFIX/releases/$REL_NAME
   install_release
   switch_current
-
-  # tools archive: loaded here (issue 3)
-
   print_next_steps
 }
 

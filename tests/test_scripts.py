@@ -752,8 +752,8 @@ def entry(
     info = tarfile.TarInfo(name)
     info.type, info.linkname, info.mode = kind, link, mode
     info.size = len(data) if kind == tarfile.REGTYPE else 0
-    if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
-        info.devmajor, info.devminor = 1, 3  # /dev/null's numbers
+    if kind == tarfile.CHRTYPE:
+        info.devmajor, info.devminor = 1, 3  # /dev/null: harmless, should a check ever let it by
     return info, data if kind == tarfile.REGTYPE else b""
 
 
@@ -783,8 +783,8 @@ def check_archive(archive: Path, *, python: str = sys.executable) -> subprocess.
     )  # fmt: skip
 
 
-# Where the stand-in's tools folder sits below the prefix: releases/<name>/lib/pythonX.Y/
-# site-packages/gpustack/third_party/bin, nine levels below the test's tmp_path.
+# From the stand-in's tools folder, PREFIX/releases/<name>/lib/pythonX.Y/site-packages/gpustack/
+# third_party/bin, nine levels up is the folder that holds PREFIX (and `outside`).
 UP_TO_TMP = "../" * 9
 
 
@@ -880,16 +880,23 @@ def test_checker_refuses_each_hostile_entry_by_name(tmp_path: Path, case: str) -
         ([entry("./fastfetch/fastfetch")], "appears more than once"),
         ([entry("./setuid", mode=0o4755)], "set-user-ID or set-group-ID"),
         ([entry("./a", tarfile.SYMTYPE, "b"), entry("./b", tarfile.SYMTYPE, "/etc")],
-         "through b: absolute symlink target"),
+         "symlink to b: absolute symlink target (through b)"),
         ([entry("..\\..\\evil.exe")], "backslash"),
         ([entry("C:evil.exe")], "Windows drive"),
         ([entry("./d", tarfile.DIRTYPE), entry("./d/x", tarfile.LNKTYPE, "fastfetch/../x")],
          "outside the tools folder"),
         ([entry("./volume", b"V")], "unsupported entry type"),
         ([entry(".", tarfile.SYMTYPE, "fastfetch")], "the tools folder itself"),
+        ([entry("./link", tarfile.SYMTYPE, "fastfetch"), entry("./LINK/x")],
+         "unpacks through LINK, a symlink"),
+        ([entry("./Versions.json")], "differs from versions.json only in letter case"),
+        # On Windows "Here" is the symlink "here" -> ".", so "Here/.." is the parent of the root.
+        ([entry("./here", tarfile.SYMTYPE, "."), entry("./there", tarfile.SYMTYPE, "Here/..")],
+         "symlink to Here/..: leads outside the tools folder (through Here)"),
     ],
     ids=["symlink-loop", "duplicate", "setuid", "symlink-through-escaping-symlink", "backslash",
-         "drive", "hardlink-dotdot-inside", "unknown-type", "root-replaced"],
+         "drive", "hardlink-dotdot-inside", "unknown-type", "root-replaced", "case-parent",
+         "case-duplicate", "case-symlink-chain"],
 )  # fmt: skip
 def test_checker_refuses_other_unsafe_entries(
     tmp_path: Path, members: list[Member], why: str
