@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from . import bundle, containers, verify
+from . import bundle, containers, egress, verify
 from .errors import BundleError
 from .locks import inputs_for, load_overrides, make_lock
 from .matrix import AXES, Cell, Matrix
@@ -141,10 +141,15 @@ def verify_cell(ctx: Context, cell: Cell) -> verify.Report:
         ctx.opts.verify_timeout,
         ctx.opts.debian_mirror,
         report_path=ctx.dist / f"{cell.id}.verify.json",
+        allowlist=egress.load_allowlist(ctx.opts.path("egress_allowlist", ctx.root), cell.id),
     )
+    upstream = report.upstream or {}
     console.print(
-        f"[green]{cell.id}: verified[/green] — installed offline, `gpustack start` answered "
-        f"/healthz after {report.seconds_to_healthz}s"
+        f"[green]{cell.id}: verified[/green] — installed offline; the configured start answered "
+        f"/healthz after {report.seconds_to_healthz}s, its worker after "
+        f"{report.seconds_to_worker}s, reaching for {(report.egress or {}).get('hosts_attempted')}"
+        f" outside hosts (upstream's plain start: {upstream.get('seconds_to_healthz')}s, "
+        f"{upstream.get('seconds_to_worker')}s, {upstream.get('hosts_attempted')} hosts)"
     )
     return report
 

@@ -30,6 +30,7 @@ import os
 import shutil
 import tempfile
 import time
+import tomllib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -333,6 +334,26 @@ def unexpected(report: EgressReport, allowlist: Sequence[str]) -> list[HostActiv
         for host, activity in report.hosts.items()
         if not any(fnmatch.fnmatchcase(host, p) for p in patterns)
     ]
+
+
+def load_allowlist(path: Path, cell_id: str) -> list[str]:
+    """The hosts `[[allow]]` entries of `path` grant the cell (by glob on its id); [] if none."""
+    if not path.is_file():
+        return []
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise EgressError(f"{path}: not valid TOML: {exc}") from exc
+    hosts: list[str] = []
+    for i, entry in enumerate(data.get("allow", []), start=1):
+        if set(entry) != {"select", "hosts", "reason"}:
+            raise EgressError(
+                f"{path}: [[allow]] #{i} must have exactly select, hosts and reason; "
+                f"it has {sorted(entry)}"
+            )
+        if any(fnmatch.fnmatchcase(cell_id, s) for s in entry["select"]):
+            hosts.extend(entry["hosts"])
+    return hosts
 
 
 def write_report(report: EgressReport, path: Path) -> None:

@@ -41,6 +41,7 @@ class Options:
     # mirror must answer upstream's paths, /gpustack/<repo>/releases/download/<version>/<asset>.
     tools_base_url: str = ""
     tools_locks_dir: str = "bundles/tools"
+    egress_allowlist: str = "bundles/egress.toml"
     jobs: int = 4
     frozen: bool = False
     verify_timeout: int = 900

@@ -9,29 +9,60 @@ answer `/healthz` within a bound. A bundle that merely installs is not verified.
 from __future__ import annotations
 
 import json
+import platform
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .containers import BUILDER_PYTHON, base_image, container, exec_in, internal_network
+from . import egress
+from .containers import BUILDER_PYTHON, base_image, exec_in, internal_network
 from .errors import BundleError, VerifyError
 from .fsutil import write_text
 from .matrix import Cell
 
 PREFIX = "/opt/gpustack"
+HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), "amd64")
 PORT = 8080
-# Docker's --internal network drops forwarding out of the bridge (a default route still shows);
-# its embedded DNS answers no outside name. A name that resolves means the isolation is broken.
-NO_OUTSIDE_NAMES = (
+# Docker's --internal network drops forwarding out of the bridge (a default route still shows).
+# The sinkhole answers every name with its own address, so isolation is checked on addresses:
+# pypi.org must resolve to the sinkhole only, and a public address must not answer.
+ISOLATION = (
     "import socket, sys\n"
+    "names = {a[4][0] for a in socket.getaddrinfo('pypi.org', 443, socket.AF_INET)}\n"
+    "if names != {sys.argv[1]}:\n"
+    "    sys.exit(f'pypi.org resolves to {names}, not only to the sinkhole {sys.argv[1]}')\n"
     "try:\n"
-    "    socket.getaddrinfo('pypi.org', 443)\n"
+    "    socket.create_connection(('1.1.1.1', 443), timeout=3).close()\n"
     "except OSError:\n"
     "    sys.exit(0)\n"
-    "sys.exit('pypi.org resolves inside the container: it is not isolated')\n"
+    "sys.exit('1.1.1.1:443 answered: the container is not isolated')\n"
 )
+AUDIT_LOG = "/tmp/egress-audit.jsonl"
+# The documented start, and the one install.sh configures for an air-gapped site.
+UPSTREAM_START = f"exec {PREFIX}/bin/gpustack start"
+SITE_START = (
+    f"set -a; . {PREFIX}/gpustack.env; set +a; "
+    f"exec {PREFIX}/bin/gpustack start --config-file {PREFIX}/gpustack.yaml"
+)
+# What an operator does first: log in to the UI as admin, which asks /update/ and the catalog.
+UI_VISIT = """
+import http.cookiejar, sys, urllib.parse, urllib.request
+base, password = sys.argv[1], open(sys.argv[2]).read().strip()
+opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+form = urllib.parse.urlencode({"username": "admin", "password": password}).encode()
+for path, data in (("/auth/login", form), ("/", None), ("/update/", None),
+                   ("/v1/model-sets?page=1&perPage=10", None)):
+    try:
+        print(path, opener.open(base + path, data=data, timeout=30).status)
+    except Exception as exc:
+        print(path, "failed:", exc)
+"""
+# Seconds the audited start keeps running after its worker is up: the first minutes' background
+# tasks (update check, catalog, worker status reports) get their turn.
+SETTLE = 30
 WORKER_PORT = 10150
 HEALTH_PROBE = (
     "import sys, urllib.request\n"
@@ -106,6 +137,11 @@ class Report:
     seconds_to_healthz: float | None = None
     seconds_to_worker: float | None = None
     note: str = ""
+    # upstream's plain `gpustack start` on the same install: seconds and hosts attempted
+    upstream: dict[str, Any] | None = None
+    # the configured start (and the install): hosts attempted, the allowlist, what broke it
+    egress: dict[str, Any] | None = None
+    egress_details: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 def unverifiable_reason(cell: Cell) -> str | None:
@@ -122,26 +158,50 @@ def unverifiable_reason(cell: Cell) -> str | None:
     return None
 
 
+def _audit_hook() -> Path:
+    return Path(str(resources.files("gpustack_offline") / "audit_hook"))
+
+
 def _fake_nvidia_smi() -> Path:
     return Path(str(resources.files("gpustack_offline") / "fakes" / "nvidia-smi"))
 
 
 def verify(
-    cell: Cell, bundle_dir: Path, cache: Path, timeout: int, mirror: str, report_path: Path
+    cell: Cell,
+    bundle_dir: Path,
+    cache: Path,
+    timeout: int,
+    mirror: str,
+    report_path: Path,
+    allowlist: Sequence[str] = (),
 ) -> Report:
-    """Verify one bundle folder; write the report beside it; raise VerifyError if it failed."""
+    """Verify one bundle folder; write the report (and the egress audit) beside it; raise
+    VerifyError if it failed."""
     report = Report(cell=cell.id)
     try:
-        return _verify(cell, bundle_dir, cache, timeout, mirror, report)
+        return _verify(cell, bundle_dir, cache, timeout, mirror, report, allowlist)
     except BundleError as exc:
         report.note = str(exc)
         raise
     finally:
         write_report(report, report_path)
+        if report.egress_details:
+            details = {k: json.loads(v.to_json()) for k, v in report.egress_details.items()}
+            write_text(egress_path(report_path), json.dumps(details, indent=2) + "\n")
+
+
+def egress_path(report_path: Path) -> Path:
+    return report_path.with_name(report_path.name.replace(".verify.json", ".egress.json"))
 
 
 def _verify(
-    cell: Cell, bundle_dir: Path, cache: Path, timeout: int, mirror: str, report: Report
+    cell: Cell,
+    bundle_dir: Path,
+    cache: Path,
+    timeout: int,
+    mirror: str,
+    report: Report,
+    allowlist: Sequence[str],
 ) -> Report:
     reason = unverifiable_reason(cell)
     if reason:
@@ -149,20 +209,22 @@ def _verify(
     if not (bundle_dir / "manifest.json").is_file():
         raise VerifyError(f"{bundle_dir} is not a bundle (no manifest.json); build it first")
     image = base_image(cell.arch, cache, mirror)
-    mounts = {bundle_dir.resolve(): "/bundle"}
+    mounts = {bundle_dir.resolve(): "/bundle", _audit_hook(): "/opt/egress-audit"}
     env = {}
     if cell.cuda:
         # No GPU here: a stand-in nvidia-smi reports a driver of exactly the cell's floor.
         mounts[_fake_nvidia_smi()] = "/usr/local/bin/nvidia-smi"
         env["FAKE_NVIDIA_CUDA"] = cell.cuda
-    with container(
+    with egress.audited_container(
         image,
         network=internal_network(),
+        sinkhole_image=base_image(HOST_ARCH, cache, mirror),
         mounts=mounts,
         read_only=list(mounts.values()),
         env=env,
         name_hint=f"verify-{cell.arch}",
-    ) as box:
+    ) as audit:
+        box = audit.box
 
         def step(name: str, argv: list[str]) -> Step:
             started = time.monotonic()
@@ -173,31 +235,113 @@ def _verify(
                 raise VerifyError(_failure(cell, result))
             return result
 
-        step("isolation", ["python3", "-c", NO_OUTSIDE_NAMES])
+        step("isolation", ["python3", "-c", ISOLATION, audit.sinkhole.address])
+        mark = len(egress.read_events(audit.sinkhole))
         step("sums", ["sh", "-c", "cd /bundle && sha256sum -c --quiet --strict SHA256SUMS"])
         step("preflight", ["/bundle/preflight.sh", "--json", "--prefix", PREFIX])
         step("install", ["/bundle/install.sh", "--prefix", PREFIX])
         step("cli", [f"{PREFIX}/bin/gpustack", "version"])
-        start = (
-            f"nohup {PREFIX}/bin/gpustack start --debug --port {PORT} "
-            "--data-dir /var/lib/gpustack > /tmp/gpustack.log 2>&1 & echo $! > /tmp/gpustack.pid"
-        )
-        step("start", ["sh", "-c", start])
-        started = time.monotonic()
-        report.seconds_to_healthz = wait_healthy(box, cell, report, "healthz", PORT, timeout)
-        report.seconds_to_worker = wait_healthy(
-            box, cell, report, "worker", WORKER_PORT, timeout - (time.monotonic() - started)
-        )
-        if (bundle_dir / "bundle.env").read_text().find("TOOLS_ARCHIVE=tools/") >= 0:
-            _, log = exec_in(box, ["cat", "/tmp/gpustack.log"])
-            report.steps.append(offline_tools_step(cell, log))
+        installing = egress.read_events(audit.sinkhole)[mark:]
+
+        # upstream's plain recipe on the same install: measured and audited, never judged
+        upstream = start_audited(audit, cell, report, "upstream", UPSTREAM_START, env, timeout)
+        report.upstream = upstream.summary()
+        stop_gpustack(box)
+
+        site = start_audited(audit, cell, report, "site", SITE_START, env, timeout)
+        report.seconds_to_healthz = site.seconds_to_healthz
+        report.seconds_to_worker = site.seconds_to_worker
+        if "TOOLS_ARCHIVE=tools/" in (bundle_dir / "bundle.env").read_text():
+            report.steps.append(offline_tools_step(cell, site.log))
             step("tools", [f"{PREFIX}/current/bin/python", "-c", TOOLS_EXEC, cell.device])
+        judged = egress.summarize([*installing, *site.events])
+        report.egress = egress_summary(judged)
+        report.egress_details = {"install+site": judged, "upstream": upstream.egress}
+        report.steps.append(egress_step(cell, judged, site, allowlist))
     report.ok = True
     return report
 
 
+@dataclass
+class AuditedRun:
+    """One `gpustack start` in the verification container, and what it reached for."""
+
+    name: str
+    seconds_to_healthz: float
+    seconds_to_worker: float
+    events: list[dict[str, Any]]
+    calls: list[dict[str, Any]]  # the audit hook's records: process and code per outside name
+    log: str
+
+    @property
+    def egress(self) -> egress.EgressReport:
+        return egress.summarize(self.events)
+
+    def summary(self) -> dict[str, Any]:
+        hosts = [h for h in self.egress.hosts.values() if h.host]
+        return {
+            "seconds_to_healthz": self.seconds_to_healthz,
+            "seconds_to_worker": self.seconds_to_worker,
+            "hosts_attempted": len(hosts),
+            "hosts": [h.host for h in hosts],
+        }
+
+
+def start_audited(
+    audit: egress.Audit,
+    cell: Cell,
+    report: Report,
+    name: str,
+    command: str,
+    env: dict[str, str],
+    timeout: int,
+) -> AuditedRun:
+    """Start GPUStack with `command`, wait for server and worker, visit the UI as admin, let the
+    first background tasks run, and collect every outside attempt made meanwhile."""
+    box = audit.box
+    data_dir, log, calls = f"/var/lib/gpustack-{name}", f"/tmp/gpustack-{name}.log", AUDIT_LOG
+    mark = len(egress.read_events(audit.sinkhole))
+    full = f"{command} --debug --port {PORT} --data-dir {data_dir}"
+    launch = 'setsid sh -c "$1" >"$2" 2>&1 & echo $! > /tmp/gpustack.pid'
+    run_env = {**env, "PYTHONPATH": "/opt/egress-audit", "GPUSTACK_EGRESS_AUDIT_LOG": calls}
+    exec_in(box, ["rm", "-f", calls])
+    code, out = exec_in(box, ["sh", "-c", launch, "sh", full, log], env=run_env)
+    report.steps.append(Step(f"start-{name}", code, 0.0, full))
+    if code != 0:
+        raise VerifyError(_failure(cell, report.steps[-1]))
+    started = time.monotonic()
+    healthz = wait_healthy(box, cell, report, f"healthz-{name}", PORT, timeout, log)
+    left = timeout - (time.monotonic() - started)
+    worker = wait_healthy(box, cell, report, f"worker-{name}", WORKER_PORT, left, log)
+    password = f"{data_dir}/initial_admin_password"
+    _, visited = exec_in(box, ["python3", "-c", UI_VISIT, f"http://127.0.0.1:{PORT}", password])
+    report.steps.append(Step(f"ui-{name}", 0, 0.0, visited))
+    time.sleep(SETTLE)
+    events = egress.collect(audit.sinkhole)[mark:]
+    _, hook = exec_in(box, ["sh", "-c", f"cat {calls} 2>/dev/null || true"])
+    _, text = exec_in(box, ["cat", log])
+    records = [json.loads(line) for line in hook.splitlines() if line.startswith("{")]
+    return AuditedRun(name, healthz, worker, events, records, text)
+
+
+def stop_gpustack(box: Any) -> None:
+    """Stop the server and its worker processes (one process group), then wait for the ports."""
+    script = (
+        'pg=$(cat /tmp/gpustack.pid); kill -TERM -- "-$pg" 2>/dev/null; '
+        'for _ in $(seq 60); do kill -0 -- "-$pg" 2>/dev/null || exit 0; sleep 1; done; '
+        'kill -KILL -- "-$pg"; sleep 2'
+    )
+    exec_in(box, ["sh", "-c", script])
+
+
 def wait_healthy(
-    box: Any, cell: Cell, report: Report, name: str, port: int, timeout: float
+    box: Any,
+    cell: Cell,
+    report: Report,
+    name: str,
+    port: int,
+    timeout: float,
+    log: str = "/tmp/gpustack.log",
 ) -> float:
     """Poll /healthz on `port` inside the container; the seconds it took, or VerifyError."""
     started = time.monotonic()
@@ -209,16 +353,41 @@ def wait_healthy(
             return waited
         alive, _ = exec_in(box, ["sh", "-c", 'kill -0 "$(cat /tmp/gpustack.pid)"'])
         if alive != 0 or waited > timeout:
-            _, log = exec_in(box, ["sh", "-c", "tail -n 60 /tmp/gpustack.log"])
-            why = (
-                "exited"
-                if alive != 0
-                else f"did not answer /healthz on {port} within {timeout:.0f}s"
-            )
-            result = Step(name, 1, waited, log)
+            _, tail = exec_in(box, ["tail", "-n", "60", log])
+            why = "exited" if alive != 0 else f"did not answer /healthz on {port} in {timeout:.0f}s"
+            result = Step(name, 1, waited, tail)
             report.steps.append(result)
             raise VerifyError(_failure(cell, result, f"gpustack start {why}"))
         time.sleep(3)
+
+
+def egress_summary(judged: egress.EgressReport) -> dict[str, Any]:
+    hosts = [h for h in judged.hosts.values() if h.host]
+    return {"hosts_attempted": len(hosts), "hosts": [h.host for h in hosts]}
+
+
+def egress_step(
+    cell: Cell, judged: egress.EgressReport, run: AuditedRun, allowlist: Sequence[str]
+) -> Step:
+    """Fail the cell on any outside host not allowed for it, naming host, process and log."""
+    bad = egress.unexpected(judged, allowlist)
+    if not bad:
+        allowed = sorted(h.host for h in judged.hosts.values())
+        return Step("egress", 0, 0.0, f"outside hosts attempted: {allowed or 'none'}")
+    lines = run.log.splitlines()
+    text = []
+    for host in bad:
+        callers = {f"{c['process']} (pid {c['pid']}) at {c['where']}" for c in run.calls
+                   if c["host"] == host.host}  # fmt: skip
+        mention = next((line for line in lines if host.host in line), "no log line names it")
+        text.append(
+            f"{host.host}: {dict(host.kinds)} x{host.count}, first at {host.first}; "
+            f"process: {', '.join(sorted(callers)) or 'not a Python call (see the sinkhole)'}; "
+            f"log: {mention.strip()}"
+        )
+    step = Step("egress", 1, 0.0, "\n".join(text))
+    names = ", ".join(h.host for h in bad)
+    raise VerifyError(_failure(cell, step, f"the configured first start tried to reach {names}"))
 
 
 def offline_tools_step(cell: Cell, log: str) -> Step:
@@ -247,4 +416,6 @@ def _failure(cell: Cell, step: Step, summary: str = "") -> str:
 
 
 def write_report(report: Report, path: Path) -> None:
-    write_text(path, json.dumps(asdict(report), indent=2) + "\n")
+    data = asdict(report)
+    data.pop("egress_details")  # written whole to <cell>.egress.json
+    write_text(path, json.dumps(data, indent=2) + "\n")
