@@ -416,6 +416,46 @@ function Get-CurrentJunction {
     return $item
 }
 
+# The air-gapped configuration, as install.sh writes it: written once, a site's edits are kept.
+function Write-SiteConfig([string]$Catalog) {
+    $script:Config = Join-Path $Prefix 'gpustack.yaml'
+    $script:EnvFile = Join-Path $Prefix 'gpustack.env'
+    if (Test-Path -LiteralPath $Config) { Say "kept the existing $Config" } else {
+        $text = @"
+# GPUStack configuration for an air-gapped site, written by install.ps1 ($($Cell.BUNDLE_CELL)).
+# Each setting keeps the first start from reaching for the internet; delete one to turn
+# upstream's behaviour back on.
+
+# --model-catalog-file: the catalog shipped in the installed wheel, instead of probing
+# huggingface.co and modelscope.cn to choose one.
+model_catalog_file: '$Catalog'
+
+# --update-check-url: a closed local port. The check fails at once, and its cached failure also
+# answers the UI's /update/ request, which ignores --disable-update-check.
+update_check_url: http://127.0.0.1:1/
+
+# --tools-download-base-url: a tool found missing fails at once instead of probing github.com
+# and GPUStack's COS mirror. This bundle's tools archive was loaded into the release.
+tools_download_base_url: http://127.0.0.1:1
+"@
+        try { Set-Content -LiteralPath $Config -Value $text -Encoding UTF8 } catch { Fail 6 "could not write ${Config}: $_" }
+        Say "wrote $Config"
+    }
+    if (Test-Path -LiteralPath $EnvFile) { Say "kept the existing $EnvFile" } else {
+        $text = @"
+# Environment for GPUStack on an air-gapped site, written by install.ps1: switches of libraries
+# GPUStack runs that no GPUStack option covers. Delete a line to undo it.
+HF_HUB_OFFLINE=1
+HF_HUB_DISABLE_TELEMETRY=1
+DO_NOT_TRACK=1
+VLLM_NO_USAGE_STATS=1
+RAY_USAGE_STATS_ENABLED=0
+"@
+        try { Set-Content -LiteralPath $EnvFile -Value $text -Encoding UTF8 } catch { Fail 6 "could not write ${EnvFile}: $_" }
+        Say "wrote $EnvFile"
+    }
+}
+
 function Switch-Current {
     $item = Get-CurrentJunction
     $previous = $null
@@ -449,7 +489,13 @@ $null = Get-CurrentJunction   # refuse a non-junction before anything is install
 $RelName = "$($Cell.BUNDLE_CELL)-" + (Get-FileHash -LiteralPath (Join-Path $Bundle 'SHA256SUMS') -Algorithm SHA256).Hash.ToLowerInvariant().Substring(0, 12)
 $Rel = Join-Path (Join-Path $Prefix 'releases') $RelName
 Install-Release
+# The model catalog the installed wheel ships, named through `current` (see install.sh).
+$catalog = Join-Path $Rel 'Lib\site-packages\gpustack\assets\model-catalog.yaml'
+if (-not (Test-Path -LiteralPath $catalog)) {
+    Fail 5 "the installed GPUStack has no model catalog at $catalog; nothing was switched"
+}
 Switch-Current
+Write-SiteConfig (Join-Path $Current 'Lib\site-packages\gpustack\assets\model-catalog.yaml')
 
 $exe = Join-Path $Prefix 'current\Scripts\gpustack.exe'
 if ($Cell.TOOLS_ARCHIVE) {
@@ -471,7 +517,8 @@ GPUStack $($Cell.GPUSTACK_VERSION) is installed ($($Cell.BUNDLE_CELL)).
 
 Next steps:
 $toolsStep
-  2. Start GPUStack without reaching the network for update checks:
-       & '$exe' start --disable-update-check
+  2. Start GPUStack with the air-gapped configuration ($Config, $EnvFile):
+       Get-Content '$EnvFile' | Where-Object { `$_ -match '^[A-Z_]+=' } | ForEach-Object { `$k, `$v = `$_ -split '=', 2; Set-Item "env:`$k" `$v }
+       & '$exe' start --config-file '$Config'
 "@
 exit 0

@@ -325,6 +325,65 @@ switch_current() {
   fi
 }
 
+# Step 6: the air-gapped configuration. GPUStack, started as upstream documents it, reaches at
+# first start for huggingface.co and modelscope.cn (model catalog), update-service.gpustack.ai
+# (update check, also asked by the UI's /update/ whatever --disable-update-check says) and the
+# tools hosts. Written once: a site's own edits are kept on later installs.
+find_catalog() {
+  local package
+  package=$("$REL/bin/python" -I -c \
+    'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("gpustack").origin))') ||
+    die 5 "could not locate the installed gpustack package in $REL; nothing was switched"
+  [[ -f $package/assets/model-catalog.yaml ]] ||
+    die 5 "the installed GPUStack has no assets/model-catalog.yaml in $package; nothing was switched"
+  # Named through `current`, so the setting stays right when the next release is installed.
+  CATALOG=$PREFIX/current/${package#"$REL"/}/assets/model-catalog.yaml
+}
+
+write_site_config() {
+  local catalog=$CATALOG
+  CONFIG=$PREFIX/gpustack.yaml ENV_FILE=$PREFIX/gpustack.env
+  if [[ -e $CONFIG ]]; then
+    say "kept the existing $CONFIG"
+  else
+    cat >"$CONFIG.tmp" <<EOF || die 6 "could not write $CONFIG; check permissions on $PREFIX"
+# GPUStack configuration for an air-gapped site, written by install.sh ($BUNDLE_CELL).
+# Each setting keeps the first start from reaching for the internet; delete one to turn
+# upstream's behaviour back on. Start GPUStack with:
+#   set -a; . $ENV_FILE; set +a; $PREFIX/bin/gpustack start --config-file $CONFIG
+
+# --model-catalog-file: the catalog shipped in the installed wheel, instead of probing
+# huggingface.co and modelscope.cn to choose one.
+model_catalog_file: $catalog
+
+# --update-check-url: a closed local port. The check fails at once, and its cached failure also
+# answers the UI's /update/ request, which ignores --disable-update-check.
+update_check_url: http://127.0.0.1:1/
+
+# --tools-download-base-url: a tool found missing fails at once instead of probing github.com
+# and GPUStack's COS mirror. This bundle's tools archive was loaded into the release.
+tools_download_base_url: http://127.0.0.1:1
+EOF
+    mv -f -- "$CONFIG.tmp" "$CONFIG" || die 6 "could not write $CONFIG"
+    say "wrote $CONFIG"
+  fi
+  if [[ -e $ENV_FILE ]]; then
+    say "kept the existing $ENV_FILE"
+  else
+    cat >"$ENV_FILE.tmp" <<EOF || die 6 "could not write $ENV_FILE; check permissions on $PREFIX"
+# Environment for GPUStack on an air-gapped site, written by install.sh ($BUNDLE_CELL): switches
+# of libraries GPUStack runs that no GPUStack option covers. Delete a line to undo it.
+HF_HUB_OFFLINE=1
+HF_HUB_DISABLE_TELEMETRY=1
+DO_NOT_TRACK=1
+VLLM_NO_USAGE_STATS=1
+RAY_USAGE_STATS_ENABLED=0
+EOF
+    mv -f -- "$ENV_FILE.tmp" "$ENV_FILE" || die 6 "could not write $ENV_FILE"
+    say "wrote $ENV_FILE"
+  fi
+}
+
 # ---------------------------------------------------------------------------------------------
 
 print_next_steps() {
@@ -348,8 +407,8 @@ EOF
 EOF
   fi
   cat <<EOF
-  2. Start GPUStack without reaching the network for update checks:
-       $PREFIX/bin/gpustack start --disable-update-check
+  2. Start GPUStack with the air-gapped configuration ($CONFIG, $ENV_FILE):
+       set -a; . $ENV_FILE; set +a; $PREFIX/bin/gpustack start --config-file $CONFIG
 EOF
 }
 
@@ -371,7 +430,9 @@ main() {
   REL_NAME=$BUNDLE_CELL-$(sha256sum SHA256SUMS | cut -c1-12)
   REL=$PREFIX/releases/$REL_NAME
   install_release
+  find_catalog
   switch_current
+  write_site_config
   print_next_steps
 }
 

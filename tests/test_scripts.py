@@ -68,6 +68,7 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
     wheel = "Wheel-Version: 1.0\\nGenerator: tiny\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n"
     files = {{
         "gpustack/__init__.py": Path("gpustack/__init__.py").read_bytes(),
+        "gpustack/assets/model-catalog.yaml": b"[]\\n",
         f"{{DIST_INFO}}/METADATA": metadata.encode(),
         f"{{DIST_INFO}}/WHEEL": wheel.encode(),
         f"{{DIST_INFO}}/entry_points.txt": b"[console_scripts]\\ngpustack = gpustack:main\\n",
@@ -589,7 +590,7 @@ def test_install_puts_a_release_behind_current(tmp_path: Path, gpustack_wheel: P
     assert_installed(prefix, bundle)
     assert "preflight: passed" in proc.stdout  # preflight ran first
     assert f"gpustack {GPUSTACK_VERSION} (test fixture)" in proc.stdout
-    assert f"{prefix}/bin/gpustack start --disable-update-check" in proc.stdout
+    assert f"{prefix}/bin/gpustack start --config-file {prefix}/gpustack.yaml" in proc.stdout
     assert sorted(p.name for p in (prefix / "releases").iterdir()) == [release_name(bundle)]
     assert not list(prefix.glob(".current.tmp.*"))
 
@@ -606,6 +607,33 @@ def test_install_run_twice_is_idempotent(tmp_path: Path, gpustack_wheel: Path) -
     assert "is already installed; not reinstalling" in again.stdout
     assert snapshot(prefix) == before
     assert_installed(prefix, bundle)
+
+
+def test_install_writes_the_air_gapped_configuration_once(
+    tmp_path: Path, gpustack_wheel: Path
+) -> None:
+    bundle = make_bundle(tmp_path, gpustack_wheel)
+    prefix = tmp_path / "prefix"
+    first = install(bundle, prefix)
+    assert first.returncode == 0, first.stderr
+    config = (prefix / "gpustack.yaml").read_text()
+    settings = dict(
+        line.split(": ", 1) for line in config.splitlines() if line and not line.startswith("#")
+    )
+    assert set(settings) == {"model_catalog_file", "update_check_url", "tools_download_base_url"}
+    catalog = Path(settings["model_catalog_file"])
+    # through `current`, so the file stays right after the next release is installed
+    assert str(catalog).startswith(f"{prefix}/current/") and catalog.read_text() == "[]\n"
+    assert settings["update_check_url"] == "http://127.0.0.1:1/"
+    env = (prefix / "gpustack.env").read_text()
+    assert "HF_HUB_OFFLINE=1" in env and "DO_NOT_TRACK=1" in env
+    assert f"--config-file {prefix}/gpustack.yaml" in first.stdout
+
+    (prefix / "gpustack.yaml").write_text(config + "disable_update_check: true\n")
+    again = install(make_bundle(tmp_path / "next", gpustack_wheel, REQUIREMENT="gpustack"), prefix)
+    assert again.returncode == 0, again.stderr
+    assert "kept the existing" in again.stdout
+    assert (prefix / "gpustack.yaml").read_text().endswith("disable_update_check: true\n")
 
 
 def test_install_redoes_a_release_an_earlier_run_left_incomplete(
