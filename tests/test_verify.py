@@ -1,0 +1,116 @@
+"""The judgements verification makes from what it collected: tools found, egress allowed."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from gpustack_offline import egress, verify
+from gpustack_offline.errors import VerifyError
+
+CELL = "v0.7.1-linux-amd64-cpu-py3.11-base-pip"
+SKIPS = "\n".join(
+    f"01:00:0{i} DEBUG gpustack.worker.tools_manager {t} already exists, skipping download"
+    for i, t in enumerate(("llama-box", "gguf-parser", "fastfetch"))
+)
+
+
+def test_a_worker_that_found_every_tool_passes(matrix) -> None:
+    step = verify.offline_tools_step(matrix.cell(CELL), "INFO starting\n" + SKIPS)
+    assert step.code == 0 and step.output.count("skipping download") == 3
+
+
+def test_a_download_attempt_fails_the_cell_and_quotes_the_log(matrix) -> None:
+    log = SKIPS + "\nINFO Downloading dl-llama-box-linux-amd64-cuda-12.4 'v0.0.171'\nERROR boom"
+    with pytest.raises(VerifyError) as err:
+        verify.offline_tools_step(matrix.cell(CELL), log)
+    message = str(err.value)
+    assert "tried to download tools at start" in message
+    assert "Downloading dl-llama-box-linux-amd64-cuda-12.4" in message
+
+
+def test_a_worker_that_confirmed_too_few_tools_fails(matrix) -> None:
+    with pytest.raises(VerifyError, match="only 2 of 3"):
+        verify.offline_tools_step(matrix.cell(CELL), "\n".join(SKIPS.splitlines()[:2]))
+
+
+def events(*names: str) -> list[dict]:
+    out: list[dict] = [{"kind": "ready", "time": "t0", "monotonic": 0.0, "address": "172.18.0.9"}]
+    for i, name in enumerate(names, start=1):
+        out.append({"kind": "dns", "time": f"t{i}", "monotonic": float(i), "client": "172.18.0.2",
+                    "port": 53, "name": name, "qtype": "A"})  # fmt: skip
+        out.append({"kind": "tls", "time": f"t{i}", "monotonic": i + 0.5, "client": "172.18.0.2",
+                    "port": 443, "sni": name})  # fmt: skip
+    return out
+
+
+def audited_run(*names: str) -> verify.AuditedRun:
+    calls = [
+        {"host": name, "pid": 41, "process": "gpustack", "where": "gpustack/server/catalog.py:141"}
+        for name in names
+    ]
+    log = "INFO serving\nWARNING Failed to access https://huggingface.co: timed out\n"
+    return verify.AuditedRun("site", 20.0, 30.0, events(*names), calls, log)
+
+
+def test_egress_outside_the_allowlist_names_host_process_and_log_line(matrix) -> None:
+    run = audited_run("huggingface.co")
+    with pytest.raises(VerifyError) as err:
+        verify.egress_step(matrix.cell(CELL), egress.summarize(run.events), run, [])
+    message = str(err.value)
+    assert "the configured first start tried to reach huggingface.co" in message
+    assert "gpustack (pid 41) at gpustack/server/catalog.py:141" in message
+    assert "Failed to access https://huggingface.co" in message
+
+
+def test_an_allowed_host_passes_and_is_listed(matrix) -> None:
+    run = audited_run("ntp.site.internal")
+    step = verify.egress_step(
+        matrix.cell(CELL), egress.summarize(run.events), run, ["*.site.internal"]
+    )
+    assert step.code == 0 and "ntp.site.internal" in step.output
+
+
+def test_no_egress_at_all_passes(matrix) -> None:
+    run = audited_run()
+    step = verify.egress_step(matrix.cell(CELL), egress.summarize(run.events), run, [])
+    assert step.code == 0 and "none" in step.output
+    assert run.summary()["hosts_attempted"] == 0
+
+
+def test_the_upstream_summary_counts_hosts(matrix) -> None:
+    run = audited_run("huggingface.co", "update-service.gpustack.ai")
+    summary = run.summary()
+    assert summary["hosts"] == ["huggingface.co", "update-service.gpustack.ai"]
+    assert summary["hosts_attempted"] == 2 and summary["seconds_to_worker"] == 30.0
+
+
+def test_the_report_file_leaves_the_egress_details_to_their_own_file(tmp_path: Path) -> None:
+    report = verify.Report(cell=CELL, ok=True, egress={"hosts_attempted": 0, "hosts": []})
+    report.egress_details = {"site": egress.summarize([])}
+    path = tmp_path / f"{CELL}.verify.json"
+    verify.write_report(report, path)
+    saved = json.loads(path.read_text())
+    assert "egress_details" not in saved and saved["egress"]["hosts_attempted"] == 0
+    assert verify.egress_path(path).name == f"{CELL}.egress.json"
+
+
+def test_the_allowlist_is_data_matched_by_cell(tmp_path: Path) -> None:
+    path = tmp_path / "egress.toml"
+    path.write_text(
+        '[[allow]]\nselect = ["v0.7.1-linux-*"]\nhosts = ["ntp.site.internal"]\n'
+        'reason = "the site clock"\n'
+    )
+    assert egress.load_allowlist(path, CELL) == ["ntp.site.internal"]
+    assert egress.load_allowlist(path, "v0.6.2-linux-amd64-cpu-py3.11-base-pip") == []
+    path.write_text('[[allow]]\nselect = ["*"]\nhosts = ["x"]\n')
+    with pytest.raises(egress.EgressError, match="reason"):
+        egress.load_allowlist(path, CELL)
+
+
+def test_the_projects_allowlist_is_empty(root) -> None:
+    """Empty by default: an air-gapped first start reaches for nothing."""
+    assert tomllib.loads((root / "bundles" / "egress.toml").read_text()).get("allow", []) == []
