@@ -68,6 +68,12 @@ _LOADABLE_LAYERS = frozenset(
 )
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
+# On the OCI twin of a Docker schema 2 manifest: the digest of upstream's manifest.
+UPSTREAM_DIGEST = "gpustack-offline.upstream-manifest-digest"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+DOCKER_GZIP_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+OCI_GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+_OCI_LAYER = {DOCKER_GZIP_LAYER: OCI_GZIP_LAYER}
 
 
 class ImageError(BundleError):
@@ -240,17 +246,17 @@ def refresh_pins(
     changed (a moved tag is a change of its index digest and of its platforms' digests).
 
     Only manifests and configs are fetched. `platforms` defaults to those upstream publishes per
-    device. Tags not named keep their pins."""
+    device. Tags not named keep their pins; so do platforms not named, while their tag still
+    points at the same index (a moved tag's pins are all replaced)."""
     path = pin_path(pins_dir, version)
     old = read_pins(path) if path.is_file() else Pins(path, _series(version)[2], repository, {})
     if Reference.parse(old.repository).name != Reference.parse(repository).name:
         raise ImageError(f"{path} pins {old.repository}, not {repository}")
     tags = dict(old.tags)
+    chosen = None if platforms is None else list(platforms)
     for device in devices:
         ref = image_reference(version, device, repository)
-        wanted = (
-            list(platforms) if platforms is not None else list(image_platforms(version, device))
-        )
+        wanted = chosen if chosen is not None else list(image_platforms(version, device))
         found: dict[str, str] = {}
         index = ""
         for platform in wanted:
@@ -259,6 +265,9 @@ def refresh_pins(
             image = registry.resolve(ref.with_digest(index) if index else ref, platform)
             index = image.index_digest
             found[str(Platform.parse(platform))] = image.manifest.digest
+        previous = tags.get(ref.tag or "")
+        if previous is not None and previous.index == index:
+            found = {**previous.platforms, **found}  # same build: platforms not asked keep theirs
         tags[ref.tag or ""] = TagPin(index, found)
     new = Pins(path, old.version, old.repository, tags)
     changes = _diff(old.tags, new.tags)
@@ -313,6 +322,11 @@ class _HashingReader:
         return data
 
 
+def _export_name(ref: Reference) -> Reference:
+    """The name an image carries in the tar: with its tag, or by digest when it has none."""
+    return ref.without_digest() if ref.tag else ref
+
+
 def _repo_tag(ref: Reference) -> str | None:
     return f"{ref.familiar_name}:{ref.tag}" if ref.tag else None
 
@@ -342,15 +356,47 @@ def _info(name: str, size: int = 0, directory: bool = False) -> tarfile.TarInfo:
     return info
 
 
+def _oci_twin(image: Image, manifest: bytes) -> bytes:
+    """The OCI form of a Docker schema 2 manifest: same config and layer blobs, OCI media types.
+
+    skopeo 1.9 (containers/image 5.23) finds only OCI image manifests by `ref.name` in a layout,
+    so a Docker-typed image gets this twin in `index.json`; its bytes differ from upstream's, so
+    its digest does too (the annotation UPSTREAM_DIGEST names upstream's, whose bytes are in the
+    tar as well). Deterministic: the same manifest always gives the same twin."""
+    data = json.loads(manifest)
+    data["mediaType"] = OCI_MANIFEST
+    data["config"] = {**data["config"], "mediaType": OCI_CONFIG}
+    data["layers"] = [
+        {**layer, "mediaType": _OCI_LAYER.get(layer["mediaType"], layer["mediaType"])}
+        for layer in data["layers"]
+    ]
+    if [d["digest"] for d in data["layers"]] != [d.digest for d in image.layers]:
+        raise ImageError(f"{image.reference}: the stored manifest does not list the image's layers")
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _read_checked(store: BlobStore, desc: Descriptor) -> bytes:
+    data = store.path(desc.hex).read_bytes()
+    if hashlib.sha256(data).hexdigest() != desc.hex:
+        raise IntegrityError(
+            f"cached blob {store.path(desc.hex)} does not match its digest; delete it and pull "
+            "again (the tar was not written)"
+        )
+    return data
+
+
 def export_images(images: Sequence[Image], store: BlobStore, dest: Path) -> list[ExportedImage]:
     """Write one tar that is an OCI layout and a `docker load` archive of all `images`.
 
     Each blob is written once, straight from the store and re-hashed on the way; the same
-    inputs give the same bytes. Returns (reference, manifest digest, platform) per image."""
+    inputs give the same bytes. `index.json` names each image by tag (`ref.name`, what
+    `skopeo copy oci-archive:TAR:TAG` looks for) and full name (`io.containerd.image.name`);
+    `manifest.json` gives `docker load` the same config and layer files. Returns (reference,
+    upstream manifest digest, platform) per image."""
     unique: dict[tuple[str, str], Image] = {}
     for image in images:
         _check_exportable(image)
-        unique.setdefault((str(image.reference.without_digest()), str(image.platform)), image)
+        unique.setdefault((str(_export_name(image.reference)), str(image.platform)), image)
     ordered = [unique[k] for k in sorted(unique)]
     blobs: dict[str, Descriptor] = {}
     for image in ordered:
@@ -364,22 +410,31 @@ def export_images(images: Sequence[Image], store: BlobStore, dest: Path) -> list
                     "image first"
                 )
 
+    generated: dict[str, bytes] = {}  # OCI twins of Docker-typed manifests
     index_entries: list[dict[str, Any]] = []
     docker_manifest: list[dict[str, Any]] = []
     result: list[ExportedImage] = []
     for image in ordered:
-        name = image.reference.without_digest()
+        name = _export_name(image.reference)
         annotations = {CONTAINERD_NAME: str(name)}
         if name.tag:
             annotations[REF_NAME] = name.tag
-        entry = Descriptor(
-            image.manifest.media_type,
-            image.manifest.digest,
-            image.manifest.size,
-            image.platform,
-            tuple(sorted(annotations.items())),
+        entry = image.manifest
+        if entry.media_type == DOCKER_MANIFEST:
+            twin = _oci_twin(image, _read_checked(store, image.manifest))
+            twin_hex = hashlib.sha256(twin).hexdigest()
+            generated[twin_hex] = twin
+            annotations[UPSTREAM_DIGEST] = image.manifest.digest
+            entry = Descriptor(OCI_MANIFEST, f"sha256:{twin_hex}", len(twin))
+        index_entries.append(
+            Descriptor(
+                entry.media_type,
+                entry.digest,
+                entry.size,
+                image.platform,
+                tuple(sorted(annotations.items())),
+            ).to_json()
         )
-        index_entries.append(entry.to_json())
         tag = _repo_tag(name)
         docker_manifest.append(
             {
@@ -402,7 +457,13 @@ def export_images(images: Sequence[Image], store: BlobStore, dest: Path) -> list
             tf.addfile(_info(member, len(data)), io.BytesIO(data))
         tf.addfile(_info("blobs", directory=True))
         tf.addfile(_info("blobs/sha256", directory=True))
-        for hex_digest in sorted(blobs):
+        for hex_digest in sorted(set(blobs) | set(generated)):
+            member = f"blobs/sha256/{hex_digest}"
+            if hex_digest in generated:
+                tf.addfile(
+                    _info(member, len(generated[hex_digest])), io.BytesIO(generated[hex_digest])
+                )
+                continue
             desc = blobs[hex_digest]
             path = store.path(hex_digest)
             with path.open("rb") as fh:
@@ -413,7 +474,7 @@ def export_images(images: Sequence[Image], store: BlobStore, dest: Path) -> list
                         "pull again"
                     )
                 reader = _HashingReader(fh)
-                tf.addfile(_info(f"blobs/sha256/{hex_digest}", desc.size), reader)  # type: ignore[arg-type]
+                tf.addfile(_info(member, desc.size), reader)  # type: ignore[arg-type]
             if reader.digest.hexdigest() != hex_digest:
                 raise IntegrityError(
                     f"cached blob {path} does not match its digest; delete it and pull again "
@@ -433,9 +494,8 @@ def list_export(path: Path) -> list[ExportedImage]:
     for entry in index.get("manifests", []):
         annotations = entry.get("annotations") or {}
         platform = Platform.from_json(entry.get("platform") or {})
+        digest = annotations.get(UPSTREAM_DIGEST) or entry["digest"]
         out.append(
-            ExportedImage(
-                str(annotations.get(CONTAINERD_NAME, "")), str(entry["digest"]), str(platform)
-            )
+            ExportedImage(str(annotations.get(CONTAINERD_NAME, "")), str(digest), str(platform))
         )
     return out

@@ -104,7 +104,8 @@ def from_pyproject(path: Path) -> dict[str, Any]:
 def from_env(env: Mapping[str, str]) -> dict[str, Any]:
     values = {}
     for key, value in env.items():
-        if not key.startswith(ENV_PREFIX):
+        # registry credentials (registry.py) share the prefix but are not options
+        if not key.startswith(ENV_PREFIX) or key.startswith(f"{ENV_PREFIX}REGISTRY_AUTH_"):
             continue
         name = key[len(ENV_PREFIX) :].lower()
         if name not in _FIELDS:

@@ -442,10 +442,12 @@ def parse_challenges(header: str) -> list[Challenge]:
                     pos += 1
                 pos += 1
                 params[word.lower()] = "".join(value)
-            else:
-                value_match = _TOKEN_RE.match(header, pos)
-                params[word.lower()] = value_match.group() if value_match else ""
-                pos = value_match.end() if value_match else pos
+            else:  # a token; servers in the wild also leave URLs unquoted
+                value_end = pos
+                while value_end < end and header[value_end] not in " \t,":
+                    value_end += 1
+                params[word.lower()] = header[pos:value_end]
+                pos = value_end
         else:
             params = {}
             challenges.append(Challenge(word.lower(), params))
@@ -557,7 +559,10 @@ class Registry:
                     "choose a cell for that platform or another tag",
                     [found],
                 )
-        elif not manifest.platform.matches(found):
+        elif (manifest.platform.os, manifest.platform.architecture) != (
+            found.os,
+            found.architecture,
+        ):  # variants are left out: configs often omit them
             raise RegistryError(
                 f"{ref}: the index lists {manifest.digest} as {manifest.platform} but its "
                 f"config says {found}; the image is inconsistent, ask its publisher"
@@ -794,8 +799,10 @@ class Registry:
         where = f"{ref}" if digest is None else f"{ref.name}@{digest}"
         if digest is None:
             with self._request(ep, "HEAD", f"manifests/{ref.target}", accept=_ACCEPT) as resp:
-                self._check(resp, ep, where)
-                said = resp.headers.get("Docker-Content-Digest")
+                if resp.status_code == 404:
+                    self._check(resp, ep, where)
+                # a registry that answers HEAD badly gets the GET below
+                said = resp.headers.get("Docker-Content-Digest") if resp.ok else None
             if said and _DIGEST.fullmatch(said) and self.store.has(said.split(":", 1)[1]):
                 digest = said
         if digest is not None and self.store.has(digest.split(":", 1)[1]):
