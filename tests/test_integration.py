@@ -31,8 +31,9 @@ CELLS = [
     "v0.7.1-linux-amd64-cuda12.8-py3.11-base-pip",
 ]
 VERIFY_STEPS = [
-    "isolation", "sums", "preflight", "install", "cli", "start", "healthz", "worker",
-    "tools-offline", "tools",
+    "isolation", "sums", "preflight", "install", "cli",
+    "start-upstream", "healthz-upstream", "worker-upstream", "ui-upstream", "stop-upstream",
+    "start-site", "healthz-site", "worker-site", "ui-site", "tools-offline", "tools", "egress",
 ]  # fmt: skip
 
 
@@ -84,6 +85,11 @@ def test_bundle_from_pypi_installs_and_starts_offline(ctx, built, cell_id):
     machine = {"amd64": "x86_64", "arm64": "aarch64"}[cell.arch]
     assert f"fastfetch 2.25.0.1 ({machine})" in steps["tools"]
     assert f"linux-{cell.arch}-" in steps["tools"] and "FAIL" not in steps["tools"]
+    # upstream's plain start reached for the catalog and update hosts; the configured one for none
+    assert {"huggingface.co", "update-service.gpustack.ai"} <= set(report.upstream["hosts"])
+    assert report.egress == {"hosts_attempted": 0, "hosts": []}
+    audit = json.loads((ctx.dist / f"{cell_id}.egress.json").read_text())
+    assert "huggingface.co" in [h["host"] for h in audit["upstream"]["hosts"]]
     saved = json.loads((ctx.dist / f"{cell_id}.verify.json").read_text())
     assert saved["ok"] is True and saved["cell"] == cell_id
 

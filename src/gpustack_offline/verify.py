@@ -246,7 +246,7 @@ def _verify(
         # upstream's plain recipe on the same install: measured and audited, never judged
         upstream = start_audited(audit, cell, report, "upstream", UPSTREAM_START, env, timeout)
         report.upstream = upstream.summary()
-        stop_gpustack(box)
+        stop_gpustack(box, cell, report)
 
         site = start_audited(audit, cell, report, "site", SITE_START, env, timeout)
         report.seconds_to_healthz = site.seconds_to_healthz
@@ -315,7 +315,11 @@ def start_audited(
     worker = wait_healthy(box, cell, report, f"worker-{name}", WORKER_PORT, left, log)
     password = f"{data_dir}/initial_admin_password"
     _, visited = exec_in(box, ["python3", "-c", UI_VISIT, f"http://127.0.0.1:{PORT}", password])
-    report.steps.append(Step(f"ui-{name}", 0, 0.0, visited))
+    # a login that works proves this start (with its fresh data dir) is the one answering
+    logged_in = "/auth/login 200" in visited
+    report.steps.append(Step(f"ui-{name}", 0 if logged_in else 1, 0.0, visited))
+    if not logged_in:
+        raise VerifyError(_failure(cell, report.steps[-1], "the admin could not log in"))
     time.sleep(SETTLE)
     events = egress.collect(audit.sinkhole)[mark:]
     _, hook = exec_in(box, ["sh", "-c", f"cat {calls} 2>/dev/null || true"])
@@ -324,14 +328,43 @@ def start_audited(
     return AuditedRun(name, healthz, worker, events, records, text)
 
 
-def stop_gpustack(box: Any) -> None:
-    """Stop the server and its worker processes (one process group), then wait for the ports."""
-    script = (
-        'pg=$(cat /tmp/gpustack.pid); kill -TERM -- "-$pg" 2>/dev/null; '
-        'for _ in $(seq 60); do kill -0 -- "-$pg" 2>/dev/null || exit 0; sleep 1; done; '
-        'kill -KILL -- "-$pg"; sleep 2'
-    )
-    exec_in(box, ["sh", "-c", script])
+# Stops every gpustack process in the container (server, worker, their children): TERM, then
+# KILL, then waits until the ports are free. By command line, as setproctitle renames the worker.
+STOP = """
+import os, signal, socket, sys, time
+def ours():
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if int(pid) != os.getpid() and b"gpustack" in open(f"/proc/{pid}/cmdline", "rb").read():
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+def listening(port):
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 10)):
+    for pid in ours():
+        try:
+            os.kill(pid, sig)
+        except OSError:
+            pass
+    for _ in range(wait):
+        if not ours() and not any(listening(p) for p in map(int, sys.argv[1:])):
+            sys.exit(0)
+        time.sleep(1)
+sys.exit(f"gpustack processes {ours()} or ports {sys.argv[1:]} survive SIGKILL")
+"""
+
+
+def stop_gpustack(box: Any, cell: Cell, report: Report) -> None:
+    """Stop the first start completely, so that the second one is measured on its own."""
+    started = time.monotonic()
+    code, out = exec_in(box, ["python3", "-c", STOP, str(PORT), str(WORKER_PORT)])
+    report.steps.append(Step("stop-upstream", code, round(time.monotonic() - started, 1), out))
+    if code != 0:
+        raise VerifyError(_failure(cell, report.steps[-1]))
 
 
 def wait_healthy(
