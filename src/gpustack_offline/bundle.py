@@ -10,20 +10,24 @@ import json
 import os
 import tarfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import __version__, tools
+from . import images as images_
+from .fetch import BlobStore
 from .fsutil import atomic_dir, atomic_path, link_or_copy, sha256_file
 from .locks import Lock, ensure_lock, inputs_for, load_overrides
 from .matrix import Cell
 from .options import Options
+from .registry import Registry
 from .runner import run
 from .wheels import Wheel, requirements_txt, simple_index, wheelhouse
 
 SCHEMA_VERSION = 1
+IMAGE_ARCHIVE = "images/images.tar"
 README_TEMPLATES = ("README.md", "README.zh-CN.md")
 
 
@@ -47,7 +51,9 @@ def tool_commit(root: Path) -> str:
     return head + ("-dirty" if dirty else "")
 
 
-def bundle_env(cell: Cell, tools_archive: str = "") -> dict[str, str]:
+def bundle_env(
+    cell: Cell, tools_archive: str = "", images: Sequence[images_.ExportedImage] = ()
+) -> dict[str, str]:
     return {
         "BUNDLE_CELL": cell.id,
         "GPUSTACK_VERSION": cell.version,
@@ -61,7 +67,14 @@ def bundle_env(cell: Cell, tools_archive: str = "") -> dict[str, str]:
         "CUDA_FLOOR": cell.cuda or "",
         "REQUIREMENT": cell.requirement,
         "TOOLS_ARCHIVE": tools_archive,
+        "IMAGE_ARCHIVE": IMAGE_ARCHIVE if images else "",
+        "IMAGES": " ".join(_familiar(i.reference) for i in images),
     }
+
+
+def _familiar(reference: str) -> str:
+    """docker.io/gpustack/gpustack:v0.7.1 -> gpustack/gpustack:v0.7.1, as `docker images` shows."""
+    return reference.removeprefix("docker.io/").removeprefix("library/")
 
 
 def render(template: str, values: dict[str, str]) -> str:
@@ -78,12 +91,14 @@ def _scripts(cell: Cell) -> tuple[str, ...]:
 def assemble(
     cell: Cell,
     wheels: Iterable[Wheel],
-    lock: Lock,
+    lock: Lock | None,
     stage: Path,
     root: Path,
     tools_archive: tools.Archive | None = None,
+    images: Sequence[images_.ExportedImage] = (),
 ) -> dict[str, Any]:
-    """Write the bundle's files into `stage`; return the manifest."""
+    """Write the bundle's files into `stage` (an image archive is already there); return the
+    manifest."""
     wheels = list(wheels)
     files: list[dict[str, Any]] = []
 
@@ -104,12 +119,13 @@ def assemble(
     if tools_archive:
         link_or_copy(tools_archive.path, stage / tools.BUNDLE_PATH)
         add(tools.BUNDLE_PATH, "tools", f"gpustack {cell.version} download-tools")
-    env = bundle_env(cell, tools.BUNDLE_PATH if tools_archive else "")
-    texts = {
-        "requirements.txt": requirements_txt(cell, wheels),
-        "bundle.env": "".join(f"{k}={v}\n" for k, v in env.items()),
-        "lock/pylock.toml": lock.path.read_text(),
-    }
+    if images:
+        add(IMAGE_ARCHIVE, "images", "registry pull (see images)")
+    env = bundle_env(cell, tools.BUNDLE_PATH if tools_archive else "", images)
+    texts = {"bundle.env": "".join(f"{k}={v}\n" for k, v in env.items())}
+    if lock is not None:
+        texts["requirements.txt"] = requirements_txt(cell, wheels)
+        texts["lock/pylock.toml"] = lock.path.read_text()
     for rel, text in texts.items():
         (stage / rel).parent.mkdir(parents=True, exist_ok=True)
         (stage / rel).write_text(text)
@@ -128,8 +144,11 @@ def assemble(
         "gpustack_version": cell.version,
         "tool": {"name": "gpustack-offline", "version": __version__, "commit": tool_commit(root)},
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "lock": {"path": str(lock.path.relative_to(root)), "sha256": lock.digest()},
+        "lock": (
+            {"path": str(lock.path.relative_to(root)), "sha256": lock.digest()} if lock else None
+        ),
         "tools": tools_archive.manifest() if tools_archive else None,
+        "images": [i._asdict() for i in images],
         "files": sorted(files, key=lambda f: str(f["path"])),
     }
     (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -155,6 +174,8 @@ def write_tar(directory: Path, final: Path) -> None:
 
 def build(cell: Cell, opts: Options, root: Path) -> Result:
     """Lock (if needed), fetch, build and assemble one cell's bundle."""
+    if cell.method == "docker":
+        return build_docker(cell, opts, root)
     started = time.monotonic()
     cache = opts.path("cache_dir", root)
     overrides = load_overrides(opts.path("overrides", root))
@@ -179,11 +200,35 @@ def build(cell: Cell, opts: Options, root: Path) -> Result:
     with atomic_dir(final_dir) as stage:
         manifest = assemble(cell, wheels, lock, stage, root, archive)
     write_tar(final_dir, dist / f"{cell.id}.tar")
+    return _result(cell, final_dir, manifest, started, lock_state)
+
+
+def build_docker(cell: Cell, opts: Options, root: Path) -> Result:
+    """Pull the cell's pinned image for its platform into the blob store; export it."""
+    started = time.monotonic()
+    cache = opts.path("cache_dir", root)
+    store = BlobStore(cache)
+    registry = Registry(store, mirror=opts.registry_mirror or None, jobs=opts.jobs)
+    pins = images_.read_pins(images_.pin_path(opts.path("images_pins_dir", root), cell.version))
+    pinned = images_.pinned_image(pins, cell.device, f"linux/{cell.arch}")
+    image = images_.pull_pinned(registry, pinned)
+    dist = opts.path("dist_dir", root)
+    final_dir = dist / cell.id
+    with atomic_dir(final_dir) as stage:
+        exported = images_.export_images([image], store, stage / IMAGE_ARCHIVE)
+        manifest = assemble(cell, [], None, stage, root, images=exported)
+    write_tar(final_dir, dist / f"{cell.id}.tar")
+    return _result(cell, final_dir, manifest, started, "pinned")
+
+
+def _result(
+    cell: Cell, final_dir: Path, manifest: dict[str, Any], started: float, lock_state: str
+) -> Result:
     files = manifest["files"]
     return Result(
         cell=cell,
         directory=final_dir,
-        tar=dist / f"{cell.id}.tar",
+        tar=final_dir.with_name(f"{cell.id}.tar"),
         files=len(files) + 2,  # with manifest.json and SHA256SUMS
         bytes=sum(int(f["size"]) for f in files),
         seconds=time.monotonic() - started,

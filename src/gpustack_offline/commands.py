@@ -16,11 +16,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from . import bundle, containers, egress, verify
+from . import bundle, containers, egress, images, verify
 from .errors import BundleError
+from .fetch import BlobStore
 from .locks import inputs_for, load_overrides, make_lock
 from .matrix import AXES, Cell, Matrix
 from .options import Options, resolve
+from .registry import Registry
 
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 log = logging.getLogger("gpustack_offline")
@@ -71,13 +73,30 @@ def matrix_table(ctx: Context, cells: Sequence[Cell], as_json: bool) -> str:
 
 
 def lock(ctx: Context, cells: Sequence[Cell]) -> list[Path]:
+    """Resolve pip cells into their locks; pin docker cells' image tags to today's digests."""
     overrides = load_overrides(ctx.opts.path("overrides", ctx.root))
     paths = []
     for cell in cells:
+        if cell.method == "docker":
+            paths.append(pin(ctx, cell))
+            continue
         console.print(f"locking {cell.id}")
         inputs = inputs_for(cell, overrides, ctx.opts.index_url)
         paths.append(make_lock(cell, inputs, ctx.opts.path("locks_dir", ctx.root), ctx.cache))
     return paths
+
+
+def pin(ctx: Context, cell: Cell) -> Path:
+    """Record what the cell's image tag points at now, for its platform; print what moved."""
+    console.print(f"pinning {cell.id}")
+    pins_dir = ctx.opts.path("images_pins_dir", ctx.root)
+    client = Registry(BlobStore(ctx.cache), mirror=ctx.opts.registry_mirror or None)
+    changes = images.refresh_pins(
+        client, pins_dir, cell.version, [cell.device], [f"linux/{cell.arch}"]
+    )
+    for change in changes:
+        console.print(f"  moved: {change}")
+    return images.pin_path(pins_dir, cell.version)
 
 
 def build(ctx: Context, cells: Sequence[Cell]) -> list[bundle.Result]:

@@ -42,6 +42,9 @@ class Options:
     tools_base_url: str = ""
     tools_locks_dir: str = "bundles/tools"
     egress_allowlist: str = "bundles/egress.toml"
+    # docker cells: where docker.io images come from ("" = Docker Hub itself), and the pin files
+    registry_mirror: str = ""
+    images_pins_dir: str = "bundles/images"
     jobs: int = 4
     frozen: bool = False
     verify_timeout: int = 900

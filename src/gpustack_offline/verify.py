@@ -111,7 +111,7 @@ for path in found:
     ok = run.returncode == 0 or waits_for_driver
     failed |= not ok
     note = " (runs up to loading the NVIDIA driver's libraries)" if waits_for_driver else ""
-    print(f"{'ok' if ok else 'FAIL'} {name}{note}: {' | '.join(out.splitlines()[:3])}")
+    print(f"{'ok' if ok else 'FAIL'} {name}{note}: {' | '.join(out.splitlines()[:6])}")
 print(json.dumps(json.load(open(os.path.join(tools, "versions.json")))))
 sys.exit(1 if failed else 0)
 """
