@@ -208,6 +208,10 @@ def _verify(
         raise Unverifiable(reason)
     if not (bundle_dir / "manifest.json").is_file():
         raise VerifyError(f"{bundle_dir} is not a bundle (no manifest.json); build it first")
+    if cell.method == "docker":
+        from .verify_docker import verify_docker
+
+        return verify_docker(cell, bundle_dir, timeout, report)
     image = base_image(cell.arch, cache, mirror)
     mounts = {bundle_dir.resolve(): "/bundle", _audit_hook(): "/opt/egress-audit"}
     env = {}

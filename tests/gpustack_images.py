@@ -1,0 +1,123 @@
+"""Stand-ins for upstream's gpustack/gpustack images, with the real GPUStack inside.
+
+Docker Hub cannot be reached from here, so the Docker path is tested against a loopback
+registry seeded with images built like upstream's tags: per architecture, a Debian base layer
+(the cached debootstrap rootfs) shared by every tag, a layer with GPUStack 0.7.1 installed from
+the cell's own locked wheelhouse (the same for every device here), and a small per-tag layer.
+`gpustack start` is the entrypoint, as upstream's `tini -- gpustack start`, on port 80.
+
+The GPUStack layer is made without the daemon and without emulation: uv installs the target's
+wheels into a folder for the target platform (`--target --python-platform`), which is then
+packed as a layer. Layers are cached by content under the cache dir.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from registry_fixture import (
+    OCI_LAYER,
+    Blob,
+    FileLayer,
+    FixtureImage,
+    Hub,
+    debian_layer,
+    make_image,
+    tar_layer,
+)
+
+from gpustack_offline.fsutil import atomic_path, sha256_file
+from gpustack_offline.locks import lock_path, read_lock
+from gpustack_offline.matrix import Matrix
+from gpustack_offline.registry import Platform
+from gpustack_offline.wheels import wheelhouse
+
+VERSION = "0.7.1"
+TAGS = {"cuda12.4": "v0.7.1", "cpu": "v0.7.1-cpu", "cuda12.8": "v0.7.1-cuda12.8"}
+SITE = "opt/gpustack/site"
+LAUNCHER = b"""#!/bin/sh
+# gpustack, installed by the gpustack-offline fixture into /opt/gpustack/site
+PYTHONPATH=/opt/gpustack/site exec python3 -c \
+  'import sys; from gpustack.main import main; sys.argv[0] = "gpustack"; sys.exit(main())' "$@"
+"""
+
+
+def gpustack_layer(root: Path, matrix: Matrix, arch: str, cache: Path) -> tuple[FileLayer, str]:
+    """GPUStack from the locked wheelhouse of the arch's cpu pip cell, as a gzip layer."""
+    cell = matrix.cell(f"v{VERSION}-linux-{arch}-cpu-py3.11-base-pip")
+    lock = read_lock(lock_path(root / "bundles" / "locks", cell))
+    final = cache / "fixtures" / "gpustack-images" / f"{cell.id}-{lock.digest()[:16]}.tar.gz"
+    meta = final.with_suffix(".json")
+    if not (final.is_file() and meta.is_file()):
+        wheels = wheelhouse(cell, lock, cache, (), "https://pypi.org/simple", show_progress=False)
+        with tempfile.TemporaryDirectory(dir=cache) as scratch:
+            links, tree = Path(scratch) / "links", Path(scratch) / "tree"
+            links.mkdir()
+            for wheel in wheels:
+                os.link(wheel.path, links / wheel.filename)
+            subprocess.run(
+                [sys.executable, "-m", "uv", "pip", "install", "--quiet", "--no-index",
+                 "--find-links", str(links), "--target", str(tree / SITE),
+                 "--python-platform", cell.uv_platform, "--python-version", cell.python,
+                 *[f"{w.name}=={w.version}" for w in wheels]],
+                check=True, env={**os.environ, "UV_CACHE_DIR": str(cache / "uv")},
+            )  # fmt: skip
+            (tree / "usr/local/bin").mkdir(parents=True)
+            (tree / "usr/local/bin/gpustack").write_bytes(LAUNCHER)
+            os.chmod(tree / "usr/local/bin/gpustack", 0o755)
+            plain = Path(scratch) / "layer.tar"
+            with tarfile.open(plain, "w", format=tarfile.PAX_FORMAT) as tf:
+                for path in sorted(tree.rglob("*")):
+                    info = tf.gettarinfo(path, str(path.relative_to(tree)))
+                    info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+                    if info.isreg():
+                        with path.open("rb") as fh:
+                            tf.addfile(info, fh)
+                    else:
+                        tf.addfile(info)
+            with (
+                atomic_path(final) as tmp,
+                plain.open("rb") as src,
+                tmp.open("wb") as out,
+                gzip.GzipFile(filename="", fileobj=out, mode="wb", mtime=0, compresslevel=1) as gz,
+            ):
+                shutil.copyfileobj(src, gz, 1 << 20)
+            info_json = {"diff_id": "sha256:" + sha256_file(plain), "sha256": sha256_file(final)}
+        with atomic_path(meta) as tmp:
+            tmp.write_text(json.dumps(info_json))
+    info = json.loads(meta.read_text())
+    return FileLayer(OCI_LAYER, final, info["sha256"], final.stat().st_size), info["diff_id"]
+
+
+def gpustack_images(root: Path, matrix: Matrix, cache: Path) -> dict[str, list[FixtureImage]]:
+    """Per tag, its amd64 and arm64 images; base and GPUStack layers shared by the tags."""
+    out: dict[str, list[FixtureImage]] = {tag: [] for tag in TAGS.values()}
+    for arch in ("amd64", "arm64"):
+        platform = Platform("linux", arch, "v8" if arch == "arm64" else "")
+        base = debian_layer(arch)
+        app = gpustack_layer(root, matrix, arch, cache)
+        for device, tag in TAGS.items():
+            marker = tar_layer({"etc/gpustack-image": f"{tag} {arch} ({device})\n".encode()})
+            out[tag].append(
+                make_image(
+                    platform,
+                    [base, app, (Blob(OCI_LAYER, marker[0]), marker[1])],
+                    cmd=("/usr/local/bin/gpustack", "start"),
+                    labels={"org.opencontainers.image.version": tag},
+                )
+            )
+    return out
+
+
+def seed_gpustack(hub: Hub, root: Path, matrix: Matrix, cache: Path) -> None:
+    """Push the stand-ins over the hub's small gpustack/gpustack fixtures."""
+    for tag, images in gpustack_images(root, matrix, cache).items():
+        hub.push("gpustack/gpustack", tag, images)

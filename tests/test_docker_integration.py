@@ -1,0 +1,96 @@
+"""The Docker path end to end: pin, pull, bundle, load, run offline, push, run from the registry.
+
+Docker Hub is replaced by a loopback registry with token auth in front (the `registry-mirror`
+option redirects docker.io to it, as a site's mirror would), seeded with stand-ins for
+gpustack/gpustack:v0.7.1, -cpu and -cuda12.8 for amd64 and arm64 that carry the real GPUStack
+(tests/gpustack_images.py). The engine never pulls from anywhere but 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import pytest
+from gpustack_images import seed_gpustack
+from registry_fixture import gpustack_tags, hub_registry
+
+from gpustack_offline import commands, containers, images
+from gpustack_offline.errors import VerifyError
+from gpustack_offline.registry import Reference
+
+pytestmark = pytest.mark.integration
+
+CELL = "v0.7.1-linux-amd64-cpu-py3.11-base-docker"
+REF = "gpustack/gpustack:v0.7.1-cpu"
+
+
+@pytest.fixture(scope="module")
+def hub(root, matrix, tmp_path_factory):
+    with hub_registry(tmp_path_factory.mktemp("hub")) as started:
+        cache = commands.Context.load(root).cache
+        seed_gpustack(started, root, matrix, cache)
+        yield started
+
+
+@pytest.fixture(scope="module")
+def ctx(root, hub, tmp_path_factory):
+    cli = {
+        "dist_dir": str(tmp_path_factory.mktemp("dist")),
+        "images_pins_dir": str(tmp_path_factory.mktemp("pins")),
+        "registry_mirror": hub.host,
+        "progress": False,
+    }
+    return commands.Context.load(root, cli=cli)
+
+
+def test_a_docker_bundle_loads_runs_offline_and_runs_again_from_a_site_registry(ctx, hub):
+    cell = ctx.matrix.cell(CELL)
+    (pins,) = set(commands.lock(ctx, [cell]))
+    pinned = images.pinned_image(images.read_pins(pins), "cpu", "linux/amd64")
+    assert pinned.reference.tag == "v0.7.1-cpu"
+
+    (result,) = commands.build(ctx, [cell])
+    manifest = json.loads((result.directory / "manifest.json").read_text())
+    (image,) = manifest["images"]
+    assert image["reference"] == f"docker.io/{REF}" and image["platform"] == "linux/amd64"
+    assert image["digest"] == pinned.manifest  # the pinned bytes, not whatever the tag is now
+    assert "IMAGES=gpustack/gpustack:v0.7.1-cpu" in (result.directory / "bundle.env").read_text()
+    with tarfile.open(result.directory / "images" / "images.tar") as tf:
+        names = set(tf.getnames())
+    assert {"oci-layout", "index.json", "manifest.json"} <= names  # OCI layout and docker load
+
+    report = commands.verify_cell(ctx, cell)
+    assert report.ok
+    assert [s.name for s in report.steps] == [
+        "absent", "install", "run", "push", "pull", "run-from-registry",
+    ]  # fmt: skip
+    assert "/healthz 200" in report.steps[-1].output
+
+
+def test_verification_refuses_an_image_already_in_the_engine(ctx, hub):
+    cell = ctx.matrix.cell(CELL)
+    if not (ctx.dist / CELL / "manifest.json").is_file():
+        commands.lock(ctx, [cell])
+        commands.build(ctx, [cell])
+    engine = containers.client()
+    base = engine.images.get(containers.base_image("amd64", ctx.cache))
+    base.tag(REF)
+    try:
+        with pytest.raises(VerifyError, match="already in this Docker Engine"):
+            commands.verify_cell(ctx, cell)
+    finally:
+        engine.images.remove(REF)
+
+
+def test_a_moved_tag_is_a_diff_in_the_pin_file(ctx, hub, matrix, root):
+    cell = ctx.matrix.cell(CELL)
+    pins = images.pin_path(ctx.opts.path("images_pins_dir", ctx.root), "0.7.1")
+    commands.lock(ctx, [cell])
+    before = pins.read_text()
+    moved = gpustack_tags(build="2")["v0.7.1-cpu"]
+    hub.push("gpustack/gpustack", "v0.7.1-cpu", list(moved.values()))
+    commands.lock(ctx, [cell])
+    after = pins.read_text()
+    assert before != after
+    assert Reference.parse(f"docker.io/{REF}").tag in after
