@@ -59,3 +59,9 @@ def lint(session: nox.Session) -> None:
     """Lint and type-check the package."""
     session.run(sys.executable, "-m", "ruff", "check", "src", "tests", "noxfile.py", "tasks.py")
     session.run(sys.executable, "-m", "mypy", "src")
+
+
+@nox.session(venv_backend="none", default=False)
+def bench(session: nox.Session) -> None:
+    """Benchmark the image export against docker pull + save (Docker; writes docs/bench.md)."""
+    session.run(sys.executable, "tests/bench_seed.py", *session.posargs)

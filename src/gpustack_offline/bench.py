@@ -1,0 +1,438 @@
+"""How much smaller and faster the image stage is than upstream's recipe, measured on one registry.
+
+Upstream's air-gap instructions for the Docker path are, per image, `docker pull --platform …`
+then `docker save` into a tar of its own. That costs twice: the engine stores layers
+decompressed, so `save` writes them uncompressed, and every tar carries the base layer again
+however many images share it. This pipeline (`Registry.pull` into the `BlobStore`, then
+`images.export_images`) keeps the layers as the registry served them and writes each blob once.
+
+Both are run against the same registry, in one process, one after the other, so a result is a
+comparison and not two numbers from two days. A *cold* run starts from nothing (an empty
+`BlobStore`; the scenario's images removed from the engine, by image ID, so nothing else in the
+engine is touched); a *warm* run is the same run again with what the cold one left (our cache;
+the images in the engine). The floor is the sum of the distinct compressed blobs the images
+need (manifests, configs, layers): what any bundle of them must at least carry.
+
+The engine holds one platform per tag: pulling `--platform linux/arm64` of a tag moves the tag
+off the amd64 image, which stays in the engine untagged with its layers. So a scenario's naive
+run goes platform by platform (pull and save every image of one platform, then the next), and
+its warm run finds both platforms' layers still there: the most favourable case for the recipe.
+
+The registry and the images come from the caller (the `bench` nox session seeds a loopback
+one); this module measures and writes the report.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import platform as host_platform
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BundleError, CommandError
+from .fetch import BlobStore
+from .fsutil import write_text
+from .images import export_images
+from .registry import Image, Platform, Reference, Registry
+from .runner import run
+
+log = logging.getLogger("gpustack_offline")
+
+DOCKER_FIX = "start the Docker engine (as root: bash scripts/setup-build-host.sh) and rerun"
+
+
+class BenchError(BundleError):
+    """The benchmark cannot run, or one side of it produced something other than asked for."""
+
+
+# --- what is measured ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    """One image of a scenario: a reference on the registry under test and one platform."""
+
+    reference: str  # 127.0.0.1:5000/gpustack/gpustack:v0.7.1-cpu
+    platform: str  # linux/amd64
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str  # what the table's row says, e.g. "one image (v0.7.1, amd64)"
+    targets: tuple[Target, ...]
+
+
+def scenarios(
+    registry: str,
+    tags: Sequence[str],
+    platforms: Sequence[str],
+    repository: str = "gpustack/gpustack",
+) -> list[Scenario]:
+    """(a) the first tag for the first platform alone; (b) every tag for every platform, the set
+    a multi-cell release needs, whose images share layers."""
+    if not tags or not platforms:
+        raise BenchError("a benchmark needs at least one tag and one platform")
+
+    def target(tag: str, plat: str) -> Target:
+        return Target(f"{registry}/{repository}:{tag}", plat)
+
+    one = Scenario(
+        f"one image ({tags[0]}, {Platform.parse(platforms[0]).architecture})",
+        (target(tags[0], platforms[0]),),
+    )
+    arches = "+".join(Platform.parse(p).architecture for p in platforms)
+    every = Scenario(
+        f"{len(tags) * len(platforms)} images ({len(tags)} tags × {arches})",
+        tuple(target(t, p) for p in platforms for t in tags),
+    )
+    return [one, every]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    bytes: int  # the bundle's size on disk: every tar the recipe leaves
+    seconds: float  # wall time of the recipe's own steps
+    fetch_seconds: float  # of which fetching (docker pull / Registry.pull); the rest is writing
+    fetched_layers: int  # layers taken from the registry (0 is what makes a warm run warm)
+
+
+@dataclass(frozen=True)
+class Row:
+    scenario: str  # "… cold" / "… warm"
+    naive: Measurement
+    ours: Measurement
+    floor: int
+
+    @property
+    def bytes_ratio(self) -> float | None:
+        return ratio(self.naive.bytes, self.ours.bytes)
+
+    @property
+    def seconds_ratio(self) -> float | None:
+        return ratio(self.naive.seconds, self.ours.seconds)
+
+
+def ratio(naive: float, ours: float) -> float | None:
+    """naive ÷ ours: above 1, ours is smaller or faster by that factor. None when ours is 0
+    (nothing to divide by, shown as a dash rather than an infinity)."""
+    if ours <= 0:
+        return None
+    return naive / ours
+
+
+def unique_bytes(images: Iterable[Image]) -> int:
+    """The sum of the distinct compressed blobs (manifests, configs, layers) the images need,
+    each counted once however many images share it."""
+    sizes: dict[str, int] = {}
+    for image in images:
+        for desc in image.blobs:
+            sizes[desc.digest] = desc.size
+    return sum(sizes.values())
+
+
+def by_platform(targets: Sequence[Target]) -> list[tuple[str, list[Target]]]:
+    """Targets grouped by platform, in first-seen order (the engine holds one platform per tag,
+    so the naive recipe finishes one platform before it starts the next)."""
+    groups: dict[tuple[str, str], tuple[str, list[Target]]] = {}
+    for target in targets:
+        plat = Platform.parse(target.platform)
+        key = (plat.os, plat.architecture)  # linux/arm64 and linux/arm64/v8 are one platform
+        groups.setdefault(key, (str(plat), []))[1].append(target)
+    return list(groups.values())
+
+
+def save_name(target: Target) -> str:
+    """The file name the naive recipe saves one image to: tag and architecture, no port."""
+    ref = Reference.parse(target.reference)
+    name = f"{ref.repository}-{ref.tag or 'untagged'}-{Platform.parse(target.platform)}"
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) + ".tar"
+
+
+# --- the two recipes ----------------------------------------------------------------------------
+
+
+def _docker(*args: str | Path, what: str) -> str:
+    return run(["docker", *args], what=what, fix=DOCKER_FIX).stdout
+
+
+def engine_facts() -> str:
+    """The engine's version, which is also the check that an engine answers at all."""
+    return _docker("version", "--format", "{{.Server.Version}}", what="asking Docker").strip()
+
+
+def engine_clear(image_ids: Iterable[str]) -> None:
+    """Remove these images (by ID, with every tag they carry) from the engine, if present."""
+    listed = _docker("image", "ls", "--all", "--quiet", "--no-trunc", what="listing images")
+    present = sorted(set(listed.split()) & set(image_ids))
+    if present:
+        _docker("image", "rm", "--force", *present, what="removing the benchmark's images")
+
+
+def naive_bundle(
+    targets: Sequence[Target], out: Path, expected_ids: Mapping[Target, str]
+) -> Measurement:
+    """Upstream's recipe: per image `docker pull --platform P REF`, then `docker save -o` into a
+    tar of its own. Only the pull and save are timed; after each pull the engine's image ID is
+    checked against the config digest the registry serves, so the recipe saved the image asked
+    for and not another platform's."""
+    out.mkdir(parents=True, exist_ok=True)
+    fetch = write = 0.0
+    fetched = 0
+    for plat, group in by_platform(targets):
+        for target in group:
+            start = time.perf_counter()
+            said = _docker(
+                "pull", "--platform", plat, target.reference, what=f"docker pull {target}"
+            )
+            fetch += time.perf_counter() - start
+            fetched += pulled_layers(said)
+            got = _docker(
+                "image", "inspect", "--format", "{{.Id}}", target.reference,
+                what=f"inspecting {target.reference}",
+            ).strip()  # fmt: skip
+            if got != expected_ids[target]:
+                raise BenchError(
+                    f"docker pull --platform {plat} {target.reference} gave image {got}, not "
+                    f"{expected_ids[target]}; the naive bundle would hold the wrong image"
+                )
+            start = time.perf_counter()
+            _docker(
+                "save", "-o", out / save_name(target), target.reference,
+                what=f"docker save {target.reference}",
+            )  # fmt: skip
+            write += time.perf_counter() - start
+    size = sum(p.stat().st_size for p in out.glob("*.tar"))
+    return Measurement(size, fetch + write, fetch, fetched)
+
+
+def pulled_layers(pull_output: str) -> int:
+    """Layers `docker pull` downloaded and extracted: one `<id>: Pull complete` line each
+    (a layer the engine has says `Already exists`, an image it has says nothing per layer)."""
+    return len(re.findall(r"^[0-9a-f]{12}: Pull complete\s*$", pull_output, re.MULTILINE))
+
+
+def our_bundle(
+    targets: Sequence[Target], store: BlobStore, dest: Path, env: Mapping[str, str] | None = None
+) -> Measurement:
+    """This pipeline: pull each target into the store (stored blobs are not fetched again), then
+    write one tar with every blob once."""
+    stored = set(store.root.glob("*")) if store.root.is_dir() else set()
+    start = time.perf_counter()
+    with Registry(store, env=env) as registry:
+        images = [registry.pull(t.reference, t.platform) for t in targets]
+    fetch = time.perf_counter() - start
+    export_images(images, store, dest)
+    seconds = time.perf_counter() - start
+    layers = {d.hex for image in images for d in image.layers}
+    fetched = sum(1 for p in set(store.root.glob("*")) - stored if p.name in layers)
+    return Measurement(dest.stat().st_size, seconds, fetch, fetched)
+
+
+def resolve(
+    targets: Sequence[Target], work: Path, env: Mapping[str, str] | None = None
+) -> list[Image]:
+    """Every target's manifest, config and layer descriptors (no layer is fetched): the image
+    IDs the engine will show, and what the floor is summed from."""
+    with Registry(BlobStore(work), env=env) as registry:
+        return [registry.resolve(t.reference, t.platform) for t in targets]
+
+
+def measure(
+    scenario: Scenario,
+    work: Path,
+    env: Mapping[str, str] | None = None,
+    progress: Callable[[str], None] = log.info,
+) -> list[Row]:
+    """Cold and warm rows for one scenario. The engine is cleared of the scenario's images
+    before the cold naive run and again at the end; every tar is deleted once measured."""
+    work.mkdir(parents=True, exist_ok=True)
+    images = resolve(scenario.targets, work / "resolve", env)
+    ids = {t: image.config.digest for t, image in zip(scenario.targets, images, strict=True)}
+    floor = unique_bytes(images)
+
+    def timed_naive(run_name: str) -> Measurement:
+        out = work / f"naive-{run_name}"
+        try:
+            result = naive_bundle(scenario.targets, out, ids)
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        progress(f"{scenario.name}, {run_name}: naive {_describe(result)}")
+        return result
+
+    def timed_ours(run_name: str, store: BlobStore) -> Measurement:
+        dest = work / f"ours-{run_name}.tar"
+        try:
+            result = our_bundle(scenario.targets, store, dest, env)
+        finally:
+            dest.unlink(missing_ok=True)
+        progress(f"{scenario.name}, {run_name}: ours {_describe(result)}")
+        return result
+
+    try:
+        engine_clear(ids.values())
+        naive_cold = timed_naive("cold")
+        naive_warm = timed_naive("warm")
+    finally:
+        engine_clear(ids.values())
+    store = BlobStore(work / "cache")
+    shutil.rmtree(work / "cache", ignore_errors=True)
+    try:
+        ours_cold = timed_ours("cold", store)
+        ours_warm = timed_ours("warm", store)
+    finally:
+        shutil.rmtree(work / "cache", ignore_errors=True)
+    for side, warm in (("docker pull", naive_warm), ("Registry.pull", ours_warm)):
+        if warm.fetched_layers:
+            raise BenchError(
+                f"{scenario.name}: the warm run of {side} fetched {warm.fetched_layers} layers "
+                "again, so it was not warm; is something else removing images or cache files?"
+            )
+    return [
+        Row(f"{scenario.name}, cold", naive_cold, ours_cold, floor),
+        Row(f"{scenario.name}, warm", naive_warm, ours_warm, floor),
+    ]
+
+
+# --- the report ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    date: str  # ISO date, UTC
+    cpus: int
+    docker: str  # the engine's version
+    system: str  # kernel and machine, e.g. "Linux 6.1.0 x86_64"
+    load: str  # the 1/5/15-minute load averages when the run began: other work skews timings
+
+
+def host_facts(docker_version: str | None = None, load: str | None = None) -> HostFacts:
+    return HostFacts(
+        date=datetime.datetime.now(datetime.UTC).date().isoformat(),
+        cpus=os.cpu_count() or 0,
+        docker=docker_version if docker_version is not None else engine_facts(),
+        system=f"{host_platform.system()} {host_platform.release()} {host_platform.machine()}",
+        load=load if load is not None else load_average(),
+    )
+
+
+def load_average() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:,.1f} MB"
+
+
+def _describe(m: Measurement) -> str:
+    return (
+        f"{_mb(m.bytes)} in {m.seconds:.1f}s "
+        f"({m.fetch_seconds:.1f}s fetching, {m.fetched_layers} layers fetched)"
+    )
+
+
+def _times(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}×"
+
+
+def table(rows: Sequence[Row]) -> str:
+    """The markdown table: sizes in MB (10^6 bytes), times in seconds, ratios naive ÷ ours."""
+    lines = [
+        "| scenario | naive bytes | ours bytes | ratio | naive s | ours s | ratio | floor bytes |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in rows:
+        cells = (
+            row.scenario,
+            _mb(row.naive.bytes),
+            _mb(row.ours.bytes),
+            _times(row.bytes_ratio),
+            f"{row.naive.seconds:.1f}",
+            f"{row.ours.seconds:.1f}",
+            _times(row.seconds_ratio),
+            _mb(row.floor),
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def split_table(rows: Sequence[Row]) -> str:
+    """Where the time goes: fetching (pull) against writing the bundle (save / export), and how
+    many layers came from the registry."""
+    lines = [
+        "| scenario | naive pull s | naive save s | naive layers pulled "
+        "| ours pull s | ours export s | ours layers pulled |",
+        "|---|--:|--:|--:|--:|--:|--:|",
+    ]
+    for row in rows:
+        cells = [row.scenario]
+        for m in (row.naive, row.ours):
+            cells += [
+                f"{m.fetch_seconds:.1f}",
+                f"{m.seconds - m.fetch_seconds:.1f}",
+                str(m.fetched_layers),
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def report(rows: Sequence[Row], facts: HostFacts, setup: str, rerun: str) -> str:
+    """The whole `docs/bench.md`: what was measured, where, the table, how to run it again."""
+    return f"""# Image bundle benchmark: `docker pull` + `docker save` against this pipeline
+
+Measured {facts.date} on {facts.cpus} CPUs ({facts.system}), Docker Engine {facts.docker};
+load average {facts.load} when the run began.
+
+{table(rows)}
+- **naive**: upstream's recipe for the Docker path, per image `docker pull --platform linux/ARCH
+  REF` then `docker save` into a tar of its own; the bytes are those tars together.
+- **ours**: `registry.Registry(...).pull(...)` of every image into the content-addressed
+  `BlobStore`, then `images.export_images` into one tar (an OCI layout that `docker load`
+  also reads).
+- **ratio**: naive ÷ ours; 2.00× means ours is half the size, or takes half the time.
+- **floor**: the distinct compressed blobs the images need (manifests, configs, layers), each
+  counted once: what any bundle of them must carry. Ours is above it only by tar headers,
+  `index.json`/`manifest.json` and the OCI twins of Docker-typed manifests.
+- **cold**: our cache empty; the scenario's images removed from the engine (by image ID).
+  **warm**: the same run again, with our cache kept and the images still in the engine.
+- The engine holds one platform per tag, so the naive run pulls and saves one platform's
+  images, then the next; the other platform's images stay in the engine untagged, which is what
+  makes its warm run warm.
+- Both run in one process against the same loopback registry (token auth as on Docker Hub),
+  whose blobs are in the page cache for both; there is no network in the timings, so they show
+  the local work (decompressing, storing, hashing, writing) and not a download.
+
+Where the time goes:
+
+{split_table(rows)}
+Images: {setup}
+
+Rerun: {rerun}
+"""
+
+
+def write_report(path: Path, text: str) -> None:
+    """Atomically: a reader never sees half a report."""
+    write_text(path, text)
+
+
+def run_all(
+    scenario_list: Sequence[Scenario],
+    work: Path,
+    env: Mapping[str, str] | None = None,
+    progress: Callable[[str], None] = log.info,
+) -> list[Row]:
+    """Every scenario's cold and warm rows; a missing Docker engine is one clear error first."""
+    try:
+        engine_facts()
+    except CommandError as exc:
+        raise BenchError(f"the benchmark needs a Docker engine: {exc}") from None
+    rows: list[Row] = []
+    for index, scenario in enumerate(scenario_list):
+        rows.extend(measure(scenario, work / f"scenario-{index}", env, progress))
+    return rows
