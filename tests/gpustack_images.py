@@ -13,10 +13,7 @@ packed as a layer. Layers are cached by content under the cache dir.
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -30,11 +27,11 @@ from registry_fixture import (
     FixtureImage,
     Hub,
     debian_layer,
+    file_layer,
     make_image,
     tar_layer,
 )
 
-from gpustack_offline.fsutil import atomic_path, sha256_file
 from gpustack_offline.locks import lock_path, read_lock
 from gpustack_offline.matrix import Matrix
 from gpustack_offline.registry import Platform
@@ -55,46 +52,35 @@ def gpustack_layer(root: Path, matrix: Matrix, arch: str, cache: Path) -> tuple[
     cell = matrix.cell(f"v{VERSION}-linux-{arch}-cpu-py3.11-base-pip")
     lock = read_lock(lock_path(root / "bundles" / "locks", cell))
     final = cache / "fixtures" / "gpustack-images" / f"{cell.id}-{lock.digest()[:16]}.tar.gz"
-    meta = final.with_suffix(".json")
-    if not (final.is_file() and meta.is_file()):
-        wheels = wheelhouse(cell, lock, cache, (), "https://pypi.org/simple", show_progress=False)
-        with tempfile.TemporaryDirectory(dir=cache) as scratch:
-            links, tree = Path(scratch) / "links", Path(scratch) / "tree"
-            links.mkdir()
-            for wheel in wheels:
-                os.link(wheel.path, links / wheel.filename)
-            subprocess.run(
-                [sys.executable, "-m", "uv", "pip", "install", "--quiet", "--no-index",
-                 "--find-links", str(links), "--target", str(tree / SITE),
-                 "--python-platform", cell.uv_platform, "--python-version", cell.python,
-                 *[f"{w.name}=={w.version}" for w in wheels]],
-                check=True, env={**os.environ, "UV_CACHE_DIR": str(cache / "uv")},
-            )  # fmt: skip
-            (tree / "usr/local/bin").mkdir(parents=True)
-            (tree / "usr/local/bin/gpustack").write_bytes(LAUNCHER)
-            os.chmod(tree / "usr/local/bin/gpustack", 0o755)
-            plain = Path(scratch) / "layer.tar"
-            with tarfile.open(plain, "w", format=tarfile.PAX_FORMAT) as tf:
-                for path in sorted(tree.rglob("*")):
-                    info = tf.gettarinfo(path, str(path.relative_to(tree)))
-                    info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-                    if info.isreg():
-                        with path.open("rb") as fh:
-                            tf.addfile(info, fh)
-                    else:
-                        tf.addfile(info)
-            with (
-                atomic_path(final) as tmp,
-                plain.open("rb") as src,
-                tmp.open("wb") as out,
-                gzip.GzipFile(filename="", fileobj=out, mode="wb", mtime=0, compresslevel=1) as gz,
-            ):
-                shutil.copyfileobj(src, gz, 1 << 20)
-            info_json = {"diff_id": "sha256:" + sha256_file(plain), "sha256": sha256_file(final)}
-        with atomic_path(meta) as tmp:
-            tmp.write_text(json.dumps(info_json))
-    info = json.loads(meta.read_text())
-    return FileLayer(OCI_LAYER, final, info["sha256"], final.stat().st_size), info["diff_id"]
+    if final.is_file() and final.with_suffix(".json").is_file():
+        return file_layer(final, final)  # made before: file_layer only reads its record
+    wheels = wheelhouse(cell, lock, cache, (), "https://pypi.org/simple", show_progress=False)
+    with tempfile.TemporaryDirectory(dir=cache) as scratch:
+        links, tree = Path(scratch) / "links", Path(scratch) / "tree"
+        links.mkdir()
+        for wheel in wheels:
+            os.link(wheel.path, links / wheel.filename)
+        subprocess.run(
+            [sys.executable, "-m", "uv", "pip", "install", "--quiet", "--no-index",
+             "--find-links", str(links), "--target", str(tree / SITE),
+             "--python-platform", cell.uv_platform, "--python-version", cell.python,
+             *[f"{w.name}=={w.version}" for w in wheels]],
+            check=True, env={**os.environ, "UV_CACHE_DIR": str(cache / "uv")},
+        )  # fmt: skip
+        (tree / "usr/local/bin").mkdir(parents=True)
+        (tree / "usr/local/bin/gpustack").write_bytes(LAUNCHER)
+        os.chmod(tree / "usr/local/bin/gpustack", 0o755)
+        plain = Path(scratch) / "layer.tar"
+        with tarfile.open(plain, "w", format=tarfile.PAX_FORMAT) as tf:
+            for path in sorted(tree.rglob("*")):
+                info = tf.gettarinfo(path, str(path.relative_to(tree)))
+                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+                if info.isreg():
+                    with path.open("rb") as fh:
+                        tf.addfile(info, fh)
+                else:
+                    tf.addfile(info)
+        return file_layer(plain, final)
 
 
 def gpustack_images(root: Path, matrix: Matrix, cache: Path) -> dict[str, list[FixtureImage]]:

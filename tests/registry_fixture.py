@@ -838,26 +838,31 @@ DEBIAN_MIRROR = "http://deb.debian.org/debian"
 HELLO = b"#!/bin/sh\necho 'hello from the gpustack-offline fixture image'\n"
 
 
-def debian_layer(arch: str = "amd64") -> tuple[FileLayer, str]:
-    """The cached debootstrap rootfs (what containers.base_image loads) as a gzip layer, made
-    once per rootfs and kept beside it in the cache. Returns (layer, diff_id)."""
-    rootfs = containers.rootfs_tar(arch, cache_root(), DEBIAN_MIRROR)
-    final = cache_root() / "fixtures" / "registry" / f"{rootfs.stem}.tar.gz"
+def file_layer(plain: Path, final: Path) -> tuple[FileLayer, str]:
+    """The uncompressed layer tar `plain` as a gzip layer at `final` (made once, with its digests
+    beside it in `final`.json). Returns (layer, diff_id)."""
     meta = final.with_suffix(".json")
     if not (final.is_file() and meta.is_file()):
         with (
             atomic_path(final) as tmp,
-            rootfs.open("rb") as src,
+            plain.open("rb") as src,
             tmp.open("wb") as out,
             gzip.GzipFile(filename="", fileobj=out, mode="wb", mtime=0, compresslevel=1) as gz,
         ):
             shutil.copyfileobj(src, gz, 1 << 20)
-        diff_id = "sha256:" + sha256_file(rootfs)
+        diff_id = "sha256:" + sha256_file(plain)
         with atomic_path(meta) as tmp:
             tmp.write_text(json.dumps({"diff_id": diff_id, "sha256": sha256_file(final)}))
     info = json.loads(meta.read_text())
     layer = FileLayer(OCI_LAYER, final, info["sha256"], final.stat().st_size)
     return layer, info["diff_id"]
+
+
+def debian_layer(arch: str = "amd64") -> tuple[FileLayer, str]:
+    """The cached debootstrap rootfs (what containers.base_image loads) as a gzip layer, made
+    once per rootfs and kept beside it in the cache. Returns (layer, diff_id)."""
+    rootfs = containers.rootfs_tar(arch, cache_root(), DEBIAN_MIRROR)
+    return file_layer(rootfs, cache_root() / "fixtures" / "registry" / f"{rootfs.stem}.tar.gz")
 
 
 def runnable(repository: str = "fixture/runnable") -> FixtureImage:
