@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # install.sh: install GPUStack from this offline bundle on an air-gapped Linux host.
 #
+# Two kinds of bundle, by INSTALL_METHOD in bundle.env. A pip bundle installs GPUStack into a
+# virtual environment (below). A docker bundle loads GPUStack's image(s) from IMAGE_ARCHIVE into
+# the Docker engine with `docker load`, checks that every reference in IMAGES (comma-separated)
+# arrived, and with --registry tags and pushes them to the site's registry; it then prints
+# upstream's `docker run` line for the device. Nothing but that registry is contacted, and loading again is harmless.
+#
 # Order matters: the bundle is verified and the host is checked before anything on the system
 # changes. The install goes into a fresh release directory next to earlier ones, and the
 # `current` link moves only after the new release works, so a failed run leaves the site as it
@@ -13,26 +19,36 @@
 #
 # Exit status: 0 installed (or already installed), 2 usage error, 3 damaged bundle or a tools
 # archive refused by check-tools-archive.py, 4 preflight failed, 5 install step failed (pip,
-# `gpustack version` or loading the tools; nothing switched), 6 could not switch `current`.
+# `gpustack version` or loading the tools, nothing switched; docker load, tag or push),
+# 6 could not switch `current`.
 set -euo pipefail
 
 PROG=install.sh
 
 usage() {
   cat <<EOF
-Usage: $PROG [--prefix DIR] [--python PATH] [--skip-preflight] [--help]
+Usage: $PROG [--prefix DIR] [--python PATH] [--skip-preflight] [--help]     (pip bundles)
+       $PROG [--registry HOST[:PORT][/PREFIX]] [--skip-preflight] [--help]  (docker bundles)
 
-Installs GPUStack from this bundle into DIR/releases/<release>, loads the bundle's tools
-archive (llama-box, gguf-parser, fastfetch) into it if it has one, then points DIR/current at it.
+A pip bundle (INSTALL_METHOD=pip in bundle.env) installs GPUStack into DIR/releases/<release>,
+loads the bundle's tools archive (llama-box, gguf-parser, fastfetch) into it if it has one, then
+points DIR/current at it.
 
-  --prefix DIR       install prefix (default: /opt/gpustack)
+A docker bundle (INSTALL_METHOD=docker) loads GPUStack's image(s) into Docker with docker load;
+with --registry it also tags and pushes them to that registry, keeping upstream's repository
+names (REGISTRY/gpustack/gpustack:TAG). It then prints the docker run line to start GPUStack.
+
+  --prefix DIR       install prefix (default: /opt/gpustack); pip bundles only
   --python PATH      Python interpreter for the virtual environment
-                     (default: python<TARGET_PYTHON> from bundle.env, else python3)
+                     (default: python<TARGET_PYTHON> from bundle.env, else python3); pip bundles only
+  --registry REG     the site's registry, HOST[:PORT][/PREFIX] without http://, such as
+                     registry.example.internal:5000/mirror; docker bundles only
   --skip-preflight   do not run preflight.sh before installing
   --help             show this help
 
 Exit status: 0 installed, 2 usage error, 3 damaged bundle or unsafe tools archive,
-4 preflight failed, 5 install failed (nothing switched), 6 could not switch the current link.
+4 preflight failed, 5 install failed (pip: nothing switched; docker: load, tag or push failed),
+6 could not switch the current link.
 EOF
 }
 
@@ -55,13 +71,17 @@ absolute() {
 }
 
 parse_args() {
-  PREFIX=/opt/gpustack PY="" SKIP_PREFLIGHT=0
+  PREFIX=/opt/gpustack PY="" SKIP_PREFLIGHT=0 REGISTRY="" HAS_REGISTRY=0
+  # Which pip-only options were given, to refuse them for a docker bundle.
+  PIP_OPTIONS=()
   while (($# > 0)); do
     case $1 in
-      --prefix) (($# >= 2)) || die 2 "--prefix needs a directory; see --help"; PREFIX=$2; shift 2 ;;
-      --prefix=*) PREFIX=${1#*=}; shift ;;
-      --python) (($# >= 2)) || die 2 "--python needs a path; see --help"; PY=$2; shift 2 ;;
-      --python=*) PY=${1#*=}; shift ;;
+      --prefix) (($# >= 2)) || die 2 "--prefix needs a directory; see --help"; PREFIX=$2; PIP_OPTIONS+=(--prefix); shift 2 ;;
+      --prefix=*) PREFIX=${1#*=}; PIP_OPTIONS+=(--prefix); shift ;;
+      --python) (($# >= 2)) || die 2 "--python needs a path; see --help"; PY=$2; PIP_OPTIONS+=(--python); shift 2 ;;
+      --python=*) PY=${1#*=}; PIP_OPTIONS+=(--python); shift ;;
+      --registry) (($# >= 2)) || die 2 "--registry needs HOST[:PORT][/PREFIX]; see --help"; REGISTRY=$2; HAS_REGISTRY=1; shift 2 ;;
+      --registry=*) REGISTRY=${1#*=}; HAS_REGISTRY=1; shift ;;
       --skip-preflight) SKIP_PREFLIGHT=1; shift ;;
       -h | --help) usage; exit 0 ;;
       *) die 2 "unknown argument: $1; see --help" ;;
@@ -73,6 +93,26 @@ parse_args() {
   [[ -n $PREFIX ]] || die 2 "--prefix / is not allowed; pick a directory such as /opt/gpustack"
   # A bare name (python3.11) is looked up on PATH; a path with a slash is made absolute.
   [[ $PY != */* ]] || PY=$(absolute "$PY")
+  if ((HAS_REGISTRY)); then check_registry_syntax; fi
+}
+
+# HOST[:PORT][/PREFIX], as the first part of an image name: Docker reads the part before the
+# first slash as a registry only when it has a dot or a colon, or is localhost.
+check_registry_syntax() {
+  local host=${REGISTRY%%/*} path='^[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)*$'
+  case $REGISTRY in
+    "") die 2 "--registry must not be empty; give HOST[:PORT][/PREFIX], such as registry.example.internal:5000" ;;
+    *://*) die 2 "--registry takes HOST[:PORT][/PREFIX] without a scheme: --registry ${REGISTRY#*://}" ;;
+    */ | *//* | *@* | *' '*) die 2 "--registry $REGISTRY is not HOST[:PORT][/PREFIX]; give it like registry.example.internal:5000/mirror (no trailing slash)" ;;
+  esac
+  [[ $host =~ ^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?(:[0-9]+)?$ ]] ||
+    die 2 "--registry $REGISTRY: '$host' is not a host name or address with an optional :PORT"
+  [[ $host == *.* || $host == *:* || $host == localhost ]] ||
+    die 2 "--registry $REGISTRY: Docker would read '$host' as part of a Docker Hub repository, not a registry; give its full name (with a dot), its port (HOST:PORT), or localhost"
+  if [[ $REGISTRY == */* ]]; then
+    [[ ${REGISTRY#*/} =~ $path ]] ||
+      die 2 "--registry $REGISTRY: the prefix '${REGISTRY#*/}' must be lowercase path components (letters, digits, . _ -) separated by /"
+  fi
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -129,17 +169,57 @@ verify_bundle() {
   say "bundle verified"
 }
 
-load_bundle_env() {
+# The install method bundle.env names, read without running bundle.env (it is not verified yet),
+# so that options meant for the other kind of bundle are refused before a long verification.
+peek_method() {
+  local method=""
+  [[ -f bundle.env ]] && method=$(sed -n 's/^INSTALL_METHOD=//p' bundle.env | tail -n1)
+  method=${method//[\"\']/}
+  check_method_options "${method:-pip}"
+}
+
+# check_method_options METHOD: usage errors for options the bundle's method does not take.
+check_method_options() {
+  case $1 in
+    docker)
+      ((${#PIP_OPTIONS[@]} == 0)) ||
+        die 2 "${PIP_OPTIONS[0]} applies to pip bundles only; this docker bundle installs into the Docker engine (omit ${PIP_OPTIONS[0]}; see --help)"
+      ;;
+    *)
+      ((!HAS_REGISTRY)) ||
+        die 2 "--registry applies to docker bundles only; this is a $1 bundle (omit --registry; see --help)"
+      ;;
+  esac
+}
+
+require_keys() {
   local key
-  [[ -f bundle.env ]] || die 3 "bundle.env not found in $BUNDLE; re-copy the whole bundle from the source media"
-  # Optional key: a value from the caller's environment must not stand in for a missing one.
-  TOOLS_ARCHIVE=""
-  # shellcheck source=/dev/null
-  . ./bundle.env
-  for key in BUNDLE_CELL GPUSTACK_VERSION TARGET_PYTHON REQUIREMENT; do
+  for key in "$@"; do
     [[ -n ${!key:-} ]] || die 3 "bundle.env has no $key; re-copy the whole bundle from the source media"
   done
-  check_tools_files
+}
+
+load_bundle_env() {
+  [[ -f bundle.env ]] || die 3 "bundle.env not found in $BUNDLE; re-copy the whole bundle from the source media"
+  # Optional keys: a value from the caller's environment must not stand in for a missing one.
+  TOOLS_ARCHIVE="" INSTALL_METHOD="" IMAGE_ARCHIVE="" IMAGES=""
+  # shellcheck source=/dev/null
+  . ./bundle.env
+  require_keys BUNDLE_CELL GPUSTACK_VERSION
+  # Bundles from before the docker method have no INSTALL_METHOD: they are pip bundles.
+  INSTALL_METHOD=${INSTALL_METHOD:-pip}
+  case $INSTALL_METHOD in
+    pip)
+      require_keys TARGET_PYTHON REQUIREMENT
+      check_tools_files
+      ;;
+    docker)
+      require_keys TARGET_OS TARGET_ARCH TARGET_DEVICE IMAGE_ARCHIVE IMAGES
+      check_image_files
+      ;;
+    *) die 3 "bundle.env names the install method '$INSTALL_METHOD'; this install.sh knows pip and docker: re-copy the whole bundle from the source media" ;;
+  esac
+  check_method_options "$INSTALL_METHOD"
 }
 
 # The tools archive and its checker must be in the bundle before anything changes; what is
@@ -171,6 +251,16 @@ run_preflight() {
     return
   fi
   bash ./preflight.sh --python "$PY" --prefix "$PREFIX" ||
+    die 4 "preflight failed; fix the items above or pass --skip-preflight"
+}
+
+# A docker bundle's preflight asks Docker, not Python or the prefix.
+run_docker_preflight() {
+  if ((SKIP_PREFLIGHT)); then
+    say "skipping preflight (--skip-preflight)"
+    return
+  fi
+  bash ./preflight.sh ||
     die 4 "preflight failed; fix the items above or pass --skip-preflight"
 }
 
@@ -291,6 +381,149 @@ load_tools() {
   say "tools loaded into $dir (from versions.json):"
   print_tool_versions "$dir/versions.json" ||
     die 5 "$dir/versions.json is not readable (see above); nothing was switched"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Docker bundles: load the archive into the engine, optionally push to the site's registry, and
+# print how to start GPUStack.
+
+# name:tag with an optional registry host, the form `docker load` gives RepoTags.
+IMAGE_REF='^([A-Za-z0-9.-]+(:[0-9]+)?/)?[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*(/[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*)*:[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$'
+
+check_image_files() {
+  local ref
+  case /$IMAGE_ARCHIVE/ in
+    //* | */../*) die 3 "bundle.env has IMAGE_ARCHIVE=$IMAGE_ARCHIVE, not a path inside the bundle; re-copy the whole bundle from the source media" ;;
+  esac
+  [[ -f $IMAGE_ARCHIVE ]] ||
+    die 3 "the image archive $IMAGE_ARCHIVE named in bundle.env is not in $BUNDLE; re-copy the whole bundle from the source media"
+  IFS=, read -ra IMAGE_REFS <<<"$IMAGES"
+  ((${#IMAGE_REFS[@]} > 0)) || die 3 "bundle.env has no image in IMAGES; re-copy the whole bundle from the source media"
+  for ref in "${IMAGE_REFS[@]}"; do
+    [[ $ref =~ $IMAGE_REF ]] ||
+      die 3 "bundle.env has '$ref' in IMAGES, not an image name with a tag; re-copy the whole bundle from the source media"
+  done
+}
+
+# The repository and tag of REF without a registry host: gpustack/gpustack:v0.7.1-cpu.
+repository_path() {
+  local ref=$1 first=${1%%/*}
+  if [[ $ref == */* && ($first == *.* || $first == *:* || $first == localhost) ]]; then
+    ref=${ref#*/}
+  fi
+  printf '%s' "$ref"
+}
+
+# The name REF gets in the site's registry: REGISTRY/gpustack/gpustack:v0.7.1-cpu.
+registry_ref() {
+  printf '%s/%s' "$REGISTRY" "$(repository_path "$1")"
+}
+
+load_images() {
+  local archive=$BUNDLE/$IMAGE_ARCHIVE
+  command -v docker >/dev/null 2>&1 ||
+    die 5 "docker not found on PATH; install Docker Engine from your OS media or mirror (preflight.sh checks this) and run $PROG again"
+  say "loading $IMAGE_ARCHIVE into Docker (docker load; images already there are simply loaded again)"
+  docker load -i "$archive" ||
+    die 5 "'docker load -i $archive' failed (see Docker's message above); check that the Docker daemon runs and has room under its root dir (bash preflight.sh), then run $PROG again"
+}
+
+# Every reference in IMAGES must now be in the engine, for this bundle's platform.
+check_loaded() {
+  local ref info id platform
+  say "images in Docker:"
+  for ref in "${IMAGE_REFS[@]}"; do
+    info=$(docker image inspect --format '{{.Id}} {{.Os}}/{{.Architecture}}' "$ref" 2>&1) ||
+      die 5 "$ref is not in Docker after loading $IMAGE_ARCHIVE ($(tail -n1 <<<"$info")); the archive does not hold it: rebuild the bundle"
+    id=${info%% *} platform=${info#* }
+    printf '  %s  %s  %s\n' "$ref" "$id" "$platform"
+    [[ $platform == "$TARGET_OS/$TARGET_ARCH" ]] ||
+      die 5 "$ref in $IMAGE_ARCHIVE is for $platform, but this bundle is for $TARGET_OS/$TARGET_ARCH: rebuild the bundle"
+  done
+}
+
+# Tag each image with the registry's name and push it; the registry is the only host contacted.
+push_images() {
+  local ref target out digest
+  say "pushing to $REGISTRY"
+  for ref in "${IMAGE_REFS[@]}"; do
+    target=$(registry_ref "$ref")
+    docker tag "$ref" "$target" || die 5 "'docker tag $ref $target' failed (see above)"
+    say "docker push $target"
+    # Progress goes to the terminal as it comes; the output is kept to find the digest.
+    { out=$(docker push "$target" 2>&1 | tee /dev/fd/3); } 3>&1 ||
+      die 5 "'docker push $target' failed (see above): check that $REGISTRY answers from this host, log in first if it needs it (docker login ${REGISTRY%%/*}), and list a registry without TLS under insecure-registries in /etc/docker/daemon.json; then run $PROG --registry $REGISTRY again"
+    digest=$(sed -n 's/.*digest: \(sha256:[0-9a-f]\{64\}\).*/\1/p' <<<"$out" | tail -n1)
+    [[ -n $digest ]] ||
+      die 5 "'docker push $target' did not report a digest (see above); check the registry, then run $PROG --registry $REGISTRY again"
+    say "pushed $target@$digest"
+    PUSHED+=("$target@$digest")
+  done
+}
+
+# The image the run line starts: GPUStack's own when IMAGES has several.
+server_image() {
+  local ref
+  for ref in "${IMAGE_REFS[@]}"; do
+    if [[ $(repository_path "$ref") == gpustack/gpustack:* ]]; then
+      printf '%s' "$ref"
+      return
+    fi
+  done
+  printf '%s' "${IMAGE_REFS[0]}"
+}
+
+# Upstream's `docker run` for the device, as docs/installation/<device>/online-installation.md of
+# GPUStack 0.6.2 and 0.7.1 give it (host network; NVIDIA adds --gpus all and --ipc=host for the
+# shared memory of vLLM and PyTorch), with `--pull never` added.
+print_docker_next_steps() {
+  local image i line=()
+  image=$(server_image)
+  if ((HAS_REGISTRY)); then image=$(registry_ref "$image"); fi
+  line=("docker run -d --name gpustack" "--restart=unless-stopped")
+  case $TARGET_DEVICE in
+    cuda*) line+=("--gpus all" "--network=host" "--ipc=host") ;;
+    *) line+=("--network=host") ;;
+  esac
+  line+=("-v gpustack-data:/var/lib/gpustack" "--pull never" "$image")
+
+  printf '\nGPUStack %s is loaded into Docker (%s).\n' "$GPUSTACK_VERSION" "$BUNDLE_CELL"
+  if ((HAS_REGISTRY)); then
+    printf '  pushed to %s:\n' "$REGISTRY"
+    printf '    %s\n' "${PUSHED[@]}"
+  fi
+  printf '\nNext steps:\n'
+  if ((HAS_REGISTRY)); then
+    cat <<EOF
+  On every other host of the site, get the image from $REGISTRY (Docker trusts a registry
+  without TLS only on 127.0.0.1 or when listed under insecure-registries in daemon.json):
+       docker pull $image
+EOF
+  fi
+  case $TARGET_DEVICE in
+    cpu | cuda*) printf "  Start the GPUStack server and built-in worker (upstream's line for %s):\n" "$TARGET_DEVICE" ;;
+    *) printf "  Start GPUStack; add the %s flags from upstream's installation docs:\n" "$TARGET_DEVICE" ;;
+  esac
+  # Laid out as upstream's docs lay it out: one option a line, continued with a backslash.
+  for i in "${!line[@]}"; do
+    if ((i == 0)); then printf '       %s' "${line[i]}"; else printf '           %s' "${line[i]}"; fi
+    if ((i + 1 < ${#line[@]})); then printf ' \\\n'; else printf '\n'; fi
+  done
+  cat <<EOF
+  --pull never makes Docker use the image on this host and never reach for Docker Hub. Append
+  gpustack start options after the image name (for example --port 9090). Then:
+       docker logs -f gpustack
+       docker exec -it gpustack cat /var/lib/gpustack/initial_admin_password
+EOF
+}
+
+install_docker() {
+  PUSHED=()
+  run_docker_preflight
+  load_images
+  check_loaded
+  if ((HAS_REGISTRY)); then push_images; fi
+  print_docker_next_steps
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -419,9 +652,14 @@ main() {
   BUNDLE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
   cd "$BUNDLE"
 
+  peek_method
   # Step 2 before sourcing bundle.env: a damaged bundle.env must not be executed.
   verify_bundle
   load_bundle_env
+  if [[ $INSTALL_METHOD == docker ]]; then
+    install_docker
+    return
+  fi
   default_python
 
   run_preflight

@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # preflight.sh: check an air-gapped Linux host against GPUStack's prerequisites for this bundle.
 #
-# The checks are the ones upstream's installation docs ask for (CPU flags, Python 3.10-3.12,
-# glibc >= 2.29 for pip workers, NVIDIA driver CUDA version, nvcc, cuDNN for audio), narrowed to
-# the cell described by bundle.env next to this script. Nothing on the system is changed.
+# The checks are the ones upstream's installation docs ask for, narrowed to the cell described by
+# bundle.env next to this script. Pip bundles (INSTALL_METHOD=pip): CPU flags, Python 3.10-3.12,
+# glibc >= 2.29 for pip workers, NVIDIA driver CUDA version, nvcc, cuDNN for audio. Docker bundles
+# (INSTALL_METHOD=docker): CPU flags, a Docker daemon that answers and is new enough, room under
+# Docker's root dir for the image archive, and for CUDA the driver, Docker's NVIDIA runtime and
+# the cgroupfs cgroup driver. Nothing on the system is changed.
 #
 # Exit status: 0 no check failed (warnings allowed), 1 a check failed, 2 usage error.
 set -uo pipefail
@@ -15,6 +18,9 @@ BUNDLE_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 UPSTREAM_GLIBC_FLOOR=2.29
 UPSTREAM_PYTHON_MIN=3.10
 UPSTREAM_PYTHON_MAX=3.12
+# `docker run --pull never` (what install.sh prints) needs 20.10; the image archive's format was
+# checked against `docker load` of 20.10.
+DOCKER_FLOOR=20.10
 
 usage() {
   cat <<EOF
@@ -22,8 +28,10 @@ Usage: $PROG [--python PATH] [--prefix DIR] [--json] [--help]
 
 Checks this host against the prerequisites of the GPUStack bundle in $BUNDLE_DIR.
 
-  --python PATH   Python interpreter to check (default: python<TARGET_PYTHON>, else python3)
-  --prefix DIR    install prefix whose file system needs the free space (default: /opt/gpustack)
+  --python PATH   Python interpreter to check (default: python<TARGET_PYTHON>, else python3);
+                  pip bundles only, ignored for docker bundles
+  --prefix DIR    install prefix whose file system needs the free space (default: /opt/gpustack);
+                  pip bundles only (a docker bundle needs the space under Docker's root dir)
   --json          print one JSON object instead of the report
   --help          show this help
 
@@ -223,8 +231,9 @@ gpu_summary() {
   awk -F', *' 'NF >= 6 { printf "%s%s %s (%s total, %s used, util %s, %s C)", sep, $1, $2, $3, $4, $5, $6; sep = "; " }'
 }
 
-check_nvidia() {
-  local floor=$CUDA_FLOOR csv gpus smi driver_cuda nvcc nvcc_rel
+# nvidia-smi and the driver's CUDA version: both install methods need them.
+check_nvidia_driver() {
+  local floor=$CUDA_FLOOR csv gpus smi driver_cuda
   if ! command -v nvidia-smi >/dev/null 2>&1; then
     add_check nvidia-smi fail "nvidia-smi not found; this is a $TARGET_DEVICE bundle" \
       "install the NVIDIA driver (it provides nvidia-smi) with CUDA >= $floor support, or use the cpu bundle"
@@ -253,6 +262,12 @@ check_nvidia() {
       add_check cuda-driver fail "driver supports CUDA $driver_cuda; this bundle needs >= $floor" "$fix"
     fi
   fi
+}
+
+# The pip path's CUDA checks: the driver, then the toolkit and cuDNN upstream lists for pip.
+check_nvidia() {
+  local floor=$CUDA_FLOOR nvcc nvcc_rel
+  check_nvidia_driver
 
   # Upstream lists nvcc for the pip path, but the wheels carry their own CUDA runtime: warn only.
   nvcc=$(command -v nvcc 2>/dev/null || { [[ -x /usr/local/cuda/bin/nvcc ]] && echo /usr/local/cuda/bin/nvcc; })
@@ -321,6 +336,133 @@ check_disk() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# Docker bundles
+
+# Runs docker with a time limit where coreutils' timeout exists: a DOCKER_HOST on an unreachable
+# TCP address would otherwise hang the preflight.
+docker_cmd() {
+  if command -v timeout >/dev/null 2>&1; then
+    timeout 60 docker "$@"
+  else
+    docker "$@"
+  fi
+}
+
+# A fix line for a daemon that does not answer, from the client's error message.
+docker_daemon_fix() {
+  case $1 in
+    *"permission denied"*)
+      printf 'run as root (sudo), or add this user to the docker group (usermod -aG docker USER, then log in again)' ;;
+    *)
+      printf 'start the Docker daemon (systemctl start docker) and check that docker info works%s' \
+        "${DOCKER_HOST:+; DOCKER_HOST=$DOCKER_HOST is set: unset it or point it at the running daemon}" ;;
+  esac
+}
+
+# Sets DOCKER_OK=1 and DOCKER_ROOT, DOCKER_CGROUP, DOCKER_RUNTIMES when the daemon answers.
+check_docker() {
+  local out version
+  DOCKER_OK=0 DOCKER_ROOT="" DOCKER_CGROUP="" DOCKER_RUNTIMES=""
+  if ! command -v docker >/dev/null 2>&1; then
+    add_check docker fail "docker CLI not found on PATH; this is a docker bundle" \
+      "install Docker Engine (docker-ce, or docker.io on Debian/Ubuntu) from your OS media or mirror, or use the pip bundle of the same cell"
+    add_check docker-daemon skip "no docker CLI"
+    add_check docker-version skip "no docker CLI"
+    return
+  fi
+  add_check docker ok "$(command -v docker)"
+
+  # `docker info --format` says nothing when the daemon is down; `docker version` names why.
+  if ! out=$(docker_cmd version --format '{{.Server.Version}}' 2>&1) || [[ -z $out ]]; then
+    out=$(grep -v '^[[:space:]]*$' <<<"$out" | tail -n1)
+    add_check docker-daemon fail "the Docker daemon does not answer: ${out:-docker version printed nothing}" \
+      "$(docker_daemon_fix "$out")"
+    add_check docker-version skip "no Docker daemon"
+    return
+  fi
+  version=$out
+  # One call for the rest, one value per line. Its warnings on stderr ("No swap limit support")
+  # must not mix with the values; on failure it runs again to say why.
+  # shellcheck disable=SC2016 # a Go template, not shell
+  local format='{{.DockerRootDir}}{{"\n"}}{{.CgroupDriver}}{{"\n"}}{{range $name, $_ := .Runtimes}}{{$name}} {{end}}'
+  if ! out=$(docker_cmd info --format "$format" 2>/dev/null); then
+    out=$(docker_cmd info --format "$format" 2>&1 >/dev/null)
+    add_check docker-daemon fail "docker info failed: $(grep -v '^[[:space:]]*$' <<<"$out" | tail -n1)" \
+      "$(docker_daemon_fix "$out")"
+    add_check docker-version skip "no Docker daemon"
+    return
+  fi
+  { IFS= read -r DOCKER_ROOT; IFS= read -r DOCKER_CGROUP; IFS= read -r DOCKER_RUNTIMES; } <<<"$out"
+  DOCKER_RUNTIMES=${DOCKER_RUNTIMES% }
+  DOCKER_OK=1
+  add_check docker-daemon ok "Docker Engine $version answers${DOCKER_HOST:+ at $DOCKER_HOST}"
+
+  # "20.10.24+dfsg1", "24.0.7-ce", "28.2.2": the leading dotted number is what counts.
+  local number=${version%%[!0-9.]*}
+  number=${number%.}
+  if version_ge "$number" "$DOCKER_FLOOR"; then
+    add_check docker-version ok "$version (need >= $DOCKER_FLOOR)"
+  elif [[ -n $number ]] && version_ge "$number" 0; then
+    add_check docker-version fail "Docker Engine $version is older than $DOCKER_FLOOR" \
+      "upgrade Docker Engine to $DOCKER_FLOOR or newer from your mirror (docker run --pull never needs it)"
+  else
+    add_check docker-version warn "cannot read the Docker Engine version from '$version'" \
+      "check by hand that docker version shows a server of $DOCKER_FLOOR or newer"
+  fi
+}
+
+# Upstream's Docker path for NVIDIA: `docker info | grep Runtimes | grep nvidia`, and systemd
+# cgroup management disabled, else containers lose the GPU after `systemctl daemon-reload`
+# ("Failed to initialize NVML: Unknown Error").
+check_nvidia_docker() {
+  if ((!DOCKER_OK)); then
+    add_check nvidia-runtime skip "no Docker daemon"
+    add_check cgroup-driver skip "no Docker daemon"
+    return
+  fi
+  if [[ " $DOCKER_RUNTIMES " == *" nvidia "* ]]; then
+    add_check nvidia-runtime ok "Docker runtimes: $DOCKER_RUNTIMES"
+  else
+    add_check nvidia-runtime fail "the NVIDIA runtime is not registered with Docker (runtimes: ${DOCKER_RUNTIMES:-none}); GPU containers cannot start" \
+      "install the NVIDIA Container Toolkit from your mirror, run nvidia-ctk runtime configure --runtime=docker, restart Docker, and check: docker info | grep Runtimes | grep nvidia"
+  fi
+  if [[ $DOCKER_CGROUP == cgroupfs ]]; then
+    add_check cgroup-driver ok "cgroupfs"
+  else
+    add_check cgroup-driver fail "Docker's cgroup driver is ${DOCKER_CGROUP:-unknown}, not cgroupfs; GPU containers lose their GPUs after systemctl daemon-reload (Failed to initialize NVML: Unknown Error)" \
+      "add \"exec-opts\": [\"native.cgroupdriver=cgroupfs\"] to /etc/docker/daemon.json, then systemctl daemon-reload && systemctl restart docker"
+  fi
+}
+
+# `docker load` unpacks the archive's compressed layers under Docker's root dir: ask for about
+# twice the archive's size there.
+check_docker_disk() {
+  local archive=$BUNDLE_DIR/$IMAGE_ARCHIVE archive_kb need_kb need_mb free_kb
+  if [[ ! -f $archive ]]; then
+    add_check disk fail "the image archive $IMAGE_ARCHIVE is missing from the bundle" \
+      "re-copy the whole bundle from the source media"
+    return
+  fi
+  if ((!DOCKER_OK)); then
+    add_check disk skip "no Docker daemon to ask for its root dir"
+    return
+  fi
+  archive_kb=$(du -sk -- "$archive" | awk '{ print $1 }')
+  need_kb=$((archive_kb * 2))
+  need_mb=$(((need_kb + 1023) / 1024))
+  free_kb=$(df -Pk -- "$DOCKER_ROOT" 2>/dev/null | awk 'END { print $4 }')
+  if [[ ! $free_kb =~ ^[0-9]+$ ]]; then
+    add_check disk warn "cannot read free space of Docker's root dir ${DOCKER_ROOT:-(unknown)}" \
+      "make sure $need_mb MiB are free there (df -h ${DOCKER_ROOT:-/var/lib/docker})"
+  elif ((free_kb >= need_kb)); then
+    add_check disk ok "$((free_kb / 1024)) MiB free at $DOCKER_ROOT (need $need_mb MiB for $IMAGE_ARCHIVE)"
+  else
+    add_check disk fail "$((free_kb / 1024)) MiB free at $DOCKER_ROOT, Docker's root dir; loading $IMAGE_ARCHIVE needs $need_mb MiB" \
+      "free space there (docker image prune, docker system df) or move Docker's data-root to a larger file system"
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------
 # Output
 
 # json_str S: S as a JSON string literal. Backslash and quote are escaped first, then the
@@ -383,6 +525,15 @@ load_bundle_env() {
   done
   GLIBC_FLOOR=${GLIBC_FLOOR:-}
   CUDA_FLOOR=${CUDA_FLOOR:-}
+  # Bundles from before the docker method have no INSTALL_METHOD: they are pip bundles.
+  INSTALL_METHOD=${INSTALL_METHOD:-pip}
+  case $INSTALL_METHOD in
+    pip) ;;
+    docker)
+      [[ -n ${IMAGE_ARCHIVE:-} ]] || usage_error "bundle.env in $BUNDLE_DIR has no IMAGE_ARCHIVE; re-copy the bundle from the source media"
+      ;;
+    *) usage_error "bundle.env in $BUNDLE_DIR names the install method '$INSTALL_METHOD'; this preflight.sh knows pip and docker: re-copy the bundle from the source media" ;;
+  esac
 }
 
 main() {
@@ -401,6 +552,8 @@ main() {
   done
   [[ -n $PREFIX ]] || usage_error "--prefix must not be empty"
   [[ $PREFIX == /* ]] || PREFIX=$PWD/$PREFIX
+  # Values of the caller's environment must not stand in for keys bundle.env lacks.
+  INSTALL_METHOD="" IMAGE_ARCHIVE=""
   load_bundle_env
   if [[ -z $PY ]]; then
     PY=python$TARGET_PYTHON
@@ -410,19 +563,34 @@ main() {
   check_os
   check_arch
   check_cpu
-  check_python
-  check_glibc
-  if [[ $TARGET_DEVICE == cuda* ]]; then
-    if [[ -z $CUDA_FLOOR ]]; then
+  if [[ $INSTALL_METHOD == docker ]]; then
+    # The image carries Python, glibc and the CUDA runtime: the host needs Docker instead.
+    check_docker
+    if [[ $TARGET_DEVICE != cuda* ]]; then
+      add_check nvidia-smi skip "not a CUDA bundle (device $TARGET_DEVICE)"
+    elif [[ -z $CUDA_FLOOR ]]; then
       add_check cuda-driver fail "bundle.env names device $TARGET_DEVICE but no CUDA_FLOOR" \
         "re-copy the bundle from the source media"
     else
-      check_nvidia
+      check_nvidia_driver
+      check_nvidia_docker
     fi
+    check_docker_disk
   else
-    add_check nvidia-smi skip "not a CUDA bundle (device $TARGET_DEVICE)"
+    check_python
+    check_glibc
+    if [[ $TARGET_DEVICE == cuda* ]]; then
+      if [[ -z $CUDA_FLOOR ]]; then
+        add_check cuda-driver fail "bundle.env names device $TARGET_DEVICE but no CUDA_FLOOR" \
+          "re-copy the bundle from the source media"
+      else
+        check_nvidia
+      fi
+    else
+      add_check nvidia-smi skip "not a CUDA bundle (device $TARGET_DEVICE)"
+    fi
+    check_disk
   fi
-  check_disk
 
   local failed=0 s
   for s in "${C_STATUS[@]}"; do [[ $s == fail ]] && failed=1; done

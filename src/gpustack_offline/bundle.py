@@ -68,7 +68,8 @@ def bundle_env(
         "REQUIREMENT": cell.requirement,
         "TOOLS_ARCHIVE": tools_archive,
         "IMAGE_ARCHIVE": IMAGE_ARCHIVE if images else "",
-        "IMAGES": " ".join(_familiar(i.reference) for i in images),
+        # comma-separated: bundle.env is read by sh and PowerShell, so no value has a space
+        "IMAGES": ",".join(_familiar(i.reference) for i in images),
     }
 
 

@@ -32,7 +32,7 @@ IMAGE_PORT = 80  # upstream's images run `gpustack start`, which listens on 80 b
 def bundle_images(bundle_dir: Path) -> list[str]:
     for line in (bundle_dir / "bundle.env").read_text().splitlines():
         if line.startswith("IMAGES="):
-            return line.removeprefix("IMAGES=").split()
+            return [r for r in line.removeprefix("IMAGES=").split(",") if r]
     return []
 
 

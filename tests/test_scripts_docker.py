@@ -1,0 +1,493 @@
+"""The target side of the Docker install method: scripts/install.sh and scripts/preflight.sh on a
+docker bundle, run for real with bash against this host's Docker Engine.
+
+The bundle carries a real `images/images.tar`, written by `images.export_images` from an image
+pulled off the loopback hub: the runnable Debian fixture image with a label of its own, so its
+image ID is this module's alone and removing it never disturbs another test's copy. It is named
+in Docker Hub short form, as upstream's `gpustack/gpustack:v0.7.1-cpu` is. The site registry is
+the plain loopback one. The only fake is `nvidia-smi` (this host has no NVIDIA driver); a host
+without the `docker` CLI is a PATH of links to everything on this one but docker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from registry_fixture import (  # noqa: F401 - session fixtures by name
+    DistributionRegistry,
+    Hub,
+    hub_fixture,
+    runnable,
+    runnable_image_fixture,
+    site_registry_fixture,
+)
+from test_scripts import (
+    HOST_ARCH,
+    SCRIPTS,
+    build_gpustack_wheel,
+    bundle_env,
+    check,
+    fake_nvidia_smi,
+    make_bundle,
+    render_readme,
+    run_script,
+    sha256_file,
+    write_sha256sums,
+)
+
+from gpustack_offline.fetch import BlobStore
+from gpustack_offline.images import export_images
+from gpustack_offline.registry import Reference, Registry
+
+# The loaded name: Docker Hub short form, unique to this module.
+IMAGE = "gpustack-offline-test/runnable:docker-bundle"
+IMAGE_ARCHIVE = "images/images.tar"
+HELLO = "hello from the gpustack-offline fixture image"
+NO_CONFIG = {"DOCKER_CONFIG": "/nonexistent/gpustack-offline-tests"}
+
+# ---------------------------------------------------------------------------------------------
+# The archive and the bundle
+
+
+@dataclasses.dataclass(frozen=True)
+class Archive:
+    path: Path
+    image_id: str  # what `docker image inspect` says after loading: the config digest
+
+
+@pytest.fixture(scope="module")
+def archive(hub: Hub, runnable_image, tmp_path_factory: pytest.TempPathFactory) -> Archive:
+    """images.tar holding IMAGE for linux/amd64, made the way a build makes it."""
+    variant = runnable("gpustack-offline-test/runnable")  # same layers, its own config
+    hub.push("fixture/runnable", "docker-bundle", [variant], index=False)
+    root = tmp_path_factory.mktemp("docker-archive")
+    store = BlobStore(root / "cache")
+    pulled = Registry(store, env=NO_CONFIG).pull(
+        hub.ref("fixture/runnable:docker-bundle"), "linux/amd64"
+    )
+    image = dataclasses.replace(pulled, reference=Reference.parse(IMAGE))
+    export_images([image], store, root / "images.tar")
+    return Archive(root / "images.tar", f"sha256:{image.config.hex}")
+
+
+def make_docker_bundle(where: Path, archive: Path, images: str = IMAGE, **overrides: str) -> Path:
+    """A docker bundle as the build lays it out: the archive, bundle.env with INSTALL_METHOD,
+    IMAGE_ARCHIVE and IMAGES, the scripts, the READMEs and SHA256SUMS; no wheels."""
+    env = bundle_env(**{"INSTALL_METHOD": "docker", **overrides})
+    env.update(IMAGE_ARCHIVE=IMAGE_ARCHIVE, IMAGES=images)
+    bundle = where / "bundle"
+    (bundle / "images").mkdir(parents=True)
+    try:
+        os.link(archive, bundle / IMAGE_ARCHIVE)  # same bytes, no copy; never written to
+    except OSError:
+        shutil.copyfile(archive, bundle / IMAGE_ARCHIVE)
+    # As the build writes it: plain KEY=value lines (IMAGES is comma-separated).
+    (bundle / "bundle.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+    (bundle / "manifest.json").write_text(json.dumps({"cell": env["BUNDLE_CELL"]}) + "\n")
+    for name in ("install.sh", "preflight.sh", "check-tools-archive.py"):
+        shutil.copy2(SCRIPTS / name, bundle / name)
+    for name in ("README.md", "README.zh-CN.md"):
+        (bundle / name).write_text(render_readme(SCRIPTS / name, env), encoding="utf-8")
+    write_sha256sums(bundle)
+    return bundle
+
+
+@pytest.fixture()
+def dummy_archive(tmp_path: Path) -> Path:
+    """For tests that never reach `docker load`."""
+    path = tmp_path / "dummy.tar"
+    path.write_bytes(b"not loaded by these tests\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Docker
+
+
+def docker(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["docker", *args], capture_output=True, text=True, timeout=300, check=check
+    )
+
+
+def image_id(name: str) -> str | None:
+    proc = docker("image", "inspect", "--format", "{{.Id}}", name, check=False)
+    return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def remove_image(name_or_id: str) -> None:
+    docker("rmi", "--force", name_or_id, check=False)
+
+
+@pytest.fixture()
+def engine(archive: Archive) -> Iterator[Archive]:
+    """IMAGE is not in the engine before the test, and neither it nor any tag the test gave its
+    ID is there after: removing the ID with --force drops every name it has."""
+    remove_image(archive.image_id)  # left by an interrupted run: the ID is fixed
+    remove_image(IMAGE)
+    assert image_id(IMAGE) is None
+    yield archive
+    remove_image(archive.image_id)
+    assert image_id(archive.image_id) is None
+
+
+def install(bundle: Path, *args: str, **kw) -> subprocess.CompletedProcess[str]:
+    return run_script(bundle, "install.sh", *args, **kw)
+
+
+def error_line(proc: subprocess.CompletedProcess[str]) -> str:
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("install.sh: error:")]
+    return line
+
+
+def run_line(stdout: str) -> list[str]:
+    """The `docker run` line install.sh prints, as its argument list."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("docker run "))
+    words: list[str] = []
+    for line in lines[start:]:
+        words += line.strip().removesuffix("\\").split()
+        if not line.endswith("\\"):
+            return words
+    raise AssertionError(stdout)
+
+
+def preflight(bundle: Path, **kw) -> tuple[int, dict]:
+    proc = run_script(bundle, "preflight.sh", "--json", **kw)
+    assert proc.stdout.count("\n") == 1, proc.stdout + proc.stderr
+    return proc.returncode, json.loads(proc.stdout)
+
+
+# ---------------------------------------------------------------------------------------------
+# install.sh: load, run, push
+
+
+@pytest.mark.integration
+def test_install_loads_the_image_and_it_runs_with_no_network(
+    tmp_path: Path, engine: Archive
+) -> None:
+    bundle = make_docker_bundle(tmp_path, engine.path)
+
+    proc = install(bundle)
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "preflight: passed" in proc.stdout
+    assert f"Loaded image: {IMAGE}" in proc.stdout
+    assert re.search(rf"^  {re.escape(IMAGE)}  {engine.image_id}  linux/amd64$", proc.stdout, re.M)
+    assert image_id(IMAGE) == engine.image_id
+    # upstream's CPU line for 0.6/0.7, plus --pull never
+    assert run_line(proc.stdout) == [
+        "docker", "run", "-d", "--name", "gpustack", "--restart=unless-stopped",
+        "--network=host", "-v", "gpustack-data:/var/lib/gpustack", "--pull", "never", IMAGE,
+    ]  # fmt: skip
+
+    said = docker("run", "--rm", "--network", "none", "--pull", "never", IMAGE)
+    assert HELLO in said.stdout
+    docker("run", "--rm", "--network", "none", "--pull", "never", IMAGE, "true")
+
+    again = install(bundle)  # re-running over the loaded image is fine
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert image_id(IMAGE) == engine.image_id
+
+
+@pytest.mark.integration
+def test_install_pushes_to_the_site_registry_and_the_image_pulls_back_the_same(
+    tmp_path: Path, engine: Archive, site_registry: DistributionRegistry
+) -> None:
+    bundle = make_docker_bundle(tmp_path, engine.path)
+    # under a prefix, then plain: the pull below is from the plain name
+    for registry in (f"{site_registry.host}/site/mirror", site_registry.host):
+        target = f"{registry}/{IMAGE}"  # upstream's repository name under the registry
+
+        proc = install(bundle, "--registry", registry)
+
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        pushed = re.search(rf"^install\.sh: pushed {re.escape(target)}@(sha256:[0-9a-f]{{64}})$",
+                           proc.stdout, re.M)  # fmt: skip
+        assert pushed, proc.stdout
+        repository, tag = target.removeprefix(f"{site_registry.host}/").split(":")
+        head = requests.head(
+            f"{site_registry.url}/v2/{repository}/manifests/{tag}",
+            headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
+            timeout=30,
+        )
+        assert head.status_code == 200
+        assert head.headers["Docker-Content-Digest"] == pushed.group(1)
+        assert run_line(proc.stdout)[-1] == target
+        assert f"docker pull {target}" in proc.stdout
+
+    remove_image(engine.image_id)  # every local name of it: the pull must come from the site
+    assert image_id(target) is None and image_id(IMAGE) is None
+    docker("pull", target)
+    assert image_id(target) == engine.image_id
+    docker("run", "--rm", "--network", "none", "--pull", "never", target, "true")
+
+
+@pytest.mark.integration
+def test_the_cuda_run_line_is_upstreams_nvidia_line(tmp_path: Path, engine: Archive) -> None:
+    bundle = make_docker_bundle(tmp_path, engine.path, TARGET_DEVICE="cuda12.8")
+
+    proc = install(bundle, "--skip-preflight")  # this host has no NVIDIA runtime
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "skipping preflight" in proc.stdout
+    assert run_line(proc.stdout) == [
+        "docker", "run", "-d", "--name", "gpustack", "--restart=unless-stopped",
+        "--gpus", "all", "--network=host", "--ipc=host",
+        "-v", "gpustack-data:/var/lib/gpustack", "--pull", "never", IMAGE,
+    ]  # fmt: skip
+
+
+@pytest.mark.integration
+def test_a_damaged_image_archive_is_refused_before_anything_is_loaded(
+    tmp_path: Path, engine: Archive
+) -> None:
+    bundle = make_docker_bundle(tmp_path, engine.path)
+    tar = bundle / IMAGE_ARCHIVE
+    data = bytearray(tar.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    tar.unlink()  # a hard link to the module's archive: replace, never write through it
+    tar.write_bytes(bytes(data))
+
+    proc = install(bundle)
+
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert f"install.sh: altered (checksum mismatch): {IMAGE_ARCHIVE}" in proc.stderr
+    assert "re-copy the whole bundle" in error_line(proc)
+    assert "loading" not in proc.stdout and "preflight" not in proc.stdout
+    assert image_id(IMAGE) is None
+
+
+@pytest.mark.integration
+def test_an_image_the_archive_lacks_fails_the_install(tmp_path: Path, engine: Archive) -> None:
+    bundle = make_docker_bundle(tmp_path, engine.path, images=f"{IMAGE},gpustack/gpustack:nope")
+
+    proc = install(bundle)
+
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert error_line(proc).startswith(
+        "install.sh: error: gpustack/gpustack:nope is not in Docker after loading images/images.tar"
+    )
+    assert "rebuild the bundle" in error_line(proc)
+
+
+# ---------------------------------------------------------------------------------------------
+# preflight.sh
+
+
+@pytest.mark.integration
+def test_preflight_checks_docker_and_not_python_for_a_docker_bundle(
+    tmp_path: Path, archive: Archive
+) -> None:
+    bundle = make_docker_bundle(tmp_path, archive.path)
+
+    code, report = preflight(bundle)
+
+    assert code == 0, report
+    assert report["cell"] == bundle_env(INSTALL_METHOD="docker")["BUNDLE_CELL"]
+    assert report["cell"].startswith(f"v0.7.1-linux-{HOST_ARCH}-cpu-py")
+    assert report["cell"].endswith("-base-docker")
+    names = [c["name"] for c in report["checks"]]
+    assert names == ["os", "arch", "cpu", "docker", "docker-daemon", "docker-version",
+                     "nvidia-smi", "disk"]  # fmt: skip
+    server = docker("version", "--format", "{{.Server.Version}}").stdout.strip()
+    assert check(report, "docker-version") == {
+        "name": "docker-version", "status": "ok", "detail": f"{server} (need >= 20.10)", "fix": "",
+    }  # fmt: skip
+    root = docker("info", "--format", "{{.DockerRootDir}}").stdout.strip()
+    archive_kb = int(subprocess.check_output(["du", "-sk", archive.path]).split()[0])
+    need_mb = (2 * archive_kb + 1023) // 1024
+    assert check(report, "disk")["detail"].endswith(
+        f"MiB free at {root} (need {need_mb} MiB for {IMAGE_ARCHIVE})"
+    )
+
+
+@pytest.mark.integration
+def test_preflight_names_the_missing_nvidia_runtime_for_a_cuda_cell(
+    tmp_path: Path, dummy_archive: Path
+) -> None:
+    bundle = make_docker_bundle(tmp_path, dummy_archive, TARGET_DEVICE="cuda12.4")
+    smi = fake_nvidia_smi(tmp_path / "bin", cuda="12.4")  # the driver is fine
+
+    code, report = preflight(bundle, path_prepend=smi)
+
+    assert code == 1
+    failed = [c for c in report["checks"] if c["status"] == "fail"]
+    assert [c["name"] for c in failed] == ["nvidia-runtime"], failed
+    assert failed[0]["detail"].startswith("the NVIDIA runtime is not registered with Docker")
+    assert "NVIDIA Container Toolkit" in failed[0]["fix"]
+    assert check(report, "cuda-driver")["status"] == "ok"
+    cgroup = docker("info", "--format", "{{.CgroupDriver}}").stdout.strip()
+    assert check(report, "cgroup-driver")["status"] == ("ok" if cgroup == "cgroupfs" else "fail")
+    assert not {"python", "python-venv", "glibc", "nvcc", "cudnn"} & {
+        c["name"] for c in report["checks"]
+    }
+
+    proc = install(bundle, path_prepend=smi)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert "[fail] nvidia-runtime" in proc.stdout
+    assert "preflight failed" in error_line(proc)
+
+
+def path_without_docker(where: Path) -> Path:
+    """A folder of links to every program on PATH except docker*, in PATH order."""
+    where.mkdir()
+    for folder in os.environ["PATH"].split(os.pathsep):
+        if not os.path.isdir(folder):
+            continue
+        for entry in os.scandir(folder):
+            target = where / entry.name
+            if entry.name.startswith("docker") or target.exists():
+                continue
+            if entry.is_file() and os.access(entry.path, os.X_OK):
+                target.symlink_to(entry.path)
+    return where
+
+
+def test_preflight_and_install_say_so_when_docker_is_not_installed(
+    tmp_path: Path, dummy_archive: Path
+) -> None:
+    bundle = make_docker_bundle(tmp_path, dummy_archive)
+    env = {"PATH": str(path_without_docker(tmp_path / "bin"))}
+    assert shutil.which("docker", path=env["PATH"]) is None
+
+    code, report = preflight(bundle, extra_env=env)
+
+    assert code == 1
+    cli = check(report, "docker")
+    assert cli["status"] == "fail"
+    assert cli["detail"] == "docker CLI not found on PATH; this is a docker bundle"
+    assert "install Docker Engine" in cli["fix"]
+    assert check(report, "docker-daemon")["status"] == "skip"
+    assert check(report, "disk")["status"] == "skip"
+
+    proc = install(bundle, extra_env=env)
+    assert proc.returncode == 4, proc.stdout + proc.stderr
+    assert "[fail] docker" in proc.stdout
+
+    proc = install(bundle, "--skip-preflight", extra_env=env)
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert "docker not found on PATH; install Docker Engine" in error_line(proc)
+
+
+@pytest.mark.integration
+def test_preflight_says_so_when_the_daemon_does_not_answer(
+    tmp_path: Path, dummy_archive: Path
+) -> None:
+    bundle = make_docker_bundle(tmp_path, dummy_archive)
+    env = {"DOCKER_HOST": "unix:///nonexistent.sock"}
+
+    code, report = preflight(bundle, extra_env=env)
+
+    assert code == 1
+    daemon = check(report, "docker-daemon")
+    assert daemon["status"] == "fail"
+    assert daemon["detail"].startswith("the Docker daemon does not answer: ")
+    assert "unix:///nonexistent.sock" in daemon["detail"]
+    assert "DOCKER_HOST=unix:///nonexistent.sock is set" in daemon["fix"]
+    assert [check(report, n)["status"] for n in ("docker", "docker-version", "disk")] == [
+        "ok", "skip", "skip",
+    ]  # fmt: skip
+
+    text = run_script(bundle, "preflight.sh", extra_env=env)
+    assert text.returncode == 1
+    failed = r"^\[fail\] docker-daemon +the Docker daemon does not answer"
+    assert re.search(failed, text.stdout, re.M)
+
+
+# ---------------------------------------------------------------------------------------------
+# Options
+
+
+def test_registry_is_refused_for_a_pip_bundle(tmp_path: Path) -> None:
+    bundle = make_bundle(tmp_path, build_gpustack_wheel(tmp_path / "wheel"))
+
+    proc = install(bundle, "--registry", "127.0.0.1:5000")
+
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert error_line(proc) == (
+        "install.sh: error: --registry applies to docker bundles only; this is a pip bundle "
+        "(omit --registry; see --help)"
+    )
+    assert "verifying" not in proc.stdout  # refused before the bundle is even read through
+
+
+@pytest.mark.parametrize("option", ["--prefix", "--python"])
+def test_pip_options_are_refused_for_a_docker_bundle(
+    tmp_path: Path, dummy_archive: Path, option: str
+) -> None:
+    bundle = make_docker_bundle(tmp_path, dummy_archive)
+
+    proc = install(bundle, option, "/opt/x")
+
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"{option} applies to pip bundles only" in error_line(proc)
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("http://127.0.0.1:5000", "without a scheme: --registry 127.0.0.1:5000"),
+        ("registry", "Docker would read 'registry' as part of a Docker Hub repository"),
+        ("127.0.0.1:5000/", "no trailing slash"),
+        ("127.0.0.1:5000/Mirror", "must be lowercase path components"),
+        ("bad_host.example:5000", "is not a host name"),
+        ("", "must not be empty"),
+    ],
+    ids=["scheme", "no-dot-or-port", "trailing-slash", "uppercase-prefix", "bad-host", "empty"],
+)
+def test_a_malformed_registry_is_a_usage_error(
+    tmp_path: Path, dummy_archive: Path, value: str, message: str
+) -> None:
+    bundle = make_docker_bundle(tmp_path, dummy_archive)
+
+    proc = install(bundle, f"--registry={value}")
+
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in error_line(proc)
+
+
+@pytest.mark.parametrize(
+    ("images", "message"),
+    [("", "bundle.env has no IMAGES"), ("gpustack/gpustack", "not an image name with a tag")],
+    ids=["empty", "no-tag"],
+)
+def test_a_bundle_env_without_usable_images_is_a_damaged_bundle(
+    tmp_path: Path, dummy_archive: Path, images: str, message: str
+) -> None:
+    bundle = make_docker_bundle(tmp_path, dummy_archive, images=images)
+
+    proc = install(bundle)
+
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert message in error_line(proc)
+    assert "re-copy the whole bundle" in error_line(proc)
+
+
+def test_the_readmes_describe_the_docker_method(tmp_path: Path, dummy_archive: Path) -> None:
+    bundle = make_docker_bundle(tmp_path, dummy_archive)
+    for name in ("README.md", "README.zh-CN.md"):
+        text = (bundle / name).read_text("utf-8")
+        assert "{{" not in text
+        for needle in ("images/images.tar", "--registry", "docker load", "--pull never",
+                       "gpustack-data:/var/lib/gpustack", "--gpus all"):  # fmt: skip
+            assert needle in text, (name, needle)
+    assert sha256_file(bundle / "README.md") != sha256_file(bundle / "README.zh-CN.md")
+
+
+def test_an_unknown_install_method_is_a_damaged_bundle(tmp_path: Path, dummy_archive: Path) -> None:
+    bundle = make_docker_bundle(tmp_path, dummy_archive, INSTALL_METHOD="conda")
+
+    proc = install(bundle)
+
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "bundle.env names the install method 'conda'" in error_line(proc)
