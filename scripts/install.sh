@@ -28,7 +28,7 @@ PROG=install.sh
 usage() {
   cat <<EOF
 Usage: $PROG [--prefix DIR] [--python PATH] [--skip-preflight] [--help]     (pip bundles)
-       $PROG [--registry HOST[:PORT][/PREFIX]] [--skip-preflight] [--help]  (docker bundles)
+       $PROG [--prefix DIR] [--registry HOST[:PORT][/PREFIX]] [--skip-preflight] (docker bundles)
 
 A pip bundle (INSTALL_METHOD=pip in bundle.env) installs GPUStack into DIR/releases/<release>,
 loads the bundle's tools archive (llama-box, gguf-parser, fastfetch) into it if it has one, then
@@ -36,9 +36,11 @@ points DIR/current at it.
 
 A docker bundle (INSTALL_METHOD=docker) loads GPUStack's image(s) into Docker with docker load;
 with --registry it also tags and pushes them to that registry, keeping upstream's repository
-names (REGISTRY/gpustack/gpustack:TAG). It then prints the docker run line to start GPUStack.
+names (REGISTRY/gpustack/gpustack:TAG). It writes DIR/docker.env, the air-gapped settings for
+the container, and prints the docker run line to start GPUStack with it.
 
-  --prefix DIR       install prefix (default: /opt/gpustack); pip bundles only
+  --prefix DIR       install prefix (default: /opt/gpustack); for docker bundles, where
+                     docker.env goes
   --python PATH      Python interpreter for the virtual environment
                      (default: python<TARGET_PYTHON> from bundle.env, else python3); pip bundles only
   --registry REG     the site's registry, HOST[:PORT][/PREFIX] without http://, such as
@@ -76,8 +78,8 @@ parse_args() {
   PIP_OPTIONS=()
   while (($# > 0)); do
     case $1 in
-      --prefix) (($# >= 2)) || die 2 "--prefix needs a directory; see --help"; PREFIX=$2; PIP_OPTIONS+=(--prefix); shift 2 ;;
-      --prefix=*) PREFIX=${1#*=}; PIP_OPTIONS+=(--prefix); shift ;;
+      --prefix) (($# >= 2)) || die 2 "--prefix needs a directory; see --help"; PREFIX=$2; shift 2 ;;
+      --prefix=*) PREFIX=${1#*=}; shift ;;
       --python) (($# >= 2)) || die 2 "--python needs a path; see --help"; PY=$2; PIP_OPTIONS+=(--python); shift 2 ;;
       --python=*) PY=${1#*=}; PIP_OPTIONS+=(--python); shift ;;
       --registry) (($# >= 2)) || die 2 "--registry needs HOST[:PORT][/PREFIX]; see --help"; REGISTRY=$2; HAS_REGISTRY=1; shift 2 ;;
@@ -473,6 +475,47 @@ server_image() {
   printf '%s' "${IMAGE_REFS[0]}"
 }
 
+# The air-gapped environment for the container, as the pip path's gpustack.yaml/gpustack.env:
+# GPUStack's own GPUSTACK_* variables (read by `gpustack start` as its option defaults) and the
+# libraries' switches. The model catalog's path inside the image is asked of the image itself.
+# Written once: a site's edits are kept on later installs.
+write_docker_env() {
+  local image package
+  image=$(server_image)
+  DOCKER_ENV=$PREFIX/docker.env
+  if [[ -e $DOCKER_ENV ]]; then
+    say "kept the existing $DOCKER_ENV"
+    return
+  fi
+  local catalog="# GPUSTACK_MODEL_CATALOG_FILE=(GPUStack's python package not found in $image)"
+  if package=$(docker run --rm --network none --pull never --entrypoint python3 "$image" -I -c \
+    'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("gpustack").origin))' \
+    2>/dev/null); then
+    catalog=GPUSTACK_MODEL_CATALOG_FILE=$package/assets/model-catalog.yaml
+  else
+    say "warning: could not ask $image where GPUStack is installed; the model catalog is not set"
+  fi
+  mkdir -p -- "$PREFIX" || die 6 "could not create $PREFIX; check permissions"
+  cat >"$DOCKER_ENV.tmp" <<EOF || die 6 "could not write $DOCKER_ENV; check permissions on $PREFIX"
+# Environment for GPUStack's container on an air-gapped site, written by install.sh
+# ($BUNDLE_CELL); used with docker run --env-file. Each line keeps the first start from
+# reaching for the internet; delete one to turn upstream's behaviour back on.
+# --model-catalog-file: the catalog inside the image, not huggingface.co / modelscope.cn
+$catalog
+# --update-check-url: a closed local port (also answers the UI's /update/)
+GPUSTACK_UPDATE_CHECK_URL=http://127.0.0.1:1/
+# --tools-download-base-url: a missing tool fails at once (the image carries its tools)
+GPUSTACK_TOOLS_DOWNLOAD_BASE_URL=http://127.0.0.1:1
+HF_HUB_OFFLINE=1
+HF_HUB_DISABLE_TELEMETRY=1
+DO_NOT_TRACK=1
+VLLM_NO_USAGE_STATS=1
+RAY_USAGE_STATS_ENABLED=0
+EOF
+  mv -f -- "$DOCKER_ENV.tmp" "$DOCKER_ENV" || die 6 "could not write $DOCKER_ENV"
+  say "wrote $DOCKER_ENV"
+}
+
 # Upstream's `docker run` for the device, as docs/installation/<device>/online-installation.md of
 # GPUStack 0.6.2 and 0.7.1 give it (host network; NVIDIA adds --gpus all and --ipc=host for the
 # shared memory of vLLM and PyTorch), with `--pull never` added.
@@ -485,7 +528,7 @@ print_docker_next_steps() {
     cuda*) line+=("--gpus all" "--network=host" "--ipc=host") ;;
     *) line+=("--network=host") ;;
   esac
-  line+=("-v gpustack-data:/var/lib/gpustack" "--pull never" "$image")
+  line+=("-v gpustack-data:/var/lib/gpustack" "--env-file $DOCKER_ENV" "--pull never" "$image")
 
   printf '\nGPUStack %s is loaded into Docker (%s).\n' "$GPUSTACK_VERSION" "$BUNDLE_CELL"
   if ((HAS_REGISTRY)); then
@@ -523,6 +566,7 @@ install_docker() {
   load_images
   check_loaded
   if ((HAS_REGISTRY)); then push_images; fi
+  write_docker_env
   print_docker_next_steps
 }
 

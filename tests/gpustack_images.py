@@ -39,10 +39,10 @@ from gpustack_offline.wheels import wheelhouse
 
 VERSION = "0.7.1"
 TAGS = {"cuda12.4": "v0.7.1", "cpu": "v0.7.1-cpu", "cuda12.8": "v0.7.1-cuda12.8"}
-SITE = "opt/gpustack/site"
+SITE = "usr/local/lib/python3.11/dist-packages"  # on the base image's sys.path
 LAUNCHER = b"""#!/bin/sh
-# gpustack, installed by the gpustack-offline fixture into /opt/gpustack/site
-PYTHONPATH=/opt/gpustack/site exec python3 -c \
+# gpustack, installed by the gpustack-offline fixture into Debian's dist-packages
+exec python3 -c \\
   'import sys; from gpustack.main import main; sys.argv[0] = "gpustack"; sys.exit(main())' "$@"
 """
 
@@ -51,7 +51,8 @@ def gpustack_layer(root: Path, matrix: Matrix, arch: str, cache: Path) -> tuple[
     """GPUStack from the locked wheelhouse of the arch's cpu pip cell, as a gzip layer."""
     cell = matrix.cell(f"v{VERSION}-linux-{arch}-cpu-py3.11-base-pip")
     lock = read_lock(lock_path(root / "bundles" / "locks", cell))
-    final = cache / "fixtures" / "gpustack-images" / f"{cell.id}-{lock.digest()[:16]}.tar.gz"
+    name = f"{cell.id}-{lock.digest()[:16]}-dist-packages.tar.gz"
+    final = cache / "fixtures" / "gpustack-images" / name
     if final.is_file() and final.with_suffix(".json").is_file():
         return file_layer(final, final)  # made before: file_layer only reads its record
     wheels = wheelhouse(cell, lock, cache, (), "https://pypi.org/simple", show_progress=False)

@@ -63,9 +63,15 @@ def test_a_docker_bundle_loads_runs_offline_and_runs_again_from_a_site_registry(
     report = commands.verify_cell(ctx, cell)
     assert report.ok
     assert [s.name for s in report.steps] == [
-        "absent", "install", "run", "push", "pull", "run-from-registry",
+        "absent", "install",
+        "healthz-upstream", "worker-upstream", "ui-upstream",
+        "healthz-site", "worker-site", "ui-site", "egress",
+        "push", "pull", "run-from-registry",
     ]  # fmt: skip
     assert "/healthz 200" in report.steps[-1].output
+    # upstream's run line reaches for the catalog and update hosts; with docker.env, nothing
+    assert {"huggingface.co", "update-service.gpustack.ai"} <= set(report.upstream["hosts"])
+    assert report.egress == {"hosts_attempted": 0, "hosts": []}
 
 
 def test_verification_refuses_an_image_already_in_the_engine(ctx, hub):

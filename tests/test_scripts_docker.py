@@ -421,7 +421,7 @@ def test_registry_is_refused_for_a_pip_bundle(tmp_path: Path) -> None:
     assert "verifying" not in proc.stdout  # refused before the bundle is even read through
 
 
-@pytest.mark.parametrize("option", ["--prefix", "--python"])
+@pytest.mark.parametrize("option", ["--python"])
 def test_pip_options_are_refused_for_a_docker_bundle(
     tmp_path: Path, dummy_archive: Path, option: str
 ) -> None:

@@ -211,7 +211,8 @@ def _verify(
     if cell.method == "docker":
         from .verify_docker import verify_docker
 
-        return verify_docker(cell, bundle_dir, timeout, report)
+        sinkhole_image = base_image(HOST_ARCH, cache, mirror)
+        return verify_docker(cell, bundle_dir, timeout, report, sinkhole_image, allowlist)
     image = base_image(cell.arch, cache, mirror)
     mounts = {bundle_dir.resolve(): "/bundle", _audit_hook(): "/opt/egress-audit"}
     env = {}

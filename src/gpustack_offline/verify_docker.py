@@ -2,8 +2,10 @@
 
 The build host's own Docker Engine plays the target's. The cell's images must be absent from it
 first (a bundle that "loads" an image already there proves nothing); `install.sh` then loads the
-bundle's tar, the image runs on the `--internal` network with nothing pulled and must answer
-`/healthz` from inside; then the same bundle is pushed with `install.sh --registry` into a
+bundle's tar, and the image runs on the `--internal` network with nothing pulled, twice, as
+the pip path's starts are audited: once as upstream's `docker run` line starts it, once with the
+`docker.env` that install.sh wrote; each must answer `/healthz` (server and worker) from inside,
+and the second must reach no outside host beyond the cell's allowlist. Then the same bundle is pushed with `install.sh --registry` into a
 loopback distribution registry (the site's registry), the local copies are removed, and the
 image pulled from that registry must run and answer again. Everything it adds is removed.
 """
@@ -11,20 +13,35 @@ image pulled from that registry must run and answer again. Everything it adds is
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import requests
 
+from . import egress
 from .containers import client, internal_network
 from .errors import VerifyError
 from .matrix import Cell
-from .verify import HEALTH_PROBE, Report, Step, _failure
+from .verify import (
+    AUDIT_LOG,
+    HEALTH_PROBE,
+    SETTLE,
+    UI_VISIT,
+    WORKER_PORT,
+    AuditedRun,
+    Report,
+    Step,
+    _audit_hook,
+    _failure,
+    egress_step,
+    egress_summary,
+)
 
 IMAGE_PORT = 80  # upstream's images run `gpustack start`, which listens on 80 by default
 
@@ -73,7 +90,14 @@ def site_registry() -> Iterator[str]:
             server.wait(timeout=30)
 
 
-def verify_docker(cell: Cell, bundle_dir: Path, timeout: int, report: Report) -> Report:
+def verify_docker(
+    cell: Cell,
+    bundle_dir: Path,
+    timeout: int,
+    report: Report,
+    sinkhole_image: str,
+    allowlist: Sequence[str] = (),
+) -> Report:
     refs = bundle_images(bundle_dir)
     if not refs:
         raise VerifyError(f"{bundle_dir}: bundle.env names no IMAGES; rebuild the bundle")
@@ -99,24 +123,87 @@ def verify_docker(cell: Cell, bundle_dir: Path, timeout: int, report: Report) ->
         )
     # No NVIDIA runtime here: cuda cells skip the preflight, and run without --gpus.
     skip = ["--skip-preflight"] if cell.cuda else []
-    try:
-        added += refs
-        step("install", ["bash", str(bundle_dir / "install.sh"), *skip])
-        report.seconds_to_healthz = _run_and_probe(engine, cell, refs[0], "run", timeout, report)
-        with site_registry() as host:
-            step("push", ["bash", str(bundle_dir / "install.sh"), "--registry", host, *skip])
-            pushed = [f"{host}/{r}" for r in refs]
-            added += pushed
-            for ref in refs + pushed:
-                engine.images.remove(ref, force=True)
-            step("pull", ["docker", "pull", pushed[0]])
-            _run_and_probe(engine, cell, pushed[0], "run-from-registry", timeout, report)
-    finally:
-        for ref in added:
-            with contextlib.suppress(Exception):
-                engine.images.remove(ref, force=True)
+    install = ["bash", str(bundle_dir / "install.sh"), *skip]
+    with tempfile.TemporaryDirectory(prefix="docker-prefix-") as prefix:
+        try:
+            added += refs
+            step("install", [*install, "--prefix", prefix])
+            site_env = read_env_file(Path(prefix) / "docker.env")
+            with (
+                egress.sinkhole(sinkhole_image, internal_network()) as hole,
+                egress.resolver_mounts(hole) as dns,
+            ):
+                audit = (engine, hole, dns)
+                upstream = _run_audited(audit, cell, refs[0], "upstream", {}, timeout, report)
+                site = _run_audited(audit, cell, refs[0], "site", site_env, timeout, report)
+            report.upstream = upstream.summary()
+            report.seconds_to_healthz = site.seconds_to_healthz
+            report.seconds_to_worker = site.seconds_to_worker
+            report.egress = egress_summary(site.egress)
+            report.egress_details = {"site": site.egress, "upstream": upstream.egress}
+            report.steps.append(egress_step(cell, site.egress, site, allowlist))
+            with site_registry() as host:
+                step("push", [*install, "--prefix", prefix, "--registry", host])
+                pushed = [f"{host}/{r}" for r in refs]
+                added += pushed
+                for ref in refs + pushed:
+                    engine.images.remove(ref, force=True)
+                step("pull", ["docker", "pull", pushed[0]])
+                _run_and_probe(engine, cell, pushed[0], "run-from-registry", timeout, report)
+        finally:
+            for ref in added:
+                with contextlib.suppress(Exception):
+                    engine.images.remove(ref, force=True)
     report.ok = True
     return report
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines as `docker run --env-file` reads them (comments and blanks skipped)."""
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines())
+    return {p[0]: p[1] for p in pairs if len(p) == 2 and not p[0].startswith("#")}
+
+
+def _run_audited(
+    audit: tuple[Any, egress.Sinkhole, dict[Path, str]],
+    cell: Cell,
+    ref: str,
+    name: str,
+    env: dict[str, str],
+    timeout: int,
+    report: Report,
+) -> AuditedRun:
+    """Run the image with `env` and the sinkhole as its resolver, as `start_audited` does for a
+    pip install: health of server and worker, an admin login, the first background tasks."""
+    engine, hole, dns = audit
+    mark = len(egress.read_events(hole))
+    volumes = {str(host): {"bind": inside, "mode": "ro"} for host, inside in dns.items()}
+    volumes[str(_audit_hook())] = {"bind": "/opt/egress-audit", "mode": "ro"}
+    hooked = {"PYTHONPATH": "/opt/egress-audit", "GPUSTACK_EGRESS_AUDIT_LOG": AUDIT_LOG}
+    box = engine.containers.create(
+        ref,
+        network=internal_network(),
+        environment={**env, **hooked},
+        volumes=volumes,
+        name=f"verify-{name}-{int(time.time() * 1000) % 10**9}",
+    )
+    try:
+        box.start()
+        healthz = _wait(box, cell, ref, f"healthz-{name}", IMAGE_PORT, timeout, report)
+        worker = _wait(box, cell, ref, f"worker-{name}", WORKER_PORT, timeout, report)
+        password = "/var/lib/gpustack/initial_admin_password"
+        base = f"http://127.0.0.1:{IMAGE_PORT}"
+        _, visited = box.exec_run(["python3", "-c", UI_VISIT, base, password])
+        report.steps.append(Step(f"ui-{name}", 0, 0.0, visited.decode(errors="replace")))
+        time.sleep(SETTLE)
+        events = egress.collect(hole)[mark:]
+        _, hook = box.exec_run(["sh", "-c", f"cat {AUDIT_LOG} 2>/dev/null || true"])
+        calls = [json.loads(x) for x in hook.decode(errors="replace").splitlines() if x[:1] == "{"]
+        log = box.logs().decode(errors="replace")
+        return AuditedRun(name, healthz, worker, events, calls, log)
+    finally:
+        with contextlib.suppress(Exception):
+            box.remove(force=True)
 
 
 def _has(engine: Any, ref: str) -> bool:
@@ -138,21 +225,27 @@ def _run_and_probe(
     )
     try:
         box.start()
-        started = time.monotonic()
-        while True:
-            code, _ = box.exec_run(["python3", "-c", HEALTH_PROBE, str(IMAGE_PORT)])
-            waited = round(time.monotonic() - started, 1)
-            if code == 0:
-                report.steps.append(Step(name, 0, waited, f"{ref}: /healthz 200 on {IMAGE_PORT}"))
-                return waited
-            box.reload()
-            if box.status != "running" or waited > timeout:
-                logs = box.logs(tail=40).decode(errors="replace")
-                result = Step(name, 1, waited, logs)
-                report.steps.append(result)
-                why = "exited" if box.status != "running" else f"no /healthz in {timeout}s"
-                raise VerifyError(_failure(cell, result, f"{ref} {why}"))
-            time.sleep(3)
+        return _wait(box, cell, ref, name, IMAGE_PORT, timeout, report)
     finally:
         with contextlib.suppress(Exception):
             box.remove(force=True)
+
+
+def _wait(
+    box: Any, cell: Cell, ref: str, name: str, port: int, timeout: int, report: Report
+) -> float:
+    started = time.monotonic()
+    while True:
+        code, _ = box.exec_run(["python3", "-c", HEALTH_PROBE, str(port)])
+        waited = round(time.monotonic() - started, 1)
+        if code == 0:
+            report.steps.append(Step(name, 0, waited, f"{ref}: /healthz 200 on {port}"))
+            return waited
+        box.reload()
+        if box.status != "running" or waited > timeout:
+            logs = box.logs(tail=40).decode(errors="replace")
+            result = Step(name, 1, waited, logs)
+            report.steps.append(result)
+            why = "exited" if box.status != "running" else f"no /healthz on {port} in {timeout}s"
+            raise VerifyError(_failure(cell, result, f"{ref} {why}"))
+        time.sleep(3)
