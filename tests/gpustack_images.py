@@ -32,9 +32,11 @@ from registry_fixture import (
     tar_layer,
 )
 
-from gpustack_offline.locks import lock_path, read_lock
-from gpustack_offline.matrix import Matrix
+from gpustack_offline import tools
+from gpustack_offline.locks import load_overrides, lock_path, read_lock
+from gpustack_offline.matrix import Cell, Matrix
 from gpustack_offline.registry import Platform
+from gpustack_offline.safety import safe_extract_tar
 from gpustack_offline.wheels import wheelhouse
 
 VERSION = "0.7.1"
@@ -47,11 +49,15 @@ exec python3 -c \\
 """
 
 
-def gpustack_layer(root: Path, matrix: Matrix, arch: str, cache: Path) -> tuple[FileLayer, str]:
-    """GPUStack from the locked wheelhouse of the arch's cpu pip cell, as a gzip layer."""
+def gpustack_layer(
+    root: Path, matrix: Matrix, arch: str, cache: Path, mirror: str
+) -> tuple[FileLayer, str]:
+    """GPUStack from the locked wheelhouse of the arch's cpu pip cell, with its tools loaded from
+    the release mirror (upstream's images run download-tools at build time), as a gzip layer."""
     cell = matrix.cell(f"v{VERSION}-linux-{arch}-cpu-py3.11-base-pip")
     lock = read_lock(lock_path(root / "bundles" / "locks", cell))
-    name = f"{cell.id}-{lock.digest()[:16]}-dist-packages.tar.gz"
+    archive = tools_archive(root, cell, cache, mirror)
+    name = f"{cell.id}-{lock.digest()[:12]}-{archive.sha256[:12]}.tar.gz"
     final = cache / "fixtures" / "gpustack-images" / name
     if final.is_file() and final.with_suffix(".json").is_file():
         return file_layer(final, final)  # made before: file_layer only reads its record
@@ -68,6 +74,8 @@ def gpustack_layer(root: Path, matrix: Matrix, arch: str, cache: Path) -> tuple[
              *[f"{w.name}=={w.version}" for w in wheels]],
             check=True, env={**os.environ, "UV_CACHE_DIR": str(cache / "uv")},
         )  # fmt: skip
+        with tarfile.open(archive.path) as tf:
+            safe_extract_tar(tf, tree / SITE / "gpustack/third_party/bin", "tools archive")
         (tree / "usr/local/bin").mkdir(parents=True)
         (tree / "usr/local/bin/gpustack").write_bytes(LAUNCHER)
         os.chmod(tree / "usr/local/bin/gpustack", 0o755)
@@ -84,13 +92,22 @@ def gpustack_layer(root: Path, matrix: Matrix, arch: str, cache: Path) -> tuple[
         return file_layer(plain, final)
 
 
-def gpustack_images(root: Path, matrix: Matrix, cache: Path) -> dict[str, list[FixtureImage]]:
+def tools_archive(root: Path, cell: Cell, cache: Path, mirror: str) -> tools.Archive:
+    with tempfile.TemporaryDirectory() as locks:
+        overrides = load_overrides(root / "bundles" / "overrides.toml")
+        index = "https://pypi.org/simple"
+        return tools.build(cell, cache, Path(locks), overrides, index, mirror, frozen=False)
+
+
+def gpustack_images(
+    root: Path, matrix: Matrix, cache: Path, mirror: str
+) -> dict[str, list[FixtureImage]]:
     """Per tag, its amd64 and arm64 images; base and GPUStack layers shared by the tags."""
     out: dict[str, list[FixtureImage]] = {tag: [] for tag in TAGS.values()}
     for arch in ("amd64", "arm64"):
         platform = Platform("linux", arch, "v8" if arch == "arm64" else "")
         base = debian_layer(arch)
-        app = gpustack_layer(root, matrix, arch, cache)
+        app = gpustack_layer(root, matrix, arch, cache, mirror)
         for device, tag in TAGS.items():
             marker = tar_layer({"etc/gpustack-image": f"{tag} {arch} ({device})\n".encode()})
             out[tag].append(
@@ -104,7 +121,8 @@ def gpustack_images(root: Path, matrix: Matrix, cache: Path) -> dict[str, list[F
     return out
 
 
-def seed_gpustack(hub: Hub, root: Path, matrix: Matrix, cache: Path) -> None:
-    """Push the stand-ins over the hub's small gpustack/gpustack fixtures."""
-    for tag, images in gpustack_images(root, matrix, cache).items():
+def seed_gpustack(hub: Hub, root: Path, matrix: Matrix, cache: Path, mirror: str) -> None:
+    """Push the stand-ins over the hub's small gpustack/gpustack fixtures; tools come from the
+    release mirror at `mirror`."""
+    for tag, images in gpustack_images(root, matrix, cache, mirror).items():
         hub.push("gpustack/gpustack", tag, images)

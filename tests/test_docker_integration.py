@@ -26,10 +26,10 @@ REF = "gpustack/gpustack:v0.7.1-cpu"
 
 
 @pytest.fixture(scope="module")
-def hub(root, matrix, tmp_path_factory):
+def hub(root, matrix, tmp_path_factory, release_mirror):
     with hub_registry(tmp_path_factory.mktemp("hub")) as started:
         cache = commands.Context.load(root).cache
-        seed_gpustack(started, root, matrix, cache)
+        seed_gpustack(started, root, matrix, cache, release_mirror.base_url)
         yield started
 
 

@@ -317,7 +317,8 @@ def start_audited(
     started = time.monotonic()
     healthz = wait_healthy(box, cell, report, f"healthz-{name}", PORT, timeout, log)
     left = timeout - (time.monotonic() - started)
-    worker = wait_healthy(box, cell, report, f"worker-{name}", WORKER_PORT, left, log)
+    # seconds from the start, like /healthz's
+    worker = healthz + wait_healthy(box, cell, report, f"worker-{name}", WORKER_PORT, left, log)
     password = f"{data_dir}/initial_admin_password"
     _, visited = exec_in(box, ["python3", "-c", UI_VISIT, f"http://127.0.0.1:{PORT}", password])
     # a login that works proves this start (with its fresh data dir) is the one answering

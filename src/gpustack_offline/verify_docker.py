@@ -5,9 +5,10 @@ first (a bundle that "loads" an image already there proves nothing); `install.sh
 bundle's tar, and the image runs on the `--internal` network with nothing pulled, twice, as
 the pip path's starts are audited: once as upstream's `docker run` line starts it, once with the
 `docker.env` that install.sh wrote; each must answer `/healthz` (server and worker) from inside,
-and the second must reach no outside host beyond the cell's allowlist. Then the same bundle is pushed with `install.sh --registry` into a
-loopback distribution registry (the site's registry), the local copies are removed, and the
-image pulled from that registry must run and answer again. Everything it adds is removed.
+and the second must reach no outside host beyond the cell's allowlist. Then the same bundle is
+pushed with `install.sh --registry` into a loopback distribution registry (the site's
+registry), the local copies are removed, and the image pulled from that registry must run and
+answer again. Everything it adds is removed.
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ def _run_audited(
     try:
         box.start()
         healthz = _wait(box, cell, ref, f"healthz-{name}", IMAGE_PORT, timeout, report)
-        worker = _wait(box, cell, ref, f"worker-{name}", WORKER_PORT, timeout, report)
+        worker = healthz + _wait(box, cell, ref, f"worker-{name}", WORKER_PORT, timeout, report)
         password = "/var/lib/gpustack/initial_admin_password"
         base = f"http://127.0.0.1:{IMAGE_PORT}"
         _, visited = box.exec_run(["python3", "-c", UI_VISIT, base, password])
