@@ -24,6 +24,13 @@
 set -euo pipefail
 
 PROG=install.sh
+# Switches of libraries GPUStack runs (Hugging Face Hub, vLLM, Ray) that no GPUStack option
+# covers: written into the air-gapped environment of pip and docker installs alike.
+LIBRARY_SWITCHES='HF_HUB_OFFLINE=1
+HF_HUB_DISABLE_TELEMETRY=1
+DO_NOT_TRACK=1
+VLLM_NO_USAGE_STATS=1
+RAY_USAGE_STATS_ENABLED=0'
 
 usage() {
   cat <<EOF
@@ -506,11 +513,7 @@ $catalog
 GPUSTACK_UPDATE_CHECK_URL=http://127.0.0.1:1/
 # --tools-download-base-url: a missing tool fails at once (the image carries its tools)
 GPUSTACK_TOOLS_DOWNLOAD_BASE_URL=http://127.0.0.1:1
-HF_HUB_OFFLINE=1
-HF_HUB_DISABLE_TELEMETRY=1
-DO_NOT_TRACK=1
-VLLM_NO_USAGE_STATS=1
-RAY_USAGE_STATS_ENABLED=0
+$LIBRARY_SWITCHES
 EOF
   mv -f -- "$DOCKER_ENV.tmp" "$DOCKER_ENV" || die 6 "could not write $DOCKER_ENV"
   say "wrote $DOCKER_ENV"
@@ -650,11 +653,7 @@ EOF
     cat >"$ENV_FILE.tmp" <<EOF || die 6 "could not write $ENV_FILE; check permissions on $PREFIX"
 # Environment for GPUStack on an air-gapped site, written by install.sh ($BUNDLE_CELL): switches
 # of libraries GPUStack runs that no GPUStack option covers. Delete a line to undo it.
-HF_HUB_OFFLINE=1
-HF_HUB_DISABLE_TELEMETRY=1
-DO_NOT_TRACK=1
-VLLM_NO_USAGE_STATS=1
-RAY_USAGE_STATS_ENABLED=0
+$LIBRARY_SWITCHES
 EOF
     mv -f -- "$ENV_FILE.tmp" "$ENV_FILE" || die 6 "could not write $ENV_FILE"
     say "wrote $ENV_FILE"
