@@ -390,6 +390,12 @@ def wait_healthy(
         if code == 0:
             report.steps.append(Step(name, 0, waited, f"200 OK on port {port}"))
             return waited
+        # A worker that reaches for a tool never gets healthy: say so at once, with the lines.
+        signs = [arg for sign in DOWNLOAD_SIGNS for arg in ("-e", sign)]
+        reached, _ = exec_in(box, ["grep", "-q", "-F", *signs, log])
+        if reached == 0:
+            _, text = exec_in(box, ["cat", log])
+            offline_tools_step(cell, text)
         alive, _ = exec_in(box, ["sh", "-c", 'kill -0 "$(cat /tmp/gpustack.pid)"'])
         if alive != 0 or waited > timeout:
             _, tail = exec_in(box, ["tail", "-n", "60", log])

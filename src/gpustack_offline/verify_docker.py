@@ -31,6 +31,7 @@ from .errors import VerifyError
 from .matrix import Cell
 from .verify import (
     AUDIT_LOG,
+    DOWNLOAD_SIGNS,
     HEALTH_PROBE,
     SETTLE,
     UI_VISIT,
@@ -42,6 +43,7 @@ from .verify import (
     _failure,
     egress_step,
     egress_summary,
+    offline_tools_step,
 )
 
 IMAGE_PORT = 80  # upstream's images run `gpustack start`, which listens on 80 by default
@@ -242,6 +244,9 @@ def _wait(
         if code == 0:
             report.steps.append(Step(name, 0, waited, f"{ref}: /healthz 200 on {port}"))
             return waited
+        text = box.logs().decode(errors="replace")
+        if any(sign in text for sign in DOWNLOAD_SIGNS):
+            offline_tools_step(cell, text)  # raises, quoting the lines around the attempt
         box.reload()
         if box.status != "running" or waited > timeout:
             logs = box.logs(tail=40).decode(errors="replace")
