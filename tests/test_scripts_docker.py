@@ -141,7 +141,12 @@ def engine(archive: Archive) -> Iterator[Archive]:
 
 
 def install(bundle: Path, *args: str, **kw) -> subprocess.CompletedProcess[str]:
-    return run_script(bundle, "install.sh", *args, **kw)
+    """install.sh with the prefix (where docker.env goes) beside the bundle, not /opt/gpustack."""
+    return run_script(bundle, "install.sh", "--prefix", str(prefix_of(bundle)), *args, **kw)
+
+
+def prefix_of(bundle: Path) -> Path:
+    return bundle.parent / "prefix"
 
 
 def error_line(proc: subprocess.CompletedProcess[str]) -> str:
@@ -185,10 +190,17 @@ def test_install_loads_the_image_and_it_runs_with_no_network(
     assert re.search(rf"^  {re.escape(IMAGE)}  {engine.image_id}  linux/amd64$", proc.stdout, re.M)
     assert image_id(IMAGE) == engine.image_id
     # upstream's CPU line for 0.6/0.7, plus --pull never
+    env_file = prefix_of(bundle) / "docker.env"
     assert run_line(proc.stdout) == [
         "docker", "run", "-d", "--name", "gpustack", "--restart=unless-stopped",
-        "--network=host", "-v", "gpustack-data:/var/lib/gpustack", "--pull", "never", IMAGE,
+        "--network=host", "-v", "gpustack-data:/var/lib/gpustack",
+        "--env-file", str(env_file), "--pull", "never", IMAGE,
     ]  # fmt: skip
+    # the air-gapped settings; this fixture image has no GPUStack, so no catalog path
+    settings = env_file.read_text()
+    assert "GPUSTACK_UPDATE_CHECK_URL=http://127.0.0.1:1/\n" in settings
+    assert "HF_HUB_OFFLINE=1\n" in settings
+    assert "# GPUSTACK_MODEL_CATALOG_FILE=" in settings
 
     said = docker("run", "--rm", "--network", "none", "--pull", "never", IMAGE)
     assert HELLO in said.stdout
@@ -243,7 +255,8 @@ def test_the_cuda_run_line_is_upstreams_nvidia_line(tmp_path: Path, engine: Arch
     assert run_line(proc.stdout) == [
         "docker", "run", "-d", "--name", "gpustack", "--restart=unless-stopped",
         "--gpus", "all", "--network=host", "--ipc=host",
-        "-v", "gpustack-data:/var/lib/gpustack", "--pull", "never", IMAGE,
+        "-v", "gpustack-data:/var/lib/gpustack",
+        "--env-file", str(prefix_of(bundle) / "docker.env"), "--pull", "never", IMAGE,
     ]  # fmt: skip
 
 
