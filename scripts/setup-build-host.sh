@@ -6,9 +6,10 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 # gcc and the arm64 cross compiler build the small fixture tool binaries the tests serve from a
-# loopback release mirror; docker-registry is the loopback OCI registry of the Docker-path tests.
+# loopback release mirror; docker-registry is the loopback OCI registry of the Docker-path tests;
+# gnupg signs bundles (sites check them with gpgv, which every Debian/Ubuntu/RHEL host has).
 PACKAGES=(docker.io debootstrap qemu-user-static binfmt-support skopeo shellcheck python3-venv git
-  gcc libc6-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross docker-registry)
+  gcc libc6-dev gcc-aarch64-linux-gnu libc6-dev-arm64-cross docker-registry gnupg)
 DOCKER_LOG=/var/log/gpustack-offline-dockerd.log
 
 say() { printf 'setup: %s\n' "$*"; }
