@@ -128,12 +128,12 @@ def test_a_cell_resolves_through_its_pin_or_is_told_how_to_pin(tmp_path):
     assert str(pinned.reference) == f"docker.io/gpustack/gpustack:v0.7.1-cpu@{D3}"
     assert (pinned.manifest, pinned.index) == (D3, D1)
     with pytest.raises(
-        ImageError, match=r"v0\.7\.1-cuda12\.8 for linux/amd64 is not pinned.*refresh"
+        ImageError, match=r"v0\.7\.1-cuda12\.8 for linux/amd64 is not pinned.*invoke lock"
     ):
         pinned_image(pins, "cuda12.8", "linux/amd64")
     with pytest.raises(ImageError, match="not pinned"):
         pinned_image(pins, "cuda12.4", "linux/arm64")
-    with pytest.raises(ImageError, match="refresh_pins"):
+    with pytest.raises(ImageError, match="invoke lock"):
         read_pins(tmp_path / "missing.toml")
     (tmp_path / "bad.toml").write_text("schema = 1\n[tags.x]\nplatforms = {}\n")
     with pytest.raises(ImageError, match="malformed"):

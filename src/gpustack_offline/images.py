@@ -162,8 +162,11 @@ class PinnedImage:
         return self.reference.digest
 
 
-def pin_path(pins_dir: Path, version: str) -> Path:
-    return pins_dir / f"gpustack-{_series(version)[2]}.toml"
+def pin_path(pins_dir: Path, version: str, repository: str = IMAGE_REPOSITORY) -> Path:
+    """`gpustack-0.7.1.toml` for the server image; `runner-2.3.0.toml`, `runtime-2.3.0.toml` for
+    the other repositories a GPUStack version needs: one pin file per repository and version."""
+    name = Reference.parse(repository).name.rsplit("/", 1)[-1]
+    return pins_dir / f"{name}-{_series(version)[2]}.toml"
 
 
 def read_pins(path: Path) -> Pins:
@@ -248,37 +251,65 @@ def refresh_pins(
     Only manifests and configs are fetched. `platforms` defaults to those upstream publishes per
     device. Tags not named keep their pins; so do platforms not named, while their tag still
     points at the same index (a moved tag's pins are all replaced)."""
-    path = pin_path(pins_dir, version)
-    old = read_pins(path) if path.is_file() else Pins(path, _series(version)[2], repository, {})
-    if Reference.parse(old.repository).name != Reference.parse(repository).name:
-        raise ImageError(f"{path} pins {old.repository}, not {repository}")
-    tags = dict(old.tags)
     chosen = None if platforms is None else list(platforms)
-    for device in devices:
-        ref = image_reference(version, device, repository)
-        wanted = chosen if chosen is not None else list(image_platforms(version, device))
-        found: dict[str, str] = {}
-        index = ""
-        for platform in wanted:
-            # The first platform resolves the tag; the others the very index it pointed at,
-            # so a tag moved halfway through cannot mix two builds in one pin.
-            image = registry.resolve(ref.with_digest(index) if index else ref, platform)
-            index = image.index_digest
-            found[str(Platform.parse(platform))] = image.manifest.digest
-        previous = tags.get(ref.tag or "")
-        if previous is not None and previous.index == index:
-            found = {**previous.platforms, **found}  # same build: platforms not asked keep theirs
-        tags[ref.tag or ""] = TagPin(index, found)
-    new = Pins(path, old.version, old.repository, tags)
-    changes = _diff(old.tags, new.tags)
-    write_pins(new)
+    wanted = {
+        image_reference(version, device, repository): (
+            chosen if chosen is not None else list(image_platforms(version, device))
+        )
+        for device in devices
+    }
+    return refresh_references(registry, pins_dir, version, wanted)
+
+
+def refresh_references(
+    registry: Registry,
+    pins_dir: Path,
+    version: str,
+    wanted: Mapping[Reference, Sequence[str]],
+) -> list[PinChange]:
+    """Pin each tagged reference for its platforms, in the pin file of its repository."""
+    by_repository: dict[str, dict[Reference, Sequence[str]]] = {}
+    for ref, platforms in wanted.items():
+        by_repository.setdefault(ref.name, {})[ref] = platforms
+    changes = []
+    for repository, refs in sorted(by_repository.items()):
+        path = pin_path(pins_dir, version, repository)
+        old = read_pins(path) if path.is_file() else Pins(path, _series(version)[2], repository, {})
+        if Reference.parse(old.repository).name != repository:
+            raise ImageError(f"{path} pins {old.repository}, not {repository}")
+        tags = dict(old.tags)
+        for ref, platforms in refs.items():
+            tags[ref.tag or ""] = _pin_tag(registry, ref, platforms, tags.get(ref.tag or ""))
+        new = Pins(path, old.version, old.repository, tags)
+        changes += _diff(old.tags, new.tags)
+        write_pins(new)
     return changes
+
+
+def _pin_tag(
+    registry: Registry, ref: Reference, platforms: Sequence[str], previous: TagPin | None
+) -> TagPin:
+    found: dict[str, str] = {}
+    index = ""
+    for platform in platforms:
+        # The first platform resolves the tag; the others the very index it pointed at,
+        # so a tag moved halfway through cannot mix two builds in one pin.
+        image = registry.resolve(ref.with_digest(index) if index else ref, platform)
+        index = image.index_digest
+        found[str(Platform.parse(platform))] = image.manifest.digest
+    if previous is not None and previous.index == index:
+        found = {**previous.platforms, **found}  # same build: platforms not asked keep theirs
+    return TagPin(index, found)
 
 
 def pinned_image(pins: Pins, device: str, platform: str | Platform) -> PinnedImage:
     """The cell's image by digest, from the pin file; an error if it is not pinned."""
+    return pinned_reference(pins, image_reference(pins.version, device, pins.repository), platform)
+
+
+def pinned_reference(pins: Pins, ref: Reference, platform: str | Platform) -> PinnedImage:
+    """A tagged reference by digest, from its repository's pin file; an error if not pinned."""
     want = Platform.parse(platform) if isinstance(platform, str) else platform
-    ref = image_reference(pins.version, device, pins.repository)
     pin = pins.tags.get(ref.tag or "")
     digest = None
     if pin is not None:
@@ -287,8 +318,8 @@ def pinned_image(pins: Pins, device: str, platform: str | Platform) -> PinnedIma
         )
     if pin is None or digest is None:
         raise ImageError(
-            f"{ref} for {want} is not pinned in {pins.path}; run refresh_pins for device "
-            f"{device!r} on the online side and commit the change"
+            f"{ref} for {want} is not pinned in {pins.path}; pin it on the online side "
+            "(`invoke lock` for the cell) and commit the change"
         )
     return PinnedImage(ref.with_digest(digest), want, pin.index)
 
