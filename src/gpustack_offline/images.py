@@ -173,7 +173,7 @@ def read_pins(path: Path) -> Pins:
     if not path.is_file():
         raise ImageError(
             f"{path} does not exist; record the image digests on the online side with "
-            "refresh_pins (and commit the file)"
+            "`invoke lock` for the cell (and commit the file)"
         )
     try:
         data = tomllib.loads(path.read_text())
