@@ -313,26 +313,32 @@ existing_parent() {
   printf '%s' "$d"
 }
 
+# One disk check: free space at DIR (the nearest existing folder) against NEED_KB, for WHAT;
+# FIX says how to make room.
+check_free() {
+  local dir=$1 need_kb=$2 what=$3 fix=$4 need_mb free_kb
+  need_mb=$(((need_kb + 1023) / 1024))
+  # -P keeps each file system on one line; the 4th column is the space available to non-root too.
+  free_kb=$(df -Pk -- "$dir" 2>/dev/null | awk 'END { print $4 }')
+  if [[ ! $free_kb =~ ^[0-9]+$ ]]; then
+    add_check disk warn "cannot read free space of ${dir:-(unknown)}" "make sure $need_mb MiB are free there for $what"
+  elif ((free_kb >= need_kb)); then
+    add_check disk ok "$((free_kb / 1024)) MiB free at $dir (need $need_mb MiB for $what)"
+  else
+    add_check disk fail "$((free_kb / 1024)) MiB free at $dir; $what needs $need_mb MiB" "$fix"
+  fi
+}
+
 check_disk() {
-  local parent need_kb need_mb free_kb wheels_kb
+  local wheels_kb need_kb
   if [[ ! -d $BUNDLE_DIR/wheels ]]; then
     add_check disk fail "wheels/ is missing from the bundle" "re-copy the whole bundle from the source media"
     return
   fi
   wheels_kb=$(du -sk -- "$BUNDLE_DIR/wheels" | awk '{ print $1 }')
   need_kb=$((wheels_kb * 2))
-  need_mb=$(((need_kb + 1023) / 1024))
-  parent=$(existing_parent "$PREFIX")
-  # -P keeps each file system on one line; the 4th column is the space available to non-root too.
-  free_kb=$(df -Pk -- "$parent" 2>/dev/null | awk 'END { print $4 }')
-  if [[ ! $free_kb =~ ^[0-9]+$ ]]; then
-    add_check disk warn "cannot read free space of $parent" "make sure $need_mb MiB are free under $PREFIX"
-  elif ((free_kb >= need_kb)); then
-    add_check disk ok "$((free_kb / 1024)) MiB free at $parent (need $need_mb MiB for $PREFIX)"
-  else
-    add_check disk fail "$((free_kb / 1024)) MiB free at $parent; installing into $PREFIX needs $need_mb MiB" \
-      "free space there or pass --prefix on a file system with $need_mb MiB free"
-  fi
+  check_free "$(existing_parent "$PREFIX")" "$need_kb" "$PREFIX" \
+    "free space there or pass --prefix on a file system with $(((need_kb + 1023) / 1024)) MiB free"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -437,7 +443,7 @@ check_nvidia_docker() {
 # `docker load` unpacks the archive's compressed layers under Docker's root dir: ask for about
 # twice the archive's size there.
 check_docker_disk() {
-  local archive=$BUNDLE_DIR/$IMAGE_ARCHIVE archive_kb need_kb need_mb free_kb
+  local archive=$BUNDLE_DIR/$IMAGE_ARCHIVE archive_kb
   if [[ ! -f $archive ]]; then
     add_check disk fail "the image archive $IMAGE_ARCHIVE is missing from the bundle" \
       "re-copy the whole bundle from the source media"
@@ -448,18 +454,8 @@ check_docker_disk() {
     return
   fi
   archive_kb=$(du -sk -- "$archive" | awk '{ print $1 }')
-  need_kb=$((archive_kb * 2))
-  need_mb=$(((need_kb + 1023) / 1024))
-  free_kb=$(df -Pk -- "$DOCKER_ROOT" 2>/dev/null | awk 'END { print $4 }')
-  if [[ ! $free_kb =~ ^[0-9]+$ ]]; then
-    add_check disk warn "cannot read free space of Docker's root dir ${DOCKER_ROOT:-(unknown)}" \
-      "make sure $need_mb MiB are free there (df -h ${DOCKER_ROOT:-/var/lib/docker})"
-  elif ((free_kb >= need_kb)); then
-    add_check disk ok "$((free_kb / 1024)) MiB free at $DOCKER_ROOT (need $need_mb MiB for $IMAGE_ARCHIVE)"
-  else
-    add_check disk fail "$((free_kb / 1024)) MiB free at $DOCKER_ROOT, Docker's root dir; loading $IMAGE_ARCHIVE needs $need_mb MiB" \
-      "free space there (docker image prune, docker system df) or move Docker's data-root to a larger file system"
-  fi
+  check_free "$DOCKER_ROOT" $((archive_kb * 2)) "$IMAGE_ARCHIVE" \
+    "free space in Docker's root dir $DOCKER_ROOT (docker image prune, docker system df) or move Docker's data-root to a larger file system"
 }
 
 # ---------------------------------------------------------------------------------------------
