@@ -20,7 +20,7 @@
 # Exit status: 0 installed (or already installed), 2 usage error, 3 damaged bundle or a tools
 # archive refused by check-tools-archive.py, 4 preflight failed, 5 install step failed (pip,
 # `gpustack version` or loading the tools, nothing switched; docker load, tag or push),
-# 6 could not switch `current`.
+# 6 could not switch `current`, 7 signature refused or not checkable (--verify-key).
 set -euo pipefail
 
 PROG=install.sh
@@ -34,8 +34,8 @@ RAY_USAGE_STATS_ENABLED=0'
 
 usage() {
   cat <<EOF
-Usage: $PROG [--prefix DIR] [--python PATH] [--skip-preflight] [--help]     (pip bundles)
-       $PROG [--prefix DIR] [--registry HOST[:PORT][/PREFIX]] [--skip-preflight] (docker bundles)
+Usage: $PROG [--verify-key KEY] [--prefix DIR] [--python PATH] [--skip-preflight] [--help]  (pip bundles)
+       $PROG [--verify-key KEY] [--prefix DIR] [--registry HOST[:PORT][/PREFIX]] [--skip-preflight] (docker bundles)
 
 A pip bundle (INSTALL_METHOD=pip in bundle.env) installs GPUStack into DIR/releases/<release>,
 loads the bundle's tools archive (llama-box, gguf-parser, fastfetch) into it if it has one, then
@@ -52,12 +52,14 @@ the container, and prints the docker run line to start GPUStack with it.
                      (default: python<TARGET_PYTHON> from bundle.env, else python3); pip bundles only
   --registry REG     the site's registry, HOST[:PORT][/PREFIX] without http://, such as
                      registry.example.internal:5000/mirror; docker bundles only
+  --verify-key KEY   before anything else, check SHA256SUMS.sig against KEY, the release's
+                     public key file (gpg --export, binary or armored), with gpgv
   --skip-preflight   do not run preflight.sh before installing
   --help             show this help
 
 Exit status: 0 installed, 2 usage error, 3 damaged bundle or unsafe tools archive,
 4 preflight failed, 5 install failed (pip: nothing switched; docker: load, tag or push failed),
-6 could not switch the current link.
+6 could not switch the current link, 7 signature refused or not checkable (--verify-key).
 EOF
 }
 
@@ -80,7 +82,7 @@ absolute() {
 }
 
 parse_args() {
-  PREFIX=/opt/gpustack PY="" SKIP_PREFLIGHT=0 REGISTRY="" HAS_REGISTRY=0
+  PREFIX=/opt/gpustack PY="" SKIP_PREFLIGHT=0 REGISTRY="" HAS_REGISTRY=0 VERIFY_KEY=""
   # Which pip-only options were given, to refuse them for a docker bundle.
   PIP_OPTIONS=()
   while (($# > 0)); do
@@ -91,6 +93,8 @@ parse_args() {
       --python=*) PY=${1#*=}; PIP_OPTIONS+=(--python); shift ;;
       --registry) (($# >= 2)) || die 2 "--registry needs HOST[:PORT][/PREFIX]; see --help"; REGISTRY=$2; HAS_REGISTRY=1; shift 2 ;;
       --registry=*) REGISTRY=${1#*=}; HAS_REGISTRY=1; shift ;;
+      --verify-key) (($# >= 2)) || die 2 "--verify-key needs a public key file; see --help"; VERIFY_KEY=$(absolute "$2"); shift 2 ;;
+      --verify-key=*) VERIFY_KEY=$(absolute "${1#*=}"); shift ;;
       --skip-preflight) SKIP_PREFLIGHT=1; shift ;;
       -h | --help) usage; exit 0 ;;
       *) die 2 "unknown argument: $1; see --help" ;;
@@ -133,9 +137,20 @@ listed_files() {
   sed -E -n 's/^[0-9a-fA-F]{64} [ *](\.\/)?//p' SHA256SUMS
 }
 
-# Paths present in the bundle, relative, except SHA256SUMS itself.
+# Paths present in the bundle, relative, except SHA256SUMS itself and its signature.
 present_files() {
-  find . \( -type f -o -type l \) ! -path ./SHA256SUMS -print | sed 's|^\./||'
+  find . \( -type f -o -type l \) ! -path ./SHA256SUMS ! -path ./SHA256SUMS.sig -print | sed 's|^\./||'
+}
+
+# The signature covers SHA256SUMS, which covers every file: checked first, with the site's key
+# and the host's own gpgv. (Whoever can alter the bundle can alter this script too: README.md,
+# "Signatures", gives the same check to run by hand before any script of the bundle.)
+check_signature() {
+  [[ -n $VERIFY_KEY ]] || return 0
+  say "checking the bundle's signature with $VERIFY_KEY"
+  local signer
+  signer=$(PROG=$PROG bash "$BUNDLE/verify-signature.sh" "$BUNDLE" "$VERIFY_KEY") || exit 7
+  say "signature good: SHA256SUMS signed by key $signer"
 }
 
 verify_bundle() {
@@ -695,6 +710,7 @@ main() {
   BUNDLE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
   cd "$BUNDLE"
 
+  check_signature
   peek_method
   # Step 2 before sourcing bundle.env: a damaged bundle.env must not be executed.
   verify_bundle

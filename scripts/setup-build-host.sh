@@ -19,7 +19,10 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
 install_packages() {
   local missing=()
+  # A host that already runs a Docker Engine (docker-ce on GitHub's runners) keeps it.
+  if docker info >/dev/null 2>&1; then PACKAGES=("${PACKAGES[@]/docker.io/}"); fi
   for pkg in "${PACKAGES[@]}"; do
+    [ -n "$pkg" ] || continue
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
   done
   if [ "${#missing[@]}" -gt 0 ]; then

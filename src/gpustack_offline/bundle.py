@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__, tools
+from . import __version__, signing, tools
 from . import images as images_
 from .fetch import BlobStore
 from .fsutil import atomic_dir, atomic_path, link_or_copy, sha256_file
@@ -85,7 +85,11 @@ def render(template: str, values: dict[str, str]) -> str:
 
 
 def _scripts(cell: Cell) -> tuple[str, ...]:
-    entry = ("install.ps1",) if cell.os == "windows" else ("install.sh", "preflight.sh")
+    entry = (
+        ("install.ps1",)
+        if cell.os == "windows"
+        else ("install.sh", "preflight.sh", "verify-signature.sh")
+    )
     return (*entry, "check-tools-archive.py")
 
 
@@ -200,6 +204,7 @@ def build(cell: Cell, opts: Options, root: Path) -> Result:
     final_dir = dist / cell.id
     with atomic_dir(final_dir) as stage:
         manifest = assemble(cell, wheels, lock, stage, root, archive)
+        _sign(stage, opts, root)
     write_tar(final_dir, dist / f"{cell.id}.tar")
     return _result(cell, final_dir, manifest, started, lock_state)
 
@@ -218,8 +223,17 @@ def build_docker(cell: Cell, opts: Options, root: Path) -> Result:
     with atomic_dir(final_dir) as stage:
         exported = images_.export_images([image], store, stage / IMAGE_ARCHIVE)
         manifest = assemble(cell, [], None, stage, root, images=exported)
+        _sign(stage, opts, root)
     write_tar(final_dir, dist / f"{cell.id}.tar")
     return _result(cell, final_dir, manifest, started, "pinned")
+
+
+def _sign(stage: Path, opts: Options, root: Path) -> None:
+    """Sign SHA256SUMS when a signing key is configured; the bundle is unsigned otherwise."""
+    if opts.signing_key:
+        signing.sign(
+            stage, opts.path("signing_key", root), opts.signing_passphrase_env or None
+        )
 
 
 def _result(

@@ -49,6 +49,8 @@ def host_ca_bundle() -> Path | None:
             return Path(value)
     default = Path("/etc/ssl/certs/ca-certificates.crt")
     return default if default.is_file() else None
+
+
 LABEL = "gpustack-offline.key"
 
 
@@ -59,15 +61,32 @@ class EngineError(BundleError):
 def client():  # type: ignore[no-untyped-def]
     import docker
 
+    host = os.environ.get("DOCKER_HOST")
+    where = f"at {host} (DOCKER_HOST)" if host else "at unix:///var/run/docker.sock"
     try:
         engine = docker.from_env(timeout=600)
         engine.ping()
     except Exception as exc:  # noqa: BLE001 - any failure here means the same thing
+        fix = (
+            "point DOCKER_HOST at a running engine, or unset it"
+            if host
+            else "install it (`apt-get install docker.io`) and start it (`dockerd &` or "
+            "`systemctl start docker`)"
+        )
         raise EngineError(
-            f"cannot reach the Docker Engine ({exc}). Install it (`apt-get install docker.io`) "
-            "and start it (`dockerd &` or `systemctl start docker`), then retry"
+            f"cannot reach the Docker Engine {where}: {_reason(exc)}. Fix: {fix}, then retry"
         ) from exc
     return engine
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause, in words: `No such file or directory`, `Permission denied`."""
+    while exc.__cause__ or exc.__context__:
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    for arg in getattr(exc, "args", ()):
+        if isinstance(arg, BaseException):
+            return _reason(arg)
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 def image_key(image: str) -> str | None:
@@ -253,4 +272,3 @@ def internal_network(name: str = "gpustack-offline-verify") -> str:
             f"(`docker network rm {name}`) and it is made again without a route out"
         )
     return name
-

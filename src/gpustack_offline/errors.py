@@ -4,6 +4,8 @@ Every error the pipeline raises on purpose is a `BundleError`; the task and sess
 message (no traceback) and exit non-zero. Anything else is a bug in this project.
 """
 
+from pathlib import Path
+
 
 class BundleError(Exception):
     """A failure the user can fix; the message names the thing and the fix."""
@@ -43,3 +45,12 @@ class VerifyError(BundleError):
 
 class ToolsError(BundleError):
     """A tools archive that cannot be made, or would not be found by the target's worker."""
+
+
+class DiskFullError(BundleError):
+    """A filesystem ran out of space (or quota) while an artifact was being written."""
+
+    def __init__(self, message: str, path: Path, written: int) -> None:
+        super().__init__(message)
+        self.path = path  # the artifact's final name
+        self.written = written  # bytes written before the disk filled

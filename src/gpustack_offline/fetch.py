@@ -3,18 +3,35 @@
 A file is stored under `<cache>/blobs/sha256/<hex>` only after its sha256 matched while it
 streamed; a file already there is re-hashed before use and fetched again if it is damaged. So a
 second build downloads nothing, and a bad byte never reaches a bundle.
+
+Every body this project downloads (wheels, registry blobs and manifests, tool assets) goes through
+one routine, `download`, because upstreams fail in the same few ways: 429 and 5xx bursts, a
+connection reset or a stall in the middle of a body, a proxy that damages bytes. It retries
+with exponential backoff and jitter (honouring Retry-After), resumes a broken body with
+`Range: bytes=N-` where the server allows ranges, hashes the resumed stream as one, and checks
+sha256 and size before anything gets a final name. The knobs are `RetryPolicy`'s fields, read
+from `GPUSTACK_OFFLINE_DOWNLOAD_*` environment variables (tests shorten them).
 """
 
 from __future__ import annotations
 
+import contextlib
+import email.utils
 import hashlib
 import logging
 import os
+import random
+import re
 import tempfile
-from collections.abc import Sequence
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, fields
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 import requests
 from requests.adapters import HTTPAdapter
@@ -26,12 +43,283 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
-from urllib3.util.retry import Retry
 
-from .errors import IntegrityError
-from .fsutil import CHUNK, FILE_MODE, atomic_path, sha256_file
+from .errors import BundleError, IntegrityError, OptionError
+from .fsutil import CHUNK, FILE_MODE, sha256_file
 
 log = logging.getLogger("gpustack_offline")
+
+RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+# A body that broke off, a stall longer than the read timeout, a reset: worth another request.
+TRANSIENT = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+)
+ENV_PREFIX = "GPUSTACK_OFFLINE_DOWNLOAD_"
+# A file whose bytes are wrong is fetched once more from zero (a damaging hop may be transient);
+# wrong twice is an error, not a reason to download a large file six times.
+WRONG_BYTES_TRIES = 2
+
+
+class DownloadError(BundleError):
+    """A download that still failed after every retry, or that the server refused outright."""
+
+
+class HTTPStatusError(DownloadError):
+    """The server answered a status that retrying does not change (404, 403, ...)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How hard `download` tries: `attempts` requests in all, sleeping `backoff`·2ⁿ⁻¹ seconds
+    (jittered to 50-100 %, at most `max_sleep`) between them, or what a Retry-After asks, at
+    most `max_retry_after`. `read_timeout` is the longest silence in a body (a stall)."""
+
+    attempts: int = 6
+    backoff: float = 1.0
+    max_sleep: float = 30.0
+    max_retry_after: float = 120.0
+    connect_timeout: float = 15.0
+    read_timeout: float = 60.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> RetryPolicy:
+        """Defaults, each overridden by `GPUSTACK_OFFLINE_DOWNLOAD_<FIELD>` (e.g. `_ATTEMPTS=3`,
+        `_READ_TIMEOUT=1.5`)."""
+        env = os.environ if env is None else env
+        values: dict[str, float] = {}
+        for f in fields(cls):
+            name = ENV_PREFIX + f.name.upper()
+            if name not in env:
+                continue
+            try:
+                value = float(env[name])
+            except ValueError:
+                raise OptionError(f"{name}={env[name]!r}: write a number") from None
+            if value < (1 if f.name == "attempts" else 0):
+                raise OptionError(f"{name}={env[name]!r} is too small")
+            values[f.name] = value
+        if "attempts" in values:
+            values["attempts"] = int(values["attempts"])
+        return cls(**values)  # type: ignore[arg-type]
+
+    def sleep_for(self, attempt: int, retry_after: float | None) -> float:
+        """Seconds to wait after the `attempt`-th (1-based) request failed."""
+        if retry_after is not None:
+            return min(retry_after, self.max_retry_after)
+        return min(self.max_sleep, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
+    """Seconds from a Retry-After value: delay-seconds or an HTTP-date (RFC 9110 §10.2.3)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
+
+
+def redact(url: str) -> str:
+    """A URL fit for logs and messages: no user name, password or query (signed CDN URLs)."""
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+@dataclass(frozen=True)
+class Fetched:
+    sha256: str
+    size: int
+    headers: Mapping[str, str]  # of the response that completed the body
+
+
+# headers to send, (connect, read) timeout → a response (as a context manager, body streamed)
+Opener = Callable[
+    [Mapping[str, str], tuple[float, float]], AbstractContextManager[requests.Response]
+]
+
+
+class _Retry(Exception):
+    """One failed attempt that a later one may fix."""
+
+    def __init__(self, cause: str, retry_after: float | None = None) -> None:
+        super().__init__(cause)
+        self.retry_after = retry_after
+
+
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+
+
+def download(
+    url: str,
+    out: BinaryIO,
+    *,
+    http: requests.Session | None = None,
+    opener: Opener | None = None,
+    sha256: str | None = None,
+    size: int | None = None,
+    max_size: int | None = None,
+    what: str = "",
+    check: Callable[[requests.Response], None] | None = None,
+    progress: Callable[[int], None] | None = None,
+    policy: RetryPolicy | None = None,
+) -> Fetched:
+    """Stream `url` into `out` (a seekable file, emptied first), retrying and resuming.
+
+    `opener` makes the request (the registry authenticates in it); by default it is a plain
+    `http.get`. With `sha256` and/or `size` the bytes are checked, and an `IntegrityError` is
+    raised when they are wrong twice; the caller must then discard `out`. `check` sees an answer
+    that is neither a success nor worth retrying and may raise its own error; otherwise that is
+    an `HTTPStatusError`. After `policy.attempts` failed requests: a `DownloadError` naming the
+    URL, the last cause and the fix. Headers (credentials) are never logged.
+    """
+    policy = policy or RetryPolicy.from_env()
+    if opener is None:
+        if http is None:
+            raise TypeError("download() needs http or opener")
+        session_ = http
+
+        def opener(headers: Mapping[str, str], timeout: tuple[float, float]) -> requests.Response:
+            return session_.get(url, headers=dict(headers), stream=True, timeout=timeout)
+
+    shown = redact(url)
+    name = what or shown
+    timeout = (policy.connect_timeout, policy.read_timeout)
+    limit = size if size is not None else max_size
+    digest, written, ranges, wrong = hashlib.sha256(), 0, False, 0
+    out.seek(0)
+    out.truncate()
+
+    def restart() -> None:
+        nonlocal digest, written
+        if progress and written:
+            progress(-written)
+        digest, written = hashlib.sha256(), 0
+        out.seek(0)
+        out.truncate()
+
+    attempt = 0
+    while True:
+        attempt += 1
+        headers = {"Accept-Encoding": "identity"}
+        if written and ranges:
+            headers["Range"] = f"bytes={written}-"
+        elif written:
+            restart()
+        try:
+            with opener(headers, timeout) as resp:
+                status = resp.status_code
+                if status in RETRY_STATUSES:
+                    raise _Retry(
+                        f"HTTP {status} {resp.reason or ''}".strip(),
+                        parse_retry_after(resp.headers.get("Retry-After")),
+                    )
+                if status not in (200, 206):
+                    if check is not None:
+                        check(resp)
+                    raise HTTPStatusError(
+                        f"{name}: {shown} answered HTTP {status} {resp.reason or ''}".rstrip()
+                        + ". Check the URL and the mirror or index option",
+                        status,
+                    )
+                ranges = ranges or status == 206 or "bytes" in resp.headers.get("Accept-Ranges", "")
+                if status == 206:
+                    match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
+                    start = int(match.group(1)) if match else -1
+                    if "Range" not in headers or start != written:
+                        ranges = False  # next time the whole file, from zero
+                        raise _Retry(f"a partial answer from byte {start}, not {written}")
+                    log.info("%s: resuming at byte %d", name, written)
+                elif written:
+                    log.info("%s: the server ignored the range; starting from zero", name)
+                    restart()
+                for chunk in resp.iter_content(CHUNK):
+                    if limit is not None and written + len(chunk) > limit:
+                        chunk = chunk[: limit - written + 1]  # one byte over: enough to tell
+                    written += len(chunk)
+                    digest.update(chunk)
+                    out.write(chunk)
+                    if progress:
+                        progress(len(chunk))
+                    if limit is not None and written > limit:
+                        break
+                done = resp.headers
+        except _Retry as exc:
+            cause, retry_after = str(exc), exc.retry_after
+        except TRANSIENT as exc:
+            cause, retry_after = f"{type(exc).__name__}: {_reason(exc)}", None
+        else:
+            if size is not None and written < size:
+                cause, retry_after = f"the body ended after {written} of {size} bytes", None
+            elif max_size is not None and size is None and written > max_size:
+                raise DownloadError(f"{name}: {shown} sent more than {max_size} bytes; refused")
+            else:
+                got = digest.hexdigest()
+                if (sha256 is None or got == sha256) and (size is None or written == size):
+                    out.flush()
+                    return Fetched(got, written, done)
+                wrong += 1
+                if wrong >= WRONG_BYTES_TRIES or attempt >= policy.attempts:
+                    times = "twice" if wrong > 1 else "on the last attempt"
+                    raise IntegrityError(
+                        _wrong_bytes(name, shown, got, written, sha256, size, times)
+                    )
+                log.warning("%s: the bytes were wrong (sha256 %s); fetching it again", name, got)
+                restart()
+                continue
+        if attempt >= policy.attempts:
+            raise DownloadError(
+                f"{name}: {shown} failed {attempt} times; the last time: {cause}. Check the "
+                "network, the proxy settings and the mirror or index option, then rerun: "
+                "completed files are kept"
+            )
+        pause = policy.sleep_for(attempt, retry_after)
+        log.warning(
+            "%s: %s; retrying in %.1fs (attempt %d of %d)",
+            name, cause, pause, attempt + 1, policy.attempts,
+        )  # fmt: skip
+        time.sleep(pause)
+
+
+def _reason(exc: Exception) -> str:
+    """The cause without the pool's preamble: `Read timed out. (read timeout=60)`."""
+    text = re.sub(r"^\W*\w*ConnectionPool\([^)]*\): ", "", str(exc))
+    return text[:200] or type(exc).__name__
+
+
+def _wrong_bytes(
+    name: str, url: str, got: str, written: int, sha256: str | None, size: int | None, times: str
+) -> str:
+    wanted = (f"{size} bytes" if size is not None else "", f"sha256 {sha256}" if sha256 else "")
+    expected = " with ".join(p for p in wanted if p)
+    return (
+        f"{name}: {url} sent {written} bytes with sha256 {got}, which does not match the locked "
+        f"{expected} ({times}); it was not kept. A proxy or mirror on the way alters downloads "
+        "(check it), or upstream replaced the file: then refresh the lock (`invoke lock`) and "
+        "review the change"
+    )
+
+
+def session() -> requests.Session:
+    """A session without urllib3 retries: bodies are retried by `download` alone, which can
+    resume them; one retry layer keeps the total wait bounded and the backoff in one place."""
+    http = requests.Session()
+    http.mount("https://", HTTPAdapter(pool_maxsize=16))
+    http.mount("http://", HTTPAdapter(pool_maxsize=16))
+    http.headers["User-Agent"] = "gpustack-offline"
+    return http
 
 
 @dataclass(frozen=True)
@@ -40,21 +328,6 @@ class Download:
     sha256: str
     size: int | None = None
     label: str = ""
-
-
-def session() -> requests.Session:
-    retry = Retry(
-        total=5,
-        backoff_factor=0.5,
-        status_forcelist=(429, 500, 502, 503, 504),
-        respect_retry_after_header=True,
-        allowed_methods=("GET", "HEAD"),
-    )
-    http = requests.Session()
-    http.mount("https://", HTTPAdapter(max_retries=retry, pool_maxsize=16))
-    http.mount("http://", HTTPAdapter(max_retries=retry, pool_maxsize=16))
-    http.headers["User-Agent"] = "gpustack-offline"
-    return http
 
 
 class BlobStore:
@@ -77,41 +350,65 @@ class BlobStore:
         path.unlink()
         return False
 
+    def download(
+        self,
+        url: str,
+        *,
+        http: requests.Session | None = None,
+        opener: Opener | None = None,
+        sha256: str | None = None,
+        size: int | None = None,
+        what: str = "",
+        check: Callable[[requests.Response], None] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> str:
+        """`download` into a temp file here, renamed to its sha256 only once checked; the
+        sha256. Whatever goes wrong, the temp file is removed."""
+        with self._temp() as (tmp, out):
+            got = download(
+                url, out, http=http, opener=opener, sha256=sha256, size=size, what=what,
+                check=check, progress=progress,
+            )  # fmt: skip
+            os.fsync(out.fileno())
+            os.chmod(tmp, FILE_MODE)
+            os.replace(tmp, self.path(got.sha256))
+        return got.sha256
+
+    @contextlib.contextmanager
+    def _temp(self) -> Iterator[tuple[Path, BinaryIO]]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.root, prefix=".new.", suffix=".part")
+        tmp = Path(name)
+        try:
+            with os.fdopen(fd, "w+b") as out:
+                yield tmp, out
+        finally:
+            tmp.unlink(missing_ok=True)
+
     def fetch(
         self, item: Download, http: requests.Session, progress: Progress | None = None
     ) -> Path:
         if self.has(item.sha256):
             return self.path(item.sha256)
-        final = self.path(item.sha256)
-        digest = hashlib.sha256()
         task = progress.add_task(item.label or item.url, total=item.size) if progress else None
-        with atomic_path(final) as tmp, tmp.open("wb") as out:
-            try:
-                with http.get(item.url, stream=True, timeout=(15, 120)) as resp:
-                    resp.raise_for_status()
-                    for chunk in resp.iter_content(CHUNK):
-                        digest.update(chunk)
-                        out.write(chunk)
-                        if progress and task is not None:
-                            progress.advance(task, len(chunk))
-            except requests.RequestException as exc:
-                raise IntegrityError(
-                    f"download of {item.label or item.url} failed: {exc}. "
-                    "Check the network or the index URL option, then rerun; finished files are kept"
-                ) from exc
-            finally:
-                if progress and task is not None:
-                    progress.remove_task(task)
-            out.flush()
-            if digest.hexdigest() != item.sha256:
-                raise IntegrityError(
-                    f"{item.url}: sha256 {digest.hexdigest()} does not match the locked "
-                    f"{item.sha256}; the file was not kept. If upstream replaced the file, "
-                    "refresh the lock (`invoke lock`) and review the change"
-                )
-        return final
 
-    def fetch_new(self, url: str, http: requests.Session, expect: str | None = None) -> str:
+        def advance(n: int) -> None:
+            if progress and task is not None:
+                progress.advance(task, n)
+
+        try:
+            self.download(
+                item.url, http=http, sha256=item.sha256, size=item.size,
+                what=item.label or redact(item.url), progress=advance,
+            )  # fmt: skip
+        finally:
+            if progress and task is not None:
+                progress.remove_task(task)
+        return self.path(item.sha256)
+
+    def fetch_new(
+        self, url: str, http: requests.Session, expect: str | None = None, size: int | None = None
+    ) -> str:
         """Store a file whose digest is learned while it streams; return its sha256.
 
         With `expect`, a file already stored under that digest is not fetched again, and other
@@ -119,30 +416,7 @@ class BlobStore:
         """
         if expect and self.has(expect):
             return expect
-        self.root.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        with tempfile.NamedTemporaryFile(dir=self.root, prefix=".new.", delete=False) as out:
-            tmp = Path(out.name)
-            try:
-                with http.get(url, stream=True, timeout=(15, 120)) as resp:
-                    resp.raise_for_status()
-                    for chunk in resp.iter_content(CHUNK):
-                        digest.update(chunk)
-                        out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-        got = digest.hexdigest()
-        if expect and got != expect:
-            tmp.unlink(missing_ok=True)
-            raise IntegrityError(
-                f"{url}: sha256 {got} does not match the locked {expect}; the file was not kept"
-            )
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, self.path(got))
-        return got
+        return self.download(url, http=http, sha256=expect, size=size)
 
     def fetch_all(self, items: Sequence[Download], jobs: int = 4, show: bool = True) -> list[Path]:
         """Fetch many files in parallel, with one overall progress bar."""

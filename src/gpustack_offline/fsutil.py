@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from .errors import DiskFullError
 
 CHUNK = 1 << 20
 
@@ -34,19 +37,28 @@ def sha256_file(path: Path) -> str:
 
 @contextlib.contextmanager
 def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `final`; on success fsync and rename it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    """Yield a temporary path beside `final`; on success fsync and rename it into place.
+
+    A full disk becomes a `DiskFullError` naming `final`, after the temporary file is gone."""
+    written = 0
     try:
-        yield tmp
-        with tmp.open("rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            yield tmp
+            with tmp.open("rb+") as fh:
+                os.fsync(fh.fileno())
+            os.chmod(tmp, FILE_MODE)
+            os.replace(tmp, final)
+        finally:
+            written = _size(tmp)
+            tmp.unlink(missing_ok=True)
+    except OSError as exc:
+        if exc.errno not in NO_SPACE:
+            raise
+        raise disk_full(final, written) from exc
 
 
 def write_text(final: Path, text: str) -> None:
@@ -56,20 +68,71 @@ def write_text(final: Path, text: str) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `final`; on success replace `final` with it."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
+    """Yield a temporary directory beside `final`; on success replace `final` with it.
+
+    A full disk becomes a `DiskFullError` naming `final`, after the temporary folder is gone."""
+    written = 0
     try:
-        yield tmp
-        os.chmod(tmp, DIR_MODE)
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
+        try:
+            yield tmp
+            os.chmod(tmp, DIR_MODE)
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            if final.exists():
+                os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        finally:
+            written = _size(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+    except DiskFullError as exc:  # a file inside the folder: name the folder, count it all
+        raise disk_full(final, max(written, exc.written)) from exc
+    except OSError as exc:
+        if exc.errno not in NO_SPACE:
+            raise
+        raise disk_full(final, written) from exc
+
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _size(path: Path) -> int:
+    """Bytes under `path` (a file or a folder); 0 if it is gone."""
+    try:
+        if not path.is_dir():
+            return path.stat().st_size
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    except OSError:
+        return 0
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def disk_full(final: Path, written: int) -> DiskFullError:
+    """The error for a write that filled its disk: what, where, how much it needed, how much
+    is free now that the partial file is gone, and what to do. `final` is the artifact's final
+    name, or the folder it was going into when the name is not known yet (a blob's digest).
+
+    Raise it `from` the OSError whose errno is in NO_SPACE, after removing the partial file."""
+    folder = final if final.is_dir() else final.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    mount = folder.resolve()
+    while not os.path.ismount(mount):
+        mount = mount.parent
+    free = shutil.disk_usage(folder).free
+    return DiskFullError(
+        f"no space left on {mount} for {final}: {_mb(written)} of it was written before the "
+        f"disk filled (removed again), so it needs more than that; {_mb(free)} is free there. "
+        "Fix: free space there or point the folder's option (dist-dir, cache-dir) at a larger "
+        "disk, then rerun; finished files are kept",
+        final,
+        written,
+    )
 
 
 def link_or_copy(src: Path, dst: Path) -> None:

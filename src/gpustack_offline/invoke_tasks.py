@@ -13,7 +13,7 @@ from typing import Any
 
 from invoke import Collection, Exit, task
 
-from . import commands
+from . import commands, release
 from .errors import BundleError
 
 _AXIS_HELP = {
@@ -130,11 +130,25 @@ def base(c, arch=None):  # type: ignore[no-untyped-def]
         print(tag)
 
 
+@task(help={"dist": "bundle folder (default: the dist-dir option)",
+            "out": "folder for the release assets and index (replaced whole)",
+            "merge": "merge the <cell>.release.json entries under this folder instead (release job)"})  # fmt: skip
+@_wired
+def release_index(c, dist=None, out="release", merge=None):  # type: ignore[no-untyped-def]
+    """Stage the finished bundles as release assets with an index (cells, sizes, digests)."""
+    if merge:
+        index = release.merge_release_entries(Path(merge), Path(out))
+    else:
+        ctx = commands.Context.load(_root(c), cli={"dist_dir": dist})
+        index = release.stage_release(ctx.dist, Path(out))
+    print(release.render_markdown(index))
+
+
 def namespace() -> Collection:
     """`invoke matrix`, `invoke bundle`, `invoke lock [--cell …]`, `invoke images.base`."""
     locks = Collection("lock")
     locks.add_task(refresh, default=True)
-    ns = Collection(matrix, bundle)
+    ns = Collection(matrix, bundle, release_index)
     ns.add_collection(locks)
     ns.add_collection(Collection("images", base))
     return ns

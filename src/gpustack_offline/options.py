@@ -9,9 +9,10 @@ The environment is passed in as a mapping so that the resolver is testable.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ from .errors import OptionError
 
 TOOL_KEY = "gpustack-offline"
 ENV_PREFIX = "GPUSTACK_OFFLINE_"
+# Variables read where they are used, not options: registry credentials (registry.py) and the
+# download retry policy (fetch.RetryPolicy).
+_OWN_PREFIXES = (f"{ENV_PREFIX}REGISTRY_AUTH_", f"{ENV_PREFIX}DOWNLOAD_")
 
 
 def _default_cache() -> str:
@@ -45,6 +49,15 @@ class Options:
     # docker cells: where docker.io images come from ("" = Docker Hub itself), and the pin files
     registry_mirror: str = ""
     images_pins_dir: str = "bundles/images"
+    # GPUStack 2.x: upstream's runner list per version, written by `invoke lock`
+    runners_dir: str = "bundles/runners"
+    # signing: an exported secret key file ("" = unsigned) and the name of the environment
+    # variable holding its passphrase ("" = none); verify_key: the public key `verify` checks with
+    signing_key: str = ""
+    signing_passphrase_env: str = ""
+    verify_key: str = ""
+    # transfer media: split each bundle tar into volumes of this size ("" = one tar), e.g. 4G
+    split: str = ""
     jobs: int = 4
     frozen: bool = False
     verify_timeout: int = 900
@@ -82,9 +95,24 @@ def _convert(name: str, value: Any, source: str) -> Any:
     return value
 
 
-def _unknown(key: str, source: str, spelled: str) -> OptionError:
-    known = ", ".join(sorted(spelled.format(n) for n in _FIELDS))
-    return OptionError(f"{source}: unknown option {key!r}; known options: {known}")
+def _unknown(key: str, source: str, spell: Callable[[str], str]) -> OptionError:
+    """Name the key as the user wrote it, the nearest known spelling, and every known one."""
+    known = sorted(spell(n) for n in _FIELDS)
+    near = difflib.get_close_matches(key, known, n=1)
+    hint = f"did you mean {near[0]!r}? " if near else ""
+    return OptionError(f"{source}: unknown option {key!r}; {hint}known options: {', '.join(known)}")
+
+
+def _toml_key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _env_key(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _cli_key(name: str) -> str:
+    return "--" + _toml_key(name)
 
 
 def from_pyproject(path: Path) -> dict[str, Any]:
@@ -99,7 +127,7 @@ def from_pyproject(path: Path) -> dict[str, Any]:
     for key, value in table.items():
         name = key.replace("-", "_")
         if name not in _FIELDS:
-            raise _unknown(key, source, "{}")
+            raise _unknown(key, source, _toml_key)
         values[name] = _convert(name, value, source)
     return values
 
@@ -108,11 +136,11 @@ def from_env(env: Mapping[str, str]) -> dict[str, Any]:
     values = {}
     for key, value in env.items():
         # registry credentials (registry.py) share the prefix but are not options
-        if not key.startswith(ENV_PREFIX) or key.startswith(f"{ENV_PREFIX}REGISTRY_AUTH_"):
+        if not key.startswith(ENV_PREFIX) or key.startswith(_OWN_PREFIXES):
             continue
         name = key[len(ENV_PREFIX) :].lower()
         if name not in _FIELDS:
-            raise _unknown(key, "environment", ENV_PREFIX + "{}")
+            raise _unknown(key, "environment", _env_key)
         values[name] = _convert(name, value, f"environment {key}")
     return values
 
@@ -132,6 +160,6 @@ def resolve(
         if value is None:
             continue
         if key not in _FIELDS:
-            raise _unknown(key, "command line", "--{}")
+            raise _unknown(_cli_key(key), "command line", _cli_key)
         values[key] = _convert(key, value, "command line")
     return Options(**values)

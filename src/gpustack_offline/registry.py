@@ -38,6 +38,7 @@ import base64
 import binascii
 import contextlib
 import hashlib
+import io
 import ipaddress
 import json
 import logging
@@ -53,8 +54,8 @@ from typing import Any
 import requests
 
 from .errors import BundleError, IntegrityError
-from .fetch import BlobStore, session
-from .fsutil import CHUNK, atomic_path
+from .fetch import BlobStore, Opener, download, session
+from .fsutil import atomic_path
 
 log = logging.getLogger("gpustack_offline")
 
@@ -636,21 +637,37 @@ class Registry:
 
     @contextlib.contextmanager
     def _request(
-        self, ep: _Endpoint, method: str, path: str, *, accept: str | None = None
+        self,
+        ep: _Endpoint,
+        method: str,
+        path: str,
+        *,
+        accept: str | None = None,
+        extra: Mapping[str, str] | None = None,
+        timeout: tuple[float, float] = TIMEOUT,
+        retried: bool = False,
     ) -> Iterator[requests.Response]:
-        """A request to `/v2/<repository>/<path>`, authenticated as the registry asks."""
+        """A request to `/v2/<repository>/<path>`, authenticated as the registry asks: a 401
+        (no token yet, or one that expired mid-pull) gets a new token and the request again.
+
+        `retried`: the caller is `fetch.download`, which retries connection errors itself, so
+        they pass through. Redirects (Docker Hub sends blobs to a CDN) are followed; requests
+        drops the Authorization header when the redirect leaves the host."""
         url = f"{ep.base}/v2/{ep.repository}/{path}"
         key = (ep.base, ep.repository)
         fresh = False  # a credential obtained for this very request was already refused
         for attempt in range(3):
             headers = {"Accept": accept} if accept else {}
+            headers.update(extra or {})
             with self._lock:
                 auth = self._auth.get(key)
             if auth:
                 headers["Authorization"] = auth
             try:
-                resp = self.http.request(method, url, headers=headers, stream=True, timeout=TIMEOUT)
+                resp = self.http.request(method, url, headers=headers, stream=True, timeout=timeout)
             except requests.RequestException as exc:
+                if retried:
+                    raise
                 raise RegistryError(
                     f"cannot reach {ep.host} ({type(exc).__name__}: {exc}). Check the network, "
                     "the proxy settings or the mirror option, then rerun; stored blobs are kept"
@@ -810,11 +827,18 @@ class Registry:
             content_type = ""
         else:
             target = digest or ref.target
-            with self._request(ep, "GET", f"manifests/{target}", accept=_ACCEPT) as resp:
-                self._check(resp, ep, where)
-                body = self._read_limited(resp, where)
-                content_type = resp.headers.get("Content-Type", "").split(";", 1)[0].strip()
-                said = resp.headers.get("Docker-Content-Digest")
+            buffer = io.BytesIO()
+            fetched = download(
+                f"{ep.base}/v2/{ep.repository}/manifests/{target}",
+                buffer,
+                opener=self._opener(ep, f"manifests/{target}", accept=_ACCEPT),
+                max_size=MAX_MANIFEST,
+                what=f"{where} manifest",
+                check=lambda resp: self._check(resp, ep, where),
+            )
+            body = buffer.getvalue()
+            content_type = fetched.headers.get("Content-Type", "").split(";", 1)[0].strip()
+            said = fetched.headers.get("Docker-Content-Digest")
             got = "sha256:" + hashlib.sha256(body).hexdigest()
             expect = digest or (said if said and _DIGEST.fullmatch(said) else None)
             if expect and got != expect:
@@ -851,16 +875,6 @@ class Registry:
             raise RegistryError(f"{where}: unsupported manifest type {media_type!r}")
         return media_type
 
-    @staticmethod
-    def _read_limited(resp: requests.Response, where: str) -> bytes:
-        chunks, size = [], 0
-        for chunk in resp.iter_content(CHUNK):
-            size += len(chunk)
-            if size > MAX_MANIFEST:
-                raise RegistryError(f"{where}: the manifest is larger than {MAX_MANIFEST} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
     def _check(self, resp: requests.Response, ep: _Endpoint, where: str) -> None:
         if resp.status_code == 200:
             return
@@ -872,39 +886,30 @@ class Registry:
             f"{where}: {ep.host} answered HTTP {resp.status_code} ({_error_text(resp)})"
         )
 
+    def _opener(self, ep: _Endpoint, path: str, *, accept: str | None = None) -> Opener:
+        """How `fetch.download` asks this registry for `path`, authenticating as needed."""
+
+        def opener(
+            extra: Mapping[str, str], timeout: tuple[float, float]
+        ) -> contextlib.AbstractContextManager[requests.Response]:
+            return self._request(
+                ep, "GET", path, accept=accept, extra=extra, timeout=timeout, retried=True
+            )
+
+        return opener
+
     def _blob(self, ep: _Endpoint, desc: Descriptor, what: str) -> Path:
-        """Store one blob, its sha256 and size checked while it streams; a bad one is not kept."""
+        """Store one blob, its sha256 and size checked while it streams; a bad one is not kept.
+        Failures are retried and broken bodies resumed by `fetch.download`."""
         if self.store.has(desc.hex):
             return self.store.path(desc.hex)
-        final = self.store.path(desc.hex)
-        for attempt in range(3):
-            try:
-                with (
-                    self._request(ep, "GET", f"blobs/{desc.digest}") as resp,
-                    atomic_path(final) as tmp,
-                    tmp.open("wb") as out,
-                ):
-                    self._check(resp, ep, f"{what} {desc.digest}")
-                    digest, size = hashlib.sha256(), 0
-                    for chunk in resp.iter_content(CHUNK):
-                        size += len(chunk)
-                        if size > desc.size:
-                            break
-                        digest.update(chunk)
-                        out.write(chunk)
-                    if size != desc.size or digest.hexdigest() != desc.hex:
-                        got = f"{size} bytes" if size != desc.size else digest.hexdigest()
-                        raise IntegrityError(
-                            f"{what} {desc.digest} from {ep.host}: got {got}, expected "
-                            f"{desc.size} bytes with sha256 {desc.hex}; it was not kept. "
-                            "The registry or a proxy on the way altered it"
-                        )
-                return final
-            except requests.RequestException as exc:
-                if attempt == 2:
-                    raise RegistryError(
-                        f"{what} {desc.digest}: the download from {ep.host} broke off "
-                        f"({type(exc).__name__}); rerun, stored blobs are kept"
-                    ) from None
-                log.warning("%s %s: download broke off, retrying", what, desc.digest)
-        raise AssertionError("unreachable")
+        path = f"blobs/{desc.digest}"
+        self.store.download(
+            f"{ep.base}/v2/{ep.repository}/{path}",
+            opener=self._opener(ep, path),
+            sha256=desc.hex,
+            size=desc.size,
+            what=f"{what} {desc.digest} from {ep.host}",
+            check=lambda resp: self._check(resp, ep, f"{what} {desc.digest}"),
+        )
+        return self.store.path(desc.hex)

@@ -45,7 +45,7 @@ from typing import Any
 import requests
 
 from .errors import BundleError, IntegrityError, ToolsError
-from .fetch import BlobStore, session
+from .fetch import BlobStore, DownloadError, HTTPStatusError, session
 from .fsutil import atomic_dir, atomic_path, sha256_file, write_text
 from .locks import Override, matching
 from .matrix import Cell
@@ -196,18 +196,16 @@ class AssetProxy:
             self.fetched[path] = Asset(path, expected, blob.stat().st_size)
             return blob
         url = f"{self._base(path)}/{path}"
-        try:
-            sha = self.store.fetch_new(url, self._http, expect=expected)
-        except requests.HTTPError as exc:
-            status = exc.response.status_code if exc.response is not None else "?"
+        size = self.lock.entries.get(path, (None, None))[1] if expected else None
+        try:  # retried, resumed and checked by fetch.download
+            sha = self.store.fetch_new(url, self._http, expect=expected, size=size)
+        except HTTPStatusError as exc:
             raise ToolsError(
-                f"{url} answered {status}: the tools base URL does not have this asset. A site "
-                "mirror must serve upstream's paths (/gpustack/<repo>/releases/download/...)"
-            ) from exc
-        except requests.RequestException as exc:
-            raise ToolsError(
-                f"could not download {url}: {exc}. Check the network or the tools-base-url option"
-            ) from exc
+                f"{url} answered {exc.status}: the tools base URL does not have this asset. A "
+                "site mirror must serve upstream's paths (/gpustack/<repo>/releases/download/...)"
+            ) from None
+        except DownloadError as exc:
+            raise ToolsError(f"{exc}. The tools mirror option is tools-base-url") from None
         got = Asset(path, sha, self.store.path(sha).stat().st_size, url)
         self.lock.record(got)
         self.fetched[path] = got

@@ -1,0 +1,254 @@
+"""Stand-ins for GPUStack 2.x's images, served by the loopback hub as if from Docker Hub.
+
+GPUStack 2.x installs as containers only: the server `gpustack/gpustack:v<version>` and, pulled
+by it at run time, backend runner images `gpustack/runner:<tag>` and `gpustack/runtime:pause`.
+None can be pulled here, so tests use these:
+
+- `server_image`: per platform, the Debian base layer (the cached debootstrap rootfs, shared
+  with tests/gpustack_images.py), a layer with the real gpustack 2.x wheel plus just the
+  dependencies that upstream's probe router needs to import (`PROBE_DEPS`, each with the
+  wheel's own version specifier; the full tree is ~600 MB), and a small layer with the stand-in
+  `gpustack` CLI and `/entrypoint.sh` (tests/fixtures/gpustack2/). `docker run IMAGE [flags]`
+  saves the flags to /run/gpustack/args like upstream's entrypoint and runs `gpustack start`
+  with upstream's flag set, which serves upstream's `/healthz`, `/readyz` and `/version` on
+  127.0.0.1:30080 (the API port; the real server's embedded gateway answers on 80, and so does
+  the stand-in). The wheel layer is made by uv for the target platform without a daemon or
+  emulation, and cached by content under the project cache.
+- `runner_images`: tiny images for any runner references; all runners of an architecture
+  share one large base layer (as real runners share their CUDA layers), so layer dedup can be
+  measured. `gpustack/runtime:pause` is a static `/pause` that blocks forever, like the real one.
+- `push_images`: pushes them to the hub under their upstream names, an OCI index per tag over
+  the platforms given (so a test can publish a tag without arm64).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from email.parser import Parser
+from pathlib import Path
+
+from gpustack_images import SITE
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from registry_fixture import (
+    AMD64,
+    ARM64,
+    OCI_LAYER,
+    Blob,
+    FileLayer,
+    FixtureImage,
+    FixtureTag,
+    Hub,
+    debian_layer,
+    file_layer,
+    make_image,
+    noise,
+    tar_layer,
+)
+from release_mirror import cache_root
+
+from gpustack_offline.registry import Platform, Reference
+
+VERSIONS = ("2.2.3", "2.3.0")
+API_PORT = 30080  # the server's internal API port (`--api-port`), where `/healthz` answers
+FIXTURES = Path(__file__).parent / "fixtures" / "gpustack2"
+# What `import gpustack.routes.probes` pulls in (2.3.0's probes import gpustack.extension, and
+# with it gpustack.config, gpustack.schemas and gpustack_runtime), plus uvicorn to serve it.
+PROBE_DEPS = (
+    "aiocache", "argon2-cffi", "croniter", "cryptography", "fastapi", "gpustack-runtime", "httpx",
+    "psutil", "pydantic-settings", "pyjwt", "pyyaml", "sqlalchemy", "sqlmodel", "tenacity",
+    "uvicorn",
+)  # fmt: skip
+UV_PLATFORM = {"amd64": "x86_64-manylinux_2_35", "arm64": "aarch64-manylinux_2_35"}  # Debian 12
+RUNNER_BASE_SIZE = 4 << 20
+
+
+def platform_of(arch: str) -> Platform:
+    return {"amd64": AMD64, "arm64": ARM64}[arch]
+
+
+# -- the server ------------------------------------------------------------------------------
+
+
+def server_image(
+    version: str = "2.3.0", platforms: Sequence[Platform] = (AMD64, ARM64)
+) -> list[FixtureImage]:
+    """`gpustack/gpustack:v<version>`, one image per platform (push them as one index)."""
+    tag = f"v{version}"
+    out = []
+    for platform in platforms:
+        arch = platform.architecture
+        marker = f"gpustack/gpustack:{tag} {arch} (gpustack-offline stand-in)\n".encode()
+        cli, cli_diff = tar_layer(
+            {
+                "entrypoint.sh": (FIXTURES / "entrypoint.sh").read_bytes(),
+                "usr/local/bin/gpustack": (FIXTURES / "gpustack_start.py").read_bytes(),
+                "etc/gpustack-image": marker,
+            },
+            executable=("entrypoint.sh", "usr/local/bin/gpustack"),
+        )
+        image = make_image(
+            platform,
+            [debian_layer(arch), server_layer(version, arch), (Blob(OCI_LAYER, cli), cli_diff)],
+            labels={"org.opencontainers.image.version": tag},
+        )
+        out.append(with_entrypoint(image, ["/entrypoint.sh"]))
+    return out
+
+
+def server_layer(version: str, arch: str, cache: Path | None = None) -> tuple[FileLayer, str]:
+    """The gpustack `version` wheel and `PROBE_DEPS` (as the wheel pins them), installed by uv
+    for linux/`arch` into Debian's dist-packages, as a gzip layer made once per input."""
+    cache = cache or cache_root()
+    key = hashlib.sha256(json.dumps([version, arch, PROBE_DEPS, SITE]).encode()).hexdigest()
+    final = cache / "fixtures" / "gpustack2-images" / f"gpustack-{version}-{arch}-{key[:16]}.tar.gz"
+    if final.is_file() and final.with_suffix(".json").is_file():
+        return file_layer(final, final)  # made before: file_layer only reads its record
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=final.parent) as scratch:
+        tree = Path(scratch) / "tree"
+        site = tree / SITE
+        uv_install(site, arch, [f"gpustack=={version}", "--no-deps"], cache)
+        (meta,) = site.glob(f"gpustack-{version}.dist-info/METADATA")
+        uv_install(site, arch, probe_requirements(meta.read_text()), cache)
+        plain = Path(scratch) / "layer.tar"
+        pack_tree(tree, plain)
+        return file_layer(plain, final)
+
+
+def probe_requirements(metadata: str) -> list[str]:
+    """Those of `PROBE_DEPS` the wheel requires (2.2.3 has no croniter), with the version
+    specifiers and extras of its Requires-Dist."""
+    wanted = {canonicalize_name(n) for n in PROBE_DEPS}
+    found = []
+    for line in Parser().parsestr(metadata).get_all("Requires-Dist") or []:
+        req = Requirement(line)
+        if canonicalize_name(req.name) in wanted and req.marker is None:
+            found.append(str(req))
+    return sorted(found)
+
+
+def uv_install(target: Path, arch: str, args: Sequence[str], cache: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "uv", "pip", "install", "--quiet", "--target", str(target),
+         "--python-platform", UV_PLATFORM[arch], "--python-version", "3.11", *args],
+        check=True, env={**os.environ, "UV_CACHE_DIR": str(cache / "uv")},
+    )  # fmt: skip
+
+
+def pack_tree(tree: Path, plain: Path) -> None:
+    """An uncompressed layer tar of `tree`: sorted, root-owned, mtime 0 (same bytes each time)."""
+    with tarfile.open(plain, "w", format=tarfile.PAX_FORMAT) as tf:
+        for path in sorted(tree.rglob("*")):
+            info = tf.gettarinfo(path, str(path.relative_to(tree)))
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            if info.isreg():
+                with path.open("rb") as fh:
+                    tf.addfile(info, fh)
+            else:
+                tf.addfile(info)
+
+
+def with_entrypoint(image: FixtureImage, entrypoint: Sequence[str]) -> FixtureImage:
+    """`image` with an Entrypoint and no Cmd, so `docker run IMAGE --flag` passes the flags to
+    the entrypoint, as upstream's `ENTRYPOINT ["/entrypoint.sh"]` does."""
+    config = json.loads(image.config.data)
+    config["config"]["Entrypoint"] = list(entrypoint)
+    config["config"]["Cmd"] = None
+    config_blob = Blob(image.config.media_type, json.dumps(config, sort_keys=True).encode())
+    manifest = json.loads(image.manifest.data)
+    manifest["config"] = config_blob.descriptor()
+    manifest_blob = Blob(image.manifest.media_type, json.dumps(manifest, indent=3).encode())
+    return replace(image, manifest=manifest_blob, config=config_blob)
+
+
+# -- runners and pause -----------------------------------------------------------------------
+
+
+def pause_binary(arch: str) -> bytes:
+    """A static ELF executable that blocks in a syscall forever, like Kubernetes' /pause (which
+    also exits on SIGTERM; this one, PID 1 without handlers, ignores it: stop it with SIGKILL).
+
+    x86-64: `pause()` in a loop; arm64 has no pause syscall: `ppoll(NULL, 0, NULL, NULL)`."""
+    if arch == "amd64":
+        machine = 62
+        code = bytes.fromhex(
+            "b8220000000f05ebf7"
+        )  # b822000000 mov eax,34 (pause); 0f05 syscall; ebf7 jmp -9
+    else:
+        machine = 183
+        words = (
+            0xD2800000, 0xD2800001, 0xD2800002, 0xD2800003,  # mov x0..x3, #0
+            0xD2800928, 0xD4000001, 0x17FFFFFA,  # mov x8, #73 (ppoll); svc #0; b -24
+        )  # fmt: skip
+        code = struct.pack(f"<{len(words)}I", *words)
+    base, headers = 0x400000, 64 + 56
+    size = headers + len(code)
+    ident = b"\x7fELF" + bytes([2, 1, 1, 0]) + bytes(8)  # 64-bit, little-endian, SysV
+    elf = struct.pack(
+        "<16sHHIQQQIHHHHHH", ident, 2, machine, 1, base + headers, 64, 0, 0, 64, 56, 1, 0, 0, 0
+    )
+    program = struct.pack("<IIQQQQQQ", 1, 5, 0, base, base, size, size, 0x1000)  # PT_LOAD, R+X
+    return elf + program + code
+
+
+def runner_images(
+    references: Sequence[str],
+    platforms: Sequence[Platform] = (AMD64, ARM64),
+    *,
+    base_size: int = RUNNER_BASE_SIZE,
+) -> dict[str, list[FixtureImage]]:
+    """Per reference (`gpustack/runner:<tag>`, `gpustack/runtime:pause`), one image per
+    platform. Runners are a base layer of `base_size` bytes shared by every runner of the
+    architecture plus a small layer of their own; pause is one layer with a runnable `/pause`."""
+    out: dict[str, list[FixtureImage]] = {}
+    for reference in references:
+        ref = Reference.parse(reference)
+        out[reference] = []
+        for platform in platforms:
+            arch = platform.architecture
+            if ref.repository == "gpustack/runtime" and ref.tag == "pause":
+                layer, diff = tar_layer({"pause": pause_binary(arch)}, executable=("pause",))
+                image = make_image(platform, [(Blob(OCI_LAYER, layer), diff)])
+                out[reference].append(with_entrypoint(image, ["/pause"]))
+                continue
+            base = tar_layer({"opt/runner-base/blob": noise(f"runner-base-{arch}", base_size)})
+            own = tar_layer(
+                {
+                    "etc/gpustack-runner": f"{reference} {arch}\n".encode(),
+                    "opt/runner/blob": noise(f"{reference}-{arch}", 16 << 10),
+                }
+            )
+            out[reference].append(
+                make_image(
+                    platform,
+                    [(Blob(OCI_LAYER, base[0]), base[1]), (Blob(OCI_LAYER, own[0]), own[1])],
+                    cmd=("/bin/sh",),
+                    labels={"org.opencontainers.image.ref.name": reference},
+                )
+            )
+    return out
+
+
+# -- pushing ---------------------------------------------------------------------------------
+
+
+def push_images(hub: Hub, images: Mapping[str, Sequence[FixtureImage]]) -> dict[str, FixtureTag]:
+    """Push each `repository:tag` (an upstream name, no registry) as an OCI index over its
+    images; returns what each tag points at (also recorded in `hub.tags`)."""
+    out = {}
+    for reference, platform_images in images.items():
+        ref = Reference.parse(reference)
+        if ref.tag is None or reference.split("/")[0] != ref.repository.split("/")[0]:
+            raise ValueError(f"{reference!r}: give an upstream repository:tag, no registry")
+        out[reference] = hub.push(ref.repository, ref.tag, list(platform_images))
+    return out

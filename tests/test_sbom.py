@@ -1,0 +1,278 @@
+"""The CycloneDX SBOM of a bundle: made from a real assembled bundle folder (tiny wheels built
+here with licences in their METADATA, a real tools archive entry, a real image export), checked
+against the CycloneDX 1.6 schema with the library's strict validator."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import io
+import json
+import tarfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cyclonedx.schema import SchemaVersion
+from cyclonedx.validation.json import JsonStrictValidator
+from registry_fixture import gpustack_tags, store_image
+
+from gpustack_offline import bundle, sbom, tools
+from gpustack_offline.fetch import BlobStore
+from gpustack_offline.fsutil import sha256_file
+from gpustack_offline.images import export_images
+from gpustack_offline.locks import Lock
+from gpustack_offline.wheels import Wheel
+
+CELL = "v0.7.1-linux-amd64-cpu-py3.11-base-pip"
+TOOL_PATHS = (
+    "gpustack/llama-box/releases/download/v0.0.140/llama-box-linux-amd64-cpu.zip",
+    "gpustack/gguf-parser-go/releases/download/v0.14.1/gguf-parser-linux-amd64",
+)
+# name, version, METADATA licence headers, origin (a URL, or how it was built)
+WHEELS: tuple[tuple[str, str, str, str], ...] = (
+    ("six", "1.17.0", "License: MIT\n", "https://files.example/six-1.17.0-py2.py3-none-any.whl"),
+    ("attrs", "25.1.0", "License-Expression: MIT OR Apache-2.0\n", "https://files.example/a.whl"),
+    (
+        "certifi",
+        "2025.1.31",
+        "Classifier: License :: OSI Approved :: Mozilla Public License 2.0 (MPL 2.0)\n",
+        "built from https://files.example/certifi-2025.1.31.tar.gz (sha256 " + "c" * 64 + ")",
+    ),
+)
+
+
+def make_wheel(folder: Path, name: str, version: str, licence: str, payload: str = "") -> Path:
+    """A small valid wheel: a module, METADATA with the given licence headers, WHEEL, RECORD."""
+    path = folder / f"{name}-{version}-py3-none-any.whl"
+    info = f"{name}-{version}.dist-info"
+    metadata = f"Metadata-Version: 2.4\nName: {name}\nVersion: {version}\n{licence}\n"
+    members = {
+        f"{name}.py": f"VALUE = {payload!r}\n",
+        f"{info}/METADATA": metadata,
+        f"{info}/WHEEL": "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{info}/RECORD": "",
+    }
+    with zipfile.ZipFile(path, "w") as zf:
+        for member, text in members.items():
+            zf.writestr(zipfile.ZipInfo(member, date_time=(2025, 1, 1, 0, 0, 0)), text)
+    return path
+
+
+def fake_root(real_root: Path, where: Path, lock_text: str = "lock-version = '1.0'\n") -> Path:
+    """A project root whose scripts are the real ones and whose lock file is ours to change."""
+    root = where / "root"
+    (root / "bundles/locks" / CELL).mkdir(parents=True)
+    (root / "scripts").symlink_to(real_root / "scripts")
+    (root / "bundles/locks" / CELL / "pylock.toml").write_text(lock_text)
+    return root
+
+
+def make_bundle(
+    matrix: Any,
+    real_root: Path,
+    where: Path,
+    *,
+    wheels: tuple[tuple[str, str, str, str], ...] = WHEELS,
+    payload: str = "",
+    lock_text: str = "lock-version = '1.0'\n",
+    with_images: bool = True,
+) -> Path:
+    """An assembled bundle folder (bundle.assemble, as a build makes it) with wheels, a tools
+    archive and, if asked, an image export; its SBOM is written the way a build would."""
+    where.mkdir(parents=True, exist_ok=True)
+    root = fake_root(real_root, where, lock_text)
+    cell = matrix.cell(CELL)
+    cache = where / "cache"
+    cache.mkdir()
+    made = []
+    for name, version, licence, origin in wheels:
+        path = make_wheel(cache, name, version, licence, payload if name == "six" else "")
+        built = origin.startswith("built from")
+        made.append(Wheel(name, version, path.name, sha256_file(path), path, origin, built))
+    archive_path = cache / tools.ARCHIVE_NAME
+    with gzip.GzipFile(archive_path, "wb", mtime=0) as gz, tarfile.open(fileobj=gz, mode="w") as tf:
+        data = b"\x7fELF llama-box"
+        info = tarfile.TarInfo("llama-box/llama-box")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    assets = [tools.Asset(p, f"{n + 1}" * 64, 1000 + n) for n, p in enumerate(TOOL_PATHS)]
+    archive = tools.Archive(
+        archive_path, sha256_file(archive_path), assets, "linux-amd64", None, ""
+    )
+    stage = where / "dist" / cell.id
+    stage.mkdir(parents=True)
+    exported = []
+    if with_images:
+        store = BlobStore(where / "blobs")
+        image = store_image(
+            store, "gpustack/gpustack:v0.7.1-cpu", gpustack_tags()["v0.7.1-cpu"]["linux/amd64"]
+        )
+        exported = export_images([image], store, stage / bundle.IMAGE_ARCHIVE)
+    lock = Lock(root / "bundles/locks" / CELL / "pylock.toml", cell.id, "d")
+    manifest = bundle.assemble(cell, made, lock, stage, root, archive, exported)
+    # What the build does (see the report): the SBOM goes in, then is listed like any file.
+    (stage / sbom.SBOM_NAME).write_text(sbom.sbom_for(stage, manifest))
+    manifest["files"] = sorted(
+        [
+            *manifest["files"],
+            {
+                "path": sbom.SBOM_NAME,
+                "sha256": sha256_file(stage / sbom.SBOM_NAME),
+                "size": (stage / sbom.SBOM_NAME).stat().st_size,
+                "kind": "sbom",
+                "origin": "generated",
+            },
+        ],
+        key=lambda f: f["path"],
+    )
+    (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return stage
+
+
+@pytest.fixture(scope="module")
+def built(matrix, root, tmp_path_factory) -> Path:
+    return make_bundle(matrix, root, tmp_path_factory.mktemp("sbom"))
+
+
+def _walk(components: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for c in components:
+        out.append(c)
+        out += _walk(c.get("components", []))
+    return out
+
+
+def _sha(component: dict[str, Any]) -> str:
+    (digest,) = [h["content"] for h in component["hashes"] if h["alg"] == "SHA-256"]
+    return digest
+
+
+def test_the_sbom_validates_against_the_cyclonedx_schema(built):
+    text = (built / sbom.SBOM_NAME).read_text()
+    assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(text) is None
+    doc = json.loads(text)
+    assert (doc["bomFormat"], doc["specVersion"]) == ("CycloneDX", "1.6")
+    root = doc["metadata"]["component"]
+    assert (root["name"], root["version"], root["type"]) == ("gpustack", "0.7.1", "application")
+    assert doc["metadata"]["timestamp"].startswith(
+        json.loads((built / "manifest.json").read_text())["built_at"][:19]
+    )
+
+
+def test_every_wheel_appears_with_version_hash_purl_and_licence(built):
+    doc = sbom.sbom(built)
+    manifest = json.loads((built / "manifest.json").read_text())
+    by_name = {c["name"]: c for c in _walk(doc["components"]) if c["type"] == "library"}
+    wheels = [f for f in manifest["files"] if f["kind"] in ("wheel", "built-wheel")]
+    assert len(wheels) == len(WHEELS) == len(by_name)
+    for entry in wheels:
+        name, version = entry["path"].removeprefix("wheels/").split("-")[:2]
+        component = by_name[name]
+        assert component["version"] == version and _sha(component) == entry["sha256"]
+        assert component["purl"].startswith(f"pkg:pypi/{name}@{version}?file_name=")
+    assert by_name["six"]["licenses"] == [{"license": {"id": "MIT", "acknowledgement": "declared"}}]
+    assert by_name["attrs"]["licenses"] == [
+        {"expression": "MIT OR Apache-2.0", "acknowledgement": "declared"}
+    ]
+    assert by_name["certifi"]["licenses"][0]["license"]["id"] == "MPL-2.0"
+    # a wheel from PyPI names its download, a built one the sdist it came from
+    origin = {"name": "gpustack-offline:file:origin", "value": WHEELS[0][3]}
+    assert origin in by_name["six"]["properties"]
+    (ref,) = by_name["certifi"]["externalReferences"]
+    assert ref["type"] == "source-distribution" and ref["hashes"][0]["content"] == "c" * 64
+
+
+def test_every_image_appears_with_digest_and_its_layers(built):
+    doc = sbom.sbom(built)
+    manifest = json.loads((built / "manifest.json").read_text())
+    (image,) = manifest["images"]
+    (container,) = [c for c in _walk(doc["components"]) if c["type"] == "container"]
+    assert container["name"] == "docker.io/gpustack/gpustack"
+    assert container["version"] == "v0.7.1-cpu"
+    assert _sha(container) == image["digest"].removeprefix("sha256:")
+    assert container["purl"].startswith(f"pkg:oci/gpustack@{image['digest']}?")
+    assert "repository_url=docker.io/gpustack/gpustack" in container["purl"]
+    index = "gpustack-offline:layer:index"
+    layers = sorted(
+        container["components"],
+        key=lambda c: int(next(p["value"] for p in c["properties"] if p["name"] == index)),
+    )
+    expected = gpustack_tags()["v0.7.1-cpu"]["linux/amd64"].layers
+    assert [f"sha256:{_sha(layer)}" for layer in layers] == [b.digest for b in expected]
+    # the layers really are blobs of the bundle's image archive
+    with tarfile.open(built / bundle.IMAGE_ARCHIVE) as tf:
+        names = set(tf.getnames())
+    assert all(f"blobs/sha256/{_sha(layer)}" in names for layer in layers)
+
+
+def test_every_tool_appears_with_version_download_url_and_hash(built):
+    doc = sbom.sbom(built)
+    manifest = json.loads((built / "manifest.json").read_text())
+    (archive,) = [c for c in doc["components"] if c["name"] == tools.BUNDLE_PATH]
+    files = {f["path"]: f for f in manifest["files"]}
+    assert _sha(archive) == files[tools.BUNDLE_PATH]["sha256"]
+    found = {c["name"]: c for c in archive["components"]}
+    assert set(found) == {"llama-box", "gguf-parser-go"}
+    for asset in manifest["tools"]["assets"]:
+        component = found[asset["path"].split("/")[1]]
+        assert component["version"] == asset["path"].split("/")[4]
+        assert _sha(component) == asset["sha256"]
+        (ref,) = component["externalReferences"]
+        assert ref["type"] == "distribution"
+        assert ref["url"] == f"https://github.com/{asset['path']}"
+
+
+def test_the_sbom_is_deterministic_and_regenerates_byte_for_byte(built, matrix, root, tmp_path):
+    stored = (built / sbom.SBOM_NAME).read_text()
+    assert sbom.sbom_for(built, json.loads((built / "manifest.json").read_text())) == stored
+    assert sbom.write_sbom(built).read_text() == stored
+    # an independent build of the same inputs at the same time: the same bytes
+    again = make_bundle(matrix, root, tmp_path / "again")
+    manifest = json.loads((again / "manifest.json").read_text())
+    first = json.loads((built / "manifest.json").read_text())
+    if manifest["built_at"] != first["built_at"]:  # builds straddled a second
+        manifest["built_at"] = first["built_at"]
+    assert sbom.sbom_for(again, manifest) == stored
+    # a different input changes the serial number
+    changed = copy.deepcopy(manifest)
+    changed["lock"]["sha256"] = "0" * 64
+    doc, other = json.loads(stored), json.loads(sbom.sbom_for(again, changed))
+    assert other["serialNumber"] != doc["serialNumber"]
+
+
+def test_an_invalid_sbom_is_refused(built):
+    doc = json.loads((built / sbom.SBOM_NAME).read_text())
+    doc["components"][0]["hashes"][0]["content"] = "not-hex"
+    with pytest.raises(sbom.SbomError, match="does not validate"):
+        sbom.validate(json.dumps(doc))
+    doc = json.loads((built / sbom.SBOM_NAME).read_text())
+    doc["components"][0]["type"] = "wheel"
+    with pytest.raises(sbom.SbomError, match="CycloneDX 1.6"):
+        sbom.validate(json.dumps(doc))
+
+
+def test_licences_fall_back_to_classifiers_then_the_license_text(tmp_path):
+    classifiers = (
+        "Classifier: License :: OSI Approved :: Apache Software License\n"
+        "Classifier: License :: Other/Proprietary License\n"
+    )
+    classified = sbom.wheel_licenses(make_wheel(tmp_path, "classified", "1.0", classifiers))
+    assert [(lic.id, lic.name) for lic in classified] == [
+        ("Apache-2.0", None),
+        (None, "Other/Proprietary License"),
+    ]
+    long_text = "License: Copyright (c) 2024 Someone\n        Permission is hereby granted\n"
+    (long,) = sbom.wheel_licenses(make_wheel(tmp_path, "long", "1.0", long_text))
+    assert long.name == "Copyright (c) 2024 Someone" and "Permission" in long.text.content
+    assert sbom.wheel_licenses(make_wheel(tmp_path, "none", "1.0", "License: UNKNOWN\n")) == []
+
+
+def test_a_bundle_without_a_manifest_or_with_a_broken_wheel_is_named(tmp_path, built):
+    with pytest.raises(sbom.SbomError, match="not a finished bundle"):
+        sbom.sbom(tmp_path)
+    broken = tmp_path / "broken-1.0-py3-none-any.whl"
+    broken.write_bytes(b"not a zip")
+    with pytest.raises(sbom.SbomError, match="broken-1.0-py3-none-any.whl: cannot read"):
+        sbom.wheel_licenses(broken)
