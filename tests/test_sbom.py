@@ -8,6 +8,7 @@ import copy
 import gzip
 import io
 import json
+import subprocess
 import tarfile
 import zipfile
 from pathlib import Path
@@ -18,7 +19,7 @@ from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
 from registry_fixture import gpustack_tags, store_image
 
-from gpustack_offline import bundle, sbom, tools
+from gpustack_offline import bundle, provenance, sbom, tools
 from gpustack_offline.fetch import BlobStore
 from gpustack_offline.fsutil import sha256_file
 from gpustack_offline.images import export_images
@@ -112,23 +113,30 @@ def make_bundle(
         exported = export_images([image], store, stage / bundle.IMAGE_ARCHIVE)
     lock = Lock(root / "bundles/locks" / CELL / "pylock.toml", cell.id, "d")
     manifest = bundle.assemble(cell, made, lock, stage, root, archive, exported)
-    # What the build does (see the report): the SBOM goes in, then is listed like any file.
-    (stage / sbom.SBOM_NAME).write_text(sbom.sbom_for(stage, manifest))
-    manifest["files"] = sorted(
-        [
-            *manifest["files"],
-            {
-                "path": sbom.SBOM_NAME,
-                "sha256": sha256_file(stage / sbom.SBOM_NAME),
-                "size": (stage / sbom.SBOM_NAME).stat().st_size,
-                "kind": "sbom",
-                "origin": "generated",
-            },
-        ],
-        key=lambda f: f["path"],
+    manifest["provenance"] = provenance.provenance(
+        root, [lock.path], manifest["tools"], manifest["images"]
     )
-    (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    finish(stage, manifest)
     return stage
+
+
+def finish(stage: Path, manifest: dict[str, Any]) -> None:
+    """What the build does after assemble has made the manifest (the wiring asked of bundle.py):
+    write the SBOM, list it, then write manifest.json and SHA256SUMS."""
+    (stage / sbom.SBOM_NAME).write_text(sbom.sbom_for(stage, manifest))
+    entry = {
+        "path": sbom.SBOM_NAME,
+        "sha256": sha256_file(stage / sbom.SBOM_NAME),
+        "size": (stage / sbom.SBOM_NAME).stat().st_size,
+        "kind": "sbom",
+        "origin": "generated",
+    }
+    files = [f for f in manifest["files"] if f["path"] != sbom.SBOM_NAME]
+    manifest["files"] = sorted([*files, entry], key=lambda f: str(f["path"]))
+    (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    sums = [(f["path"], f["sha256"]) for f in manifest["files"]]
+    sums.append(("manifest.json", sha256_file(stage / "manifest.json")))
+    (stage / "SHA256SUMS").write_text("".join(f"{h}  {p}\n" for p, h in sorted(sums)))
 
 
 @pytest.fixture(scope="module")
@@ -159,6 +167,9 @@ def test_the_sbom_validates_against_the_cyclonedx_schema(built):
     assert doc["metadata"]["timestamp"].startswith(
         json.loads((built / "manifest.json").read_text())["built_at"][:19]
     )
+    # listed like every other file: sha256sum accepts the bundle with its SBOM
+    assert f"  {sbom.SBOM_NAME}\n" in (built / "SHA256SUMS").read_text()
+    subprocess.run(["sha256sum", "-c", "--strict", "--quiet", "SHA256SUMS"], cwd=built, check=True)
 
 
 def test_every_wheel_appears_with_version_hash_purl_and_licence(built):

@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from . import bundle, containers, egress, images, verify
+from . import bundle, containers, egress, images, verify, volumes
 from .errors import BundleError
 from .fetch import BlobStore
 from .locks import inputs_for, load_overrides, make_lock
@@ -100,12 +100,19 @@ def pin(ctx: Context, cell: Cell) -> Path:
 
 
 def build(ctx: Context, cells: Sequence[Cell]) -> list[bundle.Result]:
-    """Build every selected cell; report each failure and go on, then fail if any failed."""
+    """Build every selected cell; report each failure and go on, then fail if any failed.
+
+    With the `split` option, each tar is also cut into volumes for transfer media."""
+    size = volumes.parse_size(ctx.opts.split) if ctx.opts.split else None  # a bad size fails first
     results, failures = [], []
     for cell in cells:
         console.print(f"[bold]building {cell.id}[/bold]")
         try:
-            results.append(bundle.build(cell, ctx.opts, ctx.root))
+            result = bundle.build(cell, ctx.opts, ctx.root)
+            if size:
+                written = volumes.split(result.tar, size)
+                console.print(f"  {len(written) - 2} volumes, joined by {_shown(written[-1])}")
+            results.append(result)
         except BundleError as exc:
             console.print(f"[red]{cell.id}: {exc}[/red]")
             failures.append(cell.id)

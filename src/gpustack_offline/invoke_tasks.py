@@ -76,7 +76,9 @@ def matrix(
 @task(
     iterable=["cell"],
     help={**_AXIS_HELP, "frozen": "refuse to build a cell whose lock is missing or stale",
-          "jobs": "parallel downloads", "dist": "output folder (default dist/)"},
+          "jobs": "parallel downloads", "dist": "output folder (default dist/)",
+          "split": "also cut dist/<cell>.tar into volumes of SIZE for transfer media: 4G "
+                   "(decimal, fits FAT32), 4GiB (binary), fat32 (4 GiB-1)"},
 )  # fmt: skip
 @_wired
 def bundle(
@@ -92,9 +94,11 @@ def bundle(
     frozen=None,
     jobs=None,
     dist=None,
+    split=None,
 ):  # type: ignore[no-untyped-def]
     """Build the bundle of every selected cell into dist/<cell-id>/ and dist/<cell-id>.tar."""
-    ctx = commands.Context.load(_root(c), cli={"frozen": frozen, "jobs": jobs, "dist_dir": dist})
+    cli = {"frozen": frozen, "jobs": jobs, "dist_dir": dist, "split": split}
+    ctx = commands.Context.load(_root(c), cli=cli)
     cells = ctx.select(cell or [], version=version, os=os, arch=arch, device=device,
                        python=python, extras=extras, method=method)  # fmt: skip
     commands.build(ctx, cells)
@@ -132,7 +136,8 @@ def base(c, arch=None):  # type: ignore[no-untyped-def]
 
 @task(help={"dist": "bundle folder (default: the dist-dir option)",
             "out": "folder for the release assets and index (replaced whole)",
-            "merge": "merge the <cell>.release.json entries under this folder instead (release job)"})  # fmt: skip
+            "merge": "merge the <cell>.release.json entries under this folder instead "
+                     "(the release job)"})  # fmt: skip
 @_wired
 def release_index(c, dist=None, out="release", merge=None):  # type: ignore[no-untyped-def]
     """Stage the finished bundles as release assets with an index (cells, sizes, digests)."""
