@@ -15,11 +15,27 @@ def test_cell_id_round_trips_through_lookup(matrix):
 
 def test_upstream_rules_hold_for_every_cell(matrix):
     for cell in matrix.cells:
-        if cell.extras in ("vllm", "all"):
+        if cell.series == 0 and cell.extras in ("vllm", "all"):
             assert (cell.os, cell.arch) == ("linux", "amd64")
             assert cell.device.startswith("cuda")
         if cell.os == "windows":
             assert cell.method == "pip"
+        if cell.series == 2:
+            assert cell.method == "docker" and cell.os == "linux"
+            assert (cell.cuda or cell.rocm) and float(cell.cuda or cell.rocm) >= (
+                12.8 if cell.cuda else 7.0
+            )
+
+
+def test_a_2x_cell_names_its_services_and_has_a_rocm_floor(matrix):
+    cell = matrix.cell("v2.3.0-linux-amd64-rocm7.0-py3.11-vllm+sglang-docker")
+    assert (cell.series, cell.rocm, cell.cuda, cell.extra_names) == (
+        2, "7.0", None, ("vllm", "sglang")
+    )  # fmt: skip
+    with pytest.raises(CellError, match="Docker only"):
+        matrix.cell("v2.3.0-linux-amd64-cuda12.9-py3.11-vllm-pip")
+    with pytest.raises(CellError, match="ROCm runners for linux/amd64 only"):
+        matrix.cell("v2.3.0-linux-arm64-rocm7.0-py3.11-vllm-docker")
 
 
 def test_both_required_versions_and_all_pythons_are_in_the_matrix(matrix):

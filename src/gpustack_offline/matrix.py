@@ -22,7 +22,7 @@ from .errors import CellError
 AXES = ("version", "os", "arch", "device", "python", "extras", "method")
 _ID_RE = re.compile(
     r"^v(?P<version>[0-9][0-9a-z.]*)-(?P<os>[a-z]+)-(?P<arch>[a-z0-9]+)-(?P<device>[a-z0-9.]+)"
-    r"-py(?P<python>[0-9]+\.[0-9]+)-(?P<extras>[a-z]+)-(?P<method>[a-z]+)$"
+    r"-py(?P<python>[0-9]+\.[0-9]+)-(?P<extras>[a-z0-9.+]+)-(?P<method>[a-z]+)$"
 )
 _ARCH_MACHINE = {"amd64": "x86_64", "arm64": "aarch64"}
 
@@ -40,6 +40,7 @@ class Cell:
     method: str
     # Facts looked up from the matrix data; not part of the identity.
     cuda: str | None = field(default=None, compare=False)
+    rocm: str | None = field(default=None, compare=False)
     glibc: str | None = field(default=None, compare=False)
     uv_platform: str = field(default="", compare=False)
     extra_names: tuple[str, ...] = field(default=(), compare=False)
@@ -67,6 +68,11 @@ class Cell:
         return _ARCH_MACHINE[self.arch]
 
     @property
+    def series(self) -> int:
+        """The GPUStack release line's major version: 0 (pip or image) or 2 (server + runners)."""
+        return int(self.version.split(".", 1)[0])
+
+    @property
     def docker_platform(self) -> str:
         return f"{self.os}/{self.arch}"
 
@@ -75,6 +81,7 @@ class Cell:
             "id": self.id,
             **self.axes,
             "cuda": self.cuda,
+            "rocm": self.rocm,
             "glibc": self.glibc,
             "requirement": self.requirement,
         }
@@ -155,6 +162,7 @@ class Matrix:
         return Cell(
             **axes,
             cuda=self._devices[axes["device"]].get("cuda"),
+            rocm=self._devices[axes["device"]].get("rocm"),
             glibc=os_data.get("glibc"),
             uv_platform=os_data.get("uv-platform", {}).get(axes["arch"], ""),
             extra_names=tuple(self._extras[axes["extras"]]),
