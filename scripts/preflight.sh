@@ -258,7 +258,7 @@ check_nvidia_driver() {
       add_check cuda-driver ok "driver supports CUDA $driver_cuda (need >= $floor)"
     else
       local fix="upgrade the NVIDIA driver to one that supports CUDA $floor or newer"
-      version_ge "$floor" 12.5 && fix+=", or use the cuda12.4 bundle of the same cell"
+      [[ ${GPUSTACK_VERSION:-0} == 0.* ]] && version_ge "$floor" 12.5 && fix+=", or use the cuda12.4 bundle of the same cell"
       add_check cuda-driver fail "driver supports CUDA $driver_cuda; this bundle needs >= $floor" "$fix"
     fi
   fi
@@ -440,6 +440,36 @@ check_nvidia_docker() {
   fi
 }
 
+# GPUStack 2.x on AMD GPUs (upstream: ROCm >= 7.0): the ROCm version the host runs, the GPU
+# device nodes the runner containers are given, and AMD's container runtime if Docker has one.
+check_rocm_docker() {
+  local floor=$ROCM_FLOOR info=/opt/rocm/.info/version have=""
+  if [[ -r $info ]]; then
+    have=$(grep -o '^[0-9]*\.[0-9]*' "$info" | head -n1)
+  elif command -v amd-smi >/dev/null 2>&1; then
+    have=$(amd-smi version 2>/dev/null | sed -n 's/.*ROCm version: *\([0-9]*\.[0-9]*\).*/\1/p' | head -n1)
+  fi
+  if [[ -z $have ]]; then
+    add_check rocm fail "cannot find the ROCm version ($info or amd-smi version); this is a $TARGET_DEVICE bundle" \
+      "install ROCm >= $floor (the amdgpu driver and ROCm user space) from your mirror"
+  elif version_ge "$have" "$floor"; then
+    add_check rocm ok "ROCm $have (need >= $floor)"
+  else
+    add_check rocm fail "ROCm $have is older than $floor, which this bundle's runners need" \
+      "upgrade ROCm to $floor or newer"
+  fi
+  if [[ -e /dev/kfd && -d /dev/dri ]]; then
+    add_check rocm-devices ok "/dev/kfd and /dev/dri present"
+  else
+    add_check rocm-devices fail "/dev/kfd or /dev/dri is missing; runner containers cannot reach the GPUs" \
+      "load the amdgpu kernel driver (modprobe amdgpu) and check that the GPUs are visible (rocm-smi)"
+  fi
+  if ((DOCKER_OK)) && [[ " $DOCKER_RUNTIMES " != *" amd "* ]]; then
+    add_check amd-runtime warn "AMD's container runtime is not registered with Docker (runtimes: ${DOCKER_RUNTIMES:-none})" \
+      "install the AMD Container Toolkit and run amd-ctk runtime configure, or make sure containers get --device /dev/kfd --device /dev/dri"
+  fi
+}
+
 # `docker load` unpacks the archive's compressed layers under Docker's root dir: ask for about
 # twice the archive's size there.
 check_docker_disk() {
@@ -521,6 +551,7 @@ load_bundle_env() {
   done
   GLIBC_FLOOR=${GLIBC_FLOOR:-}
   CUDA_FLOOR=${CUDA_FLOOR:-}
+  ROCM_FLOOR=${ROCM_FLOOR:-}
   # Bundles from before the docker method have no INSTALL_METHOD: they are pip bundles.
   INSTALL_METHOD=${INSTALL_METHOD:-pip}
   case $INSTALL_METHOD in
@@ -562,7 +593,9 @@ main() {
   if [[ $INSTALL_METHOD == docker ]]; then
     # The image carries Python, glibc and the CUDA runtime: the host needs Docker instead.
     check_docker
-    if [[ $TARGET_DEVICE != cuda* ]]; then
+    if [[ $TARGET_DEVICE == rocm* && -n $ROCM_FLOOR ]]; then
+      check_rocm_docker
+    elif [[ $TARGET_DEVICE != cuda* ]]; then
       add_check nvidia-smi skip "not a CUDA bundle (device $TARGET_DEVICE)"
     elif [[ -z $CUDA_FLOOR ]]; then
       add_check cuda-driver fail "bundle.env names device $TARGET_DEVICE but no CUDA_FLOOR" \

@@ -120,8 +120,8 @@ def build_with(root: Path, base: Path, host: str, extra_env: dict[str, str]) -> 
         PYTHONPATH=str(base / "hook"),
         SECRETS_TEST_ARGV=str(base / "argv.jsonl"),
         SECRETS_TEST_LOG=str(base / "log.txt"),
-        **extra_env,
     )
+    env.update(extra_env)
     for args in (["lock", "--cell", CELL], ["bundle", "--cell", CELL]):
         proc = subprocess.run([INVOKE, *args], cwd=root, env=env, capture_output=True,
                               check=False)  # fmt: skip
@@ -190,7 +190,10 @@ def private_index() -> Iterator[tuple[str, list[str]]]:
     seen: list[str] = []
 
     class Index(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
+        def do_HEAD(self) -> None:
+            self.do_GET(head=True)
+
+        def do_GET(self, head: bool = False) -> None:
             seen.append(self.headers.get("Authorization") or "")
             if self.headers.get("Authorization") != expected:
                 self.send_response(401)
@@ -212,7 +215,8 @@ def private_index() -> Iterator[tuple[str, list[str]]]:
             self.send_header("Content-Type", kind)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            if not head:
+                self.wfile.write(body)
 
         def log_message(self, format: str, *args: object) -> None:
             pass

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__, signing, tools
+from . import __version__, runners, signing, tools
 from . import images as images_
 from .fetch import BlobStore
 from .fsutil import atomic_dir, atomic_path, link_or_copy, sha256_file
 from .locks import Lock, ensure_lock, inputs_for, load_overrides
 from .matrix import Cell
 from .options import Options
-from .registry import Registry
+from .registry import Reference, Registry
 from .runner import run
 from .wheels import Wheel, requirements_txt, simple_index, wheelhouse
 
@@ -65,6 +65,7 @@ def bundle_env(
         "INSTALL_METHOD": cell.method,
         "GLIBC_FLOOR": cell.glibc or "",
         "CUDA_FLOOR": cell.cuda or "",
+        "ROCM_FLOOR": cell.rocm or "",
         "REQUIREMENT": cell.requirement,
         "TOOLS_ARCHIVE": tools_archive,
         "IMAGE_ARCHIVE": IMAGE_ARCHIVE if images else "",
@@ -209,19 +210,37 @@ def build(cell: Cell, opts: Options, root: Path) -> Result:
     return _result(cell, final_dir, manifest, started, lock_state)
 
 
+def image_references(cell: Cell, opts: Options, root: Path) -> dict[Reference, list[str]]:
+    """The images a docker cell carries, each with its platform: for 0.x GPUStack's image for the
+    device; for 2.x the server, the runners of the cell's services, pause and health, as
+    upstream's runner list for that version names them (runners.py)."""
+    platform = f"linux/{cell.arch}"
+    if cell.series == 0:
+        return {images_.image_reference(cell.version, cell.device): [platform]}
+    selection = runners.cell_selection(
+        opts.path("runners_dir", root), cell.version, cell.arch, cell.device, cell.extra_names
+    )
+    return {Reference.parse(i.reference): [i.platform] for i in selection.images}
+
+
 def build_docker(cell: Cell, opts: Options, root: Path) -> Result:
-    """Pull the cell's pinned image for its platform into the blob store; export it."""
+    """Pull the cell's pinned images for its platform into the blob store; export them as one
+    archive, each layer once however many images share it."""
     started = time.monotonic()
     cache = opts.path("cache_dir", root)
     store = BlobStore(cache)
     registry = Registry(store, mirror=opts.registry_mirror or None, jobs=opts.jobs)
-    pins = images_.read_pins(images_.pin_path(opts.path("images_pins_dir", root), cell.version))
-    pinned = images_.pinned_image(pins, cell.device, f"linux/{cell.arch}")
-    image = images_.pull_pinned(registry, pinned)
+    pins_dir = opts.path("images_pins_dir", root)
+    pulled = []
+    for ref, platforms in image_references(cell, opts, root).items():
+        pins = images_.read_pins(images_.pin_path(pins_dir, cell.version, ref.name))
+        for platform in platforms:
+            pinned = images_.pinned_reference(pins, ref, platform)
+            pulled.append(images_.pull_pinned(registry, pinned))
     dist = opts.path("dist_dir", root)
     final_dir = dist / cell.id
     with atomic_dir(final_dir) as stage:
-        exported = images_.export_images([image], store, stage / IMAGE_ARCHIVE)
+        exported = images_.export_images(pulled, store, stage / IMAGE_ARCHIVE)
         manifest = assemble(cell, [], None, stage, root, images=exported)
         _sign(stage, opts, root)
     write_tar(final_dir, dist / f"{cell.id}.tar")

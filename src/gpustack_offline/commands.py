@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from . import bundle, containers, egress, images, verify, volumes
+from . import bundle, containers, egress, images, runners, verify, volumes
 from .errors import BundleError
 from .fetch import BlobStore
 from .locks import inputs_for, load_overrides, make_lock
@@ -87,14 +87,19 @@ def lock(ctx: Context, cells: Sequence[Cell]) -> list[Path]:
 
 
 def pin(ctx: Context, cell: Cell) -> Path:
-    """Record what the cell's image tag points at now, for its platform; print what moved."""
+    """Record what the cell's image tags point at now, for its platform; print what moved.
+
+    For GPUStack 2.x, upstream's runner list is read again first (from the gpustack-runner
+    package that version pins), since it decides which images the cell needs."""
     console.print(f"pinning {cell.id}")
+    if cell.series == 2:
+        runners.refresh(
+            cell.version, ctx.opts.path("runners_dir", ctx.root), ctx.cache, ctx.opts.index_url
+        )
     pins_dir = ctx.opts.path("images_pins_dir", ctx.root)
     client = Registry(BlobStore(ctx.cache), mirror=ctx.opts.registry_mirror or None)
-    changes = images.refresh_pins(
-        client, pins_dir, cell.version, [cell.device], [f"linux/{cell.arch}"]
-    )
-    for change in changes:
+    wanted = bundle.image_references(cell, ctx.opts, ctx.root)
+    for change in images.refresh_references(client, pins_dir, cell.version, wanted):
         console.print(f"  moved: {change}")
     return images.pin_path(pins_dir, cell.version)
 

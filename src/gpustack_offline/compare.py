@@ -10,10 +10,10 @@ folder or its `.tar`; from a tar only `manifest.json` is read, not the wheels or
 from __future__ import annotations
 
 import json
+import re
 import tarfile
 from collections.abc import Mapping
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +21,19 @@ from .errors import BundleError
 from .sbom import SBOM_NAME
 
 # Flattened manifest keys (see `_flatten`) that are expected to differ between two builds.
-EXPECTED_KEYS = (
-    "built_at",
-    "provenance.host.*",
-    "tools.assets[*].url",  # "" when the asset came from the cache, else where it was fetched
+EXPECTED_KEYS = tuple(
+    re.compile(pattern)
+    for pattern in (
+        r"built_at",
+        r"provenance\.host\..+",
+        r"tools\.assets\[.+\]\.url",  # "" when the asset came from the cache, else its source
+    )
 )
 # Files derived from the rest of the manifest: their own differences are expected.
 EXPECTED_FILES = (SBOM_NAME,)
-# List items are keyed by these fields (joined), so an entry is matched by what it is, not where.
-_IDENTITY = ("path", "reference", "platform", "url", "name")
+# List items are keyed by the first of these field groups they have, so an entry is matched by
+# what it is, not by its place in the list.
+_IDENTITY = (("path",), ("reference", "platform"), ("reference",), ("url",), ("name",))
 
 
 class CompareError(BundleError):
@@ -102,7 +106,7 @@ def compare_manifests(a: Mapping[str, Any], b: Mapping[str, Any]) -> list[Differ
         va, vb = flat_a.get(key), flat_b.get(key)
         if va != vb:
             area = key.split(".", 1)[0].split("[", 1)[0]
-            expected = any(fnmatchcase(key, pattern) for pattern in EXPECTED_KEYS)
+            expected = any(pattern.fullmatch(key) for pattern in EXPECTED_KEYS)
             out.append(Difference(area, key, va, vb, expected))
     return out
 
@@ -141,7 +145,8 @@ def _flatten(value: Any, prefix: str = "") -> dict[str, str]:
     if isinstance(value, list) and value and all(isinstance(i, Mapping) for i in value):
         out = {}
         for n, item in enumerate(value):
-            ident = " ".join(str(item[f]) for f in _IDENTITY if f in item) or str(n)
+            group = next((g for g in _IDENTITY if all(f in item for f in g)), None)
+            ident = " ".join(str(item[f]) for f in group) if group else str(n)
             out.update(_flatten(item, f"{prefix}[{ident}]"))
         return out
     return {prefix: json.dumps(value, sort_keys=True)}

@@ -16,6 +16,7 @@ import os
 import sys
 import tempfile
 import tomllib
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,19 @@ class Inputs:
     index_url: str = ""
 
     def digest(self) -> str:
-        blob = json.dumps(self.__dict__, sort_keys=True).encode()
+        # the index without its credentials: a new password is not a new input, and the lock
+        # does not carry a hash of the password
+        values = {**self.__dict__, "index_url": without_credentials(self.index_url)}
+        blob = json.dumps(values, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
+
+
+def without_credentials(url: str) -> str:
+    """`https://user:secret@host/simple` → `https://host/simple`."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 @dataclass(frozen=True)
@@ -176,7 +188,6 @@ def make_lock(cell: Cell, inputs: Inputs, locks_dir: Path, cache_dir: Path) -> P
             "--python-platform", inputs.platform,
             "--python-version", inputs.python,
             "--format", "pylock.toml", "--no-header", "--quiet",
-            "--index-url", inputs.index_url,
             "-o", tmp / "pylock.toml",
         ]  # fmt: skip
         if inputs.constraints:
@@ -185,7 +196,14 @@ def make_lock(cell: Cell, inputs: Inputs, locks_dir: Path, cache_dir: Path) -> P
         if inputs.build_constraints:
             (tmp / "build-constraints.txt").write_text("\n".join(inputs.build_constraints) + "\n")
             argv += ["--build-constraints", tmp / "build-constraints.txt"]
-        env = {**os.environ, "UV_CACHE_DIR": str(cache_dir / "uv")}
+        # the index through the environment: credentials in its URL stay off the argument list
+        # (visible in /proc to every user) and out of the runner's log; uv keeps them out of
+        # the lock's file URLs itself
+        env = {
+            **os.environ,
+            "UV_CACHE_DIR": str(cache_dir / "uv"),
+            "UV_INDEX_URL": inputs.index_url,
+        }
         run(
             argv,
             env=env,

@@ -699,3 +699,25 @@ __all__ = [
     "select",
     "worker_references",
 ]
+
+
+# --- cells ---------------------------------------------------------------------------------------
+
+_DEVICE = re.compile(r"([a-z]+)([0-9]+\.[0-9]+)")
+_SERVICE_PIN = re.compile(r"([a-z][a-z_-]*?)([0-9][0-9a-z.]*)")
+
+
+def cell_selection(data_dir: Path, version: str, arch: str, device: str,
+                   services: Sequence[str]) -> Selection:  # fmt: skip
+    """The images of a 2.x cell: its device is the runner backend and version (`cuda12.9`), its
+    extras the services (`vllm`, or `vllm0.17.1` for that version)."""
+    match = _DEVICE.fullmatch(device)
+    if not match:
+        raise NoRunnerError(
+            f"device {device!r} is not a runner backend and version such as cuda12.9 or rocm7.0"
+        )
+    specs = [
+        f"{pin.group(1)}=={pin.group(2)}" if (pin := _SERVICE_PIN.fullmatch(s)) else s
+        for s in services
+    ]
+    return select(load(data_dir, version), arch, match.group(1), match.group(2), specs)
