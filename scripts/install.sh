@@ -538,7 +538,7 @@ EOF
 # GPUStack 0.6.2 and 0.7.1 give it (host network; NVIDIA adds --gpus all and --ipc=host for the
 # shared memory of vLLM and PyTorch), with `--pull never` added.
 print_docker_next_steps() {
-  local image i line=()
+  local image line=()
   image=$(server_image)
   if ((HAS_REGISTRY)); then image=$(registry_ref "$image"); fi
   line=("docker run -d --name gpustack" "--restart=unless-stopped")
@@ -565,17 +565,57 @@ EOF
     cpu | cuda*) printf "  Start the GPUStack server and built-in worker (upstream's line for %s):\n" "$TARGET_DEVICE" ;;
     *) printf "  Start GPUStack; add the %s flags from upstream's installation docs:\n" "$TARGET_DEVICE" ;;
   esac
-  # Laid out as upstream's docs lay it out: one option a line, continued with a backslash.
-  for i in "${!line[@]}"; do
-    if ((i == 0)); then printf '       %s' "${line[i]}"; else printf '           %s' "${line[i]}"; fi
-    if ((i + 1 < ${#line[@]})); then printf ' \\\n'; else printf '\n'; fi
-  done
+  print_run_line "${line[@]}"
   cat <<EOF
   --pull never makes Docker use the image on this host and never reach for Docker Hub. Append
   gpustack start options after the image name (for example --port 9090). Then:
        docker logs -f gpustack
        docker exec -it gpustack cat /var/lib/gpustack/initial_admin_password
 EOF
+}
+
+# Lays out a docker run line as upstream's docs do: one option a line, continued with a backslash.
+print_run_line() {
+  local i
+  for ((i = 1; i <= $#; i++)); do
+    if ((i == 1)); then printf '       %s' "${!i}"; else printf '           %s' "${!i}"; fi
+    if ((i < $#)); then printf ' \\\n'; else printf '\n'; fi
+  done
+}
+
+# GPUStack 2.x (README of the 2.2.3 and 2.3.0 wheels): the server, and a worker on each GPU host
+# that starts the runner containers through the Docker socket. With --registry, both get
+# --system-default-container-registry, so every image they ask for (runners, pause, health)
+# comes from the site's registry under upstream's names.
+print_docker2_next_steps() {
+  local image reg_flag=() runtime=()
+  image=$(server_image)
+  if ((HAS_REGISTRY)); then
+    image=$(registry_ref "$image")
+    reg_flag=("--system-default-container-registry $REGISTRY")
+  fi
+  case $TARGET_DEVICE in
+    cuda*) runtime=("--runtime nvidia") ;;
+    rocm*) runtime=("--device /dev/kfd" "--device /dev/dri" "--group-add video") ;;
+  esac
+  printf '\nGPUStack %s is loaded into Docker (%s): the server and %d more image(s).\n' \
+    "$GPUSTACK_VERSION" "$BUNDLE_CELL" "$((${#IMAGE_REFS[@]} - 1))"
+  if ((HAS_REGISTRY)); then
+    printf '  pushed to %s; the server and workers will ask for exactly these:\n' "$REGISTRY"
+    printf '    %s\n' "${PUSHED[@]}"
+  else
+    printf '  No --registry given: only this host has the runner images. For a cluster, run\n'
+    printf '  %s --registry HOST[:PORT][/PREFIX] to push them into the site registry.\n' "$PROG"
+  fi
+  printf '\nNext steps:\n  Start the GPUStack server:\n'
+  print_run_line "docker run -d --name gpustack" "--restart unless-stopped" "-p 80:80" \
+    "--volume gpustack-data:/var/lib/gpustack" "--env-file $DOCKER_ENV" "$image" "${reg_flag[@]}"
+  printf '  On each GPU host, a worker (its token: docker exec gpustack cat /var/lib/gpustack/token):\n'
+  print_run_line "docker run -d --name gpustack-worker" "--restart=unless-stopped" "--privileged" \
+    "--network=host" "--volume /var/run/docker.sock:/var/run/docker.sock" \
+    "--volume gpustack-data:/var/lib/gpustack" "${runtime[@]}" "--env-file $DOCKER_ENV" "$image" \
+    "--server-url http://SERVER_IP" "--token TOKEN" "--advertise-address HOST_IP" "${reg_flag[@]}"
+  printf '  Then: docker logs -f gpustack; the admin password: docker exec -it gpustack cat /var/lib/gpustack/initial_admin_password\n'
 }
 
 install_docker() {
@@ -585,7 +625,7 @@ install_docker() {
   check_loaded
   if ((HAS_REGISTRY)); then push_images; fi
   write_docker_env
-  print_docker_next_steps
+  if [[ $GPUSTACK_VERSION == 2.* ]]; then print_docker2_next_steps; else print_docker_next_steps; fi
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -251,7 +251,9 @@ def test_a_full_dist_disk_names_the_path_and_the_space(root, area, upstream, tmp
     with tmpfs(Path(env["GPUSTACK_OFFLINE_DIST_DIR"])) as dist:
         out = invoke(root, env, "bundle", "--cell", DOCKER_CELL)
         assert f"no space left on {dist} for {dist}/{DOCKER_CELL}" in out, out
-        assert re.search(r"\d+\.\d MB of it was written .* needs more than that; \d+\.\d MB is free", out), out
+        assert re.search(
+            r"\d+\.\d MB of it was written .* needs more than that; \d+\.\d MB is free", out
+        ), out
         assert "dist-dir" in out
         nothing_left(env)  # the staged folder is gone too
     # the layer is in the cache, whole, and the next build with room uses it
@@ -270,6 +272,8 @@ def test_a_full_cache_disk_names_the_blob_and_the_space(root, area, upstream, tm
     with tmpfs(Path(env["GPUSTACK_OFFLINE_CACHE_DIR"])) as cache:
         out = invoke(root, env, "bundle", "--cell", DOCKER_CELL)
         assert f"no space left on {cache} for {cache}/blobs/sha256" in out, out
-        assert re.search(r"\d+\.\d MB of it was written .* needs more than that; \d+\.\d MB is free", out), out
+        assert re.search(
+            r"\d+\.\d MB of it was written .* needs more than that; \d+\.\d MB is free", out
+        ), out
         nothing_left(env)
     shutil.rmtree(env["GPUSTACK_OFFLINE_CACHE_DIR"], ignore_errors=True)

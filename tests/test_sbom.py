@@ -260,7 +260,7 @@ def test_an_invalid_sbom_is_refused(built):
         sbom.validate(json.dumps(doc))
     doc = json.loads((built / sbom.SBOM_NAME).read_text())
     doc["components"][0]["type"] = "wheel"
-    with pytest.raises(sbom.SbomError, match="CycloneDX 1.6"):
+    with pytest.raises(sbom.SbomError, match="1.6 schema: at components/0/type: .wheel. is not"):
         sbom.validate(json.dumps(doc))
 
 

@@ -51,7 +51,7 @@ PIP_CELL = "v0.7.1-linux-amd64-cpu-py3.11-base-pip"
 USER = "site-user"
 SECRET = "planted-" + secrets.token_hex(12)
 
-SITECUSTOMIZE = '''
+SITECUSTOMIZE = """
 import json, logging, os, sys
 
 _ARGV = os.environ["SECRETS_TEST_ARGV"]
@@ -59,14 +59,14 @@ _ARGV = os.environ["SECRETS_TEST_ARGV"]
 def _record(event, args):
     if event in ("subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn"):
         with open(_ARGV, "a") as fh:
-            fh.write(json.dumps([event, repr(args)]) + "\\n")
+            fh.write(json.dumps([event, repr(args[:2])]) + "\\n")  # program, argv
 
 sys.addaudithook(_record)
 _handler = logging.FileHandler(os.environ["SECRETS_TEST_LOG"])
 _handler.setFormatter(logging.Formatter("%(name)s %(levelname)s %(message)s"))
 logging.getLogger().addHandler(_handler)
 logging.getLogger().setLevel(logging.DEBUG)
-'''
+"""
 
 
 def needles(user: str, secret: str) -> dict[str, bytes]:
@@ -151,12 +151,16 @@ def test_a_registry_password_from_a_docker_config_is_nowhere_in_output(root, reg
 
 def test_the_leak_search_finds_a_planted_secret(tmp_path):
     """The search above can fail: each form of the secret in a file is found."""
-    for what, needle in needles(USER, SECRET).items():
+    for needle in needles(USER, SECRET).values():
         (tmp_path / f"{hashlib.sha256(needle).hexdigest()}.bin").write_bytes(b"x" + needle)
     assert len(leaks([tmp_path], USER, SECRET)) >= len(needles(USER, SECRET))
 
 
 # -- an index password ------------------------------------------------------------------------
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
 
 
 def tiny_wheel() -> tuple[str, bytes]:
@@ -168,10 +172,8 @@ def tiny_wheel() -> tuple[str, bytes]:
         "secret_probe-1.0.dist-info/WHEEL": b"Wheel-Version: 1.0\nGenerator: test\n"
         b"Root-Is-Purelib: true\nTag: py3-none-any\n",
     }
-    record = "".join(
-        f"{path},sha256={base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b'=').decode()},{len(data)}\n"  # noqa: E501
-        for path, data in files.items()
-    ) + "secret_probe-1.0.dist-info/RECORD,,\n"
+    record = "".join(f"{path},sha256={_b64(data)},{len(data)}\n" for path, data in files.items())
+    record += "secret_probe-1.0.dist-info/RECORD,,\n"
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
         for path, data in files.items():
@@ -235,7 +237,7 @@ _CHILDREN: list[str] = []
 
 def _record_children(event: str, args: tuple[object, ...]) -> None:
     if event in ("subprocess.Popen", "os.exec", "os.posix_spawn", "os.spawn"):
-        _CHILDREN.append(repr(args))
+        _CHILDREN.append(repr(args[:2]))  # program and argv; the environment is private
 
 
 def test_an_index_password_is_not_in_the_resolvers_argv_logs_or_lock(

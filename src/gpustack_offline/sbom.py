@@ -118,9 +118,12 @@ def validate(text: str) -> None:
     """Raise SbomError unless `text` is a valid CycloneDX 1.6 JSON document."""
     error = JsonStrictValidator(SCHEMA).validate_str(text)
     if error is not None:
+        detail = error.data  # jsonschema's error: its str() holds the whole schema
+        where = "/".join(str(p) for p in getattr(detail, "absolute_path", ())) or "(document)"
         raise SbomError(
             f"the SBOM does not validate against the CycloneDX {SCHEMA.to_version()} schema: "
-            f"{error}. It was not written; this is a bug in gpustack_offline.sbom"
+            f"at {where}: {getattr(detail, 'message', detail)}. It was not written; this is a "
+            "bug in gpustack_offline.sbom"
         )
 
 
