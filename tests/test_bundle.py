@@ -5,6 +5,7 @@ import subprocess
 import tarfile
 
 import pytest
+from test_sbom import make_wheel  # noqa: E402
 
 from gpustack_offline import bundle
 from gpustack_offline.errors import IntegrityError
@@ -23,8 +24,7 @@ def _assemble(matrix, root, tmp_path, cell_id="v0.7.1-linux-amd64-cpu-py3.11-bas
     files.mkdir()
     wheels = []
     for name, version in (("gpustack", "0.7.1"), ("six", "1.17.0")):
-        path = files / f"{name}-{version}-py3-none-any.whl"
-        path.write_bytes(f"{name} bytes".encode())
+        path = make_wheel(files, name, version, "License: MIT")
         wheels.append(
             Wheel(name, version, path.name, sha256_file(path), path, f"https://x/{path.name}")
         )

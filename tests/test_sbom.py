@@ -19,7 +19,7 @@ from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
 from registry_fixture import gpustack_tags, store_image
 
-from gpustack_offline import bundle, provenance, sbom, tools
+from gpustack_offline import bundle, sbom, tools
 from gpustack_offline.fetch import BlobStore
 from gpustack_offline.fsutil import sha256_file
 from gpustack_offline.images import export_images
@@ -112,17 +112,13 @@ def make_bundle(
         )
         exported = export_images([image], store, stage / bundle.IMAGE_ARCHIVE)
     lock = Lock(root / "bundles/locks" / CELL / "pylock.toml", cell.id, "d")
-    manifest = bundle.assemble(cell, made, lock, stage, root, archive, exported)
-    manifest["provenance"] = provenance.provenance(
-        root, [lock.path], manifest["tools"], manifest["images"]
-    )
-    finish(stage, manifest)
+    bundle.assemble(cell, made, lock, stage, root, archive, exported, inputs=[lock.path])
     return stage
 
 
 def finish(stage: Path, manifest: dict[str, Any]) -> None:
-    """What the build does after assemble has made the manifest (the wiring asked of bundle.py):
-    write the SBOM, list it, then write manifest.json and SHA256SUMS."""
+    """Rewrite a bundle around a changed manifest, as assemble would have finished it: the SBOM,
+    its entry, then manifest.json and SHA256SUMS."""
     (stage / sbom.SBOM_NAME).write_text(sbom.sbom_for(stage, manifest))
     entry = {
         "path": sbom.SBOM_NAME,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__, runners, signing, tools
+from . import __version__, provenance, runners, sbom, signing, tools
 from . import images as images_
 from .fetch import BlobStore
 from .fsutil import atomic_dir, atomic_path, link_or_copy, sha256_file
@@ -102,6 +102,7 @@ def assemble(
     root: Path,
     tools_archive: tools.Archive | None = None,
     images: Sequence[images_.ExportedImage] = (),
+    inputs: Sequence[Path] = (),
 ) -> dict[str, Any]:
     """Write the bundle's files into `stage` (an image archive is already there); return the
     manifest."""
@@ -157,6 +158,13 @@ def assemble(
         "images": [i._asdict() for i in images],
         "files": sorted(files, key=lambda f: str(f["path"])),
     }
+    manifest["provenance"] = provenance.provenance(
+        root, inputs, tools_archive.manifest() if tools_archive else None,
+        [i._asdict() for i in images],
+    )  # fmt: skip
+    (stage / sbom.SBOM_NAME).write_text(sbom.sbom_for(stage, manifest))
+    add(sbom.SBOM_NAME, "sbom", "generated")
+    manifest["files"] = sorted(files, key=lambda f: str(f["path"]))
     (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     sums = [(f["path"], f["sha256"]) for f in files]
     sums.append(("manifest.json", sha256_file(stage / "manifest.json")))
@@ -204,7 +212,10 @@ def build(cell: Cell, opts: Options, root: Path) -> Result:
     dist = opts.path("dist_dir", root)
     final_dir = dist / cell.id
     with atomic_dir(final_dir) as stage:
-        manifest = assemble(cell, wheels, lock, stage, root, archive)
+        manifest = assemble(
+            cell, wheels, lock, stage, root, archive,
+            inputs=provenance.input_files(cell, opts, root),
+        )  # fmt: skip
         _sign(stage, opts, root)
     write_tar(final_dir, dist / f"{cell.id}.tar")
     return _result(cell, final_dir, manifest, started, lock_state)
@@ -241,7 +252,8 @@ def build_docker(cell: Cell, opts: Options, root: Path) -> Result:
     final_dir = dist / cell.id
     with atomic_dir(final_dir) as stage:
         exported = images_.export_images(pulled, store, stage / IMAGE_ARCHIVE)
-        manifest = assemble(cell, [], None, stage, root, images=exported)
+        inputs = provenance.input_files(cell, opts, root)
+        manifest = assemble(cell, [], None, stage, root, images=exported, inputs=inputs)
         _sign(stage, opts, root)
     write_tar(final_dir, dist / f"{cell.id}.tar")
     return _result(cell, final_dir, manifest, started, "pinned")

@@ -14,6 +14,7 @@ from typing import Any
 from invoke import Collection, Exit, task
 
 from . import commands, release
+from . import compare as compare_
 from .errors import BundleError
 
 _AXIS_HELP = {
@@ -149,11 +150,20 @@ def release_index(c, dist=None, out="release", merge=None):  # type: ignore[no-u
     print(release.render_markdown(index))
 
 
+@task(help={"a": "bundle folder or .tar", "b": "bundle folder or .tar"})
+@_wired
+def compare(c, a, b):  # type: ignore[no-untyped-def]
+    """List what differs between two bundles (exit 1 on any unexpected difference)."""
+    code = compare_.main(Path(a), Path(b))
+    if code:
+        raise Exit(code=code)
+
+
 def namespace() -> Collection:
     """`invoke matrix`, `invoke bundle`, `invoke lock [--cell …]`, `invoke images.base`."""
     locks = Collection("lock")
     locks.add_task(refresh, default=True)
-    ns = Collection(matrix, bundle, release_index)
+    ns = Collection(matrix, bundle, release_index, compare)
     ns.add_collection(locks)
     ns.add_collection(Collection("images", base))
     return ns

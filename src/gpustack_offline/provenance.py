@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, images, tools
+from . import __version__, runners, tools
 from .errors import BundleError
 from .fsutil import sha256_file
 from .matrix import Cell
@@ -41,7 +41,11 @@ def input_files(cell: Cell, opts: Options, root: Path) -> list[Path]:
     and the tools lock of its version; for docker cells the image pins. Only those that exist."""
     candidates = [opts.path("matrix", root)]
     if cell.method == "docker":
-        candidates.append(images.pin_path(opts.path("images_pins_dir", root), cell.version))
+        # the pin file of every repository the version's images come from (server, runner,
+        # runtime), and for 2.x upstream's runner list, which chose them
+        candidates += sorted(opts.path("images_pins_dir", root).glob(f"*-{cell.version}.toml"))
+        if cell.series == 2:
+            candidates.append(runners.data_path(opts.path("runners_dir", root), cell.version))
     else:
         candidates += [
             opts.path("locks_dir", root) / cell.id / "pylock.toml",
