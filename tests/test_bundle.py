@@ -5,7 +5,7 @@ import subprocess
 import tarfile
 
 import pytest
-from test_sbom import make_wheel  # noqa: E402
+from test_sbom import make_wheel
 
 from gpustack_offline import bundle
 from gpustack_offline.errors import IntegrityError
