@@ -16,7 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from . import bundle, containers, egress, images, runners, verify, volumes
+from . import bundle, containers, egress, images, runners, signing, verify, volumes
 from .errors import BundleError
 from .fetch import BlobStore
 from .locks import inputs_for, load_overrides, make_lock
@@ -165,6 +165,9 @@ def built_cells(ctx: Context) -> list[Cell]:
 
 def verify_cell(ctx: Context, cell: Cell) -> verify.Report:
     bundle_dir = ctx.dist / cell.id
+    if ctx.opts.verify_key:  # first, as `install.sh --verify-key` does on the site
+        signer = signing.verify(bundle_dir, ctx.opts.path("verify_key", ctx.root))
+        console.print(f"{cell.id}: signature good, SHA256SUMS signed by key {signer}")
     report = verify.verify(
         cell,
         bundle_dir,
