@@ -176,7 +176,15 @@ def verify_cell(ctx: Context, cell: Cell) -> verify.Report:
         ctx.opts.debian_mirror,
         report_path=ctx.dist / f"{cell.id}.verify.json",
         allowlist=egress.load_allowlist(ctx.opts.path("egress_allowlist", ctx.root), cell.id),
+        runners_dir=ctx.opts.path("runners_dir", ctx.root),
     )
+    if cell.series == 2:
+        console.print(
+            f"[green]{cell.id}: verified[/green] — loaded, pushed into a site registry where "
+            "every image the worker will ask for resolves for its platform; the server from "
+            f"that registry answered /healthz after {report.steps[-1].seconds}s"
+        )
+        return report
     upstream = report.upstream or {}
     console.print(
         f"[green]{cell.id}: verified[/green] — installed offline; the configured start answered "

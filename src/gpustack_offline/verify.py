@@ -174,12 +174,13 @@ def verify(
     mirror: str,
     report_path: Path,
     allowlist: Sequence[str] = (),
+    runners_dir: Path | None = None,
 ) -> Report:
     """Verify one bundle folder; write the report (and the egress audit) beside it; raise
-    VerifyError if it failed."""
+    VerifyError if it failed. `runners_dir`: upstream's runner lists, for GPUStack 2.x cells."""
     report = Report(cell=cell.id)
     try:
-        return _verify(cell, bundle_dir, cache, timeout, mirror, report, allowlist)
+        return _verify(cell, bundle_dir, cache, timeout, mirror, report, allowlist, runners_dir)
     except BundleError as exc:
         report.note = str(exc)
         raise
@@ -202,6 +203,7 @@ def _verify(
     mirror: str,
     report: Report,
     allowlist: Sequence[str],
+    runners_dir: Path | None = None,
 ) -> Report:
     reason = unverifiable_reason(cell)
     if reason:
@@ -212,7 +214,9 @@ def _verify(
         from .verify_docker import verify_docker
 
         sinkhole_image = base_image(HOST_ARCH, cache, mirror)
-        return verify_docker(cell, bundle_dir, timeout, report, sinkhole_image, allowlist)
+        return verify_docker(
+            cell, bundle_dir, timeout, report, sinkhole_image, allowlist, runners_dir
+        )
     image = base_image(cell.arch, cache, mirror)
     mounts = {bundle_dir.resolve(): "/bundle", _audit_hook(): "/opt/egress-audit"}
     env = {}

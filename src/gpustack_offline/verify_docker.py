@@ -25,10 +25,12 @@ from typing import Any
 
 import requests
 
-from . import egress
+from . import egress, runners
 from .containers import client, internal_network
 from .errors import VerifyError
+from .fetch import BlobStore
 from .matrix import Cell
+from .registry import Registry, RegistryError
 from .verify import (
     AUDIT_LOG,
     DOWNLOAD_SIGNS,
@@ -47,6 +49,9 @@ from .verify import (
 )
 
 IMAGE_PORT = 80  # upstream's images run `gpustack start`, which listens on 80 by default
+# GPUStack 2.x: the API server's port (`api_port`); with the embedded gateway it binds 127.0.0.1,
+# so the probe runs inside the container, as for 0.x
+API_PORT_2X = 30080
 
 
 def bundle_images(bundle_dir: Path) -> list[str]:
@@ -100,7 +105,10 @@ def verify_docker(
     report: Report,
     sinkhole_image: str,
     allowlist: Sequence[str] = (),
+    runners_dir: Path | None = None,
 ) -> Report:
+    if cell.series == 2:
+        return verify_docker2(cell, bundle_dir, timeout, report, runners_dir)
     refs = bundle_images(bundle_dir)
     if not refs:
         raise VerifyError(f"{bundle_dir}: bundle.env names no IMAGES; rebuild the bundle")
@@ -159,6 +167,96 @@ def verify_docker(
                     engine.images.remove(ref, force=True)
     report.ok = True
     return report
+
+
+def verify_docker2(
+    cell: Cell, bundle_dir: Path, timeout: int, report: Report, runners_dir: Path | None
+) -> Report:
+    """A GPUStack 2.x bundle as a site uses it: `install.sh --registry` loads every image and
+    pushes it into the site's registry; every reference the server and worker will compute with
+    `--system-default-container-registry` (runners, pause and health included) must then
+    resolve there to a manifest for the cell's platform; with the local copies removed, the
+    server image pulled from that registry must start with no route out and answer /healthz."""
+    refs = bundle_images(bundle_dir)
+    if not refs or runners_dir is None:
+        raise VerifyError(f"{bundle_dir}: bundle.env names no IMAGES; rebuild the bundle")
+    engine = client()
+    present = [r for r in refs if _has(engine, r)]
+    report.steps.append(Step("absent", 1 if present else 0, 0.0, " ".join(present) or "none"))
+    if present:
+        raise VerifyError(
+            f"{cell.id}: {', '.join(present)} is already in this Docker Engine, so loading the "
+            f"bundle would prove nothing; remove it (`docker rmi {' '.join(present)}`) and rerun"
+        )
+    selection = runners.cell_selection(
+        runners_dir, cell.version, cell.arch, cell.device, cell.extra_names
+    )
+    added: list[str] = list(refs)
+    # No GPU runtime here: the preflight's driver checks cannot pass, so they are skipped.
+    install = ["bash", str(bundle_dir / "install.sh"), "--skip-preflight"]
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="docker-prefix-") as prefix,
+            site_registry() as host,
+        ):
+            started = time.monotonic()
+            proc = subprocess.run(
+                [*install, "--prefix", prefix, "--registry", host],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            result = Step("install", proc.returncode, round(time.monotonic() - started, 1),
+                          proc.stdout + proc.stderr)  # fmt: skip
+            report.steps.append(result)
+            if proc.returncode != 0:
+                raise VerifyError(_failure(cell, result))
+            wanted = runners.worker_references(selection, host)
+            added += wanted
+            report.steps.append(_resolve_in(cell, wanted, f"linux/{cell.arch}", prefix))
+            for ref in added:
+                with contextlib.suppress(Exception):
+                    engine.images.remove(ref, force=True)
+            server = wanted[0]
+            pulled = subprocess.run(["docker", "pull", server], capture_output=True, text=True)
+            report.steps.append(Step("pull", pulled.returncode, 0.0, pulled.stdout + pulled.stderr))
+            if pulled.returncode != 0:
+                raise VerifyError(_failure(cell, report.steps[-1], f"docker pull {server} failed"))
+            box = engine.containers.create(
+                server,
+                command=["--system-default-container-registry", host],
+                network=internal_network(),
+                name=f"verify-server-{int(time.time() * 1000) % 10**9}",
+            )
+            try:
+                box.start()
+                _wait(box, cell, server, "healthz-server", API_PORT_2X, timeout, report)
+            finally:
+                with contextlib.suppress(Exception):
+                    box.remove(force=True)
+    finally:
+        for ref in added:
+            with contextlib.suppress(Exception):
+                engine.images.remove(ref, force=True)
+    report.ok = True
+    return report
+
+
+def _resolve_in(cell: Cell, references: Sequence[str], platform: str, scratch: str) -> Step:
+    """Each reference must resolve in its registry to a manifest of `platform`."""
+    found, problems = [], []
+    with Registry(BlobStore(Path(scratch) / "resolve")) as registry:
+        for ref in references:
+            try:
+                image = registry.resolve(ref, platform)
+                found.append(f"{ref} -> {image.manifest.digest} ({image.platform})")
+            except RegistryError as exc:
+                problems.append(f"{ref}: {exc}")
+    step = Step("registry-references", 1 if problems else 0, 0.0, "\n".join(found + problems))
+    if problems:
+        raise VerifyError(
+            f"{cell.id}: the site registry lacks what the worker will ask for: "
+            + "; ".join(problems)
+        )
+    return step
 
 
 def read_env_file(path: Path) -> dict[str, str]:
