@@ -109,9 +109,10 @@ def build(ctx: Context, cells: Sequence[Cell]) -> list[bundle.Result]:
 
     With the `split` option, each tar is also cut into volumes for transfer media."""
     size = volumes.parse_size(ctx.opts.split) if ctx.opts.split else None  # a bad size fails first
-    results, failures = [], []
+    results: list[bundle.Result] = []
+    failures: list[tuple[str, BundleError]] = []
     for cell in cells:
-        console.print(f"[bold]building {cell.id}[/bold]")
+        console.print(f"building {cell.id}", style="bold", markup=False)
         try:
             result = bundle.build(cell, ctx.opts, ctx.root)
             if size:
@@ -119,11 +120,16 @@ def build(ctx: Context, cells: Sequence[Cell]) -> list[bundle.Result]:
                 console.print(f"  {len(written) - 2} volumes, joined by {_shown(written[-1])}")
             results.append(result)
         except BundleError as exc:
-            console.print(f"[red]{cell.id}: {exc}[/red]")
-            failures.append(cell.id)
-    console.print(summary(results))
+            # markup off: messages quote things like [tool.gpustack-offline]
+            console.print(f"{cell.id}: {exc}", style="red", markup=False, soft_wrap=True)
+            failures.append((cell.id, exc))
+    if results:
+        console.print(summary(results))
+    if len(failures) == 1 and len(cells) == 1:
+        raise failures[0][1]  # the one error line carries its own reason
     if failures:
-        raise BundleError(f"{len(failures)} of {len(cells)} cells failed: {', '.join(failures)}")
+        failed = ", ".join(cell_id for cell_id, _ in failures)
+        raise BundleError(f"{len(failures)} of {len(cells)} cells failed: {failed}")
     return results
 
 

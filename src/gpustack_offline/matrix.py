@@ -101,7 +101,9 @@ class Rule:
 class Matrix:
     """The matrix data of one `matrix.toml`, with validation and selection."""
 
-    def __init__(self, data: Mapping[str, Any], source: str = "matrix.toml") -> None:
+    def __init__(
+        self, data: Mapping[str, Any], source: str = "matrix.toml", text: str = ""
+    ) -> None:
         self.source = source
         try:
             self.axes: dict[str, list[str]] = {a: list(data["axes"][a]) for a in AXES}
@@ -110,24 +112,30 @@ class Matrix:
             self._devices: dict[str, dict] = dict(data["devices"])
             self._extras: dict[str, list[str]] = dict(data["extras"])
             self._versions: dict[str, dict] = dict(data["versions"])
-            self.rules = [
-                Rule(r["when"], r["require"], r["reason"])
-                for r in data.get("rules", [])
-            ]
         except (KeyError, TypeError) as exc:
             raise CellError(f"{source}: malformed matrix data, missing or wrong {exc}") from exc
+        self.rules = []
+        for number, r in enumerate(data.get("rules", []), start=1):
+            try:
+                self.rules.append(Rule(r["when"], r["require"], r["reason"]))
+            except (KeyError, TypeError) as exc:
+                raise CellError(
+                    f"{source}{_rule_line(text, number)}: rule {number} ([[rules]]) is "
+                    f"malformed, missing or wrong {exc}; each rule needs when, require and reason"
+                ) from exc
         self._check_data()
         self._cells = {c.id: c for c in self._enumerate()}
 
     @classmethod
     def load(cls, path: Path) -> Matrix:
         try:
-            data = tomllib.loads(path.read_text())
+            text = path.read_text()
+            data = tomllib.loads(text)
         except FileNotFoundError as exc:
             raise CellError(f"matrix file {path} not found") from exc
         except tomllib.TOMLDecodeError as exc:
             raise CellError(f"{path}: not valid TOML: {exc}") from exc
-        return cls(data, source=str(path))
+        return cls(data, source=str(path), text=text)
 
     def _check_data(self) -> None:
         tables: tuple[tuple[str, Mapping[str, Any]], ...] = (
@@ -269,6 +277,12 @@ class Matrix:
     def ci_matrix(self, cells: Sequence[Cell]) -> dict[str, list[dict[str, object]]]:
         """A job matrix a CI system takes as it is (GitHub Actions `strategy.matrix`)."""
         return {"include": [c.as_dict() for c in cells]}
+
+
+def _rule_line(text: str, number: int) -> str:
+    """`, line N` of the number-th [[rules]] header in the matrix text, or "" if not found."""
+    headers = [i for i, line in enumerate(text.splitlines(), 1) if line.strip() == "[[rules]]"]
+    return f", line {headers[number - 1]}" if len(headers) >= number else ""
 
 
 def _as_list(value: str | Sequence[str] | None) -> list[str]:
