@@ -45,7 +45,7 @@ from rich.progress import (
 )
 
 from .errors import BundleError, IntegrityError, OptionError
-from .fsutil import CHUNK, FILE_MODE, sha256_file
+from .fsutil import CHUNK, FILE_MODE, NO_SPACE, disk_full, sha256_file, size_of
 
 log = logging.getLogger("gpustack_offline")
 
@@ -60,6 +60,8 @@ ENV_PREFIX = "GPUSTACK_OFFLINE_DOWNLOAD_"
 # A file whose bytes are wrong is fetched once more from zero (a damaging hop may be transient);
 # wrong twice is an error, not a reason to download a large file six times.
 WRONG_BYTES_TRIES = 2
+# A temporary file in the blob store untouched this long belongs to a build that was killed.
+STALE_TEMP_AGE = 24 * 3600.0
 
 
 class DownloadError(BundleError):
@@ -331,13 +333,40 @@ class Download:
 
 
 class BlobStore:
-    """Files by sha256 under one directory shared by every cell."""
+    """Files by sha256 under one directory shared by every cell.
+
+    A file being written here has a temporary name (`.new.*.part`, or `.<sha256>.*.part` from
+    `atomic_path`); a killed build leaves it behind. Opening the store removes such files that
+    have not been written to for `STALE_TEMP_AGE` seconds: old enough that no live build, this
+    one or a concurrent one, is still writing them."""
 
     def __init__(self, root: Path) -> None:
         self.root = root / "blobs" / "sha256"
+        self.remove_stale_temps()
 
     def path(self, sha256: str) -> Path:
         return self.root / sha256
+
+    def remove_stale_temps(self, max_age: float | None = None) -> list[Path]:
+        """Remove temporary files older than `max_age` seconds (a day by default); the removed."""
+        cutoff = time.time() - (STALE_TEMP_AGE if max_age is None else max_age)
+        removed: list[Path] = []
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return removed
+        for entry in entries:
+            if not (entry.name.startswith(".") and entry.name.endswith(".part")):
+                continue
+            try:
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+            except FileNotFoundError:  # a concurrent build removed or renamed it
+                continue
+        if removed:
+            log.info("removed %d stale temporary files from %s", len(removed), self.root)
+        return removed
 
     def has(self, sha256: str) -> bool:
         """True if the blob is present and intact (a damaged one is removed)."""
@@ -363,8 +392,9 @@ class BlobStore:
         progress: Callable[[int], None] | None = None,
     ) -> str:
         """`download` into a temp file here, renamed to its sha256 only once checked; the
-        sha256. Whatever goes wrong, the temp file is removed."""
-        with self._temp() as (tmp, out):
+        sha256. Whatever goes wrong, the temp file is removed; a full disk is a
+        `DiskFullError` naming the blob (or the store, when its digest is not known yet)."""
+        with self._temp(self.path(sha256) if sha256 else self.root) as (tmp, out):
             got = download(
                 url, out, http=http, opener=opener, sha256=sha256, size=size, what=what,
                 check=check, progress=progress,
@@ -375,15 +405,22 @@ class BlobStore:
         return got.sha256
 
     @contextlib.contextmanager
-    def _temp(self) -> Iterator[tuple[Path, BinaryIO]]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.root, prefix=".new.", suffix=".part")
-        tmp = Path(name)
+    def _temp(self, final: Path) -> Iterator[tuple[Path, BinaryIO]]:
+        written = 0
         try:
-            with os.fdopen(fd, "w+b") as out:
-                yield tmp, out
-        finally:
-            tmp.unlink(missing_ok=True)
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=self.root, prefix=".new.", suffix=".part")
+            tmp = Path(name)
+            try:
+                with os.fdopen(fd, "w+b") as out:
+                    yield tmp, out
+            finally:
+                written = size_of(tmp)
+                tmp.unlink(missing_ok=True)
+        except OSError as exc:
+            if exc.errno not in NO_SPACE:
+                raise
+            raise disk_full(final, written) from exc
 
     def fetch(
         self, item: Download, http: requests.Session, progress: Progress | None = None

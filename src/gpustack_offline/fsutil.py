@@ -6,6 +6,7 @@ import contextlib
 import errno
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -53,7 +54,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
             os.chmod(tmp, FILE_MODE)
             os.replace(tmp, final)
         finally:
-            written = _size(tmp)
+            written = size_of(tmp)
             tmp.unlink(missing_ok=True)
     except OSError as exc:
         if exc.errno not in NO_SPACE:
@@ -85,7 +86,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         finally:
-            written = _size(tmp)
+            written = size_of(tmp)
             shutil.rmtree(tmp, ignore_errors=True)
     except DiskFullError as exc:  # a file inside the folder: name the folder, count it all
         raise disk_full(final, max(written, exc.written)) from exc
@@ -98,7 +99,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _size(path: Path) -> int:
+def size_of(path: Path) -> int:
     """Bytes under `path` (a file or a folder); 0 if it is gone."""
     try:
         if not path.is_dir():
@@ -133,6 +134,31 @@ def disk_full(final: Path, written: int) -> DiskFullError:
         final,
         written,
     )
+
+
+def temp_names(final: Path) -> re.Pattern[str]:
+    """The names `atomic_path(final)` and `atomic_dir(final)` give their temporary entries
+    (mkstemp/mkdtemp put eight characters between prefix and suffix)."""
+    return re.compile(rf"\.{re.escape(final.name)}\.[a-z0-9_]{{8}}\.part")
+
+
+def remove_temps(final: Path) -> None:
+    """Remove what killed writes of `final` left beside it, so a rerun reclaims their space.
+
+    Only for an artifact one build writes at a time (a bundle): a concurrent writer of the same
+    name would lose its temporary entry."""
+    pattern = temp_names(final)
+    try:
+        entries = list(os.scandir(final.parent))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if not pattern.fullmatch(entry.name):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            Path(entry.path).unlink(missing_ok=True)
 
 
 def link_or_copy(src: Path, dst: Path) -> None:
