@@ -18,6 +18,12 @@ off the amd64 image, which stays in the engine untagged with its layers. So a sc
 run goes platform by platform (pull and save every image of one platform, then the next), and
 its warm run finds both platforms' layers still there: the most favourable case for the recipe.
 
+GPUStack 2.x moves images with `gpustack save-images` (gpustack_runner/cmds/images.py): per
+image of the list (server, each runner, pause, health) one `skopeo copy docker://REF
+oci-archive:OUT/REPOSITORY/TAG.tar:REF`, so each archive carries every layer of its image again,
+even the base layer that all CUDA runners share. `measure_archives` runs that same skopeo
+command per image and compares it with this pipeline's one tar and with the floor.
+
 The registry and the images come from the caller (the `bench` nox session seeds a loopback
 one); this module measures and writes the report.
 """
@@ -25,11 +31,13 @@ one); this module measures and writes the report.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import platform as host_platform
 import re
 import shutil
+import tarfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +53,7 @@ from .runner import run
 log = logging.getLogger("gpustack_offline")
 
 DOCKER_FIX = "start the Docker engine (as root: bash scripts/setup-build-host.sh) and rerun"
+SKOPEO_FIX = "install skopeo (as root: bash scripts/setup-build-host.sh) and rerun"
 
 
 class BenchError(BundleError):
@@ -98,7 +107,9 @@ def scenarios(
 class Measurement:
     bytes: int  # the bundle's size on disk: every tar the recipe leaves
     seconds: float  # wall time of the recipe's own steps
-    fetch_seconds: float  # of which fetching (docker pull / Registry.pull); the rest is writing
+    # of which fetching (docker pull / Registry.pull), the rest is writing; None where one step
+    # does both at once (skopeo copy streams each blob from the registry into the archive)
+    fetch_seconds: float | None
     fetched_layers: int  # layers taken from the registry (0 is what makes a warm run warm)
 
 
@@ -116,6 +127,11 @@ class Row:
     @property
     def seconds_ratio(self) -> float | None:
         return ratio(self.naive.seconds, self.ours.seconds)
+
+    @property
+    def floor_ratio(self) -> float | None:
+        """ours ÷ floor: how far our tar is above what any bundle must carry (1 is none)."""
+        return ratio(self.ours.bytes, self.floor)
 
 
 def ratio(naive: float, ours: float) -> float | None:

@@ -261,7 +261,7 @@ def download(
         except _Retry as exc:
             cause, retry_after = str(exc), exc.retry_after
         except TRANSIENT as exc:
-            cause, retry_after = f"{type(exc).__name__}: {_reason(exc)}", None
+            cause, retry_after = f"{type(exc).__name__}: {short_reason(exc)}", None
         else:
             if size is not None and written < size:
                 cause, retry_after = f"the body ended after {written} of {size} bytes", None
@@ -295,9 +295,18 @@ def download(
         time.sleep(pause)
 
 
-def _reason(exc: Exception) -> str:
-    """The cause without the pool's preamble: `Read timed out. (read timeout=60)`."""
-    text = re.sub(r"^\W*\w*ConnectionPool\([^)]*\): ", "", str(exc))
+_POOL_PREAMBLE = re.compile(r"^\W*\w*ConnectionPool\([^)]*\): ")
+_OS_ERROR = re.compile(r"\[Errno -?\d+\] ([^)'\"]+)")
+
+
+def short_reason(exc: Exception) -> str:
+    """The cause without urllib3's wrapping: `connection refused`, `name or service not known`
+    (the OS error inside a connection error), or `Read timed out. (read timeout=60)`."""
+    text = str(exc)
+    if match := _OS_ERROR.search(text):
+        text = match.group(1).strip()
+        return text[:1].lower() + text[1:200]
+    text = _POOL_PREAMBLE.sub("", text)
     return text[:200] or type(exc).__name__
 
 

@@ -54,7 +54,7 @@ from typing import Any
 import requests
 
 from .errors import BundleError, IntegrityError
-from .fetch import BlobStore, Opener, download, session
+from .fetch import BlobStore, Opener, download, session, short_reason
 from .fsutil import atomic_path
 
 log = logging.getLogger("gpustack_offline")
@@ -669,8 +669,8 @@ class Registry:
                 if retried:
                     raise
                 raise RegistryError(
-                    f"cannot reach {ep.host} ({type(exc).__name__}: {exc}). Check the network, "
-                    "the proxy settings or the mirror option, then rerun; stored blobs are kept"
+                    f"cannot reach {ep.host}: {short_reason(exc)}. Check the network, the proxy "
+                    "settings or the mirror option, then rerun; stored blobs are kept"
                 ) from None
             if resp.status_code != 401 or fresh or attempt == 2:
                 break
@@ -773,8 +773,8 @@ class Registry:
             resp = self.http.get(realm, params=params, headers=headers, timeout=TIMEOUT)
         except requests.RequestException as exc:
             raise AuthError(
-                f"cannot reach the token service of {ep.host} at {realm} "
-                f"({type(exc).__name__}); check the network and proxy settings"
+                f"cannot reach the token service of {ep.host} at {realm}: "
+                f"{short_reason(exc)}; check the network and proxy settings"
             ) from None
         with resp:
             if resp.status_code in (401, 403):
