@@ -47,7 +47,7 @@ import requests
 from .errors import BundleError, IntegrityError, ToolsError
 from .fetch import BlobStore, DownloadError, HTTPStatusError, session
 from .fsutil import atomic_dir, atomic_path, sha256_file, write_text
-from .locks import Override, matching
+from .locks import Override, matching, without_credentials
 from .matrix import Cell
 from .runner import run
 from .safety import safe_extract_tar
@@ -275,10 +275,15 @@ class AssetProxy:
 
 
 def tool_venv(cell: Cell, overrides: list[Override], cache: Path, index_url: str) -> Path:
-    """A venv for the build host with the cell's GPUStack, made once and cached; its python."""
+    """A venv for the build host with the cell's GPUStack, made once and cached; its python.
+
+    The index URL reaches uv through `UV_INDEX_URL`, never its argument list: a password in it
+    would show in `ps`, /proc and the logged command. The cache key leaves the password out
+    too, so rotating it does not rebuild the venv."""
     extra = [r for o in matching(overrides, cell) for r in o.extra_requirements]
     spec = [f"gpustack=={cell.version}", *sorted(set(extra))]
-    key = hashlib.sha256(json.dumps([spec, sys.version, index_url]).encode()).hexdigest()[:16]
+    identity = [spec, sys.version, without_credentials(index_url)]
+    key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
     final = cache / "tools" / "venv" / f"gpustack-{cell.version}-{key}"
     python = final / "bin" / "python"
     if python.exists():
@@ -291,8 +296,9 @@ def tool_venv(cell: Cell, overrides: list[Override], cache: Path, index_url: str
         )  # fmt: skip
         run(
             [sys.executable, "-m", "uv", "pip", "install", "--quiet", "--python",
-             stage / "bin" / "python", "--index-url", index_url, *spec],
-            env=env, what=f"installing GPUStack {cell.version} into its tool venv",
+             stage / "bin" / "python", *spec],
+            env={**env, "UV_INDEX_URL": index_url},
+            what=f"installing GPUStack {cell.version} into its tool venv",
             fix="the tool venv runs upstream's download-tools on this host; check the index URL",
         )  # fmt: skip
     return python
