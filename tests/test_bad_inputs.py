@@ -33,6 +33,7 @@ from registry_fixture import (
     tar_layer,
 )
 
+from gpustack_offline import tools
 from gpustack_offline.fsutil import sha256_file
 from gpustack_offline.registry import host_env_name
 
@@ -158,6 +159,35 @@ def test_a_missing_docker_daemon_names_the_socket_and_the_fix(root, area, tmp_pa
     assert "No such file or directory" in out and "Fix: point DOCKER_HOST" in out
 
 
+def test_the_tool_venv_index_password_stays_off_uv_argument_lists(matrix, monkeypatch, tmp_path):
+    """The index URL goes to uv through UV_INDEX_URL (an environment is not world-readable in
+    /proc, an argument list is, and the runner logs it); the venv's cache key has no password."""
+    calls: list[tuple[list[str], dict[str, str]]] = []
+
+    def runner(argv, *, env, **_kw):
+        calls.append(([str(a) for a in argv], dict(env)))
+        if "venv" in argv:  # what uv would leave: the venv's python
+            (Path(argv[-1]) / "bin").mkdir(parents=True)
+            (Path(argv[-1]) / "bin" / "python").touch()
+
+    monkeypatch.setattr(tools, "run", runner)
+    cell = matrix.cell(PIP_CELL)
+    password = secrets.token_urlsafe(12)
+    index = f"https://site-user:{password}@pypi.example/simple"
+    python = tools.tool_venv(cell, [], tmp_path, index)
+    assert [argv[3:5] for argv, _ in calls] == [["venv", "--quiet"], ["pip", "install"]]
+    for argv, _ in calls:
+        assert not any(password in a or "pypi.example" in a for a in argv), argv
+    assert calls[1][1]["UV_INDEX_URL"] == index
+    assert password not in str(python)
+    # a new password is the same venv: nothing runs again
+    again = tools.tool_venv(cell, [], tmp_path, "https://site-user:rotated@pypi.example/simple")
+    assert again == python and len(calls) == 2
+    # another index is another venv
+    other = tools.tool_venv(cell, [], tmp_path, "https://other.example/simple")
+    assert other != python and len(calls) == 4
+
+
 # -- registries ---------------------------------------------------------------------------------
 
 LAYER_SIZE = 3 << 20  # more than the 2 MB tmpfs
@@ -219,7 +249,8 @@ def test_an_unreachable_upstream_names_the_host_and_what_to_check(root, area):
     host = f"127.0.0.1:{_free_port()}"
     out = invoke(root, {**area, "GPUSTACK_OFFLINE_REGISTRY_MIRROR": host},
                  "lock", "--cell", DOCKER_CELL)  # fmt: skip
-    assert host in out and re.search(r"cannot (connect|reach)|refused", out, re.I), out
+    assert f"error: cannot reach {host}: connection refused. Check the network" in out, out
+    assert "ConnectionPool" not in out and "Max retries" not in out, out
     nothing_left(area)
 
 
@@ -262,11 +293,6 @@ def test_a_full_dist_disk_names_the_path_and_the_space(root, area, upstream, tmp
 
 
 @pytest.mark.integration
-@pytest.mark.xfail(
-    strict=True,
-    reason="fetch.BlobStore._temp lets ENOSPC escape as a traceback; the fix (raise "
-    "fsutil.disk_full) is fetch.py's, see docs/troubleshooting.md",
-)
 def test_a_full_cache_disk_names_the_blob_and_the_space(root, area, upstream, tmp_path):
     env = pinned(root, area, upstream)
     with tmpfs(Path(env["GPUSTACK_OFFLINE_CACHE_DIR"])) as cache:

@@ -1,9 +1,14 @@
 """The benchmark's arithmetic and report, without sockets or Docker (the measuring itself runs in
-`nox -s bench`, against a loopback registry and the real engine)."""
+`nox -s bench`, against a loopback registry and the real engine); and the 2.x measurement (one
+archive per image against ours) on two tiny runners, against the loopback hub and real skopeo."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from gpustack2_images import push_images, runner_images
+from registry_fixture import AMD64, Hub, hub_fixture  # noqa: F401 - the hub fixture
 
 from gpustack_offline import bench
 from gpustack_offline.registry import Descriptor, Image, Platform, Reference
@@ -102,10 +107,13 @@ def test_naive_tars_are_named_without_the_registry_port() -> None:
 def test_table_has_the_columns_and_one_line_per_row() -> None:
     lines = bench.table([_row("one, cold"), _row("one, warm")]).splitlines()
     assert lines[0] == (
-        "| scenario | naive bytes | ours bytes | ratio | naive s | ours s | ratio | floor bytes |"
+        "| scenario | naive bytes | ours bytes | ratio | naive s | ours s | ratio | floor bytes "
+        "| ours ÷ floor |"
     )
     assert len(lines) == 4
-    assert lines[2] == "| one, cold | 0.0 MB | 0.0 MB | 3.00× | 12.0 | 4.0 | 3.00× | 0.0 MB |"
+    assert lines[2] == (
+        "| one, cold | 0.0 MB | 0.0 MB | 3.00× | 12.0 | 4.0 | 3.00× | 0.0 MB | 1.034× |"
+    )
 
 
 def test_table_shows_sizes_in_megabytes_and_a_dash_for_no_ratio() -> None:
@@ -114,7 +122,7 @@ def test_table_shows_sizes_in_megabytes_and_a_dash_for_no_ratio() -> None:
     )
     line = bench.table([row]).splitlines()[2]
     assert "| 912.3 MB | 0.0 MB | — |" in line
-    assert line.endswith("| — | 0.0 MB |")
+    assert line.endswith("| — | 0.0 MB | — |")
 
 
 def test_report_names_the_host_the_date_and_how_to_rerun() -> None:
@@ -171,3 +179,91 @@ Status: Image is up to date for 127.0.0.1:5000/gpustack/gpustack:v0.7.1-cpu
 @pytest.mark.parametrize(("output", "layers"), [(PULL_COLD, 2), (PULL_SHARED, 1), (PULL_WARM, 0)])
 def test_layers_docker_pulled_are_counted_from_its_output(output: str, layers: int) -> None:
     assert bench.pulled_layers(output) == layers
+
+
+# --- GPUStack 2.x: one archive per image ----------------------------------------------------------
+
+
+def _archive_row() -> bench.Row:
+    return bench.Row(
+        "2.x cell, cold",
+        bench.Measurement(900_000_000, 30.0, None, 9),
+        bench.Measurement(600_000_000, 10.0, 6.0, 7),
+        floor=599_950_000,
+    )
+
+
+def test_save_images_command_is_upstreams_skopeo_copy_per_image() -> None:
+    target = bench.Target("127.0.0.1:5000/gpustack/runner:cuda12.9-vllm0.32.0", "linux/amd64")
+    dest = Path("/out") / bench.archive_path(target)
+    assert dest == Path("/out/gpustack/runner/cuda12.9-vllm0.32.0.tar")
+    assert bench.save_images_command(target, dest) == [
+        "skopeo", "copy", "--src-tls-verify=false", "--retry-times", "1",
+        "--override-os", "linux", "--override-arch", "amd64",
+        "docker://127.0.0.1:5000/gpustack/runner:cuda12.9-vllm0.32.0",
+        "oci-archive:/out/gpustack/runner/cuda12.9-vllm0.32.0.tar:"
+        "127.0.0.1:5000/gpustack/runner:cuda12.9-vllm0.32.0",
+    ]  # fmt: skip
+
+
+def test_a_step_that_fetches_and_writes_at_once_shows_dashes_in_the_split() -> None:
+    line = bench.split_table([_archive_row()]).splitlines()[2]
+    assert line == "| 2.x cell, cold | — | — | 9 | 6.0 | 4.0 | 7 |"
+
+
+def test_report_puts_the_archive_rows_in_the_table_with_a_sentence() -> None:
+    row = _archive_row()
+    text = bench.report([_row()], FACTS, "x", "y", archive_rows=[row])
+    assert bench.table([_row(), row]) in text
+    assert bench.split_table([_row(), row]) in text
+    sentence = bench.archives_sentence(row)
+    assert sentence in text
+    assert "900.0 MB, 1.50× our 600.0 MB tar" in sentence
+    assert "1.000× the 600.0 MB floor (50 kB of tar headers" in sentence
+    assert "gpustack save-images" in text
+
+
+def test_an_archive_that_is_not_an_oci_layout_is_a_bench_error(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar")
+    with pytest.raises(bench.BenchError, match="not an OCI archive of one image"):
+        bench.archive_contents(junk)
+
+
+BASE = 1 << 20  # the runners' shared base layer: 1 MiB, incompressible
+
+
+@pytest.mark.integration
+def test_archives_repeat_the_shared_base_and_ours_sits_on_the_floor(
+    hub: Hub, tmp_path: Path
+) -> None:
+    refs = ["benchtest/runner:vllm", "benchtest/runner:sglang"]
+    images = runner_images(refs, (AMD64,), base_size=BASE)
+    push_images(hub, images)
+    pushed = [image for ref in refs for image in images[ref]]
+    sizes = [
+        {blob.digest: len(blob.data) for blob in (i.manifest, i.config, *i.layers)} for i in pushed
+    ]
+    per_image = sum(sum(blobs.values()) for blobs in sizes)  # what one archive each must carry
+    floor = sum({d: n for blobs in sizes for d, n in blobs.items()}.values())  # each blob once
+    scenario = bench.Scenario(
+        "two runners", tuple(bench.Target(hub.ref(r), "linux/amd64") for r in refs)
+    )
+
+    row = bench.measure_archives(scenario, tmp_path / "work")
+
+    assert row.floor == floor
+    assert row.naive.fetched_layers == 4  # each archive fetched the base again
+    assert row.ours.fetched_layers == 3  # ours once
+    assert row.naive.bytes >= per_image > floor + BASE * 0.9  # the base is in both archives
+    assert floor <= row.ours.bytes < floor + 32_000  # tar headers and index files only
+    assert row.bytes_ratio is not None and row.bytes_ratio > 1.5
+    assert not list((tmp_path / "work").rglob("*.tar"))  # every archive deleted once measured
+
+
+@pytest.mark.integration
+def test_an_archive_of_another_image_than_asked_is_refused(hub: Hub, tmp_path: Path) -> None:
+    push_images(hub, runner_images(["benchtest/runner:other"], (AMD64,), base_size=1 << 10))
+    target = bench.Target(hub.ref("benchtest/runner:other"), "linux/amd64")
+    with pytest.raises(bench.BenchError, match="holds the wrong image"):
+        bench.per_image_archives([target], tmp_path, {target: "sha256:" + "0" * 64})

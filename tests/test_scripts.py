@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pytest
 
+from gpustack_offline import signing
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 
@@ -158,6 +160,7 @@ def bundle_env(**overrides: str) -> dict[str, str]:
         "INSTALL_METHOD": "pip",
         "GLIBC_FLOOR": "2.29",
         "CUDA_FLOOR": "",
+        "ROCM_FLOOR": "",
         "REQUIREMENT": f"gpustack=={GPUSTACK_VERSION}",
         "TOOLS_ARCHIVE": "",
     }
@@ -212,7 +215,7 @@ def make_bundle(
     )
     (bundle / "bundle.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
     (bundle / "manifest.json").write_text(json.dumps({"cell": env["BUNDLE_CELL"]}) + "\n")
-    for name in ("install.sh", "preflight.sh", CHECKER):
+    for name in ("install.sh", "preflight.sh", CHECKER, "verify-signature.sh"):
         shutil.copy2(SCRIPTS / name, bundle / name)
     if tools_archive is not None:
         (bundle / "tools").mkdir()
@@ -593,6 +596,48 @@ def test_install_puts_a_release_behind_current(tmp_path: Path, gpustack_wheel: P
     assert f"{prefix}/bin/gpustack start --config-file {prefix}/gpustack.yaml" in proc.stdout
     assert sorted(p.name for p in (prefix / "releases").iterdir()) == [release_name(bundle)]
     assert not list(prefix.glob(".current.tmp.*"))
+
+
+@pytest.fixture(scope="module")
+def release_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """The release's secret and public key, and another party's public key."""
+    keys = tmp_path_factory.mktemp("keys")
+    secret, public = signing.generate_key(keys, "release")
+    _, other = signing.generate_key(keys, "someone else")
+    return secret, public, other
+
+
+def test_install_checks_the_signature_before_anything_else(
+    tmp_path: Path, gpustack_wheel: Path, release_keys: tuple[Path, Path, Path]
+) -> None:
+    secret, public, other = release_keys
+    bundle = make_bundle(tmp_path, gpustack_wheel)
+    signing.sign(bundle, secret)
+    prefix = tmp_path / "prefix"
+
+    # signed by another key, altered after signing, not signed: refused (7), nothing installed
+    wrong = install(bundle, prefix, "--verify-key", str(other))
+    assert wrong.returncode == 7 and "signed by another key" in wrong.stderr, wrong.stderr
+    assert "preflight" not in wrong.stdout and not prefix.exists()
+
+    (bundle / "manifest.json").write_text('{"cell": "altered"}\n')
+    write_sha256sums(bundle)  # the sums agree with the altered manifest; the signature does not
+    altered = install(bundle, prefix, "--verify-key", str(public))
+    assert altered.returncode == 7 and "BAD signature" in altered.stderr, altered.stderr
+    assert not prefix.exists()
+
+    (bundle / "SHA256SUMS.sig").unlink()
+    unsigned = install(bundle, prefix, "--verify-key", str(public))
+    assert unsigned.returncode == 7 and "this bundle is not signed" in unsigned.stderr
+    assert not prefix.exists()
+
+    # the good bundle with the right key installs; the signature is no "unexpected file"
+    bundle = make_bundle(tmp_path / "good", gpustack_wheel)
+    signing.sign(bundle, secret)
+    good = install(bundle, prefix, "--verify-key", str(public))
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert "signature good: SHA256SUMS signed by key" in good.stdout
+    assert_installed(prefix, bundle)
 
 
 def test_install_run_twice_is_idempotent(tmp_path: Path, gpustack_wheel: Path) -> None:

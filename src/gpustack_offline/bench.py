@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import BundleError, CommandError
 from .fetch import BlobStore
@@ -339,26 +340,20 @@ def save_images_command(target: Target, dest: Path) -> list[str]:
 
 def archive_contents(path: Path) -> tuple[str, int]:
     """The config digest and layer count of the one image an OCI archive holds."""
+
+    def member(tf: tarfile.TarFile, name: str) -> Any:
+        fh = tf.extractfile(name)
+        if fh is None:
+            raise KeyError(name)
+        return json.load(fh)
+
     try:
         with tarfile.open(path) as tf:
-
-            def blob(name: str) -> dict[str, object]:
-                member = tf.extractfile(name)
-                if member is None:
-                    raise KeyError(name)
-                loaded: dict[str, object] = json.load(member)
-                return loaded
-
-            index = blob("index.json")
-            (entry,) = index["manifests"]  # type: ignore[misc]
-            manifest = blob("blobs/" + str(entry["digest"]).replace(":", "/"))
-    except (OSError, KeyError, ValueError, TypeError, tarfile.TarError) as exc:
-        raise BenchError(f"{path} is not an OCI archive of one image: {exc}") from None
-    config = manifest["config"]
-    layers = manifest["layers"]
-    if not isinstance(config, dict) or not isinstance(layers, list):
-        raise BenchError(f"{path}: its manifest has no config or no layers")
-    return str(config["digest"]), len(layers)
+            (entry,) = member(tf, "index.json")["manifests"]
+            manifest = member(tf, "blobs/" + entry["digest"].replace(":", "/"))
+        return str(manifest["config"]["digest"]), len(manifest["layers"])
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, tarfile.TarError) as exc:
+        raise BenchError(f"{path} is not an OCI archive of one image: {exc!r}") from None
 
 
 def per_image_archives(
@@ -503,25 +498,55 @@ def split_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(rows: Sequence[Row], facts: HostFacts, setup: str, rerun: str) -> str:
-    """The whole `docs/bench.md`: what was measured, where, the table, how to run it again."""
-    return f"""# Image bundle benchmark: `docker pull` + `docker save` against this pipeline
+def archives_sentence(row: Row) -> str:
+    """What a 2.x row says, in words: upstream's archives against ours, and ours against the
+    floor."""
+    if row.bytes_ratio is None or row.floor_ratio is None:
+        return f"{row.scenario}: nothing was measured."
+    return (
+        f"For the 2.x cell, upstream's one archive per image comes to {_mb(row.naive.bytes)}, "
+        f"{row.bytes_ratio:.2f}× our {_mb(row.ours.bytes)} tar, because every runner's archive "
+        f"repeats the base layer the runners share; ours is {row.floor_ratio:.3f}× the "
+        f"{_mb(row.floor)} floor ({(row.ours.bytes - row.floor) / 1e3:,.0f} kB of tar headers "
+        "and index files)."
+    )
+
+
+def report(
+    rows: Sequence[Row],
+    facts: HostFacts,
+    setup: str,
+    rerun: str,
+    archive_rows: Sequence[Row] = (),
+) -> str:
+    """The whole `docs/bench.md`: what was measured, where, the table, how to run it again.
+    `rows` compare with `docker pull` + `docker save` (0.x), `archive_rows` with `gpustack
+    save-images` (2.x, from `measure_archives`)."""
+    every = [*rows, *archive_rows]
+    sentences = "".join(f"\n{archives_sentence(row)}\n" for row in archive_rows)
+    return f"""# Image bundle benchmark: upstream's recipes against this pipeline
 
 Measured {facts.date} on {facts.cpus} CPUs ({facts.system}), Docker Engine {facts.docker};
 load average {facts.load} when the run began.
 
-{table(rows)}
-- **naive**: upstream's recipe for the Docker path, per image `docker pull --platform linux/ARCH
-  REF` then `docker save` into a tar of its own; the bytes are those tars together.
+{table(every)}{sentences}
+- **naive**: upstream's recipe. 0.x rows (the Docker path): per image `docker pull --platform
+  linux/ARCH REF` then `docker save` into a tar of its own. 2.x rows: `gpustack save-images`,
+  which per image runs `skopeo copy --src-tls-verify=false --retry-times 1 --override-os linux
+  --override-arch ARCH docker://REF oci-archive:OUT/REPOSITORY/TAG.tar:REF` (the same command
+  is run here): one OCI archive per image (server, each runner, pause, health), nothing shared
+  between archives. The bytes are those tars together.
 - **ours**: `registry.Registry(...).pull(...)` of every image into the content-addressed
   `BlobStore`, then `images.export_images` into one tar (an OCI layout that `docker load`
   also reads).
 - **ratio**: naive ÷ ours; 2.00× means ours is half the size, or takes half the time.
 - **floor**: the distinct compressed blobs the images need (manifests, configs, layers), each
   counted once: what any bundle of them must carry. Ours is above it only by tar headers,
-  `index.json`/`manifest.json` and the OCI twins of Docker-typed manifests.
+  `index.json`/`manifest.json` and the OCI twins of Docker-typed manifests; **ours ÷ floor**
+  says by how much.
 - **cold**: our cache empty; the scenario's images removed from the engine (by image ID).
   **warm**: the same run again, with our cache kept and the images still in the engine.
+  skopeo keeps no cache, so a 2.x row is cold only.
 - The engine holds one platform per tag, so the naive run pulls and saves one platform's
   images, then the next; the other platform's images stay in the engine untagged, which is what
   makes its warm run warm.
@@ -529,9 +554,9 @@ load average {facts.load} when the run began.
   whose blobs are in the page cache for both; there is no network in the timings, so they show
   the local work (decompressing, storing, hashing, writing) and not a download.
 
-Where the time goes:
+Where the time goes (skopeo copy fetches and writes in one step: a dash):
 
-{split_table(rows)}
+{split_table(every)}
 Images: {setup}
 
 Rerun: {rerun}

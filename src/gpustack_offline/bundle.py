@@ -18,7 +18,7 @@ from typing import Any
 from . import __version__, provenance, runners, sbom, signing, tools
 from . import images as images_
 from .fetch import BlobStore
-from .fsutil import atomic_dir, atomic_path, link_or_copy, sha256_file
+from .fsutil import atomic_dir, atomic_path, link_or_copy, remove_temps, sha256_file
 from .locks import Lock, ensure_lock, inputs_for, load_overrides
 from .matrix import Cell
 from .options import Options
@@ -211,6 +211,7 @@ def build(cell: Cell, opts: Options, root: Path) -> Result:
     )
     dist = opts.path("dist_dir", root)
     final_dir = dist / cell.id
+    _clear_previous(final_dir, dist / f"{cell.id}.tar")
     with atomic_dir(final_dir) as stage:
         manifest = assemble(
             cell, wheels, lock, stage, root, archive,
@@ -250,6 +251,7 @@ def build_docker(cell: Cell, opts: Options, root: Path) -> Result:
             pulled.append(images_.pull_pinned(registry, pinned))
     dist = opts.path("dist_dir", root)
     final_dir = dist / cell.id
+    _clear_previous(final_dir, dist / f"{cell.id}.tar")
     with atomic_dir(final_dir) as stage:
         exported = images_.export_images(pulled, store, stage / IMAGE_ARCHIVE)
         inputs = provenance.input_files(cell, opts, root)
@@ -257,6 +259,14 @@ def build_docker(cell: Cell, opts: Options, root: Path) -> Result:
         _sign(stage, opts, root)
     write_tar(final_dir, dist / f"{cell.id}.tar")
     return _result(cell, final_dir, manifest, started, "pinned")
+
+
+def _clear_previous(final_dir: Path, tar: Path) -> None:
+    """Before a rebuild: the old tar goes (it would not match the new folder if the build
+    stopped between the two), and so does what killed builds of this cell left half-written."""
+    tar.unlink(missing_ok=True)
+    remove_temps(final_dir)
+    remove_temps(tar)
 
 
 def _sign(stage: Path, opts: Options, root: Path) -> None:

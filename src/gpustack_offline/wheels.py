@@ -27,7 +27,7 @@ from .fsutil import atomic_path, sha256_file
 from .locks import Lock, LockedFile, LockedPackage
 from .matrix import Cell
 from .runner import run
-from .safety import safe_extract_tar
+from .safety import safe_extract_tar, safe_extract_zip
 
 log = logging.getLogger("gpustack_offline")
 
@@ -201,10 +201,7 @@ class SdistBuilder:
         dest.mkdir(parents=True)
         if name.endswith(".zip"):
             with zipfile.ZipFile(sdist_path) as zf:
-                for member in zf.namelist():
-                    if member.startswith("/") or ".." in Path(member).parts:
-                        raise WheelError(f"{name}: member {member!r} escapes the archive")
-                zf.extractall(dest)
+                safe_extract_zip(zf, dest, what=name)
         else:
             with tarfile.open(sdist_path) as tf:
                 safe_extract_tar(tf, dest, what=name)
