@@ -192,6 +192,57 @@ free=$(free_bytes "$out_dir")
     die "not enough space in $out_dir: $free bytes free, $need needed for $why;" \
         "${hint}free $((need - free)) more bytes or choose a folder on another disk"
 
+# --- refusing what a bundle never holds ----------------------------------------------------------
+
+# A bundle tar (bundle.write_tar) holds regular files and folders under relative names only.
+refuse_members() {
+    echo "$PROG: $tar_name holds $1 entr$( (($1 == 1)) && echo y || echo ies) a bundle never has:" \
+        "nothing was kept; the bundle is damaged or hostile, build or copy it again from its" \
+        "source" >&2
+    exit 1
+}
+
+# Names every member of the listings that is not a plain file or folder with a relative name
+# free of '..' (names are shown as tar quotes them: one line each).
+check_members() {
+    wait "$lister" || die "tar could not list the joined volumes: $(<"$work/names.err")"
+    wait "$typer" || die "tar could not list the joined volumes: $(<"$work/types.err")"
+    local name long kind why bad=0
+    while IFS= read -r name <&6; do
+        IFS= read -r long <&7 || long=?
+        case ${long:0:1} in
+        - | d) kind= ;;
+        l) kind="symlink" ;;
+        h) kind="hard link" ;;
+        c) kind="character device" ;;
+        b) kind="block device" ;;
+        p) kind="FIFO (named pipe)" ;;
+        *) kind="entry of type '${long:0:1}'" ;;
+        esac
+        why=
+        if [[ $name == /* ]]; then
+            why="absolute name"
+        elif [[ /$name/ == */../* ]]; then
+            why="'..' in the name leads outside the folder"
+        fi
+        [[ -z $kind ]] || why=${why:+$why, }$kind
+        [[ -n $why ]] || continue
+        bad=$((bad + 1))
+        echo "  REFUSED    $name: $why" >&2
+    done 6<"$work/names.txt" 7<"$work/types.txt"
+    ((bad == 0)) || refuse_members "$bad"
+}
+
+# What tar actually wrote, in case a listing missed something: files and folders only.
+check_unpacked() {
+    local entry bad=0
+    while IFS= read -r -d '' entry; do
+        bad=$((bad + 1))
+        echo "  REFUSED    ${entry#"$part"/}: not a file or folder once unpacked" >&2
+    done < <(find "$part" -mindepth 1 ! -type f ! -type d -print0)
+    ((bad == 0)) || refuse_members "$bad"
+}
+
 # --- join, hashing the stream on the way --------------------------------------------------------
 
 work=$(mktemp -d)
@@ -206,14 +257,24 @@ sha256sum <"$work/stream" >"$work/sum" &
 hasher=$!
 exec 3>"$work/stream"
 
+untar=0
 if [[ $mode == extract ]]; then
     mkdir -p -- "$target"
     out_dir=$(cd -- "$target" && pwd)
     part=$(mktemp -d "$out_dir/.$top.join.XXXXXX")
     echo "unpacking into $out_dir"
-    # tee -p keeps hashing to the end if tar stops reading early.
-    cat -- "${paths[@]}" | tee -p /dev/fd/3 | tar -x -f - -C "$part" ||
-        die "tar could not unpack the joined volumes; nothing was kept"
+    # The same stream is listed as it is unpacked: names as stored (-P: GNU tar would strip a
+    # leading / or skip a '..' member with a mere warning) and, line for line, their types.
+    mkfifo "$work/names" "$work/types"
+    tar -t -P -f - <"$work/names" >"$work/names.txt" 2>"$work/names.err" &
+    lister=$!
+    tar -t -v -P --numeric-owner -f - <"$work/types" >"$work/types.txt" 2>"$work/types.err" &
+    typer=$!
+    exec 4>"$work/names" 5>"$work/types"
+    # tee -p keeps hashing (and listing) to the end if a tar stops reading early.
+    cat -- "${paths[@]}" | tee -p /dev/fd/3 /dev/fd/4 /dev/fd/5 | tar -x -f - -C "$part" ||
+        untar=$?
+    exec 4>&- 5>&-
 else
     part=$(mktemp "$out_dir/.${target##*/}.join.XXXXXX")
     chmod "$(printf '%04o' $((0666 & ~0$(umask))))" -- "$part"
@@ -238,6 +299,9 @@ if [[ ${sum%% *} != "$tar_sha" ]]; then
 fi
 
 if [[ $mode == extract ]]; then
+    check_members
+    ((untar == 0)) || die "tar could not unpack the joined volumes; nothing was kept"
+    check_unpacked
     for entry in "$part"/*; do
         [[ ! -e $out_dir/${entry##*/} ]] || die "$out_dir/${entry##*/} exists: remove it and run again"
     done

@@ -13,6 +13,12 @@ A tiny marker layer goes first so the layer chain differs from the engine's own
 `gpustack-offline/base` image (same rootfs, same diff ID): otherwise Docker would find the base
 layer already extracted and the naive cold run would not be cold.
 
+The 2.x row takes one real cell's image list (`runners.cell_selection`: server, one runner per
+service, pause, health) for amd64 and seeds stand-ins: the server from tests/gpustack2_images.py
+(Debian base plus the real gpustack wheel layer), runners that share one big base layer as the
+real CUDA runners do plus a service layer each, the real-shaped pause image and a tiny health
+image. skopeo needs no engine, so this row costs well under a minute.
+
     python tests/bench_seed.py [--output docs/bench.md]
 """
 
@@ -27,6 +33,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from gpustack2_images import push_images, runner_images, server_image
 from registry_fixture import (
     AMD64,
     ARM64,
@@ -42,7 +49,7 @@ from registry_fixture import (
     tar_layer,
 )
 
-from gpustack_offline import bench
+from gpustack_offline import bench, runners
 from gpustack_offline.errors import BundleError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,6 +59,15 @@ SHARED_MB = 16  # gpustack and its Python dependencies, the same in every device
 DEVICE_MB = {"v0.7.1": 24, "v0.7.1-cpu": 4, "v0.7.1-cuda12.8": 32}  # the device runtime
 TAGS = tuple(DEVICE_MB)
 DOCKER_TYPED = "v0.7.1"  # upstream's plain tag is a Docker manifest list, as in registry_fixture
+# The 2.x cell v2.3.0-linux-amd64-cuda12.9-py3.11-vllm+sglang-docker: its image list is upstream's.
+CELL_VERSION, CELL_ARCH, CELL_DEVICE, CELL_SERVICES = (
+    "2.3.0",
+    "amd64",
+    "cuda12.9",
+    ("vllm", "sglang"),
+)
+RUNNER_BASE_MB = 128  # CUDA, Python and PyTorch: one layer every runner of the arch shares
+SERVICE_MB = {"vllm": 24, "sglang": 16}  # each runner's own layer: the serving engine
 
 
 def noise_layer(seed: str, path: str, megabytes: int) -> tuple[Blob, str]:
@@ -113,6 +129,53 @@ def seed_bench(hub: Hub) -> str:
     return setup
 
 
+def _size(layer: Layer) -> int:
+    return len(layer.data) if isinstance(layer, Blob) else layer.size
+
+
+def cell_images() -> tuple[dict[str, list[FixtureImage]], str]:
+    """The 2.x cell's images by upstream reference (one amd64 image each), and what they are."""
+    selection = runners.cell_selection(
+        ROOT / "bundles" / "runners", CELL_VERSION, CELL_ARCH, CELL_DEVICE, CELL_SERVICES
+    )
+    platform = AMD64
+    base = noise_layer(f"bench-runner-base-{CELL_ARCH}", "opt/runner-base/blob", RUNNER_BASE_MB)
+    images: dict[str, list[FixtureImage]] = {
+        selection.server.name: server_image(CELL_VERSION, (platform,))
+    }
+    for ref, service in zip(selection.runners, CELL_SERVICES, strict=True):
+        own = noise_layer(f"bench-{ref.name}", "opt/runner/service", SERVICE_MB[service])
+        labels = {"org.opencontainers.image.ref.name": ref.name}
+        images[ref.name] = [make_image(platform, [base, own], labels=labels)]
+    images.update(runner_images([selection.pause.name], (platform,)))
+    for other in selection.others:  # gpustack/runtime:health: a small image of its own
+        layer, diff = tar_layer({"health": f"{other.name} stand-in\n".encode()})
+        images[other.name] = [make_image(platform, [(Blob(OCI_LAYER, layer), diff)])]
+    server_mb = sum(_size(layer) for layer in images[selection.server.name][0].layers) / 1e6
+    services = ", ".join(f"{s} {SERVICE_MB[s]} MB" for s in CELL_SERVICES)
+    setup = (
+        f"the 2.x row is the cell v{CELL_VERSION}-linux-{CELL_ARCH}-{CELL_DEVICE}-py3.11-"
+        f"{'+'.join(CELL_SERVICES)}-docker, linux/{CELL_ARCH}, with upstream's image list for it "
+        f"({', '.join(f'`{name}`' for name in images)}): the server is the Debian base plus the "
+        f"real gpustack {CELL_VERSION} wheel with the dependencies its probes import "
+        f"({server_mb:.0f} MB, tests/gpustack2_images.py); each runner is one {RUNNER_BASE_MB} MB "
+        f"base layer that both share (the CUDA, Python and PyTorch layers of the real runners) "
+        f"plus a service layer of its own ({services}; incompressible); pause and health are a "
+        "few kB. The proportions, not the sizes, are meant to be real: the real runners are "
+        "several GB each, most of it the shared base, and cannot be pulled here."
+    )
+    return images, setup
+
+
+def seed_cell(hub: Hub) -> tuple[bench.Scenario, str]:
+    """Push the 2.x cell's stand-ins to the hub; return the scenario over them and what they are."""
+    images, setup = cell_images()
+    push_images(hub, images)
+    name = f"2.x cell v{CELL_VERSION} {CELL_ARCH} {CELL_DEVICE} {'+'.join(CELL_SERVICES)}"
+    targets = tuple(bench.Target(hub.ref(ref), f"linux/{CELL_ARCH}") for ref in images)
+    return bench.Scenario(f"{name} ({len(targets)} images)", targets), setup
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument(
@@ -126,19 +189,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                 setup = seed_bench(hub)
                 plan = bench.scenarios(hub.host, TAGS, [str(p) for p in PLATFORMS], REPOSITORY)
                 rows = bench.run_all(plan, Path(tmp) / "work")
+                cell, cell_setup = seed_cell(hub)
+                cell_row = bench.measure_archives(cell, Path(tmp) / "work" / "cell")
             text = bench.report(
                 rows,
                 bench.host_facts(),
-                setup,
-                "`nox -s bench` (needs the Docker engine and `docker-registry`; "
+                f"{setup} And {cell_setup}",
+                "`nox -s bench` (needs the Docker engine, `docker-registry` and `skopeo`; "
                 "`python tests/bench_seed.py --output PATH` writes elsewhere). "
                 "It takes a few minutes; it is not part of the default sessions.",
+                archive_rows=[cell_row],
             )
         except BundleError as exc:
             print(f"bench failed: {exc}", file=sys.stderr)
             return 1
     bench.write_report(args.output, text)
-    print(bench.table(rows))
+    print(bench.table([*rows, cell_row]))
     print(f"written to {args.output}")
     return 0
 

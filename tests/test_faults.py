@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -18,6 +20,7 @@ from email.utils import format_datetime
 from pathlib import Path
 
 import pytest
+import requests
 from fault_proxy import (
     Drop,
     FaultProxy,
@@ -43,12 +46,14 @@ from release_mirror import ReleaseMirror
 from gpustack_offline import tools
 from gpustack_offline.errors import BundleError, IntegrityError, OptionError
 from gpustack_offline.fetch import (
+    STALE_TEMP_AGE,
     BlobStore,
     Download,
     DownloadError,
     RetryPolicy,
     parse_retry_after,
     redact,
+    short_reason,
 )
 from gpustack_offline.registry import Registry
 
@@ -102,6 +107,44 @@ def test_urls_in_messages_carry_no_credentials_or_signed_queries():
     assert redact("https://user:s3cret@pypi.site/simple/x.whl?sig=abc") == (
         "https://pypi.site/simple/x.whl"
     )
+
+
+def test_connection_errors_read_as_the_os_error_without_urllib3s_wrapping():
+    refused = requests.ConnectionError(
+        "HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded with url: /v2/ "
+        "(Caused by NewConnectionError(\"HTTPConnection(host='127.0.0.1', port=5000): Failed to "
+        'establish a new connection: [Errno 111] Connection refused"))'
+    )
+    assert short_reason(refused) == "connection refused"
+    unknown = requests.ConnectionError(
+        "HTTPConnectionPool(host='nowhere.invalid', port=80): Max retries exceeded with url: / "
+        "(Caused by NameResolutionError(\"HTTPConnection(host='nowhere.invalid', port=80): "
+        "Failed to resolve 'nowhere.invalid' ([Errno -2] Name or service not known)\"))"
+    )
+    assert short_reason(unknown) == "name or service not known"
+    stalled = requests.ReadTimeout(
+        "HTTPConnectionPool(host='127.0.0.1', port=5000): Read timed out. (read timeout=60)"
+    )
+    assert short_reason(stalled) == "Read timed out. (read timeout=60)"
+
+
+def test_temporary_files_that_killed_builds_left_in_the_blob_store_go_after_a_day(tmp_path):
+    """Opening the store removes temporary files untouched for a day (a killed build's), and
+    keeps younger ones (a concurrent build may be writing them) and every finished blob."""
+    store = BlobStore(tmp_path / "cache")
+    store.root.mkdir(parents=True)
+    blob = store.path(hashlib.sha256(b"kept").hexdigest())
+    blob.write_bytes(b"kept")
+    old = [store.root / ".new.k1ll3d_x.part", store.root / f".{blob.name}.abcdefgh.part"]
+    young = store.root / ".new.writing.part"
+    long_ago = time.time() - STALE_TEMP_AGE - 60
+    for path in [*old, young]:
+        path.write_bytes(b"half")
+    for path in [*old, blob]:
+        os.utime(path, (long_ago, long_ago))
+    BlobStore(tmp_path / "cache")  # what the next build does
+    assert sorted(p.name for p in store.root.iterdir()) == sorted([blob.name, young.name])
+    assert store.has(blob.name)
 
 
 # -- the faults --------------------------------------------------------------------------------

@@ -351,6 +351,43 @@ def test_preflight_names_the_missing_nvidia_runtime_for_a_cuda_cell(
     assert "preflight failed" in error_line(proc)
 
 
+@pytest.mark.integration
+def test_preflight_checks_rocm_for_a_2x_rocm_cell(tmp_path: Path, dummy_archive: Path) -> None:
+    bundle = make_docker_bundle(
+        tmp_path, dummy_archive, GPUSTACK_VERSION="2.3.0", TARGET_DEVICE="rocm7.0",
+        ROCM_FLOOR="7.0", TARGET_EXTRAS="vllm",
+    )  # fmt: skip
+
+    code, report = preflight(bundle)  # this host has no ROCm and no /dev/kfd
+
+    assert code == 1
+    rocm = check(report, "rocm")
+    assert rocm["status"] == "fail" and "ROCm >= 7.0" in rocm["fix"], rocm
+    assert check(report, "rocm-devices")["status"] == "fail"
+    assert "nvidia-smi" not in {c["name"] for c in report["checks"]}
+
+
+@pytest.mark.integration
+def test_a_2x_bundle_prints_the_server_and_worker_lines_with_the_site_registry(
+    tmp_path: Path, engine: Archive, site_registry: DistributionRegistry
+) -> None:
+    bundle = make_docker_bundle(
+        tmp_path, engine.path, GPUSTACK_VERSION="2.3.0", TARGET_DEVICE="cuda12.9",
+        CUDA_FLOOR="12.9", TARGET_EXTRAS="vllm",
+    )  # fmt: skip
+    registry = f"{site_registry.host}/mirror"
+    try:
+        proc = install(bundle, "--skip-preflight", "--registry", registry)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        out = proc.stdout
+        assert f"pushed to {registry}; the server and workers will ask for exactly these" in out
+        assert out.count(f"--system-default-container-registry {registry}") == 2  # server, worker
+        assert "--runtime nvidia" in out and "/var/run/docker.sock:/var/run/docker.sock" in out
+        assert f"{registry}/{IMAGE}" in out
+    finally:
+        remove_image(f"{registry}/{IMAGE}")
+
+
 def path_without_docker(where: Path) -> Path:
     """A folder of links to every program on PATH except docker*, in PATH order."""
     where.mkdir()
