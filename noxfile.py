@@ -63,5 +63,6 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(venv_backend="none", default=False)
 def bench(session: nox.Session) -> None:
-    """Benchmark the image export against docker pull + save (Docker; writes docs/bench.md)."""
+    """Benchmark the image export against docker pull + save and gpustack save-images (Docker,
+    skopeo; writes docs/bench.md)."""
     session.run(sys.executable, "tests/bench_seed.py", *session.posargs)

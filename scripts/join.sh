@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Check the volumes of a split gpustack-offline bundle, then unpack it or rebuild its tar.
-# Needs only bash and coreutils (sha256sum, stat, df, tee, mkfifo) and tar: it runs on the
-# air-gapped target as it comes off the media.
+# Needs only bash, coreutils (sha256sum, stat, df, tee, mkfifo, wc), find and GNU tar: it runs
+# on the air-gapped target as it comes off the media.
 #
 # Every volume's size and sha256 are checked against the volume manifest (<cell>.volumes) first,
 # and every missing, truncated or altered volume is named; nothing is written until all are
 # intact. The joined stream's sha256 is then checked against the manifest while it is written,
-# and a join that does not match leaves no final folder or file behind.
+# and a join that does not match leaves no final folder or file behind. Nor does a stream that
+# holds anything a bundle never has (an absolute or '..' name, a symlink, a hard link, a device
+# or a FIFO): each such member is named and the unpacked copy is removed.
 set -euo pipefail
 
 FORMAT="gpustack-offline-volumes 1"
@@ -196,7 +198,7 @@ free=$(free_bytes "$out_dir")
 
 # A bundle tar (bundle.write_tar) holds regular files and folders under relative names only.
 refuse_members() {
-    echo "$PROG: $tar_name holds $1 entr$( (($1 == 1)) && echo y || echo ies) a bundle never has:" \
+    echo "$PROG: $tar_name holds $1 member(s) a bundle never has (listed above):" \
         "nothing was kept; the bundle is damaged or hostile, build or copy it again from its" \
         "source" >&2
     exit 1
@@ -207,9 +209,12 @@ refuse_members() {
 check_members() {
     wait "$lister" || die "tar could not list the joined volumes: $(<"$work/names.err")"
     wait "$typer" || die "tar could not list the joined volumes: $(<"$work/types.err")"
-    local name long kind why bad=0
+    local name long kind why refused=0 names types
+    names=$(wc -l <"$work/names.txt") types=$(wc -l <"$work/types.txt")
+    ((names == types)) ||
+        die "tar listed $names names but $types entries in the joined volumes; nothing was kept"
     while IFS= read -r name <&6; do
-        IFS= read -r long <&7 || long=?
+        IFS= read -r long <&7 || long='?'
         case ${long:0:1} in
         - | d) kind= ;;
         l) kind="symlink" ;;
@@ -227,20 +232,20 @@ check_members() {
         fi
         [[ -z $kind ]] || why=${why:+$why, }$kind
         [[ -n $why ]] || continue
-        bad=$((bad + 1))
+        refused=$((refused + 1))
         echo "  REFUSED    $name: $why" >&2
     done 6<"$work/names.txt" 7<"$work/types.txt"
-    ((bad == 0)) || refuse_members "$bad"
+    ((refused == 0)) || refuse_members "$refused"
 }
 
 # What tar actually wrote, in case a listing missed something: files and folders only.
 check_unpacked() {
-    local entry bad=0
+    local entry refused=0
     while IFS= read -r -d '' entry; do
-        bad=$((bad + 1))
+        refused=$((refused + 1))
         echo "  REFUSED    ${entry#"$part"/}: not a file or folder once unpacked" >&2
     done < <(find "$part" -mindepth 1 ! -type f ! -type d -print0)
-    ((bad == 0)) || refuse_members "$bad"
+    ((refused == 0)) || refuse_members "$refused"
 }
 
 # --- join, hashing the stream on the way --------------------------------------------------------

@@ -66,7 +66,7 @@ CELL_VERSION, CELL_ARCH, CELL_DEVICE, CELL_SERVICES = (
     "cuda12.9",
     ("vllm", "sglang"),
 )
-RUNNER_BASE_MB = 128  # CUDA, Python and PyTorch: one layer every runner of the arch shares
+RUNNER_BASE_MB = 128  # the CUDA layers: one layer every runner of the arch shares
 SERVICE_MB = {"vllm": 24, "sglang": 16}  # each runner's own layer: the serving engine
 
 
@@ -154,15 +154,16 @@ def cell_images() -> tuple[dict[str, list[FixtureImage]], str]:
     server_mb = sum(_size(layer) for layer in images[selection.server.name][0].layers) / 1e6
     services = ", ".join(f"{s} {SERVICE_MB[s]} MB" for s in CELL_SERVICES)
     setup = (
-        f"the 2.x row is the cell v{CELL_VERSION}-linux-{CELL_ARCH}-{CELL_DEVICE}-py3.11-"
+        f"The 2.x row is the cell v{CELL_VERSION}-linux-{CELL_ARCH}-{CELL_DEVICE}-py3.11-"
         f"{'+'.join(CELL_SERVICES)}-docker, linux/{CELL_ARCH}, with upstream's image list for it "
         f"({', '.join(f'`{name}`' for name in images)}): the server is the Debian base plus the "
         f"real gpustack {CELL_VERSION} wheel with the dependencies its probes import "
         f"({server_mb:.0f} MB, tests/gpustack2_images.py); each runner is one {RUNNER_BASE_MB} MB "
-        f"base layer that both share (the CUDA, Python and PyTorch layers of the real runners) "
-        f"plus a service layer of its own ({services}; incompressible); pause and health are a "
-        "few kB. The proportions, not the sizes, are meant to be real: the real runners are "
-        "several GB each, most of it the shared base, and cannot be pulled here."
+        "base layer that both share (standing in for the CUDA layers real runners share) plus a "
+        f"service layer of its own ({services}; incompressible); pause and health are a few kB. "
+        "These sizes are assumed, not measured (the real images cannot be pulled here); what "
+        "carries over is the shape: upstream's layout carries the shared base once per runner, "
+        "ours once, so its excess grows by one base for every runner a cell adds."
     )
     return images, setup
 
@@ -194,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             text = bench.report(
                 rows,
                 bench.host_facts(),
-                f"{setup} And {cell_setup}",
+                f"{setup}\n\n{cell_setup}",
                 "`nox -s bench` (needs the Docker engine, `docker-registry` and `skopeo`; "
                 "`python tests/bench_seed.py --output PATH` writes elsewhere). "
                 "It takes a few minutes; it is not part of the default sessions.",

@@ -20,6 +20,7 @@ from gpustack_offline import commands, containers, tools
 from gpustack_offline.errors import CudaGateError, VerifyError
 from gpustack_offline.fsutil import sha256_file
 from gpustack_offline.locks import Inputs, make_lock, read_lock
+from gpustack_offline.safety import safe_extract_tar
 from gpustack_offline.verify import Unverifiable
 from gpustack_offline.wheels import wheelhouse
 
@@ -122,7 +123,7 @@ def test_a_worker_that_reaches_for_a_tool_fails_verification(ctx, built, tmp_pat
     archive = bundle / "tools" / "gpustack-tools.tar.gz"
     tree = tmp_path / "tree"
     with tarfile.open(archive) as tf:
-        tf.extractall(tree, filter="data")
+        safe_extract_tar(tf, tree, "tools archive")
     box = tree / "llama-box"
     good = json.loads((bundle / "manifest.json").read_text())["tools"]["llama_box_dir"]
     tools.retarget(tree, good.replace("linux-amd64", "linux-amd64-build-host"))

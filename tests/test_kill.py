@@ -1,30 +1,41 @@
 """Interrupted builds: `invoke bundle` killed with SIGKILL at 20 points spread over a real build.
 
 The cell is the amd64 cpu docker cell, pulled from a loopback distribution registry (the
-`registry-mirror` option) that holds an image of six 4 MiB incompressible layers, so a build has
-downloads, an export and a tar worth interrupting and still takes about two seconds here.
+`registry-mirror` option) that holds an image of six 2 MiB incompressible layers, so a build has
+downloads, an export and a tar worth interrupting.
 
 A traced build from an empty cache records when each file appears in the blob store and under
 dist/. Half of the 20 kill points are spread evenly over the time between the first file and
 the end of that build, half midway between files spread over the files; each is anchored to the
 last file seen before it (kill when that file has appeared and the same time has passed since),
 so they land in the same phase run after run on a loaded host.
-Each kill starts from an empty cache and dist/; after the kill nothing under a final name may be
-damaged or half-finished, and the rerun must complete without asking the registry again for any
-blob that was complete, keep those very files, and produce a bundle whose sums check.
+Each kill starts from an empty cache; every other one rebuilds over an older bundle of the cell
+(another image) in dist/, the others start from an empty dist/. After the kill nothing under a
+final name may be damaged or half-finished, and dist/<cell>.tar, if there, must hold the files
+of dist/<cell>/; the rerun must complete without asking the registry again for any blob that
+was complete, keep those very files, produce a bundle whose sums check, and leave no temporary
+entry of the cell in dist/.
+
+Every build runs `invoke bundle` as the console script does, in a process of its own (its own
+process group, which the kill takes whole), forked from a server that has imported the pipeline
+once: importing it costs seconds per process here, which are no part of what is tested.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
 import sys
 import tarfile
 import time
+import traceback
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -36,6 +47,8 @@ from registry_fixture import (
     OCI_LAYER,
     Blob,
     DistributionRegistry,
+    FixtureImage,
+    Logged,
     Pusher,
     make_image,
     plain_registry,
@@ -48,27 +61,140 @@ from gpustack_offline.images import list_export
 pytestmark = pytest.mark.integration
 
 CELL = "v0.7.1-linux-amd64-cpu-py3.11-base-docker"
-LAYERS, LAYER_SIZE = 6, 4 << 20
+LAYERS, LAYER_SIZE = 6, 2 << 20
 KILLS = 20
 INVOKE = Path(sys.executable).with_name("invoke")
 HEX = re.compile(r"[0-9a-f]{64}")
+# the bundle's final names: present from the start in a rebuild, so not events of the trace
+FINAL = {CELL, f"{CELL}.tar", f".{CELL}.old"}
+
+
+def random_image(layers: int, size: int) -> FixtureImage:
+    found = [tar_layer({f"opt/kill/{i}": os.urandom(size)}) for i in range(layers)]
+    return make_image(AMD64, [(Blob(OCI_LAYER, data), diff) for data, diff in found])
+
+
+def clean_env() -> dict[str, str]:
+    """This environment without GPUSTACK_OFFLINE_* settings of the caller's."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("GPUSTACK_OFFLINE_")}
+
+
+@pytest.fixture(scope="module")
+def builds(root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Builds]:
+    """The build server, started first: its imports overlap the registry's start."""
+    server = Builds(root, tmp_path_factory.mktemp("kill-builds") / "build.log")
+    try:
+        yield server
+    finally:
+        server.close()
 
 
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DistributionRegistry]:
-    """A registry standing in for Docker Hub, with gpustack/gpustack:v0.7.1-cpu for amd64."""
+    """A registry standing in for Docker Hub, for gpustack/gpustack:v0.7.1-cpu (amd64)."""
     with plain_registry(tmp_path_factory.mktemp("kill-registry")) as registry:
-        layers = [tar_layer({f"opt/kill/{i}": os.urandom(LAYER_SIZE)}) for i in range(LAYERS)]
-        image = make_image(AMD64, [(Blob(OCI_LAYER, data), diff) for data, diff in layers])
-        Pusher(registry.url).tag("gpustack/gpustack", "v0.7.1-cpu", [image])
         yield registry
+
+
+def serve_builds() -> None:
+    """The build server (`python -c 'from test_kill import serve_builds; serve_builds()'`):
+    import the pipeline once, then for each request line (JSON: args, cwd, env, log) fork a
+    child that runs `invoke ARGS` as the console script does, in its own process group, with
+    its output in `log`; answer the child's pid, then its exit status, one line each."""
+    import invoke.main
+
+    import gpustack_offline.invoke_tasks  # noqa: F401 - the seconds of imports, done once
+
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.setpgid(0, 0)
+                os.chdir(request["cwd"])
+                os.environ.clear()
+                os.environ.update(request["env"])
+                os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+                out = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(out, 1)
+                os.dup2(out, 2)
+                sys.argv = [str(INVOKE), *request["args"]]
+                invoke.main.program.run()
+                code = 0
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+            except BaseException:  # noqa: BLE001 - reported in the log, as a process would
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        with contextlib.suppress(OSError):  # the child may have done it first
+            os.setpgid(pid, pid)
+        print(pid, flush=True)
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status), flush=True)
+
+
+class Builds:
+    """The client of `serve_builds`: one build at a time."""
+
+    def __init__(self, root: Path, log: Path) -> None:
+        self.root, self.log = root, log
+        server_env = {**clean_env(), "PYTHONPATH": str(Path(__file__).parent)}
+        self.server = subprocess.Popen(
+            [sys.executable, "-c", "from test_kill import serve_builds; serve_builds()"],
+            cwd=root, env=server_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=log.with_suffix(".server").open("w"), bufsize=0,
+        )  # fmt: skip
+        self.pid: int | None = None  # the build running now
+
+    def _answer(self, timeout: float | None) -> int | None:
+        assert self.server.stdout is not None
+        if not select.select([self.server.stdout], [], [], timeout)[0]:
+            return None
+        line = self.server.stdout.readline()
+        assert line, f"the build server died: {self.log.with_suffix('.server').read_text()}"
+        return int(line)
+
+    def start(self, env: dict[str, str], *args: str) -> int:
+        assert self.pid is None and self.server.stdin is not None
+        request = {"args": list(args), "cwd": str(self.root), "env": env, "log": str(self.log)}
+        self.server.stdin.write(json.dumps(request).encode() + b"\n")
+        self.pid = self._answer(60)
+        assert self.pid is not None, "the build server did not start the build"
+        return self.pid
+
+    def poll(self, timeout: float | None = 0) -> int | None:
+        """The build's exit status once it has ended (-9: killed), else None."""
+        code = self._answer(timeout)
+        if code is not None:
+            self.pid = None
+        return code
+
+    def kill(self) -> None:
+        assert self.pid is not None
+        os.killpg(self.pid, signal.SIGKILL)
+        while self.poll(None) is None:
+            pass
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def close(self) -> None:
+        if self.pid is not None:
+            self.kill()
+        assert self.server.stdin is not None
+        self.server.stdin.close()
+        self.server.wait(timeout=30)
 
 
 @dataclass
 class Build:
     """One working area (cache, dist/) and how `invoke bundle` is run in it."""
 
-    root: Path
+    builds: Builds
     base: Path
     env: dict[str, str]
 
@@ -84,44 +210,48 @@ class Build:
     def dist(self) -> Path:
         return self.base / "dist"
 
-    def fresh(self) -> None:
+    @property
+    def older(self) -> Path:
+        """An older bundle of the cell (dist/<cell>/ and its tar) to rebuild over."""
+        return self.base / "older"
+
+    def fresh(self, *, over_older: bool = False) -> None:
+        """An empty cache; an empty dist/, or one holding the older bundle (hard links)."""
         shutil.rmtree(self.cache, ignore_errors=True)
         shutil.rmtree(self.dist, ignore_errors=True)
+        if over_older:
+            shutil.copytree(self.older, self.dist, copy_function=os.link)
 
-    def start(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [INVOKE, "bundle", "--cell", CELL],
-            cwd=self.root,
-            env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: the kill takes any child too
-        )
+    def start(self) -> None:
+        self.builds.start(self.env, "bundle", "--cell", CELL)
 
-    def run(self) -> str:
-        proc = subprocess.run(
-            [INVOKE, "bundle", "--cell", CELL], cwd=self.root, env=self.env,
-            capture_output=True, text=True, timeout=120, check=False,
-        )  # fmt: skip
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        return proc.stdout + proc.stderr
+    def run(self, *args: str, env: dict[str, str] | None = None) -> str:
+        self.builds.start(env or self.env, *(args or ("bundle", "--cell", CELL)))
+        code = self.builds.poll(120)
+        assert code == 0, f"exit {code}: {self.builds.output()}"
+        return self.builds.output()
 
     def names(self) -> set[str]:
-        """What is in the blob store, dist/, and the staged bundle's images/ right now."""
+        """What is in the blob store, dist/ (but the bundle's final names), and the staged
+        bundle's images/ right now."""
         found: set[str] = set()
         for folder in (self.blobs, self.dist, *self.dist.glob(f".{CELL}.*.part/images")):
             try:
                 with os.scandir(folder) as entries:
-                    found.update(f"{folder}/{e.name}" for e in entries)
+                    found.update(f"{folder}/{e.name}" for e in entries if e.name not in FINAL)
             except FileNotFoundError:
                 pass
         return found
 
 
 @pytest.fixture(scope="module")
-def build(root: Path, upstream: DistributionRegistry, tmp_path_factory) -> Build:
+def build(
+    builds: Builds, upstream: DistributionRegistry, tmp_path_factory: pytest.TempPathFactory
+) -> Build:
+    """The area, pinned to the registry's image; `older` holds a bundle of another image that
+    the tag named before."""
     base = tmp_path_factory.mktemp("kill")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSTACK_OFFLINE_")}
+    env = clean_env()
     env.update(
         GPUSTACK_OFFLINE_REGISTRY_MIRROR=upstream.host,
         GPUSTACK_OFFLINE_IMAGES_PINS_DIR=str(base / "pins"),
@@ -130,12 +260,20 @@ def build(root: Path, upstream: DistributionRegistry, tmp_path_factory) -> Build
         GPUSTACK_OFFLINE_PROGRESS="false",
         GPUSTACK_OFFLINE_JOBS="2",
     )
-    pinned = subprocess.run(
-        [INVOKE, "lock", "--cell", CELL], cwd=root, env=env, capture_output=True, text=True,
-        check=False,
-    )  # fmt: skip
-    assert pinned.returncode == 0, pinned.stdout + pinned.stderr
-    return Build(root, base, env)
+    area = Build(builds, base, env)
+    older = {
+        **env,
+        "GPUSTACK_OFFLINE_IMAGES_PINS_DIR": str(base / "older-pins"),
+        "GPUSTACK_OFFLINE_CACHE_DIR": str(base / "older-cache"),
+        "GPUSTACK_OFFLINE_DIST_DIR": str(area.older),
+    }
+    pusher = Pusher(upstream.url)
+    pusher.tag("gpustack/gpustack", "v0.7.1-cpu", [random_image(1, 1 << 20)])
+    area.run("lock", "--cell", CELL, env=older)
+    area.run(env=older)
+    pusher.tag("gpustack/gpustack", "v0.7.1-cpu", [random_image(LAYERS, LAYER_SIZE)])
+    area.run("lock", "--cell", CELL)
+    return area
 
 
 def trace(build: Build) -> tuple[list[tuple[float, str]], float]:
@@ -144,15 +282,14 @@ def trace(build: Build) -> tuple[list[tuple[float, str]], float]:
     events: list[tuple[float, str]] = []
     seen: set[str] = set()
     started = time.monotonic()
-    proc = build.start()
-    while proc.poll() is None:
+    build.start()
+    while (code := build.builds.poll()) is None:
         for name in sorted(build.names() - seen):
             events.append((time.monotonic() - started, name))
             seen.add(name)
         time.sleep(0.002)
     ended = time.monotonic() - started
-    output = proc.stdout.read().decode() if proc.stdout else ""
-    assert proc.returncode == 0, output
+    assert code == 0, build.builds.output()
     return events, ended
 
 
@@ -176,17 +313,16 @@ def kill_points(events: list[tuple[float, str]], ended: float) -> list[tuple[int
 
 def kill_at(build: Build, seen_wanted: int, delay: float) -> bool:
     """Start a build, SIGKILL it at the point; False if it finished first."""
-    proc = build.start()
+    build.start()
     seen: set[str] = set()
     reached: float | None = None
-    while proc.poll() is None:
+    while build.builds.poll() is None:
         if reached is None:
             seen |= build.names()
             if len(seen) >= seen_wanted:
                 reached = time.monotonic()
         if reached is not None and time.monotonic() - reached >= delay:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            build.builds.kill()
             return True
         time.sleep(0.002)
     return False
@@ -256,12 +392,24 @@ def check_dist(build: Build, *, finished: bool) -> None:
     assert packed == listed, f"{tar} does not hold the files of {folder}"
 
 
-def blob_gets(registry: DistributionRegistry, since: int) -> Counter[str]:
+def blob_gets(entries: list[Logged]) -> Counter[str]:
     return Counter(
         e.path.rsplit("sha256:", 1)[-1]
-        for e in registry.log(since)
+        for e in entries
         if e.method == "GET" and "/blobs/sha256:" in e.path
     )
+
+
+def left_in_dist(build: Build) -> str:
+    """What a killed rebuild left: the older bundle, the new one (with its tar or not yet), or
+    none (killed between atomic_dir's two renames)."""
+    folder = build.dist / CELL
+    if not folder.exists():
+        return "no bundle"
+    older = (build.older / CELL / "SHA256SUMS").read_bytes()
+    if (folder / "SHA256SUMS").read_bytes() == older:
+        return "the older bundle"
+    return "the new bundle" + ("" if (build.dist / f"{CELL}.tar").exists() else ", no tar yet")
 
 
 def test_a_build_killed_at_20_points_never_leaves_a_damaged_file_and_resumes(
@@ -269,27 +417,38 @@ def test_a_build_killed_at_20_points_never_leaves_a_damaged_file_and_resumes(
 ) -> None:
     events, ended = trace(build)
     check_dist(build, finished=True)
+    mark = len(upstream.log())
     landed: Counter[str] = Counter()
+    rebuilds: Counter[str] = Counter()
     reused = 0
-    for seen_wanted, delay in kill_points(events, ended):
-        build.fresh()
+    for i, (seen_wanted, delay) in enumerate(kill_points(events, ended)):
+        over_older = i % 2 == 1
+        build.fresh(over_older=over_older)
         if not kill_at(build, seen_wanted, delay):
             landed["after the build finished"] += 1
+            mark = len(upstream.log())
             continue
         landed[phase(build)] += 1
+        if over_older:
+            rebuilds[left_in_dist(build)] += 1
         complete = complete_blobs(build)  # (a)
         check_dist(build, finished=False)  # (b)
 
-        mark = len(upstream.log())
         build.run()  # (c)
-        fetched = blob_gets(upstream, mark)
-        again = sorted(set(complete) & set(fetched))
+        # the killed build's requests and the rerun's: each complete blob was fetched once
+        entries = upstream.log(mark)
+        mark += len(entries)
+        fetched = blob_gets(entries)
+        again = sorted(h for h in complete if fetched[h] != 1)
         assert not again, f"complete blobs fetched again after the kill: {again}"
         after = complete_blobs(build)
         assert all(after[h] == inode for h, inode in complete.items()), "complete blobs replaced"
         reused += len(complete)
         check_dist(build, finished=True)
-    print(f"\nkill points: {dict(landed)}; complete blobs reused: {reused}")
+        left = sorted(p.name for p in build.dist.iterdir())
+        assert left == sorted([CELL, f"{CELL}.tar"]), f"left in dist/ after the rerun: {left}"
+    print(f"\nkill points: {dict(landed)}; rebuilds left: {dict(rebuilds)}; "
+          f"complete blobs reused: {reused}")  # fmt: skip
     assert landed["after the build finished"] <= 2, landed
     assert landed["mid-download"] >= 3 and landed["mid-tar"] >= 1, landed
     assert landed["mid-export"] + landed["mid-assemble"] >= 1, landed

@@ -534,8 +534,8 @@ load average {facts.load} when the run began.
   linux/ARCH REF` then `docker save` into a tar of its own. 2.x rows: `gpustack save-images`,
   which per image runs `skopeo copy --src-tls-verify=false --retry-times 1 --override-os linux
   --override-arch ARCH docker://REF oci-archive:OUT/REPOSITORY/TAG.tar:REF` (the same command
-  is run here): one OCI archive per image (server, each runner, pause, health), nothing shared
-  between archives. The bytes are those tars together.
+  is run here, without its 5-second countdown): one OCI archive per image (server, each runner,
+  pause, health), nothing shared between archives. The bytes are those tars together.
 - **ours**: `registry.Registry(...).pull(...)` of every image into the content-addressed
   `BlobStore`, then `images.export_images` into one tar (an OCI layout that `docker load`
   also reads).

@@ -57,6 +57,11 @@ def _parts(path: str, what: str) -> list[str]:
     return parts
 
 
+def _key(name: str) -> str:
+    """A member name as the symlink table knows it: `./a//b/` is `a/b`."""
+    return "/".join(p for p in name.split("/") if p not in ("", "."))
+
+
 class _TarCheck:
     """The checks that need every member at once: extraction order must not matter."""
 
@@ -64,11 +69,9 @@ class _TarCheck:
         self.members = members
         self.symlinks: dict[str, str] = {}
         for m in members:
-            if m.issym():
-                try:
-                    self.symlinks.setdefault("/".join(_parts(m.name, "name")), m.linkname)
-                except _Refused:
-                    pass  # refused when the member itself is checked
+            # A symlink with a bad name is refused when the member itself is checked.
+            if m.issym() and not m.name.startswith("/"):
+                self.symlinks.setdefault(_key(m.name), m.linkname)
         self.seen: dict[str, bool] = {}  # name -> is a directory
         self.files: set[str] = set()  # regular files (and hard links to them) so far
 
