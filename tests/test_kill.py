@@ -440,7 +440,7 @@ def test_a_build_killed_at_20_points_never_leaves_a_damaged_file_and_resumes(
         mark += len(entries)
         fetched = blob_gets(entries)
         again = sorted(h for h in complete if fetched[h] != 1)
-        assert not again, f"complete blobs fetched again after the kill: {again}"
+        assert not again, f"complete blobs fetched again after the kill: {again} {[fetched[h] for h in again]} {entries}"
         after = complete_blobs(build)
         assert all(after[h] == inode for h, inode in complete.items()), "complete blobs replaced"
         reused += len(complete)

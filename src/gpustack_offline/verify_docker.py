@@ -125,13 +125,7 @@ def verify_docker(
             raise VerifyError(_failure(cell, result))
         return result
 
-    present = [r for r in refs if _has(engine, r)]
-    report.steps.append(Step("absent", 1 if present else 0, 0.0, " ".join(present) or "none"))
-    if present:
-        raise VerifyError(
-            f"{cell.id}: {', '.join(present)} is already in this Docker Engine, so loading the "
-            f"bundle would prove nothing; remove it (`docker rmi {' '.join(present)}`) and rerun"
-        )
+    _require_absent(engine, cell, refs, report)
     # No NVIDIA runtime here: cuda cells skip the preflight, and run without --gpus.
     skip = ["--skip-preflight"] if cell.cuda else []
     install = ["bash", str(bundle_dir / "install.sh"), *skip]
@@ -181,13 +175,7 @@ def verify_docker2(
     if not refs or runners_dir is None:
         raise VerifyError(f"{bundle_dir}: bundle.env names no IMAGES; rebuild the bundle")
     engine = client()
-    present = [r for r in refs if _has(engine, r)]
-    report.steps.append(Step("absent", 1 if present else 0, 0.0, " ".join(present) or "none"))
-    if present:
-        raise VerifyError(
-            f"{cell.id}: {', '.join(present)} is already in this Docker Engine, so loading the "
-            f"bundle would prove nothing; remove it (`docker rmi {' '.join(present)}`) and rerun"
-        )
+    _require_absent(engine, cell, refs, report)
     selection = runners.cell_selection(
         runners_dir, cell.version, cell.arch, cell.device, cell.extra_names
     )
@@ -305,6 +293,17 @@ def _run_audited(
     finally:
         with contextlib.suppress(Exception):
             box.remove(force=True)
+
+
+def _require_absent(engine: Any, cell: Cell, refs: Sequence[str], report: Report) -> None:
+    """A bundle that "loads" an image the engine already has proves nothing."""
+    present = [r for r in refs if _has(engine, r)]
+    report.steps.append(Step("absent", 1 if present else 0, 0.0, " ".join(present) or "none"))
+    if present:
+        raise VerifyError(
+            f"{cell.id}: {', '.join(present)} is already in this Docker Engine, so loading the "
+            f"bundle would prove nothing; remove it (`docker rmi {' '.join(present)}`) and rerun"
+        )
 
 
 def _has(engine: Any, ref: str) -> bool:
