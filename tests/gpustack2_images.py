@@ -29,14 +29,13 @@ import os
 import struct
 import subprocess
 import sys
-import tarfile
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from email.parser import Parser
 from pathlib import Path
 
-from gpustack_images import SITE
+from gpustack_images import SITE, pack_tree
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from registry_fixture import (
@@ -143,19 +142,6 @@ def uv_install(target: Path, arch: str, args: Sequence[str], cache: Path) -> Non
          "--python-platform", UV_PLATFORM[arch], "--python-version", "3.11", *args],
         check=True, env={**os.environ, "UV_CACHE_DIR": str(cache / "uv")},
     )  # fmt: skip
-
-
-def pack_tree(tree: Path, plain: Path) -> None:
-    """An uncompressed layer tar of `tree`: sorted, root-owned, mtime 0 (same bytes each time)."""
-    with tarfile.open(plain, "w", format=tarfile.PAX_FORMAT) as tf:
-        for path in sorted(tree.rglob("*")):
-            info = tf.gettarinfo(path, str(path.relative_to(tree)))
-            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-            if info.isreg():
-                with path.open("rb") as fh:
-                    tf.addfile(info, fh)
-            else:
-                tf.addfile(info)
 
 
 def with_entrypoint(image: FixtureImage, entrypoint: Sequence[str]) -> FixtureImage:

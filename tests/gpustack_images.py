@@ -80,16 +80,21 @@ def gpustack_layer(
         (tree / "usr/local/bin/gpustack").write_bytes(LAUNCHER)
         os.chmod(tree / "usr/local/bin/gpustack", 0o755)
         plain = Path(scratch) / "layer.tar"
-        with tarfile.open(plain, "w", format=tarfile.PAX_FORMAT) as tf:
-            for path in sorted(tree.rglob("*")):
-                info = tf.gettarinfo(path, str(path.relative_to(tree)))
-                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-                if info.isreg():
-                    with path.open("rb") as fh:
-                        tf.addfile(info, fh)
-                else:
-                    tf.addfile(info)
+        pack_tree(tree, plain)
         return file_layer(plain, final)
+
+
+def pack_tree(tree: Path, plain: Path) -> None:
+    """An uncompressed layer tar of `tree`: sorted, root-owned, mtime 0 (same bytes each time)."""
+    with tarfile.open(plain, "w", format=tarfile.PAX_FORMAT) as tf:
+        for path in sorted(tree.rglob("*")):
+            info = tf.gettarinfo(path, str(path.relative_to(tree)))
+            info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+            if info.isreg():
+                with path.open("rb") as fh:
+                    tf.addfile(info, fh)
+            else:
+                tf.addfile(info)
 
 
 def tools_archive(root: Path, cell: Cell, cache: Path, mirror: str) -> tools.Archive:
