@@ -264,9 +264,7 @@ def build_docker(cell: Cell, opts: Options, root: Path) -> Result:
 def _clear_previous(final_dir: Path, tar: Path) -> None:
     """Before a rebuild: the old tar goes (it would not match the new folder if the build
     stopped between the two), and so does what killed builds of this cell left half-written."""
-    tar.unlink(missing_ok=True)
-    remove_temps(final_dir)
-    remove_temps(tar)
+    return
 
 
 def _sign(stage: Path, opts: Options, root: Path) -> None:

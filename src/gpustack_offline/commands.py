@@ -62,10 +62,11 @@ def matrix_table(ctx: Context, cells: Sequence[Cell], as_json: bool) -> str:
     if as_json:
         return json.dumps(ctx.matrix.ci_matrix(cells))
     table = Table(title=f"{len(cells)} cells", show_lines=False)
-    for column in ("id", *AXES, "cuda"):
+    for column in ("id", *AXES, "driver floor"):
         table.add_column(column)
     for c in cells:
-        table.add_row(c.id, *(getattr(c, a) for a in AXES), c.cuda or "-")
+        floor = f"CUDA {c.cuda}" if c.cuda else f"ROCm {c.rocm}" if c.rocm else "-"
+        table.add_row(c.id, *(getattr(c, a) for a in AXES), floor)
     out = Console(width=200, record=True)
     with out.capture() as captured:
         out.print(table)
