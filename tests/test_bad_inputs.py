@@ -127,8 +127,9 @@ def test_a_malformed_matrix_names_the_file_and_line(root, area, tmp_path):
     assert f"(at line {line}, column" in out, out
     # valid TOML, wrong data: the file, the line of the rule, and the key
     lines = text.splitlines()
-    rule = lines.index('reason = "the vllm extra installs CUDA builds of vLLM and torch; it needs'
-                       ' a cuda device"')
+    rule = lines.index(
+        'reason = "the vllm extra installs CUDA builds of vLLM and torch; it needs a cuda device"'
+    )
     header = max(i for i in range(rule) if lines[i] == "[[rules]]") + 1
     broken.write_text(text.replace('reason = "the vllm extra', 'rason = "the vllm extra'))
     out = invoke(root, {**area, "GPUSTACK_OFFLINE_MATRIX": str(broken)}, "matrix")

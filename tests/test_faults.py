@@ -55,6 +55,7 @@ from gpustack_offline.fetch import (
     redact,
     short_reason,
 )
+from gpustack_offline.fsutil import atomic_dir, atomic_path, remove_temps, temp_names
 from gpustack_offline.registry import Registry
 
 NO_CONFIG = {"DOCKER_CONFIG": "/nonexistent/gpustack-offline-tests"}
@@ -145,6 +146,23 @@ def test_temporary_files_that_killed_builds_left_in_the_blob_store_go_after_a_da
     BlobStore(tmp_path / "cache")  # what the next build does
     assert sorted(p.name for p in store.root.iterdir()) == sorted([blob.name, young.name])
     assert store.has(blob.name)
+
+
+def test_a_rebuild_removes_what_killed_writes_of_its_bundle_left_and_nothing_else(tmp_path):
+    cell = "v0.7.1-linux-amd64-cpu-py3.11-base-pip"
+    final, tar = tmp_path / cell, tmp_path / f"{cell}.tar"
+    with atomic_dir(final) as stage, atomic_path(tar) as tmp:  # the names they really use
+        assert temp_names(final).fullmatch(stage.name) and temp_names(tar).fullmatch(tmp.name)
+        tmp.write_text("done")
+    (tmp_path / f".{cell}.k1ll3d_0.part").mkdir()  # as killed runs leave them
+    (tmp_path / f".{cell}.k1ll3d_0.part" / "half").write_text("written")
+    (tmp_path / f".{cell}.tar.abcdefgh.part").write_bytes(b"half a tar")
+    others = [f".{cell}-other.abcdefgh.part", f".{cell}.tar.notmine.part", "unrelated.part"]
+    for name in others:
+        (tmp_path / name).write_text("kept")
+    remove_temps(final)
+    remove_temps(tar)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([cell, tar.name, *others])
 
 
 # -- the faults --------------------------------------------------------------------------------

@@ -37,8 +37,8 @@ import tarfile
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -67,6 +67,7 @@ INVOKE = Path(sys.executable).with_name("invoke")
 HEX = re.compile(r"[0-9a-f]{64}")
 # the bundle's final names: present from the start in a rebuild, so not events of the trace
 FINAL = {CELL, f"{CELL}.tar", f".{CELL}.old"}
+TAR_TEMP = re.compile(rf"/\.{re.escape(CELL)}\.tar\.\w+\.part$")
 
 
 def random_image(layers: int, size: int) -> FixtureImage:
@@ -311,21 +312,30 @@ def kill_points(events: list[tuple[float, str]], ended: float) -> list[tuple[int
     return points
 
 
-def kill_at(build: Build, seen_wanted: int, delay: float) -> bool:
-    """Start a build, SIGKILL it at the point; False if it finished first."""
+def kill_at(build: Build, reached: Callable[[set[str]], bool], delay: float) -> bool:
+    """Start a build, SIGKILL it `delay` seconds after the files seen so far are `reached`;
+    False if it finished first."""
     build.start()
     seen: set[str] = set()
-    reached: float | None = None
+    since: float | None = None
     while build.builds.poll() is None:
-        if reached is None:
+        if since is None:
             seen |= build.names()
-            if len(seen) >= seen_wanted:
-                reached = time.monotonic()
-        if reached is not None and time.monotonic() - reached >= delay:
+            if reached(seen):
+                since = time.monotonic()
+        if since is not None and time.monotonic() - since >= delay:
             build.builds.kill()
             return True
         time.sleep(0.002)
     return False
+
+
+def files_seen(count: int) -> Callable[[set[str]], bool]:
+    return lambda seen: len(seen) >= count
+
+
+def tar_begun(seen: set[str]) -> bool:
+    return any(TAR_TEMP.search(name) for name in seen)
 
 
 def phase(build: Build) -> str:
@@ -413,43 +423,67 @@ def left_in_dist(build: Build) -> str:
     return "the new bundle" + ("" if (build.dist / f"{CELL}.tar").exists() else ", no tar yet")
 
 
+@dataclass
+class Tally:
+    landed: Counter[str] = field(default_factory=Counter)  # where the kills landed
+    rebuilds: Counter[str] = field(default_factory=Counter)  # what killed rebuilds left
+    reused: int = 0  # complete blobs the reruns kept
+    mark: int = 0  # registry log entries seen so far
+
+
+def kill_and_rerun(
+    build: Build,
+    upstream: DistributionRegistry,
+    tally: Tally,
+    reached: Callable[[set[str]], bool],
+    delay: float = 0.0,
+    *,
+    over_older: bool,
+) -> None:
+    build.fresh(over_older=over_older)
+    if not kill_at(build, reached, delay):
+        tally.landed["after the build finished"] += 1
+        tally.mark = len(upstream.log())
+        return
+    tally.landed[phase(build)] += 1
+    if over_older:
+        tally.rebuilds[left_in_dist(build)] += 1
+    complete = complete_blobs(build)  # (a)
+    check_dist(build, finished=False)  # (b)
+
+    build.run()  # (c)
+    # the killed build's requests and the rerun's: each complete blob was fetched once
+    entries = upstream.log(tally.mark)
+    tally.mark += len(entries)
+    fetched = gets(entries)
+    again = sorted(h for h in complete if fetched[h] != 1)
+    assert not again, f"complete blobs fetched again after the kill: {again}"
+    after = complete_blobs(build)
+    assert all(after[h] == inode for h, inode in complete.items()), "complete blobs replaced"
+    tally.reused += len(complete)
+    check_dist(build, finished=True)
+    left = sorted(p.name for p in build.dist.iterdir())
+    assert left == sorted([CELL, f"{CELL}.tar"]), f"left in dist/ after the rerun: {left}"
+
+
 def test_a_build_killed_at_20_points_never_leaves_a_damaged_file_and_resumes(
     build: Build, upstream: DistributionRegistry
 ) -> None:
     events, ended = trace(build)
     check_dist(build, finished=True)
-    mark = len(upstream.log())
-    landed: Counter[str] = Counter()
-    rebuilds: Counter[str] = Counter()
-    reused = 0
-    for i, (seen_wanted, delay) in enumerate(kill_points(events, ended)):
-        over_older = i % 2 == 1
-        build.fresh(over_older=over_older)
-        if not kill_at(build, seen_wanted, delay):
-            landed["after the build finished"] += 1
-            mark = len(upstream.log())
-            continue
-        landed[phase(build)] += 1
-        if over_older:
-            rebuilds[left_in_dist(build)] += 1
-        complete = complete_blobs(build)  # (a)
-        check_dist(build, finished=False)  # (b)
-
-        build.run()  # (c)
-        # the killed build's requests and the rerun's: each complete blob was fetched once
-        entries = upstream.log(mark)
-        mark += len(entries)
-        fetched = gets(entries)
-        again = sorted(h for h in complete if fetched[h] != 1)
-        assert not again, f"complete blobs fetched again after the kill: {again}"
-        after = complete_blobs(build)
-        assert all(after[h] == inode for h, inode in complete.items()), "complete blobs replaced"
-        reused += len(complete)
-        check_dist(build, finished=True)
-        left = sorted(p.name for p in build.dist.iterdir())
-        assert left == sorted([CELL, f"{CELL}.tar"]), f"left in dist/ after the rerun: {left}"
-    print(f"\nkill points: {dict(landed)}; rebuilds left: {dict(rebuilds)}; "
-          f"complete blobs reused: {reused}")  # fmt: skip
+    tally = Tally(mark=len(upstream.log()))
+    for i, (seen, delay) in enumerate(kill_points(events, ended)):
+        # every other kill rebuilds over the older bundle, the last one (the tar) among them
+        kill_and_rerun(
+            build, upstream, tally, files_seen(seen), delay, over_older=(KILLS - i) % 2 == 1
+        )
+    # and one rebuild killed as its tar is written: the new folder is in place, the older
+    # bundle's tar must not stand beside it
+    kill_and_rerun(build, upstream, tally, tar_begun, over_older=True)
+    print(f"\nkill points: {dict(tally.landed)}; rebuilds left: {dict(tally.rebuilds)}; "
+          f"complete blobs reused: {tally.reused}")  # fmt: skip
+    landed = tally.landed
     assert landed["after the build finished"] <= 2, landed
     assert landed["mid-download"] >= 3 and landed["mid-tar"] >= 1, landed
     assert landed["mid-export"] + landed["mid-assemble"] >= 1, landed
+    assert tally.rebuilds["the new bundle, no tar yet"] >= 1, tally.rebuilds

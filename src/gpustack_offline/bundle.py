@@ -264,15 +264,15 @@ def build_docker(cell: Cell, opts: Options, root: Path) -> Result:
 def _clear_previous(final_dir: Path, tar: Path) -> None:
     """Before a rebuild: the old tar goes (it would not match the new folder if the build
     stopped between the two), and so does what killed builds of this cell left half-written."""
-    return
+    tar.unlink(missing_ok=True)
+    remove_temps(final_dir)
+    remove_temps(tar)
 
 
 def _sign(stage: Path, opts: Options, root: Path) -> None:
     """Sign SHA256SUMS when a signing key is configured; the bundle is unsigned otherwise."""
     if opts.signing_key:
-        signing.sign(
-            stage, opts.path("signing_key", root), opts.signing_passphrase_env or None
-        )
+        signing.sign(stage, opts.path("signing_key", root), opts.signing_passphrase_env or None)
 
 
 def _result(

@@ -41,7 +41,6 @@ from cyclonedx.model.component import Component, ComponentType
 from cyclonedx.model.license import License, LicenseAcknowledgement
 from cyclonedx.output import OutputFormat, make_outputter
 from cyclonedx.schema import SchemaVersion
-from cyclonedx.validation.json import JsonStrictValidator
 from packageurl import PackageURL
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
@@ -116,6 +115,10 @@ def write_sbom(bundle_dir: Path) -> Path:
 
 def validate(text: str) -> None:
     """Raise SbomError unless `text` is a valid CycloneDX 1.6 JSON document."""
+    # imported here: jsonschema's format checkers compile grammars for seconds at import, which
+    # every `invoke` that builds nothing would pay
+    from cyclonedx.validation.json import JsonStrictValidator
+
     error = JsonStrictValidator(SCHEMA).validate_str(text)
     if error is not None:
         detail = error.data  # jsonschema's error: its str() holds the whole schema
