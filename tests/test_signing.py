@@ -401,3 +401,32 @@ def test_minimal_debian_host_checks_the_signature_offline(
     proc = in_debian(altered, "public")
     assert proc.returncode == 6
     assert "BAD signature: /bundle/SHA256SUMS was changed after it was signed" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# `nox -s verify` with the verify-key option
+
+
+def test_verify_checks_the_signature_before_anything_else(
+    tmp_path: Path, keys: dict[str, Path], root: Path
+) -> None:
+    from gpustack_offline import commands
+    from gpustack_offline.errors import VerifyError
+
+    cell_id = "v0.7.1-linux-amd64-cpu-py3.11-base-pip"
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    bundle = make_bundle(dist)
+    bundle.rename(dist / cell_id)
+    signing.sign(dist / cell_id, keys["secret"])
+
+    def verify_with(key: Path) -> None:
+        ctx = commands.Context.load(root, cli={"dist_dir": str(dist), "verify_key": str(key)})
+        commands.verify_cell(ctx, ctx.matrix.cell(cell_id))
+
+    with pytest.raises(SignatureError, match="was not made by the key"):
+        verify_with(keys["other"])
+    # the right key lets verification go on, to the first thing this stand-in bundle lacks
+    (dist / cell_id / "manifest.json").unlink()
+    with pytest.raises(VerifyError, match="is not a bundle"):
+        verify_with(keys["public"])
