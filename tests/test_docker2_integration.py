@@ -86,6 +86,7 @@ def test_a_2x_bundle_carries_upstreams_images_and_every_worker_reference_resolve
     assert names == ["absent", "install", "registry-references", "pull", "healthz-server"]
     resolved = report.steps[2].output.splitlines()
     assert len(resolved) == 5 and all("(linux/amd64)" in line for line in resolved)
+    assert all("/site/mirror/gpustack/" in line for line in resolved)  # under the prefix
     assert any("/gpustack/runtime:pause -> sha256:" in line for line in resolved)
     install_output = report.steps[1].output
     assert "--system-default-container-registry 127.0.0.1:" in install_output

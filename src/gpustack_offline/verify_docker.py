@@ -52,6 +52,7 @@ IMAGE_PORT = 80  # upstream's images run `gpustack start`, which listens on 80 b
 # GPUStack 2.x: the API server's port (`api_port`); with the embedded gateway it binds 127.0.0.1,
 # so the probe runs inside the container, as for 0.x
 API_PORT_2X = 30080
+SITE_PREFIX = "site/mirror"  # 2.x cells are pushed under a registry prefix, as sites mirror
 
 
 def bundle_images(bundle_dir: Path) -> list[str]:
@@ -188,8 +189,9 @@ def verify_docker2(
             site_registry() as host,
         ):
             started = time.monotonic()
+            registry = f"{host}/{SITE_PREFIX}"  # under a prefix, as sites mirror
             proc = subprocess.run(
-                [*install, "--prefix", prefix, "--registry", host],
+                [*install, "--prefix", prefix, "--registry", registry],
                 capture_output=True, text=True, check=False,
             )  # fmt: skip
             result = Step("install", proc.returncode, round(time.monotonic() - started, 1),
@@ -197,7 +199,7 @@ def verify_docker2(
             report.steps.append(result)
             if proc.returncode != 0:
                 raise VerifyError(_failure(cell, result))
-            wanted = runners.worker_references(selection, host)
+            wanted = runners.worker_references(selection, registry)
             added += wanted
             report.steps.append(_resolve_in(cell, wanted, f"linux/{cell.arch}", prefix))
             for ref in added:
@@ -210,7 +212,7 @@ def verify_docker2(
                 raise VerifyError(_failure(cell, report.steps[-1], f"docker pull {server} failed"))
             box = engine.containers.create(
                 server,
-                command=["--system-default-container-registry", host],
+                command=["--system-default-container-registry", registry],
                 network=internal_network(),
                 name=f"verify-server-{int(time.time() * 1000) % 10**9}",
             )
