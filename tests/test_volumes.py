@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_sbom import CELL as SBOM_CELL
+from test_sbom import make_bundle
 
 from gpustack_offline import commands, containers, volumes
 from gpustack_offline.bundle import write_tar
@@ -25,7 +27,7 @@ from gpustack_offline.volumes import VolumeError, parse_size, split
 
 ROOT = Path(__file__).resolve().parent.parent
 JOIN = ROOT / "scripts" / "join.sh"
-CELL = "v0.0.0-linux-amd64-cpu-py3.11-base-pip"
+CELL = SBOM_CELL  # the cell of test_sbom's real bundle
 HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
 
@@ -34,26 +36,14 @@ HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), plat
 
 
 @pytest.fixture(scope="module")
-def bundle_tar(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """dist/<cell>/ with wheels, tools and SHA256SUMS, and dist/<cell>.tar as a build writes it."""
-    dist = tmp_path_factory.mktemp("dist")
-    folder = dist / CELL
-    sizes = {
-        "wheels/a-1.0-py3-none-any.whl": 1_300_000,
-        "wheels/b-2.0-py3-none-any.whl": 700_123,
-        "tools/gpustack-tools.tar.gz": 1_100_001,
-        "install.sh": 4_321,
-        "manifest.json": 999,
-    }
-    sums = []
-    for name, size in sizes.items():
-        path = folder / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(os.urandom(size))
-        sums.append(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {name}\n")
-    (folder / "SHA256SUMS").write_text("".join(sums))
-    write_tar(folder, dist / f"{CELL}.tar")
-    return dist / f"{CELL}.tar"
+def bundle_tar(matrix, root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real bundle, made by bundle.assemble (wheels, tools archive, an image export, SBOM,
+    manifest, SHA256SUMS), and its dist/<cell>.tar as a build writes it."""
+    payload = os.urandom(2_500_000).hex()  # incompressible enough for a few MB of wheels
+    folder = make_bundle(matrix, root, tmp_path_factory.mktemp("real"), payload=payload)
+    tar = folder.with_name(f"{CELL}.tar")
+    write_tar(folder, tar)
+    return tar
 
 
 def join(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -92,7 +82,8 @@ def leftovers(*folders: Path) -> list[Path]:
 @pytest.fixture
 def media(bundle_tar: Path, tmp_path: Path) -> Iterator[Path]:
     """The tar split into four volumes on the "media": returns the volume manifest."""
-    written = split(bundle_tar, 1_000_000, tmp_path / "media")
+    quarter = max(volumes.MIN_SIZE, -(-bundle_tar.stat().st_size // 4))
+    written = split(bundle_tar, quarter, tmp_path / "media")
     assert len(written) == 6
     yield written[-1]
 
@@ -194,7 +185,8 @@ def test_splitting_again_keeps_good_volumes_and_mends_or_drops_the_rest(
     first = split(bundle_tar, 1_000_000, tmp_path)
     before = {p.name: os.stat(p).st_ino for p in first[:-2]}
     damaged = first[1]
-    damaged.write_bytes(b"x" + damaged.read_bytes()[1:])
+    data = damaged.read_bytes()
+    damaged.write_bytes(bytes([data[0] ^ 0xFF]) + data[1:])
     again = split(bundle_tar, 1_000_000, tmp_path)
     assert [p.name for p in again] == [p.name for p in first]
     kept = {p.name for p in again[:-2] if os.stat(p).st_ino == before[p.name]}
@@ -279,8 +271,9 @@ def test_join_names_every_missing_truncated_altered_or_long_volume(
     data = bytearray(two.read_bytes())
     data[123_456] ^= 0x01
     two.write_bytes(bytes(data))
+    full = three.stat().st_size
     with three.open("r+b") as fh:
-        fh.truncate(999_000)
+        fh.truncate(full - 1000)
     one.unlink()
     with four.open("ab") as fh:
         fh.write(b"\0")
@@ -289,7 +282,7 @@ def test_join_names_every_missing_truncated_altered_or_long_volume(
     err = proc.stderr
     assert f"MISSING    {one.name}: not in {folder}" in err
     assert f"ALTERED    {two.name}: sha256 {sha256(two)}, expected " in err
-    assert f"TRUNCATED  {three.name}: 999000 of 1000000 bytes" in err
+    assert f"TRUNCATED  {three.name}: {full - 1000} of {full} bytes" in err
     assert f"TOO LONG   {four.name}: " in err
     named = " ".join(p.name for p in (one, two, three, four))
     assert f"4 of 4 volume(s) missing or damaged: {named}" in err
