@@ -337,8 +337,10 @@ def test_a_moved_tag_is_a_pin_diff_and_pinned_pulls_keep_the_reviewed_image(hub,
     store = BlobStore(tmp_path / "cache")
     registry = Registry(store, env=NO_CONFIG)
     refresh_pins(registry, tmp_path, "0.7.1", ["cpu"], repository=repository)
-    before = (tmp_path / "gpustack-0.7.1.toml").read_text()
-    reviewed = pinned_image(read_pins(tmp_path / "gpustack-0.7.1.toml"), "cpu", "linux/amd64")
+    pins = pin_path(tmp_path, "0.7.1", repository)
+    assert pins.name == "moving-0.7.1.toml"  # one pin file per repository
+    before = pins.read_text()
+    reviewed = pinned_image(read_pins(pins), "cpu", "linux/amd64")
 
     rebuilt = gpustack_tags(build="2")["v0.7.1-cpu"]
     moved = hub.push("fixture/moving", "v0.7.1-cpu", list(rebuilt.values()))
@@ -350,7 +352,7 @@ def test_a_moved_tag_is_a_pin_diff_and_pinned_pulls_keep_the_reviewed_image(hub,
     ]
     assert changes[0].new == moved.top_digest and changes[0].old != moved.top_digest
     assert "v0.7.1-cpu index: sha256:" in str(changes[0])
-    after = (tmp_path / "gpustack-0.7.1.toml").read_text()
+    after = pins.read_text()
     diff = [
         line
         for line in difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="")
