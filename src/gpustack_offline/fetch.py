@@ -161,6 +161,10 @@ class _Retry(Exception):
         self.retry_after = retry_after
 
 
+class _Complete(Exception):
+    """The server has nothing past what was received: judge the bytes as they are."""
+
+
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 
 
@@ -215,6 +219,9 @@ def download(
     attempt = 0
     while True:
         attempt += 1
+        declared: int | None = None  # the whole file's length, as the server states it
+        cause: str | None = None
+        retry_after: float | None = None
         headers = {"Accept-Encoding": "identity"}
         if written and ranges:
             headers["Range"] = f"bytes={written}-"
@@ -223,6 +230,12 @@ def download(
         try:
             with opener(headers, timeout) as resp:
                 status = resp.status_code
+                if status == 416 and "Range" in headers:
+                    # nothing from byte `written` on: the server's file is no longer than that
+                    # (a replaced, shorter file); what we have is judged below, not retried
+                    log.info("%s: the server has no bytes past %d", name, written)
+                    done, declared = resp.headers, written
+                    raise _Complete()
                 if status in RETRY_STATUSES:
                     raise _Retry(
                         f"HTTP {status} {resp.reason or ''}".strip(),
@@ -243,10 +256,15 @@ def download(
                     if "Range" not in headers or start != written:
                         ranges = False  # next time the whole file, from zero
                         raise _Retry(f"a partial answer from byte {start}, not {written}")
+                    if match and match.group(3).isdigit():
+                        declared = int(match.group(3))
                     log.info("%s: resuming at byte %d", name, written)
-                elif written:
-                    log.info("%s: the server ignored the range; starting from zero", name)
-                    restart()
+                else:
+                    if written:
+                        log.info("%s: the server ignored the range; starting from zero", name)
+                        restart()
+                    length = resp.headers.get("Content-Length", "")
+                    declared = int(length) if length.isdigit() else None
                 for chunk in resp.iter_content(CHUNK):
                     if limit is not None and written + len(chunk) > limit:
                         chunk = chunk[: limit - written + 1]  # one byte over: enough to tell
@@ -258,12 +276,16 @@ def download(
                     if limit is not None and written > limit:
                         break
                 done = resp.headers
+        except _Complete:
+            pass
         except _Retry as exc:
             cause, retry_after = str(exc), exc.retry_after
         except TRANSIENT as exc:
             cause, retry_after = f"{type(exc).__name__}: {short_reason(exc)}", None
-        else:
-            if size is not None and written < size:
+        if cause is None:
+            # A body shorter than the locked size is cut off, unless the server said that was
+            # the whole file: then it is another file (judged as wrong bytes, not retried).
+            if size is not None and written < size and (declared is None or written < declared):
                 cause, retry_after = f"the body ended after {written} of {size} bytes", None
             elif max_size is not None and size is None and written > max_size:
                 raise DownloadError(f"{name}: {shown} sent more than {max_size} bytes; refused")
