@@ -15,17 +15,15 @@ from `GPUSTACK_OFFLINE_DOWNLOAD_*` environment variables (tests shorten them).
 
 from __future__ import annotations
 
-import contextlib
 import email.utils
 import hashlib
 import logging
 import os
 import random
 import re
-import tempfile
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
@@ -45,7 +43,7 @@ from rich.progress import (
 )
 
 from .errors import BundleError, IntegrityError, OptionError
-from .fsutil import CHUNK, FILE_MODE, NO_SPACE, disk_full, sha256_file, size_of
+from .fsutil import CHUNK, publish, scratch_file, sha256_file
 
 log = logging.getLogger("gpustack_offline")
 
@@ -425,33 +423,14 @@ class BlobStore:
         """`download` into a temp file here, renamed to its sha256 only once checked; the
         sha256. Whatever goes wrong, the temp file is removed; a full disk is a
         `DiskFullError` naming the blob (or the store, when its digest is not known yet)."""
-        with self._temp(self.path(sha256) if sha256 else self.root) as (tmp, out):
+        final = self.path(sha256) if sha256 else self.root
+        with scratch_file(final, self.root, ".new.") as tmp, tmp.open("w+b") as out:
             got = download(
                 url, out, http=http, opener=opener, sha256=sha256, size=size, what=what,
                 check=check, progress=progress,
             )  # fmt: skip
-            os.fsync(out.fileno())
-            os.chmod(tmp, FILE_MODE)
-            os.replace(tmp, self.path(got.sha256))
+            publish(tmp, self.path(got.sha256))
         return got.sha256
-
-    @contextlib.contextmanager
-    def _temp(self, final: Path) -> Iterator[tuple[Path, BinaryIO]]:
-        written = 0
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=self.root, prefix=".new.", suffix=".part")
-            tmp = Path(name)
-            try:
-                with os.fdopen(fd, "w+b") as out:
-                    yield tmp, out
-            finally:
-                written = size_of(tmp)
-                tmp.unlink(missing_ok=True)
-        except OSError as exc:
-            if exc.errno not in NO_SPACE:
-                raise
-            raise disk_full(final, written) from exc
 
     def fetch(
         self, item: Download, http: requests.Session, progress: Progress | None = None

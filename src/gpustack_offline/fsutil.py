@@ -37,22 +37,17 @@ def sha256_file(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(final: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `final`; on success fsync and rename it into place.
-
-    A full disk becomes a `DiskFullError` naming `final`, after the temporary file is gone."""
+def scratch_file(final: Path, directory: Path, prefix: str) -> Iterator[Path]:
+    """A temporary file in `directory`, removed on the way out whatever happens (renamed away
+    first, if the body published it). A full disk becomes a `DiskFullError` naming `final`."""
     written = 0
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=".part", dir=directory)
         os.close(fd)
         tmp = Path(tmp_name)
         try:
             yield tmp
-            with tmp.open("rb+") as fh:
-                os.fsync(fh.fileno())
-            os.chmod(tmp, FILE_MODE)
-            os.replace(tmp, final)
         finally:
             written = size_of(tmp)
             tmp.unlink(missing_ok=True)
@@ -60,6 +55,29 @@ def atomic_path(final: Path) -> Iterator[Path]:
         if exc.errno not in NO_SPACE:
             raise
         raise disk_full(final, written) from exc
+
+
+def publish(tmp: Path, final: Path, mode_optional: bool = False) -> None:
+    """fsync `tmp`, give it the usual mode and rename it to `final`. With `mode_optional`, a
+    file system that refuses chmod (FAT32, exFAT: modes fixed at mount time) is no failure."""
+    with tmp.open("rb+") as fh:
+        os.fsync(fh.fileno())
+    try:
+        os.chmod(tmp, FILE_MODE)
+    except PermissionError:
+        if not mode_optional:
+            raise
+    os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def atomic_path(final: Path, mode_optional: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `final`; on success fsync and rename it into place.
+
+    A full disk becomes a `DiskFullError` naming `final`, after the temporary file is gone."""
+    with scratch_file(final, final.parent, f".{final.name}.") as tmp:
+        yield tmp
+        publish(tmp, final, mode_optional)
 
 
 def write_text(final: Path, text: str) -> None:

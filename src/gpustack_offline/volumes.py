@@ -16,13 +16,10 @@ limit of 4 GiB - 1 byte (4,294,967,295) with room to spare; KiB, MiB, GiB, TiB a
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import hashlib
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -30,7 +27,7 @@ from typing import BinaryIO
 
 from . import __version__
 from .errors import BundleError
-from .fsutil import CHUNK, FILE_MODE
+from .fsutil import CHUNK, atomic_path
 
 FORMAT = "gpustack-offline-volumes 1"
 FAT32_MAX = 4 * 1024**3 - 1
@@ -118,7 +115,7 @@ def split(
             lines.append(f"volume {digest} {length} {name}")
     _remove_stale(tar.name, set(names), dest)
     script = dest / f"{stem(tar)}.join.sh"
-    with _media_path(script) as tmp:
+    with atomic_path(script, mode_optional=True) as tmp:
         shutil.copyfile(join_script, tmp)
     header = [
         FORMAT,
@@ -130,7 +127,7 @@ def split(
         "# Lines: tar|volume SHA256 SIZE NAME; the volumes join in the order listed.",
         f"tar {whole.hexdigest()} {total} {tar.name}",
     ]
-    with _media_path(manifest) as tmp:
+    with atomic_path(manifest, mode_optional=True) as tmp:
         tmp.write_text("\n".join([*header, *lines, f"end {count}"]) + "\n")
     return [*(dest / name for name in names), script, manifest]
 
@@ -166,30 +163,12 @@ def _write_volume(
                 return digest.hexdigest(), advanced
         src.seek(start)
     digest, advanced = hashlib.sha256(), whole.copy()
-    with _media_path(final) as tmp, tmp.open("wb") as out:
+    with atomic_path(final, mode_optional=True) as tmp, tmp.open("wb") as out:
         for chunk in _chunks(src, length):
             out.write(chunk)
             digest.update(chunk)
             advanced.update(chunk)
     return digest.hexdigest(), advanced
-
-
-@contextlib.contextmanager
-def _media_path(final: Path) -> Iterator[Path]:
-    """fsutil.atomic_path for transfer media: FAT32 and exFAT may refuse chmod (their modes are
-    fixed at mount time), which is no reason to fail, so the mode is set where it can be."""
-    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        with tmp.open("rb+") as fh:
-            os.fsync(fh.fileno())
-        with contextlib.suppress(PermissionError):
-            os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _chunks(src: BinaryIO, length: int) -> Iterator[bytes]:
