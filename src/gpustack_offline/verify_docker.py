@@ -117,14 +117,7 @@ def verify_docker(
     added: list[str] = []
 
     def step(name: str, argv: list[str]) -> Step:
-        started = time.monotonic()
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-        result = Step(name, proc.returncode, round(time.monotonic() - started, 1),
-                      proc.stdout + proc.stderr)  # fmt: skip
-        report.steps.append(result)
-        if proc.returncode != 0:
-            raise VerifyError(_failure(cell, result))
-        return result
+        return _step(cell, report, name, argv)
 
     _require_absent(engine, cell, refs, report)
     # No NVIDIA runtime here: cuda cells skip the preflight, and run without --gpus.
@@ -157,9 +150,7 @@ def verify_docker(
                 step("pull", ["docker", "pull", pushed[0]])
                 _run_and_probe(engine, cell, pushed[0], "run-from-registry", timeout, report)
         finally:
-            for ref in added:
-                with contextlib.suppress(Exception):
-                    engine.images.remove(ref, force=True)
+            _remove_all(engine, added)
     report.ok = True
     return report
 
@@ -188,28 +179,14 @@ def verify_docker2(
             tempfile.TemporaryDirectory(prefix="docker-prefix-") as prefix,
             site_registry() as host,
         ):
-            started = time.monotonic()
             registry = f"{host}/{SITE_PREFIX}"  # under a prefix, as sites mirror
-            proc = subprocess.run(
-                [*install, "--prefix", prefix, "--registry", registry],
-                capture_output=True, text=True, check=False,
-            )  # fmt: skip
-            result = Step("install", proc.returncode, round(time.monotonic() - started, 1),
-                          proc.stdout + proc.stderr)  # fmt: skip
-            report.steps.append(result)
-            if proc.returncode != 0:
-                raise VerifyError(_failure(cell, result))
+            _step(cell, report, "install", [*install, "--prefix", prefix, "--registry", registry])
             wanted = runners.worker_references(selection, registry)
             added += wanted
             report.steps.append(_resolve_in(cell, wanted, f"linux/{cell.arch}", prefix))
-            for ref in added:
-                with contextlib.suppress(Exception):
-                    engine.images.remove(ref, force=True)
+            _remove_all(engine, added)
             server = wanted[0]
-            pulled = subprocess.run(["docker", "pull", server], capture_output=True, text=True)
-            report.steps.append(Step("pull", pulled.returncode, 0.0, pulled.stdout + pulled.stderr))
-            if pulled.returncode != 0:
-                raise VerifyError(_failure(cell, report.steps[-1], f"docker pull {server} failed"))
+            _step(cell, report, "pull", ["docker", "pull", server])
             box = engine.containers.create(
                 server,
                 command=["--system-default-container-registry", registry],
@@ -223,9 +200,7 @@ def verify_docker2(
                 with contextlib.suppress(Exception):
                     box.remove(force=True)
     finally:
-        for ref in added:
-            with contextlib.suppress(Exception):
-                engine.images.remove(ref, force=True)
+        _remove_all(engine, added)
     report.ok = True
     return report
 
@@ -295,6 +270,25 @@ def _run_audited(
     finally:
         with contextlib.suppress(Exception):
             box.remove(force=True)
+
+
+def _step(cell: Cell, report: Report, name: str, argv: list[str]) -> Step:
+    """Run one command of the verification, record it, and fail the cell if it failed."""
+    started = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    result = Step(name, proc.returncode, round(time.monotonic() - started, 1),
+                  proc.stdout + proc.stderr)  # fmt: skip
+    report.steps.append(result)
+    if proc.returncode != 0:
+        raise VerifyError(_failure(cell, result))
+    return result
+
+
+def _remove_all(engine: Any, refs: Sequence[str]) -> None:
+    """Remove what verification added to the engine; what is already gone is fine."""
+    for ref in refs:
+        with contextlib.suppress(Exception):
+            engine.images.remove(ref, force=True)
 
 
 def _require_absent(engine: Any, cell: Cell, refs: Sequence[str], report: Report) -> None:
