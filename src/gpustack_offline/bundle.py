@@ -45,7 +45,10 @@ class Result:
 def tool_commit(root: Path) -> str:
     try:
         head = run(["git", "-C", root, "rev-parse", "HEAD"], what="git rev-parse").stdout.strip()
-        dirty = run(["git", "-C", root, "status", "--porcelain"], what="git status").stdout.strip()
+        # without the index lock git status takes to refresh: a build killed meanwhile must not
+        # leave .git/index.lock behind in the checkout
+        status: list[str | Path] = ["git", "--no-optional-locks", "-C", root, "status"]
+        dirty = run([*status, "--porcelain"], what="git status").stdout.strip()
     except Exception:  # noqa: BLE001 - a bundle built outside a checkout has no commit
         return "unknown"
     return head + ("-dirty" if dirty else "")
