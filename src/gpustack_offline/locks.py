@@ -40,9 +40,10 @@ class Inputs:
     index_url: str = ""
 
     def digest(self) -> str:
-        # the index without its credentials: a new password is not a new input, and the lock
-        # does not carry a hash of the password
-        values = {**self.__dict__, "index_url": without_credentials(self.index_url)}
+        # Not the index: the lock pins every file by sha256, so a site mirror of PyPI serves
+        # the same lock, and a committed lock stays current whichever index builds it (nor does
+        # the digest then carry anything of the index's password).
+        values = {k: v for k, v in self.__dict__.items() if k != "index_url"}
         blob = json.dumps(values, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
@@ -247,7 +248,7 @@ def ensure_lock(
     if lock.inputs_digest != inputs.digest():
         if frozen:
             raise LockError(
-                f"lock {path} is stale: its inputs (requirement, overrides, index) changed; "
+                f"lock {path} is stale: its inputs (requirement, overrides, platform) changed; "
                 f"run `invoke lock --cell {cell.id}` and commit it"
             )
         make_lock(cell, inputs, locks_dir, cache_dir)
