@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 import re
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import DiskFullError
+from .errors import BundleError, DiskFullError
 
 CHUNK = 1 << 20
 
@@ -187,3 +189,53 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+
+
+class Busy(BundleError):
+    """Another live process holds a lock this one needs without waiting."""
+
+
+@contextlib.contextmanager
+def held(lock_file: Path, what: str, wait: bool = True, shared: bool = False) -> Iterator[None]:
+    """Hold an advisory lock (flock) on `lock_file` for the body; the kernel drops it when the
+    holder dies, however it dies, so a killed build never leaves a lock behind.
+
+    The holder writes its pid and command into the file, so a refusal can name it. With
+    `wait=False` a held lock raises `Busy` naming the holder; `shared` locks exclude only an
+    exclusive one."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        try:
+            fcntl.flock(fd, mode | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            raise Busy(f"{what} is busy: {holder(lock_file)} holds {lock_file}") from None
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()} {' '.join(sys.argv)[:300]}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def try_exclusive(lock_file: Path) -> int | None:
+    """An fd holding `lock_file` exclusively, or None when any other process holds it (shared
+    or exclusive): for work that must only happen when nobody else is live."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def holder(lock_file: Path) -> str:
+    """'pid N (command)' as the holder wrote it, or 'another process'."""
+    try:
+        pid, _, command = lock_file.read_text().strip().partition(" ")
+    except OSError:
+        return "another process"
+    return f"pid {pid} ({command})" if pid.isdigit() else "another process"
