@@ -121,3 +121,32 @@ def test_rule_naming_an_unknown_value_is_rejected(root):
     data["rules"].append({"when": {"os": ["macos"]}, "require": {}, "reason": "x"})
     with pytest.raises(CellError, match="unknown os values"):
         Matrix(data)
+
+
+def test_a_scalar_axis_value_is_named_as_such_not_blamed_on_a_rule(root):
+    import tomllib
+
+    data = tomllib.loads((root / "bundles/matrix.toml").read_text())
+    data["axes"]["arch"] = "amd64"
+    with pytest.raises(CellError, match=r"\[axes\] arch must be a list of strings") as err:
+        Matrix(data)
+    assert "rule" not in str(err.value) and '["amd64"]' in str(err.value)
+
+
+def test_a_scalar_rule_value_is_named_with_the_rule(root):
+    import tomllib
+
+    data = tomllib.loads((root / "bundles/matrix.toml").read_text())
+    data["rules"].append({"when": {"os": "linux"}, "require": {"arch": ["amd64"]}, "reason": "x"})
+    with pytest.raises(CellError, match=r"rule \d+ \(\[\[rules\]\]\) when\.os must be a list"):
+        Matrix(data)
+
+
+@pytest.mark.parametrize("schema", [2, 0, "1"])
+def test_an_unknown_matrix_schema_is_refused(root, schema):
+    import tomllib
+
+    data = tomllib.loads((root / "bundles/matrix.toml").read_text())
+    data["schema"] = schema
+    with pytest.raises(CellError, match=f"unknown schema {schema!r}; this gpustack-offline"):
+        Matrix(data)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import itertools
+import json
 import re
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,6 +26,7 @@ _ID_RE = re.compile(
     r"-py(?P<python>[0-9]+\.[0-9]+)-(?P<extras>[a-z0-9.+]+)-(?P<method>[a-z]+)$"
 )
 _ARCH_MACHINE = {"amd64": "x86_64", "arm64": "aarch64"}
+SCHEMA = 1  # the layout of matrix.toml this module reads
 
 
 @dataclass(frozen=True, order=True)
@@ -105,8 +107,17 @@ class Matrix:
         self, data: Mapping[str, Any], source: str = "matrix.toml", text: str = ""
     ) -> None:
         self.source = source
+        schema = data.get("schema", SCHEMA)
+        if schema != SCHEMA:
+            raise CellError(
+                f"{source}: unknown schema {schema!r}; this gpustack-offline reads schema "
+                f"{SCHEMA}. Fix: set schema = {SCHEMA} and the layout it documents, or use the "
+                "gpustack-offline release that wrote this file"
+            )
         try:
-            self.axes: dict[str, list[str]] = {a: list(data["axes"][a]) for a in AXES}
+            self.axes: dict[str, list[str]] = {
+                a: _string_list(data["axes"][a], f"{source}: [axes] {a}") for a in AXES
+            }
             self.defaults: dict[str, str] = dict(data.get("defaults", {}))
             self._os: dict[str, dict] = dict(data["os"])
             self._devices: dict[str, dict] = dict(data["devices"])
@@ -116,9 +127,14 @@ class Matrix:
             raise CellError(f"{source}: malformed matrix data, missing or wrong {exc}") from exc
         self.rules = []
         for number, r in enumerate(data.get("rules", []), start=1):
+            where = f"{source}{_rule_line(text, number)}: rule {number} ([[rules]])"
             try:
-                self.rules.append(Rule(r["when"], r["require"], r["reason"]))
-            except (KeyError, TypeError) as exc:
+                when, require = (
+                    {axis: _string_list(v, f"{where} {key}.{axis}") for axis, v in r[key].items()}
+                    for key in ("when", "require")
+                )
+                self.rules.append(Rule(when, require, r["reason"]))
+            except (KeyError, TypeError, AttributeError) as exc:
                 raise CellError(
                     f"{source}{_rule_line(text, number)}: rule {number} ([[rules]]) is "
                     f"malformed, missing or wrong {exc}; each rule needs when, require and reason"
@@ -291,3 +307,13 @@ def _as_list(value: str | Sequence[str] | None) -> list[str]:
     if isinstance(value, str):
         return [v.strip() for v in value.split(",") if v.strip()]
     return [v for item in value for v in _as_list(item)]
+
+
+def _string_list(value: object, where: str) -> list[str]:
+    """An axis' values as written: a list of strings, never a lone string taken letter by
+    letter (`arch = "amd64"` would otherwise be the axis a, m, d, 6, 4)."""
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise CellError(
+            f"{where} must be a list of strings, e.g. [{json.dumps(str(value))}], not {value!r}"
+        )
+    return value
