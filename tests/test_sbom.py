@@ -44,16 +44,26 @@ WHEELS: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
-def make_wheel(folder: Path, name: str, version: str, licence: str, payload: str = "") -> Path:
-    """A small valid wheel: a module, METADATA with the given licence headers, WHEEL, RECORD."""
+def make_wheel(
+    folder: Path,
+    name: str,
+    version: str,
+    licence: str,
+    payload: str = "",
+    *,
+    encoding: str = "utf-8",
+    newline: str = "\n",
+) -> Path:
+    """A small valid wheel: a module, METADATA with the given licence headers (written in
+    `encoding`, lines ended by `newline`), WHEEL, RECORD."""
     path = folder / f"{name}-{version}-py3-none-any.whl"
     info = f"{name}-{version}.dist-info"
     metadata = f"Metadata-Version: 2.4\nName: {name}\nVersion: {version}\n{licence}\n"
     members = {
-        f"{name}.py": f"VALUE = {payload!r}\n",
-        f"{info}/METADATA": metadata,
-        f"{info}/WHEEL": "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
-        f"{info}/RECORD": "",
+        f"{name}.py": f"VALUE = {payload!r}\n".encode(),
+        f"{info}/METADATA": metadata.replace("\n", newline).encode(encoding),
+        f"{info}/WHEEL": b"Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        f"{info}/RECORD": b"",
     }
     with zipfile.ZipFile(path, "w") as zf:
         for member, text in members.items():
@@ -274,6 +284,114 @@ def test_licences_fall_back_to_classifiers_then_the_license_text(tmp_path):
     (long,) = sbom.wheel_licenses(make_wheel(tmp_path, "long", "1.0", long_text))
     assert long.name == "Copyright (c) 2024 Someone" and "Permission" in long.text.content
     assert sbom.wheel_licenses(make_wheel(tmp_path, "none", "1.0", "License: UNKNOWN\n")) == []
+
+
+# The shape of matplotlib 3.11.2's METADATA (which stopped `invoke bundle` of every audio cell):
+# a License field of many folded lines, some with non-ASCII text, and a licence classifier.
+MATPLOTLIB_LICENSE = (
+    "License: License agreement for matplotlib versions 1.3.0 and later\n"
+    "         =========================================================\n"
+    "         \n"
+    "         1. This LICENSE AGREEMENT is between the Matplotlib Development Team\n"
+    "           Copyright \u00a9 2010-2022  Google, Inc.\n"
+    "           Copyright \u00a9 2011  Martin Hosken and SIL International\n"
+)
+PSF = "Classifier: License :: OSI Approved :: Python Software Foundation License\n"
+
+
+def _names(licences: list[Any]) -> list[tuple[str | None, str | None]]:
+    return [(lic.id, lic.name) for lic in licences]
+
+
+def test_a_non_ascii_licence_is_read_as_text_not_a_header_object(tmp_path):
+    """Parsed from bytes, a non-ASCII value came back an email.header.Header: no .strip()."""
+    one_line = "License: Lizenz f\u00fcr alle \u2013 \u00a9 2025 J\u00f6rg\n"
+    (lic,) = sbom.wheel_licenses(make_wheel(tmp_path, "oneline", "1.0", one_line))
+    assert lic.name == "Lizenz f\u00fcr alle \u2013 \u00a9 2025 J\u00f6rg"
+    # the classifier wins over a licence text; the text alone is kept whole, without the indent
+    both = make_wheel(tmp_path, "matplotlib", "3.11.2", MATPLOTLIB_LICENSE + PSF)
+    assert _names(sbom.wheel_licenses(both)) == [("PSF-2.0", None)]
+    (text,) = sbom.wheel_licenses(make_wheel(tmp_path, "textonly", "1.0", MATPLOTLIB_LICENSE))
+    assert text.name == "License agreement for matplotlib versions 1.3.0 and later"
+    assert text.text.content.splitlines()[1:5] == [
+        "=" * 57,
+        "",
+        "1. This LICENSE AGREEMENT is between the Matplotlib Development Team",
+        "  Copyright \u00a9 2010-2022  Google, Inc.",
+    ]
+    # a non-ASCII licence classifier is kept by its name, not mangled
+    other = "Classifier: License :: Free for research \u2013 \u00a9 Someone\n"
+    (named,) = sbom.wheel_licenses(make_wheel(tmp_path, "other", "1.0", other))
+    assert named.name == "Free for research \u2013 \u00a9 Someone"
+
+
+def test_every_metadata_field_reads_as_str(tmp_path):
+    headers = (
+        "Summary: Gr\u00fc\u00dfe \u2013 a summary\n"
+        "Home-page: https://example.org/caf\u00e9\n"
+        "Author: J\u00f6rg M\u00fcller\n"
+        "Project-URL: Source, https://example.org/\u00e9\n"
+        "Project-URL: Docs, https://example.org/docs\n"
+        "License-Expression: MIT OR Apache-2.0\n"
+        "License: \u00a9 J\u00f6rg\n" + PSF
+    )
+    meta = sbom.wheel_metadata(make_wheel(tmp_path, "fields", "1.0", headers))
+    assert all(isinstance(v, str) for values in meta.values() for v in values)
+    assert meta["name"] == ["fields"] and meta["version"] == ["1.0"]
+    assert meta["summary"] == ["Gr\u00fc\u00dfe \u2013 a summary"]
+    assert meta["home-page"] == ["https://example.org/caf\u00e9"]
+    assert meta["author"] == ["J\u00f6rg M\u00fcller"]
+    assert meta["project-url"] == [
+        "Source, https://example.org/\u00e9",
+        "Docs, https://example.org/docs",
+    ]
+    assert meta["license"] == ["\u00a9 J\u00f6rg"] and meta["classifier"] == [PSF[12:-1]]
+    # License-Expression (PEP 639) wins over the License field and the classifiers
+    (expression,) = sbom.wheel_licenses(make_wheel(tmp_path, "fields", "1.0", headers))
+    assert expression.value == "MIT OR Apache-2.0"
+
+
+def test_encoded_words_latin1_crlf_and_the_spec_s_pipe_folding_are_read(tmp_path):
+    """Older tools wrote non-ASCII as RFC 2047 encoded words, some wrote Latin-1 or CRLF, and the
+    core metadata spec folds a multi-line field with 7 spaces and `|`."""
+    encoded = "License: =?utf-8?q?Lizenz_f=C3=BCr_alle?=\n"
+    (lic,) = sbom.wheel_licenses(make_wheel(tmp_path, "encoded", "1.0", encoded))
+    assert lic.name == "Lizenz f\u00fcr alle"
+    base64 = "License: =?utf-8?b?wqkgSsO2cmc=?=\n"  # "\u00a9 J\u00f6rg"
+    (lic,) = sbom.wheel_licenses(make_wheel(tmp_path, "b64", "1.0", base64))
+    assert lic.name == "\u00a9 J\u00f6rg"
+    not_encoded = "License: a =?no-such-charset?q?x?= b\n"
+    (lic,) = sbom.wheel_licenses(make_wheel(tmp_path, "plain", "1.0", not_encoded))
+    assert lic.name == "a =?no-such-charset?q?x?= b"
+    latin1 = "License: Lizenz f\u00fcr alle\n"
+    wheel = make_wheel(tmp_path, "latin", "1.0", latin1, encoding="latin-1")
+    assert _names(sbom.wheel_licenses(wheel)) == [(None, "Lizenz f\u00fcr alle")]
+    folded = "License: Copyright \u00a9 2024 J\u00f6rg\n       |\n       |  Permission granted\n"
+    crlf = make_wheel(tmp_path, "crlf", "1.0", folded, newline="\r\n")
+    (lic,) = sbom.wheel_licenses(crlf)
+    assert lic.name == "Copyright \u00a9 2024 J\u00f6rg"
+    assert lic.text.content == "Copyright \u00a9 2024 J\u00f6rg\n\n  Permission granted"
+
+
+def test_a_bundle_with_non_ascii_licences_has_a_valid_sbom(matrix, root, tmp_path):
+    wheels = (
+        *WHEELS,
+        ("matplotlib", "3.11.2", MATPLOTLIB_LICENSE + PSF, "https://files.example/m.whl"),
+        ("textonly", "1.0", MATPLOTLIB_LICENSE, "https://files.example/t.whl"),
+        ("oneline", "1.0", "License: Lizenz f\u00fcr alle\n", "https://files.example/o.whl"),
+    )
+    stage = make_bundle(matrix, root, tmp_path, wheels=wheels, with_images=False)
+    text = (stage / sbom.SBOM_NAME).read_text(encoding="utf-8")
+    assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(text) is None
+    by_name = {c["name"]: c for c in _walk(json.loads(text)["components"])}
+    assert by_name["matplotlib"]["licenses"] == [
+        {"license": {"id": "PSF-2.0", "acknowledgement": "declared"}}
+    ]
+    (licence,) = by_name["textonly"]["licenses"]
+    assert licence["license"]["name"].startswith("License agreement for matplotlib")
+    assert "Copyright \u00a9 2010-2022  Google, Inc." in licence["license"]["text"]["content"]
+    assert by_name["oneline"]["licenses"][0]["license"]["name"] == "Lizenz f\u00fcr alle"
+    subprocess.run(["sha256sum", "-c", "--strict", "--quiet", "SHA256SUMS"], cwd=stage, check=True)
 
 
 def test_a_bundle_without_a_manifest_or_with_a_broken_wheel_is_named(tmp_path, built):

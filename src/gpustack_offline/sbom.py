@@ -18,12 +18,15 @@ import hashlib
 import json
 import re
 import tarfile
+import textwrap
 import uuid
 import zipfile
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
-from email.message import Message
-from email.parser import BytesHeaderParser
+from email.errors import HeaderParseError
+from email.header import decode_header, make_header
+from email.parser import HeaderParser
+from email.policy import compat32
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +65,7 @@ _SERIAL_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://github.com/gpustack/
 _TOOL_PATH = re.compile(r"(?P<owner>[^/]+)/(?P<repo>[^/]+)/releases/download/(?P<ver>[^/]+)/.+")
 _BUILT_FROM = re.compile(r"built from (?P<url>\S+) \(sha256 (?P<sha>[0-9a-f]{64})\)")
 _DECLARED = LicenseAcknowledgement.DECLARED
+_ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")  # RFC 2047
 # Trove classifiers that name exactly one SPDX licence; others are kept by name.
 _CLASSIFIER_SPDX = {
     "Apache Software License": "Apache-2.0",
@@ -276,16 +280,53 @@ def _wheel(stage: Path, entry: Mapping[str, Any]) -> Component:
     )
 
 
-def wheel_metadata(path: Path) -> Message:
-    """The headers of a wheel's `*.dist-info/METADATA`."""
+def wheel_metadata(path: Path) -> dict[str, list[str]]:
+    """The fields of a wheel's `*.dist-info/METADATA` as text: lower-case name -> its values.
+
+    Parsed from text decoded as UTF-8 (as the core metadata spec has it; Latin-1 if it is not),
+    so a non-ASCII value is a str like any other, not the `email.header.Header` that parsing the
+    bytes hands back. RFC 2047 encoded words are decoded and the continuation indent of a
+    multi-line value is removed."""
     try:
         with zipfile.ZipFile(path) as zf:
             names = [n for n in zf.namelist() if re.fullmatch(r"[^/]+\.dist-info/METADATA", n)]
             if len(names) != 1:
                 raise SbomError(f"{path} has {len(names)} .dist-info/METADATA files, not one")
-            return BytesHeaderParser().parsebytes(zf.read(names[0]))
+            data = zf.read(names[0])
     except (zipfile.BadZipFile, OSError) as exc:
         raise SbomError(f"{path}: cannot read the wheel ({exc}); rebuild the bundle") from exc
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")
+    # the parse packaging.metadata.parse_email does on text; from text (not bytes) every value
+    # comes back a str, never an email.header.Header
+    message = HeaderParser(policy=compat32).parsestr(text)
+    return {
+        name.lower(): [_unfolded(str(v)) for v in message.get_all(name) or []]
+        for name in dict.fromkeys(message.keys())
+    }
+
+
+def _unfolded(value: str) -> str:
+    """A header value as its author wrote it: encoded words decoded, and the continuation lines
+    of a multi-line value without the indent that folded them (the spec's 7 spaces and `|`, or
+    whatever whitespace they all share: setuptools writes 8 spaces, meson-python 9)."""
+    first, *rest = re.split(r"\r\n|\r|\n", value)
+    if rest and all(line.startswith("       |") for line in rest):
+        rest = [line[8:] for line in rest]
+    elif rest:
+        rest = textwrap.dedent("\n".join(rest)).split("\n")
+    return "\n".join(_decoded(line) for line in [first, *rest])
+
+
+def _decoded(line: str) -> str:
+    if not _ENCODED_WORD.search(line):
+        return line
+    try:
+        return str(make_header(decode_header(line)))
+    except (HeaderParseError, LookupError, UnicodeDecodeError, ValueError):
+        return line  # not really encoded words: kept as written
 
 
 def wheel_licenses(path: Path) -> list[License]:
@@ -293,15 +334,15 @@ def wheel_licenses(path: Path) -> list[License]:
     field, else its licence classifiers, else a longer License text by its first line."""
     meta = wheel_metadata(path)
     factory = LicenseFactory()
-    expression = (meta.get("License-Expression") or "").strip()
+    expression = next(iter(meta.get("license-expression", [])), "").strip()
     if expression:
         return [factory.make_from_string(expression, license_acknowledgement=_DECLARED)]
-    field = (meta.get("License") or "").strip()
+    field = next(iter(meta.get("license", [])), "").strip()
     if field and "\n" not in field and len(field) <= 100 and field.upper() != "UNKNOWN":
         return [factory.make_from_string(field, license_acknowledgement=_DECLARED)]
     licenses: list[License] = []
-    for classifier in meta.get_all("Classifier") or []:
-        parts = [p.strip() for p in str(classifier).split("::")]
+    for classifier in meta.get("classifier", []):
+        parts = [p.strip() for p in classifier.split("::")]
         if parts[0] != "License" or len(parts) < 2 or parts[-1] == "OSI Approved":
             continue
         spdx = _CLASSIFIER_SPDX.get(parts[-1])
