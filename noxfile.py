@@ -18,9 +18,10 @@ ROOT = Path(__file__).parent
 
 
 def _built_cells() -> list[str]:
-    """Cell ids with a finished bundle under dist/ (a folder with a manifest)."""
-    dist = ROOT / "dist"
-    return sorted(p.parent.name for p in dist.glob("*/manifest.json")) if dist.is_dir() else []
+    """Cell ids with a finished bundle in the dist-dir option's folder."""
+    from gpustack_offline import commands
+
+    return commands.built_cell_ids(ROOT)
 
 
 @nox.session(venv_backend="none")
@@ -28,18 +29,12 @@ def _built_cells() -> list[str]:
 def verify(session: nox.Session, cell: str) -> None:
     """Verify a built bundle offline in a clean container of its target."""
     from gpustack_offline import commands
-    from gpustack_offline import verify as verifying
-    from gpustack_offline.errors import BundleError
 
-    if cell == "none-built":
-        session.error("no bundles under dist/; build some first, e.g. `invoke bundle --arch arm64`")
-    ctx = commands.Context.load(ROOT)
-    try:
-        commands.verify_cell(ctx, ctx.matrix.cell(cell))
-    except verifying.Unverifiable as exc:
-        session.skip(f"NOT VERIFIED: {exc}")
-    except BundleError as exc:
-        session.error(str(exc))
+    outcome = commands.verify_session(ROOT, None if cell == "none-built" else cell)
+    if outcome.skipped:
+        session.skip(outcome.message)
+    if outcome.failed:
+        session.error(outcome.message)
 
 
 @nox.session(venv_backend="none")

@@ -306,8 +306,14 @@ install_release() {
   fi
   command -v -- "$PY" >/dev/null 2>&1 ||
     die 5 "Python interpreter '$PY' not found; install Python $TARGET_PYTHON or pass --python PATH"
-  mkdir -p -- "$PREFIX/releases" ||
-    die 5 "cannot create $PREFIX/releases; run as root (sudo) or pass --prefix to a directory you can write"
+  local why
+  if ! why=$(mkdir -p -- "$PREFIX/releases" 2>&1); then
+    # sudo does not help root: say what the file system said, and how to move the prefix
+    if [[ $(id -u) == 0 ]]; then
+      die 5 "cannot create $PREFIX/releases (${why##*: }); pass --prefix to a directory on a writable file system"
+    fi
+    die 5 "cannot create $PREFIX/releases (${why##*: }); run as root (sudo) or pass --prefix to a directory you can write"
+  fi
   if [[ -e $REL ]]; then
     say "removing the incomplete release $REL_NAME left by an earlier run"
     rm -rf -- "$REL"

@@ -341,6 +341,27 @@ check_disk() {
     "free space there or pass --prefix on a file system with $(((need_kb + 1023) / 1024)) MiB free"
 }
 
+# What to tell a user who cannot write somewhere: root is not helped by sudo.
+write_fix() {
+  if [[ $(id -u) == 0 ]]; then
+    printf '%s' "its file system is read-only or refuses writes even to root; pass --prefix on a writable file system"
+  else
+    printf '%s' "run as root (sudo), or pass --prefix to a directory you can write"
+  fi
+}
+
+# The install writes the new release under the prefix: try it (nothing is left behind).
+check_prefix() {
+  local dir probe
+  dir=$(existing_parent "$PREFIX")
+  if probe=$(mktemp -d -- "$dir/.preflight-write.XXXXXX" 2>/dev/null); then
+    rmdir -- "$probe"
+    add_check prefix ok "$PREFIX can be written (tried in $dir)"
+  else
+    add_check prefix fail "$dir cannot be written, so $PREFIX cannot be installed" "$(write_fix)"
+  fi
+}
+
 # ---------------------------------------------------------------------------------------------
 # Docker bundles
 
@@ -619,6 +640,7 @@ main() {
       add_check nvidia-smi skip "not a CUDA bundle (device $TARGET_DEVICE)"
     fi
     check_disk
+    check_prefix
   fi
 
   local failed=0 s

@@ -3,7 +3,14 @@ from __future__ import annotations
 import pytest
 
 from gpustack_offline.errors import LockError
-from gpustack_offline.locks import ensure_lock, inputs_for, load_overrides, lock_path, read_lock
+from gpustack_offline.locks import (
+    Inputs,
+    ensure_lock,
+    inputs_for,
+    load_overrides,
+    lock_path,
+    read_lock,
+)
 
 
 def test_overrides_apply_to_matching_cells_only(matrix, tmp_path):
@@ -28,11 +35,23 @@ def test_unknown_override_key_is_an_error(tmp_path):
         load_overrides(path)
 
 
-def test_inputs_digest_changes_with_any_input(matrix):
+def test_inputs_digest_changes_with_what_decides_the_wheel_set(matrix):
     cell = matrix.cell("v0.7.1-linux-amd64-cpu-py3.11-base-pip")
     a = inputs_for(cell, [], "https://pypi.org/simple")
-    b = inputs_for(cell, [], "https://mirror.example/simple")
-    assert a.digest() != b.digest()
+    for changed in ({"constraints": ("torch<2",)}, {"platform": "aarch64-manylinux_2_35"},
+                    {"python": "3.12"}, {"requirements": ("gpustack[audio]==0.7.1",)}):  # fmt: skip
+        assert Inputs(**{**a.__dict__, **changed}).digest() != a.digest(), changed
+
+
+def test_a_site_mirror_index_keeps_the_committed_lock_current(matrix, root, tmp_path):
+    """The files are pinned by sha256: where they come from is no input, so a site that mirrors
+    PyPI builds frozen from the committed lock."""
+    cell = matrix.cell("v0.7.1-linux-amd64-cpu-py3.11-base-pip")
+    overrides = load_overrides(root / "bundles/overrides.toml")
+    mirror = inputs_for(cell, overrides, "https://user:token@pypi-mirror.site.internal/simple")
+    assert mirror.digest() == inputs_for(cell, overrides, "https://pypi.org/simple").digest()
+    lock, state = ensure_lock(cell, mirror, root / "bundles/locks", tmp_path, frozen=True)
+    assert state == "used" and lock.cell_id == cell.id
 
 
 def test_frozen_build_refuses_a_missing_lock(matrix, tmp_path):

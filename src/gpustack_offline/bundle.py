@@ -17,8 +17,17 @@ from typing import Any
 
 from . import __version__, provenance, runners, sbom, signing, tools
 from . import images as images_
+from .errors import BundleError, Busy
 from .fetch import BlobStore
-from .fsutil import atomic_dir, atomic_path, link_or_copy, remove_temps, sha256_file
+from .fsutil import (
+    atomic_dir,
+    atomic_path,
+    ensure_writable,
+    held,
+    link_or_copy,
+    remove_temps,
+    sha256_file,
+)
 from .locks import Lock, ensure_lock, inputs_for, load_overrides
 from .matrix import Cell
 from .options import Options
@@ -190,9 +199,24 @@ def write_tar(directory: Path, final: Path) -> None:
 
 
 def build(cell: Cell, opts: Options, root: Path) -> Result:
-    """Lock (if needed), fetch, build and assemble one cell's bundle."""
-    if cell.method == "docker":
-        return build_docker(cell, opts, root)
+    """One cell's bundle, built by one process at a time into one dist folder: a second build
+    of the cell into the same folder is refused at once, naming the first, so neither deletes
+    the other's work in progress."""
+    dist = opts.path("dist_dir", root)
+    ensure_writable(dist, "dist-dir")
+    ensure_writable(opts.path("cache_dir", root), "cache-dir")
+    try:
+        with held(dist / f".{cell.id}.lock", f"the bundle {dist / cell.id}", wait=False):
+            return (build_docker if cell.method == "docker" else build_pip)(cell, opts, root)
+    except Busy as exc:
+        raise BundleError(
+            f"another build of {cell.id} is writing into {dist}: {exc}. Fix: wait for it to "
+            "finish, or build into another dist-dir (--dist)"
+        ) from None
+
+
+def build_pip(cell: Cell, opts: Options, root: Path) -> Result:
+    """Lock (if needed), fetch, build and assemble one pip cell's bundle."""
     started = time.monotonic()
     cache = opts.path("cache_dir", root)
     overrides = load_overrides(opts.path("overrides", root))
@@ -266,7 +290,8 @@ def build_docker(cell: Cell, opts: Options, root: Path) -> Result:
 
 def _clear_previous(final_dir: Path, tar: Path) -> None:
     """Before a rebuild: the old tar goes (it would not match the new folder if the build
-    stopped between the two), and so does what killed builds of this cell left half-written."""
+    stopped between the two), and so does what killed builds of this cell left half-written.
+    Only under the cell's lock (`build`): no other build of the cell is live then."""
     tar.unlink(missing_ok=True)
     remove_temps(final_dir)
     remove_temps(tar)

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import bundle, containers, egress, images, runners, signing, verify, volumes
-from .errors import BundleError
+from .errors import BundleError, debugging, describe
 from .fetch import BlobStore
 from .locks import inputs_for, load_overrides, make_lock
 from .matrix import AXES, Cell, Matrix
@@ -158,16 +158,42 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
-def built_cells(ctx: Context) -> list[Cell]:
-    """Cells that have a finished bundle under dist/."""
-    found = []
-    if ctx.dist.is_dir():
-        for manifest in sorted(ctx.dist.glob("*/manifest.json")):
-            try:
-                found.append(ctx.matrix.cell(manifest.parent.name))
-            except BundleError:
-                log.warning("ignoring %s: not a cell of the current matrix", manifest.parent)
-    return found
+def built_cell_ids(root: Path) -> list[str]:
+    """Ids of the finished bundles in the dist-dir option's folder, for nox to list; none when
+    the options cannot be read (the session then says why)."""
+    try:
+        dist = resolve(root).path("dist_dir", root)
+    except BundleError:
+        return []
+    return sorted(p.parent.name for p in dist.glob("*/manifest.json")) if dist.is_dir() else []
+
+
+@dataclass(frozen=True)
+class Outcome:
+    failed: bool = False
+    skipped: bool = False
+    message: str = ""
+
+
+def verify_session(root: Path, cell_id: str | None) -> Outcome:
+    """`nox -s verify(<cell>)`: verify one bundle; any failure is one message for the session
+    (the traceback only with GPUSTACK_OFFLINE_DEBUG=1)."""
+    try:
+        ctx = Context.load(root)
+        if cell_id is None:
+            return Outcome(
+                failed=True,
+                message=f"no bundles under {ctx.dist} (the dist-dir option); build some first, "
+                "e.g. `invoke bundle --arch arm64`",
+            )
+        verify_cell(ctx, ctx.matrix.cell(cell_id))
+    except verify.Unverifiable as exc:
+        return Outcome(skipped=True, message=f"NOT VERIFIED: {exc}")
+    except (Exception, KeyboardInterrupt) as exc:
+        if debugging():
+            raise
+        return Outcome(failed=True, message=describe(exc))
+    return Outcome()
 
 
 def verify_cell(ctx: Context, cell: Cell) -> verify.Report:

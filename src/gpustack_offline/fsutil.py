@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import os
@@ -14,7 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import BundleError, DiskFullError
+from .errors import NO_SPACE, NOT_WRITABLE, Busy, DiskFullError, not_writable
 
 CHUNK = 1 << 20
 
@@ -116,9 +115,6 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise disk_full(final, written) from exc
 
 
-NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
-
-
 def size_of(path: Path) -> int:
     """Bytes under `path` (a file or a folder); 0 if it is gone."""
     try:
@@ -191,31 +187,39 @@ def link_or_copy(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-class Busy(BundleError):
-    """Another live process holds a lock this one needs without waiting."""
-
-
 @contextlib.contextmanager
 def held(lock_file: Path, what: str, wait: bool = True, shared: bool = False) -> Iterator[None]:
     """Hold an advisory lock (flock) on `lock_file` for the body; the kernel drops it when the
     holder dies, however it dies, so a killed build never leaves a lock behind.
 
-    The holder writes its pid and command into the file, so a refusal can name it. With
-    `wait=False` a held lock raises `Busy` naming the holder; `shared` locks exclude only an
-    exclusive one."""
+    The holder writes its pid and command into the file, so a refusal can name it, and an
+    exclusive holder removes the file when it is done (no lock files are left lying about).
+    With `wait=False` a held lock raises `Busy` naming the holder; `shared` locks exclude only
+    an exclusive one."""
     lock_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+    while True:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, mode | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
+            os.close(fd)
             raise Busy(f"{what} is busy: {holder(lock_file)} holds {lock_file}") from None
+        try:  # the file may have been removed by its last holder meanwhile: lock the new one
+            if os.stat(lock_file).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
         if not shared:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()} {' '.join(sys.argv)[:300]}\n".encode(), 0)
         yield
     finally:
+        if not shared:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock_file)
         os.close(fd)  # releases the lock
 
 
@@ -239,3 +243,16 @@ def holder(lock_file: Path) -> str:
     except OSError:
         return "another process"
     return f"pid {pid} ({command})" if pid.isdigit() else "another process"
+
+
+def ensure_writable(folder: Path, option: str) -> None:
+    """Fail before any work when `folder` (made if missing) cannot take a new file."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        if exc.errno not in NOT_WRITABLE:
+            raise
+        raise not_writable(folder, exc, option) from None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,18 +16,38 @@ from invoke import Collection, Exit, task
 
 from . import commands, release
 from . import compare as compare_
-from .errors import BundleError
+from .errors import debugging, describe
+from .matrix import AXES
 
-_AXIS_HELP = {
-    "cell": "cell id or glob pattern, e.g. 'v0.7.1-linux-amd64-cpu-*' (repeatable)",
-    "version": "GPUStack version(s), comma-separated (default: the matrix default)",
-    "os": "linux or windows",
-    "arch": "amd64 or arm64",
-    "device": "cpu, cuda12.4, cuda12.8",
-    "python": "target Python X.Y (default: the matrix default)",
-    "extras": "base, audio, vllm, all",
-    "method": "install method (pip)",
-}
+MATRIX = "bundles/matrix.toml"
+
+
+def _axis_help() -> dict[str, str]:
+    """Each axis flag's help, with its values from the matrix data (not a list kept here)."""
+    values: dict[str, list[str]] = {}
+    try:
+        data = tomllib.loads((Path(__file__).resolve().parents[2] / MATRIX).read_text())
+        values = {a: [str(v) for v in data["axes"][a]] for a in AXES}
+    except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError):
+        pass  # an installed package without the checkout's data: help without the values
+
+    def among(axis: str) -> str:
+        return f": {', '.join(values[axis])}" if values.get(axis) else ""
+
+    return {
+        "cell": "cell id or glob pattern, e.g. 'v0.7.1-linux-amd64-cpu-*' (repeatable)",
+        "version": f"GPUStack version(s), comma-separated{among('version')} "
+        "(default: the matrix default)",
+        "os": f"target OS{among('os')}",
+        "arch": f"target architecture{among('arch')}",
+        "device": f"accelerator and its toolkit{among('device')}",
+        "python": f"target Python X.Y{among('python')} (default: the matrix default)",
+        "extras": f"pip extras (0.x) or inference services (2.x){among('extras')}",
+        "method": f"install method{among('method')}",
+    }
+
+
+_AXIS_HELP = _axis_help()
 
 
 def _root(c: Any) -> Path:
@@ -34,15 +55,21 @@ def _root(c: Any) -> Path:
 
 
 def _wired(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a BundleError as one line and exit 2, instead of a traceback."""
+    """The one top-level handler: whatever stops a task is one `error:` line naming the thing
+    and the fix, exit 2, never a traceback (unless GPUSTACK_OFFLINE_DEBUG=1 asks for it)."""
 
     @functools.wraps(fn)
     def wrapper(c: Any, *args: Any, **kwargs: Any) -> Any:
-        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+        debug = debugging()
+        logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s")
         try:
             return fn(c, *args, **kwargs)
-        except BundleError as exc:
-            raise Exit(f"error: {exc}", code=2) from exc
+        except Exit:
+            raise
+        except (Exception, KeyboardInterrupt) as exc:
+            if debug:
+                raise
+            raise Exit(f"error: {describe(exc)}", code=2) from None
 
     return wrapper
 
@@ -92,13 +119,14 @@ def bundle(
     python=None,
     extras=None,
     method=None,
-    frozen=None,
+    frozen=False,
     jobs=None,
     dist=None,
     split=None,
 ):  # type: ignore[no-untyped-def]
     """Build the bundle of every selected cell into dist/<cell-id>/ and dist/<cell-id>.tar."""
-    cli = {"frozen": frozen, "jobs": jobs, "dist_dir": dist, "split": split}
+    # a flag that is not given leaves the option to pyproject and the environment
+    cli = {"frozen": frozen or None, "jobs": jobs, "dist_dir": dist, "split": split}
     ctx = commands.Context.load(_root(c), cli=cli)
     cells = ctx.select(cell or [], version=version, os=os, arch=arch, device=device,
                        python=python, extras=extras, method=method)  # fmt: skip

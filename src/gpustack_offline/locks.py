@@ -21,7 +21,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import LockError
+import requests
+
+from .errors import CommandError, LockError
+from .fetch import session, short_reason
 from .fsutil import write_text
 from .matrix import Cell
 from .options import TOOL_KEY
@@ -205,13 +208,19 @@ def make_lock(cell: Cell, inputs: Inputs, locks_dir: Path, cache_dir: Path) -> P
             "UV_CACHE_DIR": str(cache_dir / "uv"),
             "UV_INDEX_URL": inputs.index_url,
         }
-        run(
-            argv,
-            env=env,
-            what=f"resolving {cell.id} ({inputs.platform}, Python {inputs.python})",
-            fix="read uv's message above; a pin in bundles/overrides.toml (constraints, "
-            "build-constraints) for this cell usually settles it",
-        )
+        try:
+            run(
+                argv,
+                env=env,
+                what=f"resolving {cell.id} ({inputs.platform}, Python {inputs.python})",
+                fix="read uv's message above; a pin in bundles/overrides.toml (constraints, "
+                "build-constraints) for this cell usually settles it",
+            )
+        except CommandError:
+            problem = index_problem(inputs.index_url)
+            if problem:  # the index, not the requirements: a pin would not help
+                raise LockError(f"resolving {cell.id}: {problem}") from None
+            raise
         body = (tmp / "pylock.toml").read_text()
     header = (
         f"# Lock for cell {cell.id}: written by `invoke lock`, read by `invoke bundle`.\n"
@@ -229,6 +238,33 @@ def make_lock(cell: Cell, inputs: Inputs, locks_dir: Path, cache_dir: Path) -> P
     )
     write_text(final, header + body.rstrip() + "\n" + meta)
     return final
+
+
+def index_problem(index_url: str) -> str | None:
+    """What is wrong with the package index, if anything: unreachable, refusing, or not a
+    simple index (PEP 503) at all. Asked after a failed resolution, to give the right advice."""
+    shown = without_credentials(index_url)
+    probe = index_url.rstrip("/") + "/pip/"
+    try:
+        resp = session().get(probe, timeout=(5, 15))
+    except requests.RequestException as exc:
+        host = urllib.parse.urlsplit(index_url).hostname or shown
+        return (
+            f"cannot reach {host}: {short_reason(exc)}. Check the network, the proxy settings "
+            f"or the index-url option ({shown}), then rerun"
+        )
+    if resp.status_code in (401, 403):
+        return (
+            f"the index {shown} refused access ({resp.status_code}). Fix: put working "
+            "credentials in the index-url option (https://user:token@host/simple)"
+        )
+    if resp.status_code >= 400 or "pip-" not in resp.text:
+        return (
+            f"{shown} is not a package index: GET {without_credentials(probe)} answered "
+            f"{resp.status_code} without pip's files. Fix: set the index-url option to a "
+            "simple index (PEP 503), such as https://pypi.org/simple or a mirror's …/simple"
+        )
+    return None
 
 
 def ensure_lock(

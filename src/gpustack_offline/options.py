@@ -16,13 +16,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import OptionError
+from .errors import DEBUG_ENV, OptionError
 
 TOOL_KEY = "gpustack-offline"
 ENV_PREFIX = "GPUSTACK_OFFLINE_"
-# Variables read where they are used, not options: registry credentials (registry.py) and the
-# download retry policy (fetch.RetryPolicy).
-_OWN_PREFIXES = (f"{ENV_PREFIX}REGISTRY_AUTH_", f"{ENV_PREFIX}DOWNLOAD_")
+# Variables read where they are used, not options: registry credentials (registry.py), the
+# download retry policy (fetch.RetryPolicy) and the traceback switch (errors.DEBUG_ENV).
+_OWN_PREFIXES = (f"{ENV_PREFIX}REGISTRY_AUTH_", f"{ENV_PREFIX}DOWNLOAD_", DEBUG_ENV)
 
 
 def _default_cache() -> str:
@@ -74,6 +74,7 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Options)}
 
 def _convert(name: str, value: Any, source: str) -> Any:
     kind = type(getattr(Options(), name))
+    shown = _toml_key(name)  # as users write it: dist-dir, not dist_dir
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -82,16 +83,16 @@ def _convert(name: str, value: Any, source: str) -> Any:
             return True
         if text in {"0", "false", "no", "off", ""}:
             return False
-        raise OptionError(f"{source}: option {name} must be true or false, not {value!r}")
+        raise OptionError(f"{source}: option {shown} must be true or false, not {value!r}")
     if kind is int:
         try:
             return int(value)
         except (TypeError, ValueError):
             raise OptionError(
-                f"{source}: option {name} must be a whole number, not {value!r}"
+                f"{source}: option {shown} must be a whole number, not {value!r}"
             ) from None
     if not isinstance(value, str):
-        raise OptionError(f"{source}: option {name} must be a string, not {value!r}")
+        raise OptionError(f"{source}: option {shown} must be a string, not {value!r}")
     return value
 
 
