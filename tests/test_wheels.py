@@ -171,3 +171,56 @@ def test_simple_index_is_pep503_with_normalized_names_and_hashes(tmp_path):
         'href="../../PyYAML-6.0-cp311-cp311-manylinux_2_17_x86_64.whl#sha256=' + "b" * 64
         in pages["pyyaml/index.html"]
     )
+
+
+@pytest.fixture
+def site_mirror(tmp_path):
+    """A real pypiserver on loopback: the kind of PyPI mirror a site runs."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import zipfile
+
+    packages = tmp_path / "packages"
+    packages.mkdir()
+    wheel = packages / "demo_pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("demo_pkg-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: demo-pkg\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable.replace("python", "pypi-server"), "run", "-i", "127.0.0.1", "-p",
+         str(port), "-a", ".", "-P", ".", str(packages)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}/simple"
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    yield url, wheel
+    server.terminate()
+    server.wait(10)
+
+
+@pytest.mark.enable_socket
+def test_a_site_mirror_serves_the_locked_files_by_name(site_mirror, tmp_path):
+    from gpustack_offline.fetch import BlobStore, Download
+    from gpustack_offline.fsutil import sha256_file
+    from gpustack_offline.wheels import on_index
+
+    url, wheel = site_mirror
+    found = on_index(url, [("Demo_Pkg", wheel.name)])
+    assert found[wheel.name].startswith(url.removesuffix("/simple")), found
+    sha = sha256_file(wheel)
+    [path] = BlobStore(tmp_path / "cache").fetch_all(
+        [Download(found[wheel.name], sha, wheel.stat().st_size, wheel.name)], show=False
+    )
+    assert sha256_file(path) == sha
+    with pytest.raises(WheelError, match=r"does not serve 1 locked file\(s\): other-1.0.tar.gz"):
+        on_index(url, [("demo-pkg", wheel.name), ("other", "other-1.0.tar.gz")])
+    assert on_index("https://pypi.org/simple/", [("demo-pkg", wheel.name)]) == {}

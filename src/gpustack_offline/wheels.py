@@ -13,18 +13,20 @@ import re
 import sys
 import tarfile
 import tempfile
+import urllib.parse
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import requests
 from packaging.utils import canonicalize_name
 
 from . import targets
 from .errors import CudaGateError, WheelError
-from .fetch import BlobStore, Download, session
+from .fetch import BlobStore, Download, session, short_reason
 from .fsutil import atomic_path, sha256_file
-from .locks import Lock, LockedFile, LockedPackage
+from .locks import Lock, LockedFile, LockedPackage, without_credentials
 from .matrix import Cell
 from .runner import run
 from .safety import safe_extract_tar, safe_extract_zip
@@ -148,6 +150,43 @@ def _who_requires(cell: Cell, packages: Sequence[LockedPackage], wanted: set[str
                 if canonicalize_name(dep) in wanted:
                     found.append(f"{package.name}=={package.version}")
                     break
+    return found
+
+
+# -- a site mirror of PyPI -------------------------------------------------------------------------
+
+PYPI_SIMPLE = "https://pypi.org/simple"
+_HREF = re.compile(r"""<a\s[^>]*href=["']([^"']+)["']""", re.I)
+
+
+def on_index(index_url: str, files: Sequence[tuple[str, str]]) -> dict[str, str]:
+    """Where a mirror index (PEP 503) serves each locked file, by file name: the lock names
+    PyPI's URLs, but pins every file by sha256, so a site that mirrors PyPI builds from the
+    same lock through its mirror. Empty for PyPI itself (the lock's URLs are used)."""
+    if without_credentials(index_url).rstrip("/") == PYPI_SIMPLE:
+        return {}
+    http = session()
+    found: dict[str, str] = {}
+    for project in sorted({canonicalize_name(name) for name, _ in files}):
+        page = f"{index_url.rstrip('/')}/{project}/"
+        try:
+            resp = http.get(page, timeout=(10, 60))
+        except requests.RequestException as exc:
+            raise WheelError(
+                f"cannot reach the index {without_credentials(index_url)}: {short_reason(exc)}. "
+                "Check the network or the index-url option"
+            ) from None
+        if resp.status_code == 200:
+            for href in _HREF.findall(resp.text):
+                url = urllib.parse.urljoin(page, html.unescape(href)).split("#", 1)[0]
+                found[url.rsplit("/", 1)[-1]] = url
+    missing = [name for _, name in files if name not in found]
+    if missing:
+        raise WheelError(
+            f"the index {without_credentials(index_url)} does not serve {len(missing)} locked "
+            f"file(s): {', '.join(missing[:5])}. Fix: mirror them from PyPI (the lock names "
+            "each with its sha256), or unset the index-url option to fetch from PyPI"
+        )
     return found
 
 
@@ -282,11 +321,11 @@ def wheelhouse(
     to_fetch, to_build = plan(cell, lock)
     cuda_gate(cell, [p for p, _ in to_fetch] + to_build, index_url)
     store = BlobStore(cache)
-    downloads = [Download(w.url, w.sha256, w.size, w.filename) for _, w in to_fetch]
-    downloads += [
-        Download(p.sdist.url, p.sdist.sha256, p.sdist.size, p.sdist.filename)
-        for p in to_build
-        if p.sdist
+    files = [(p.name, w) for p, w in to_fetch]
+    files += [(p.name, p.sdist) for p in to_build if p.sdist]
+    urls = on_index(index_url, [(name, f.filename) for name, f in files])
+    downloads = [
+        Download(urls.get(f.filename, f.url), f.sha256, f.size, f.filename) for _, f in files
     ]
     paths = store.fetch_all(downloads, jobs=jobs, show=show_progress)
     result = [
@@ -359,4 +398,3 @@ def simple_index(wheels: Sequence[Wheel]) -> dict[str, str]:
         )
         pages[f"{name}/index.html"] = page.format(title=f"Links for {name}", body=links)
     return pages
-
