@@ -1245,3 +1245,36 @@ def test_install_refuses_a_tools_archive_it_cannot_check_before_changing_anythin
     assert message in proc.stderr.splitlines()[-1]
     assert "re-copy the whole bundle from the source media" in proc.stderr.splitlines()[-1]
     assert not prefix.exists()
+
+
+@pytest.fixture
+def read_only_prefix(tmp_path: Path):
+    """A read-only file system, which stops root too (permissions do not)."""
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], check=True)
+    yield mount / "gpustack"
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_preflight_fails_a_prefix_that_cannot_be_written(
+    tmp_path: Path, gpustack_wheel: Path, read_only_prefix: Path
+) -> None:
+    bundle = make_bundle(tmp_path, gpustack_wheel)
+    code, report = preflight_json(bundle, "--prefix", str(read_only_prefix))
+    assert code == 1, report
+    prefix = check(report, "prefix")
+    assert prefix["status"] == "fail" and str(read_only_prefix.parent) in prefix["detail"]
+    assert "sudo" not in prefix["fix"] and "writable file system" in prefix["fix"]  # we are root
+    code, report = preflight_json(bundle, "--prefix", str(tmp_path / "prefix"))
+    assert check(report, "prefix")["status"] == "ok", report
+
+
+def test_install_on_a_read_only_prefix_does_not_tell_root_to_use_sudo(
+    tmp_path: Path, gpustack_wheel: Path, read_only_prefix: Path
+) -> None:
+    bundle = make_bundle(tmp_path, gpustack_wheel)
+    proc = install(bundle, read_only_prefix, "--skip-preflight")
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert "Read-only file system" in proc.stderr and "sudo" not in proc.stderr, proc.stderr
+    assert "writable file system" in proc.stderr

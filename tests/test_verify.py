@@ -114,3 +114,35 @@ def test_the_allowlist_is_data_matched_by_cell(tmp_path: Path) -> None:
 def test_the_projects_allowlist_is_empty(root) -> None:
     """Empty by default: an air-gapped first start reaches for nothing."""
     assert tomllib.loads((root / "bundles" / "egress.toml").read_text()).get("allow", []) == []
+
+
+def test_a_verification_that_stops_early_still_writes_its_egress_file(matrix, tmp_path) -> None:
+    cell = matrix.cell("v0.7.1-linux-amd64-cpu-py3.11-base-pip")
+    report_path = tmp_path / f"{cell.id}.verify.json"
+    with pytest.raises(VerifyError, match="not a bundle"):
+        verify.verify(cell, tmp_path / "missing", tmp_path / "cache", 60, "", report_path)
+    audit = json.loads(verify.egress_path(report_path).read_text())
+    assert audit["audited"] is False and "not a bundle (no manifest.json)" in audit["reason"]
+
+
+def test_the_tool_check_calls_a_file_that_is_no_elf_by_its_name(tmp_path) -> None:
+    """The check runs inside the target container; here it runs on a fake install's tools."""
+    import subprocess
+    import sys
+
+    package = tmp_path / "site" / "gpustack"
+    tools = package / "third_party" / "bin"
+    for rel in ("llama-box/llama-box", "gguf-parser/gguf-parser", "fastfetch/fastfetch"):
+        (tools / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tools / rel).write_bytes(b"<!DOCTYPE html><html>rate limited</html>")
+    (package / "__init__.py").write_text("")
+    (tools / "versions.json").write_text("{}")
+    proc = subprocess.run(
+        [sys.executable, "-c", verify.TOOLS_EXEC, "cpu"], env={"PYTHONPATH": str(package.parent)},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "FAIL gguf-parser/gguf-parser: not an ELF program (it starts with b'<!DOCTYPE" in (
+        proc.stdout
+    ), proc.stdout
+    assert "machine None" not in proc.stdout
