@@ -39,14 +39,21 @@ def verify(session: nox.Session, cell: str) -> None:
 
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
-    """Run the test suite (unit and integration; needs Docker and PyPI)."""
-    session.run(sys.executable, "-m", "pytest", *session.posargs)
+    """Run the test suite (unit and integration; needs Docker and PyPI); not the heavy tier."""
+    session.run(sys.executable, "-m", "pytest", "-m", "not heavy", *session.posargs)
+
+
+@nox.session(venv_backend="none", default=False)
+def heavy(session: nox.Session) -> None:
+    """Run the on-demand tier: whole bundles of every extras kind (GBs of CUDA wheels)."""
+    session.run(sys.executable, "-m", "pytest", "-m", "heavy", *session.posargs)
 
 
 @nox.session(venv_backend="none")
 def unit(session: nox.Session) -> None:
     """Run the unit tests only (no Docker, no network)."""
-    session.run(sys.executable, "-m", "pytest", "-m", "not integration", *session.posargs)
+    session.run(sys.executable, "-m", "pytest", "-m", "not integration and not heavy",
+                *session.posargs)  # fmt: skip
 
 
 @nox.session(venv_backend="none")
