@@ -311,7 +311,7 @@ def wheel_metadata(path: Path) -> dict[str, list[str]]:
 def _unfolded(value: str) -> str:
     """A header value as its author wrote it: encoded words decoded, and the continuation lines
     of a multi-line value without the indent that folded them (the spec's 7 spaces and `|`, or
-    whatever whitespace they all share: setuptools writes 8 spaces, meson-python 9)."""
+    whatever whitespace they all share: setuptools writes 8 spaces, matplotlib's wheel has 9)."""
     first, *rest = re.split(r"\r\n|\r|\n", value)
     if rest and all(line.startswith("       |") for line in rest):
         rest = [line[8:] for line in rest]
@@ -325,7 +325,7 @@ def _decoded(line: str) -> str:
         return line
     try:
         return str(make_header(decode_header(line)))
-    except (HeaderParseError, LookupError, UnicodeDecodeError, ValueError):
+    except (HeaderParseError, LookupError, ValueError):  # ValueError: bad base64 or bytes
         return line  # not really encoded words: kept as written
 
 
