@@ -432,3 +432,77 @@ def test_a_blob_redirected_to_a_cdn_host_resumes_there_without_credentials(
     tally.injected += cdn.injected
     tally.survived += cdn.injected
     tally.add("registry", proxy, ok=True)
+
+
+# -- what killed builds leave in the cache (cache.in_use) ---------------------------------------
+
+
+def killed_builds_leftovers(root: Path) -> tuple[list[Path], list[Path]]:
+    """A cache as killed builds leave it: (the temporary entries, made as fsutil and the blob
+    store make them; the real data, and what is not the cache's own)."""
+    import tempfile
+
+    store = BlobStore(root)
+    store.root.mkdir(parents=True, exist_ok=True)
+    blob = store.path(hashlib.sha256(b"kept").hexdigest())
+    blob.write_bytes(b"kept")
+    venv = root / "tools" / "venv" / "gpustack-0.7.1-0123456789abcdef"
+    archive = root / "tools" / "archives" / "0.7.1-linux-amd64-cpu-0123456789abcdef"
+    wheel = root / "built" / "0123456789abcdef" / "crcmod-1.7-cp311-cp311-linux_aarch64.whl"
+    for folder in (venv / "bin", archive, wheel.parent):
+        folder.mkdir(parents=True)
+
+    def temp(final: Path, folder: bool = False, prefix: str = "") -> Path:
+        made = (tempfile.mkdtemp if folder else tempfile.mkstemp)(
+            prefix=prefix or f".{final.name}.", suffix=".part", dir=final.parent
+        )
+        path = Path(made if folder else made[1])  # type: ignore[index]
+        assert prefix or temp_names(final).fullmatch(path.name)
+        return path
+
+    temps = [
+        temp(blob, prefix=".new."),  # BlobStore.download
+        temp(store.path("ab" * 32)),  # atomic_path of a registry blob
+        temp(venv, folder=True),  # atomic_dir of a tool venv
+        temp(archive, folder=True),  # atomic_dir of a tools archive
+        temp(wheel),  # atomic_path of a built wheel
+        Path(tempfile.mkdtemp(prefix="tools-", dir=archive.parent)),  # the old tools scratch
+        archive.with_name(f".{archive.name}.old"),  # atomic_dir between its two renames
+    ]
+    temps[-1].mkdir()
+    (temps[3] / "raw").mkdir()
+    inside = venv / "lib" / ".x.abcdefgh.part"  # inside a finished entry: not looked at
+    uv = root / "uv" / ".entry.abcdefgh.part"  # uv's cache is uv's
+    for path in (inside, uv):
+        path.parent.mkdir()
+        path.write_text("not a leftover")
+    lock = venv.with_name(f"{venv.name}.lock")
+    lock.write_text("")
+    others = [blob, venv, archive, wheel.parent, inside, uv, lock, root / "notes.part"]
+    (root / "notes.part").write_text("kept")
+    return temps, others
+
+
+def test_the_first_build_on_a_cache_removes_every_leftover_of_killed_builds(tmp_path):
+    from gpustack_offline import cache
+
+    root = tmp_path / "cache"
+    temps, others = killed_builds_leftovers(root)
+    assert sorted(cache.leftovers(root)) == sorted(temps)
+    with cache.in_use(root):
+        assert [p for p in temps if p.exists()] == []
+        assert [p for p in others if not p.exists()] == []
+    assert cache.leftovers(root) == []
+
+
+def test_a_build_leaves_the_temporary_entries_of_a_live_build_alone(tmp_path):
+    from gpustack_offline import cache
+
+    root = tmp_path / "cache"
+    root.mkdir()
+    with cache.in_use(root):  # a live build
+        temps, _ = killed_builds_leftovers(root)
+        with cache.in_use(root):  # a second build starts meanwhile
+            assert [p for p in temps if not p.exists()] == []
+    with cache.in_use(root):  # the next build, with none other live
+        assert cache.leftovers(root) == []

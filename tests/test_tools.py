@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -173,3 +174,181 @@ def test_tar_reader_rejects_what_write_archive_would_never_write(tmp_path: Path)
         tf.addfile(info, io.BytesIO(b"x"))
     with tarfile.open(bad) as tf, pytest.raises(IntegrityError, match="escape"):
         safe_extract_tar(tf, tmp_path / "out", "download-tools archive")
+
+
+# -- what each program of an archive is ---------------------------------------------------------
+
+
+def elf(machine: int) -> bytes:
+    """The first bytes of a 64-bit little-endian ELF executable for `machine`."""
+    return (
+        b"\x7fELF\x02\x01\x01"
+        + bytes(9)
+        + (2).to_bytes(2, "little")
+        + machine.to_bytes(2, "little")
+    )
+
+
+HTML = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>mirror</body></html>\n"
+
+
+def pe(machine: int) -> bytes:
+    from release_mirror import pe_stub
+
+    data = bytearray(pe_stub("fixture"))
+    data[0x84:0x86] = machine.to_bytes(2, "little")  # the COFF header follows the 0x80 DOS stub
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "kind"),
+    [
+        (elf(62) + bytes(100), "an ELF for x86_64"),
+        (elf(183) + bytes(100), "an ELF for aarch64"),
+        (elf(8) + bytes(100), "an ELF for machine 8"),
+        (pe(0x8664), "a PE for x86_64"),
+        (pe(0xAA64), "a PE for aarch64"),
+        (HTML, "an HTML page"),
+        (b"  <html><body>404</body></html>", "an HTML page"),
+        (b"PK\x03\x04" + bytes(30), "a zip archive"),
+        (b"Not Found\n", "a text file"),
+        (b"", "an empty file"),
+        (bytes(range(8)) * 4, "data (it starts with 00 01 02 03 04 05 06 07)"),
+    ],
+)
+def test_a_file_is_named_for_what_it_is_never_an_elf_of_machine_none(
+    tmp_path: Path, data: bytes, kind: str
+) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    assert tools.file_kind(path) == kind
+
+
+@pytest.mark.parametrize(
+    ("cell_id", "expected"),
+    [
+        ("v0.7.1-linux-amd64-cpu-py3.11-base-pip", "an ELF for x86_64"),
+        ("v0.7.1-linux-arm64-cuda12.8-py3.11-base-pip", "an ELF for aarch64"),
+        ("v0.7.1-windows-amd64-cuda12.8-py3.11-base-pip", "a PE for x86_64"),
+    ],
+)
+def test_the_programs_must_be_executables_for_the_target(matrix, cell_id, expected) -> None:
+    assert tools.expected_program(matrix.cell(cell_id)) == expected
+
+
+LLAMA_BOX_ASSET = "gpustack/llama-box/releases/download/v0.0.171/dl-llama-box-linux-amd64-cpu.zip"
+PARSER_ASSET = "gpustack/gguf-parser-go/releases/download/v0.22.1/gguf-parser-linux-amd64"
+FASTFETCH_ASSET = "gpustack/fastfetch/releases/download/2.25.0.1/fastfetch-linux-amd64.zip"
+
+
+def program_tree(root: Path, parser: bytes) -> Path:
+    """An unpacked 0.7 archive for linux/amd64 whose gguf-parser is `parser`."""
+    tree = make_tree(root)
+    (tree / "llama-box" / "llama-box-v0.0.171-linux-amd64" / "llama-box").write_bytes(elf(62))
+    (tree / "gguf-parser" / "gguf-parser").write_bytes(parser)
+    (tree / "fastfetch").mkdir()
+    (tree / "fastfetch" / "fastfetch").write_bytes(elf(62))
+    return tree
+
+
+def proxy_that_fetched(tmp_path: Path, parser: bytes, url: str) -> tools.AssetProxy:
+    from gpustack_offline.fetch import BlobStore
+
+    store = BlobStore(tmp_path / "cache")
+    store.root.mkdir(parents=True)
+    lock = tools.ToolsLock(tmp_path / "locks" / "gpustack-0.7.1.toml", frozen=False)
+    proxy = tools.AssetProxy(store, lock, "http://mirror.invalid")
+    for path, data in ((LLAMA_BOX_ASSET, b"zip"), (PARSER_ASSET, parser), (FASTFETCH_ASSET, b"z")):
+        sha = hashlib.sha256(data).hexdigest()
+        store.path(sha).write_bytes(data)
+        fetched = url if path == PARSER_ASSET else ""
+        proxy.fetched[path] = tools.Asset(path, sha, len(data), fetched and f"{fetched}/{path}")
+        lock.record(proxy.fetched[path])
+    return proxy
+
+
+def test_an_html_page_for_a_program_is_refused_named_and_not_kept(matrix, tmp_path: Path) -> None:
+    cell = matrix.cell("v0.7.1-linux-amd64-cpu-py3.11-base-pip")
+    proxy = proxy_that_fetched(tmp_path, HTML, "http://mirror.invalid")
+    with pytest.raises(ToolsError) as err:
+        tools.check_programs(cell, program_tree(tmp_path / "t", HTML), proxy)
+    message = str(err.value)
+    assert f"http://mirror.invalid/{PARSER_ASSET}" in message
+    assert "gguf-parser/gguf-parser) is an HTML page, not an ELF for x86_64" in message
+    assert "ELF machine None" not in message and "machine None" not in message
+    assert f"nothing was recorded in {proxy.lock.path}" in message
+    assert not proxy.store.path(hashlib.sha256(HTML).hexdigest()).exists()
+    assert not proxy.lock.path.exists()
+
+
+def test_a_program_for_another_machine_is_refused(matrix, tmp_path: Path) -> None:
+    cell = matrix.cell("v0.7.1-linux-amd64-cpu-py3.11-base-pip")
+    proxy = proxy_that_fetched(tmp_path, elf(183), "")  # from the cache, as the lock lists it
+    with pytest.raises(ToolsError, match="is an ELF for aarch64, not an ELF for x86_64") as err:
+        tools.check_programs(cell, program_tree(tmp_path / "t", elf(183)), proxy)
+    assert f"its asset {PARSER_ASSET} (sha256 " in str(err.value)
+
+
+def test_programs_for_the_target_pass(matrix, tmp_path: Path) -> None:
+    cell = matrix.cell("v0.7.1-linux-amd64-cpu-py3.11-base-pip")
+    proxy = proxy_that_fetched(tmp_path, elf(62), "http://mirror.invalid")
+    tools.check_programs(cell, program_tree(tmp_path / "t", elf(62)), proxy)
+
+
+def test_a_program_that_download_tools_did_not_fetch_is_refused(matrix, tmp_path: Path) -> None:
+    """What a concurrent download-tools in the same tool venv did: the archive holds fastfetch,
+    but no asset of this build's record is for it."""
+    cell = matrix.cell("v0.7.1-linux-amd64-cpu-py3.11-base-pip")
+    proxy = proxy_that_fetched(tmp_path, elf(62), "")
+    del proxy.fetched[FASTFETCH_ASSET]
+    with pytest.raises(ToolsError, match="put fastfetch into the tools archive without fetching"):
+        tools.check_programs(cell, program_tree(tmp_path / "t", elf(62)), proxy)
+
+
+def cached_archive(tmp_path: Path, assets: list[str]) -> Path:
+    """A cached archive folder of the three programs whose record lists `assets`."""
+    final = tmp_path / "cache" / "tools" / "archives" / "0.7.1-linux-amd64-cpu-0123456789abcdef"
+    final.mkdir(parents=True)
+    tools.write_archive(program_tree(tmp_path / "t", elf(62)), final / tools.ARCHIVE_NAME)
+    archive = final / tools.ARCHIVE_NAME
+    record = {
+        "path": tools.ARCHIVE_NAME,
+        "sha256": hashlib.sha256(archive.read_bytes()).hexdigest(),
+        "assets": [{"path": p, "sha256": "a" * 64, "size": 1, "url": ""} for p in assets],
+        "llama_box_dir": "llama-box-v0.0.171-linux-amd64",
+        "retargeted_from": None,
+        "base_url": "",
+        "wanted_before_fix": [],
+    }
+    (final / "archive.json").write_text(json.dumps(record))
+    return final
+
+
+def test_a_cached_record_without_an_asset_for_every_program_is_not_trusted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The record two concurrent builds left: the tar holds fastfetch/fastfetch, the record
+    lists two assets. It is made again, not shipped without fastfetch build after build."""
+    final = cached_archive(tmp_path, [LLAMA_BOX_ASSET, PARSER_ASSET])
+    lock = tools.ToolsLock(tmp_path / "gpustack-0.7.1.toml", frozen=False)
+    assert tools._cached(final, lock) is None
+    assert "holds fastfetch but its record lists no asset for it" in caplog.text
+
+
+def test_a_complete_cached_record_is_used(tmp_path: Path) -> None:
+    final = cached_archive(tmp_path, [LLAMA_BOX_ASSET, PARSER_ASSET, FASTFETCH_ASSET])
+    lock = tools.ToolsLock(tmp_path / "gpustack-0.7.1.toml", frozen=False)
+    archive = tools._cached(final, lock)
+    assert archive is not None and len(archive.assets) == 3
+
+
+def test_saving_the_lock_keeps_what_another_build_saved_meanwhile(tmp_path: Path) -> None:
+    path = tmp_path / "gpustack-0.7.1.toml"
+    one = tools.ToolsLock(path, frozen=False)
+    two = tools.ToolsLock(path, frozen=False)
+    one.record(tools.Asset(PARSER_ASSET, "1" * 64, 1))
+    two.record(tools.Asset(FASTFETCH_ASSET, "2" * 64, 2))
+    assert one.save("0.7.1") == 1
+    assert two.save("0.7.1") == 1  # fastfetch is new; gguf-parser was the other build's
+    assert set(tools.ToolsLock(path, frozen=True).entries) == {PARSER_ASSET, FASTFETCH_ASSET}
+    assert tools.ToolsLock(path, frozen=False).save("0.7.1") == 0

@@ -17,6 +17,7 @@ from typing import Any
 
 from . import __version__, provenance, runners, sbom, signing, tools
 from . import images as images_
+from .cache import in_use
 from .errors import BundleError, Busy
 from .fetch import BlobStore
 from .fsutil import (
@@ -206,7 +207,10 @@ def build(cell: Cell, opts: Options, root: Path) -> Result:
     ensure_writable(dist, "dist-dir")
     ensure_writable(opts.path("cache_dir", root), "cache-dir")
     try:
-        with held(dist / f".{cell.id}.lock", f"the bundle {dist / cell.id}", wait=False):
+        with (
+            held(dist / f".{cell.id}.lock", f"the bundle {dist / cell.id}", wait=False),
+            in_use(opts.path("cache_dir", root)),  # and sweeps killed builds' leftovers
+        ):
             return (build_docker if cell.method == "docker" else build_pip)(cell, opts, root)
     except Busy as exc:
         raise BundleError(

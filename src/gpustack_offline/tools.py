@@ -18,6 +18,15 @@ cross build needs (`CUDA_VERSION`). Around it:
   what the probe says the target looks for) and probed again; it must then want nothing.
 - The archive is rewritten deterministically (sorted, fixed times and owners), so the same assets
   give the same bytes.
+- Each program in it (llama-box, gguf-parser, fastfetch) must be an executable for the target:
+  an ELF (Linux) or PE (Windows) for its machine. Anything else the mirror answered (an HTML
+  page with status 200, another machine's build) stops the build, and the asset is not recorded.
+
+Builds share the cache, and download-tools empties and refills the tool venv's
+`gpustack/third_party/bin` each time it runs, so one tool venv serves one build at a time: its
+creation, and the making of an archive with it, happen under a flock beside it
+(`<venv>.lock`), and a build that waited looks at the cache again first. A cached archive is used
+only if its record lists an asset for every program the archive holds.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -45,8 +54,8 @@ from typing import Any
 import requests
 
 from .errors import BundleError, IntegrityError, ToolsError
-from .fetch import BlobStore, DownloadError, HTTPStatusError, session
-from .fsutil import atomic_dir, atomic_path, sha256_file, write_text
+from .fetch import BlobStore, DownloadError, HTTPStatusError, redact, session
+from .fsutil import Busy, atomic_dir, atomic_path, held, sha256_file, write_text
 from .locks import Override, matching, without_credentials
 from .matrix import Cell
 from .runner import run
@@ -63,6 +72,12 @@ ARCHIVE_NAME = "gpustack-tools.tar.gz"
 BUNDLE_PATH = f"tools/{ARCHIVE_NAME}"
 # Settings of the build host that would change what download-tools fetches or where it looks.
 HOST_ENV_LEAKS = ("CUDA_VERSION", "CANN_VERSION", "CANN_CHIP", "GPUSTACK_")
+# The programs of a tools archive, by the folder download-tools puts each in.
+PROGRAMS = ("llama-box", "gguf-parser", "fastfetch")
+# The machine of a target architecture, as ELF (e_machine) and PE (COFF Machine) headers name it.
+ELF_MACHINES = {62: "x86_64", 183: "aarch64", 3: "i386", 40: "arm", 243: "riscv64", 21: "ppc64"}
+PE_MACHINES = {0x8664: "x86_64", 0xAA64: "aarch64", 0x14C: "i386", 0x1C4: "arm"}
+TARGET_MACHINES = {"amd64": "x86_64", "arm64": "aarch64"}
 
 
 @dataclass(frozen=True)
@@ -121,15 +136,20 @@ class ToolsLock:
     def __init__(self, path: Path, frozen: bool) -> None:
         self.path = path
         self.frozen = frozen
-        self.entries: dict[str, tuple[str, int]] = {}
         self._lock = threading.Lock()
-        if path.is_file():
-            try:
-                data = tomllib.loads(path.read_text())
-            except tomllib.TOMLDecodeError as exc:
-                raise ToolsError(f"{path}: not valid TOML: {exc}; fix or delete it") from exc
-            for name, entry in data.get("assets", {}).items():
-                self.entries[name] = (str(entry["sha256"]), int(entry["size"]))
+        self.entries = self._read()
+
+    def _read(self) -> dict[str, tuple[str, int]]:
+        if not self.path.is_file():
+            return {}
+        try:
+            data = tomllib.loads(self.path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ToolsError(f"{self.path}: not valid TOML: {exc}; fix or delete it") from exc
+        return {
+            name: (str(entry["sha256"]), int(entry["size"]))
+            for name, entry in data.get("assets", {}).items()
+        }
 
     def expected(self, path: str) -> str | None:
         entry = self.entries.get(path)
@@ -151,7 +171,19 @@ class ToolsLock:
                 )
             self.entries[asset.path] = (asset.sha256, asset.size)
 
-    def save(self, version: str) -> None:
+    def save(self, version: str) -> int:
+        """Write the lock, merged with what another build wrote into the file meanwhile (the
+        caller serialises saves); the number of entries the file did not have."""
+        on_disk = self._read()
+        with self._lock:
+            for name, entry in on_disk.items():
+                ours = self.entries.setdefault(name, entry)
+                if ours[0] != entry[0]:
+                    raise IntegrityError(
+                        f"upstream asset {name} changed while this build ran: {self.path} now "
+                        f"has sha256 {entry[0]}, this build fetched {ours[0]}. Rebuild, and "
+                        "review the entry"
+                    )
         lines = [
             f"# sha256 of every release asset `gpustack download-tools` fetched for GPUStack "
             f"{version}.\n# Written by the build; a changed asset is a build error. Review "
@@ -163,10 +195,80 @@ class ToolsLock:
         text = "".join(lines)
         if not self.path.is_file() or self.path.read_text() != text:
             write_text(self.path, text)
+        return len(self.entries.keys() - on_disk.keys())
 
 
 def lock_path(locks_dir: Path, version: str) -> Path:
     return locks_dir / f"gpustack-{version}.toml"
+
+
+# --- what a file is -------------------------------------------------------------------------
+
+
+def expected_program(cell: Cell) -> str:
+    """What each program of the cell's tools archive must be, in `file_kind`'s words."""
+    machine = TARGET_MACHINES.get(cell.arch, cell.arch)
+    return f"a PE for {machine}" if cell.os == "windows" else f"an ELF for {machine}"
+
+
+def file_kind(path: Path) -> str:
+    """What a file is, from its first bytes: "an ELF for x86_64", "a PE for aarch64", "an HTML
+    page", "a zip archive", "a text file", "an empty file", "data (starts with ...)"."""
+    with path.open("rb") as fh:
+        head = fh.read(4096)
+        if head[:2] == b"MZ" and len(head) >= 0x40:
+            offset = int.from_bytes(head[0x3C:0x40], "little")
+            fh.seek(offset)
+            header = fh.read(6)
+            if header[:4] == b"PE\0\0" and len(header) == 6:
+                machine = int.from_bytes(header[4:6], "little")
+                return f"a PE for {PE_MACHINES.get(machine, f'machine {machine:#x}')}"
+    return bytes_kind(head)
+
+
+def bytes_kind(head: bytes) -> str:
+    """`file_kind` for the first bytes of a file (an ELF header, or what else it is)."""
+    if not head:
+        return "an empty file"
+    if head[:4] == b"\x7fELF" and len(head) >= 20:
+        machine = int.from_bytes(head[18:20], "big" if head[5] == 2 else "little")
+        return f"an ELF for {ELF_MACHINES.get(machine, f'machine {machine}')}"
+    text = head[:1024].lstrip().lower()
+    if text.startswith((b"<!doctype html", b"<html", b"<head", b"<body")) or b"<html" in text:
+        return "an HTML page"
+    if head[:4] == b"PK\x03\x04" or head[:4] == b"PK\x05\x06":
+        return "a zip archive"
+    if head[:2] == b"\x1f\x8b":
+        return "a gzip file"
+    if head[:2] == b"MZ":
+        return "a DOS/PE file without a PE header"
+    try:
+        decoded = head.decode()
+    except UnicodeDecodeError:
+        decoded = ""
+    if decoded and all(c.isprintable() or c.isspace() for c in decoded):
+        return "a text file"
+    return f"data (it starts with {head[:8].hex(' ')})"
+
+
+def asset_program(path: str) -> str | None:
+    """The program an asset is for, from its repository (gpustack/<repo>/releases/...)."""
+    parts = path.split("/")
+    repo = parts[1] if len(parts) > 1 else ""
+    return next((p for p in PROGRAMS if repo in (p, f"{p}-go")), None)
+
+
+def program_of(name: str) -> str | None:
+    """The program a tools archive member is (`llama-box/<folder>/llama-box`,
+    `gguf-parser/gguf-parser.exe`, ...), or None for any other member."""
+    parts = name.strip("/").split("/")
+    program = parts[-1].removesuffix(".exe")
+    return program if program in PROGRAMS and parts[0] == program and len(parts) > 1 else None
+
+
+def programs_in(files: list[str]) -> set[str]:
+    """The programs among a tools archive's regular files (names relative to its root)."""
+    return {p for p in map(program_of, files) if p}
 
 
 # --- the asset proxy ------------------------------------------------------------------------
@@ -206,10 +308,28 @@ class AssetProxy:
             ) from None
         except DownloadError as exc:
             raise ToolsError(f"{exc}. The tools mirror option is tools-base-url") from None
+        if expected is None:
+            self._refuse_if_no_asset(url, path, sha)
         got = Asset(path, sha, self.store.path(sha).stat().st_size, url)
         self.lock.record(got)
         self.fetched[path] = got
         return self.store.path(sha)
+
+    def _refuse_if_no_asset(self, url: str, path: str, sha: str) -> None:
+        """A new asset that cannot be a release asset (a web page; a zip that is none) is
+        refused before anything records it, and its file is not kept."""
+        blob = self.store.path(sha)
+        kind = file_kind(blob)
+        wanted = "a zip archive" if path.endswith(".zip") else None
+        if kind != "an HTML page" and (wanted is None or kind == wanted):
+            return
+        blob.unlink(missing_ok=True)
+        raise ToolsError(
+            f"{redact(url)} answered {kind} (status 200), not the release asset "
+            f"({wanted or 'a program'}); it was not kept or recorded in {self.lock.path}. The "
+            "tools base URL (tools-base-url) must serve upstream's release files at upstream's "
+            "paths: check it"
+        )
 
     def _base(self, path: str) -> str:
         with self._guard:
@@ -288,6 +408,31 @@ def tool_venv(cell: Cell, overrides: list[Override], cache: Path, index_url: str
     python = final / "bin" / "python"
     if python.exists():
         return python
+    with _waiting(venv_lock(python), f"the GPUStack {cell.version} tool venv"):
+        if not python.exists():  # another build may have made it while this one waited
+            _make_venv(cell, spec, cache, index_url, final)
+    return python
+
+
+def venv_lock(python: Path) -> Path:
+    """The flock file of the tool venv whose interpreter is `python`, beside the venv."""
+    venv = python.parent.parent
+    return venv.with_name(f"{venv.name}.lock")
+
+
+@contextmanager
+def _waiting(lock_file: Path, what: str) -> Iterator[None]:
+    """`fsutil.held(lock_file)`, waiting for another build that holds it, and saying so."""
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(held(lock_file, what, wait=False))
+        except Busy as exc:
+            log.warning("%s; waiting for it", exc)
+            stack.enter_context(held(lock_file, what))
+        yield
+
+
+def _make_venv(cell: Cell, spec: list[str], cache: Path, index_url: str, final: Path) -> None:
     env = {**os.environ, "UV_CACHE_DIR": str(cache / "uv")}
     with atomic_dir(final) as stage:
         run(
@@ -301,7 +446,6 @@ def tool_venv(cell: Cell, overrides: list[Override], cache: Path, index_url: str
             what=f"installing GPUStack {cell.version} into its tool venv",
             fix="the tool venv runs upstream's download-tools on this host; check the index URL",
         )  # fmt: skip
-    return python
 
 
 # --- the archive: make, probe, retarget, normalise --------------------------------------------
@@ -368,8 +512,11 @@ def write_archive(tree: Path, final: Path) -> None:
 
 
 def build_archive(cell: Cell, python: Path, proxy: AssetProxy, out: Path) -> Archive:
-    """Run download-tools for the cell through the proxy; probe, retarget, normalise into `out`."""
-    with tempfile.TemporaryDirectory(prefix="tools-", dir=out.parent) as scratch:
+    """Run download-tools for the cell through the proxy; probe, retarget, normalise into `out`.
+
+    The caller holds the tool venv's lock (`venv_lock`): download-tools rewrites the venv."""
+    # inside `out`, the stage of the archive's folder: a killed build's scratch goes with it
+    with tempfile.TemporaryDirectory(prefix="tools-", dir=out) as scratch:
         raw = Path(scratch) / "raw" / ARCHIVE_NAME
         with proxy.serving() as url:
             try:
@@ -388,6 +535,7 @@ def build_archive(cell: Cell, python: Path, proxy: AssetProxy, out: Path) -> Arc
         tree = Path(scratch) / "tree"
         with tarfile.open(raw) as tf:
             safe_extract_tar(tf, tree, f"download-tools archive for {cell.id}")
+        check_programs(cell, tree, proxy)
         first = probe(python, raw, cell)
         _fail_on_errors(cell, first)
         moved = None
@@ -410,6 +558,45 @@ def build_archive(cell: Cell, python: Path, proxy: AssetProxy, out: Path) -> Arc
         base_url=proxy.base_url,
         wanted_before_fix=first["would_download"],
     )
+
+
+def check_programs(cell: Cell, tree: Path, proxy: AssetProxy) -> None:
+    """Every program in the unpacked archive `tree` is an executable for the cell's target, and
+    came from an asset this build fetched or took from the cache through the proxy (one that
+    download-tools found already there would be missing from the record). A wrong asset's file
+    fetched now is not kept; the lock is saved only after the build, so it is not recorded."""
+    expected = expected_program(cell)
+    sources = {asset_program(a.path): a for a in proxy.fetched.values()}
+    files = sorted(p for p in tree.rglob("*") if p.is_file() and not p.is_symlink())
+    for file in files:
+        rel = file.relative_to(tree).as_posix()
+        program = program_of(rel)
+        if program is None:
+            continue
+        kind = file_kind(file)
+        if kind == expected:
+            continue
+        asset = sources.get(program)
+        if asset is None:
+            origin = "download-tools did not fetch it through this build"
+        elif asset.url:
+            proxy.store.path(asset.sha256).unlink(missing_ok=True)
+            origin = f"its asset came from {redact(asset.url)} (not kept)"
+        else:
+            origin = f"its asset {asset.path} (sha256 {asset.sha256}) came from the cache"
+        raise ToolsError(
+            f"{cell.id}: {program} in the tools archive ({rel}) is {kind}, not {expected} as "
+            f"the target needs; {origin}, and nothing was recorded in {proxy.lock.path}. The "
+            "tools mirror (tools-base-url) serves something other than upstream's release asset "
+            "at that path: check it"
+        )
+    missing = programs_in([f.relative_to(tree).as_posix() for f in files]) - sources.keys()
+    if missing:
+        raise ToolsError(
+            f"{cell.id}: download-tools put {', '.join(sorted(missing))} into the tools archive "
+            "without fetching it: another process changed the tool venv's "
+            "gpustack/third_party/bin meanwhile. Rerun the build"
+        )
 
 
 def _fail_on_errors(cell: Cell, probed: Mapping[str, Any]) -> None:
@@ -438,7 +625,10 @@ def build(
     frozen: bool,
 ) -> Archive:
     """The cell's tools archive. Cells that share a target (extras, Python) share one archive,
-    made once and cached with a record of its assets, which are checked against the lock again."""
+    made once and cached with a record of its assets, which are checked against the lock again.
+
+    The archive is made under the tool venv's lock, after looking at the cache again: a build
+    that waited for another one finds what that one made."""
     python = tool_venv(cell, overrides, cache, index_url)
     lock = ToolsLock(lock_path(locks_dir, cell.version), frozen)
     identity = [cell.version, target_identity(cell), cell.cuda, str(python), base_url]
@@ -448,21 +638,35 @@ def build(
     )
     archive = _cached(final, lock)
     if archive is None:
-        proxy = AssetProxy(BlobStore(cache), lock, base_url)
-        with atomic_dir(final) as stage:
-            archive = build_archive(cell, python, proxy, stage)
-            record = {**archive.__dict__, "path": ARCHIVE_NAME,
-                      "assets": [a.__dict__ for a in archive.assets]}  # fmt: skip
-            (stage / "archive.json").write_text(json.dumps(record, indent=2))
-        archive.path = final / ARCHIVE_NAME
+        with _waiting(venv_lock(python), f"the GPUStack {cell.version} tool venv"):
+            archive = _cached(final, lock)  # another build may have made it meanwhile
+            if archive is None:
+                archive = _make_archive(cell, python, cache, lock, base_url, final)
     if not frozen:
-        lock.save(cell.version)
+        with held(cache / "tools" / "locks.lock", f"saving {lock.path}"):
+            added = lock.save(cell.version)
+        if added:
+            log.warning("recorded %d new assets in %s", added, lock.path)
+    return archive
+
+
+def _make_archive(
+    cell: Cell, python: Path, cache: Path, lock: ToolsLock, base_url: str, final: Path
+) -> Archive:
+    proxy = AssetProxy(BlobStore(cache), lock, base_url)
+    with atomic_dir(final) as stage:
+        archive = build_archive(cell, python, proxy, stage)
+        record = {**archive.__dict__, "path": ARCHIVE_NAME,
+                  "assets": [a.__dict__ for a in archive.assets]}  # fmt: skip
+        (stage / "archive.json").write_text(json.dumps(record, indent=2))
+    archive.path = final / ARCHIVE_NAME
     return archive
 
 
 def _cached(final: Path, lock: ToolsLock) -> Archive | None:
-    """The cached archive if it is intact; its assets are checked against the lock (frozen or
-    not), so deleting a lock entry or changing it is never hidden by the cache."""
+    """The cached archive if it is intact and its record complete (an asset for every program
+    it holds); its assets are checked against the lock (frozen or not), so deleting a lock
+    entry or changing it is never hidden by the cache."""
     try:
         record = json.loads((final / "archive.json").read_text())
         archive = Archive(**{**record, "path": final / ARCHIVE_NAME,
@@ -470,6 +674,18 @@ def _cached(final: Path, lock: ToolsLock) -> Archive | None:
     except (OSError, ValueError, TypeError):
         return None
     if not archive.path.is_file() or sha256_file(archive.path) != archive.sha256:
+        return None
+    try:
+        with tarfile.open(archive.path) as tf:
+            files = [m.name for m in tf if m.isfile() or m.islnk()]
+    except (OSError, tarfile.TarError, EOFError):
+        return None
+    unrecorded = programs_in(files) - {asset_program(a.path) for a in archive.assets}
+    if unrecorded:
+        log.warning(
+            "the cached tools archive %s holds %s but its record lists no asset for it; "
+            "making it again", final, ", ".join(sorted(unrecorded)),
+        )  # fmt: skip
         return None
     for asset in archive.assets:
         lock.expected(asset.path)
