@@ -7,6 +7,7 @@ The tool venvs come from PyPI (cached by content under the cache dir); the asset
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tarfile
@@ -189,3 +190,65 @@ def test_a_mirror_without_the_asset_is_named_in_the_error(matrix, setting, own_m
         build(cell, setting, own_mirror.base_url, frozen=False, locks_dir=tmp_path)
     assert "answered 404" in str(err.value) and asset in str(err.value)
     assert not (tmp_path / "gpustack-0.7.1.toml").exists()
+
+
+PARSER = "gpustack/gguf-parser-go/releases/download/v0.22.1/gguf-parser-linux-amd64"
+HTML_PAGE = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body></body></html>\n"
+
+
+@pytest.mark.parametrize(
+    ("served_from", "kind"),
+    [(None, "an HTML page"), (PARSER.replace("amd64", "arm64"), "an ELF for aarch64")],
+    ids=["html-page", "arm64-build"],
+)
+def test_a_new_asset_that_is_no_program_for_the_target_stops_the_first_build(
+    matrix, setting, own_mirror, tmp_path, served_from, kind
+):
+    """A mirror answers 200 with a sign-in page, or with another machine's build, for an asset
+    the lock does not list yet: refused with the URL, what it is and what was expected;
+    nothing is recorded in the lock and the file is not kept."""
+    cell = matrix.cell("v0.7.1-linux-amd64-cpu-py3.11-base-pip")
+    served = HTML_PAGE if served_from is None else (own_mirror.root / served_from).read_bytes()
+    own_mirror.replace(PARSER, served)
+    cache = tmp_path / "cache"  # no asset cached (the tool venv is the shared one's)
+    (cache / "tools").mkdir(parents=True)
+    (cache / "tools" / "venv").symlink_to(setting["cache"] / "tools" / "venv")
+    with pytest.raises(ToolsError) as err:
+        build(cell, setting, own_mirror.base_url, frozen=False, locks_dir=tmp_path, cache=cache)
+    message = str(err.value)
+    assert own_mirror.url(PARSER) in message
+    assert f"answered {kind} (status 200)" in message and "an ELF for x86_64" in message
+    assert "machine None" not in message
+    assert not (tmp_path / "gpustack-0.7.1.toml").exists()
+    assert not BlobStore(cache).path(hashlib.sha256(served).hexdigest()).exists()
+    assert not list((cache / "tools" / "archives").glob("*/archive.json"))
+
+
+def test_an_unfrozen_build_says_how_many_assets_it_recorded(
+    matrix, setting, release_mirror, tmp_path, caplog
+):
+    cell = matrix.cell("v0.7.1-linux-amd64-cpu-py3.11-base-pip")
+    build(cell, setting, release_mirror.base_url, frozen=False, locks_dir=tmp_path)
+    path = tools.lock_path(tmp_path, "0.7.1")
+    assert f"recorded 3 new assets in {path}" in caplog.messages
+    caplog.clear()
+    build(cell, setting, release_mirror.base_url, frozen=False, locks_dir=tmp_path)
+    assert not [m for m in caplog.messages if m.startswith("recorded")]
+
+
+def test_a_cached_record_missing_an_asset_is_made_again_not_shipped_again(
+    matrix, setting, release_mirror, caplog
+):
+    """What two builds sharing the tool venv left before it was serialised: the archive holds
+    fastfetch, its record lists two assets; every later build copied the record."""
+    cell = matrix.cell("v0.7.1-linux-amd64-cpu-py3.11-base-pip")
+    first = build(cell, setting, release_mirror.base_url)
+    record_file = first.path.with_name("archive.json")
+    record = json.loads(record_file.read_text())
+    record["assets"] = [a for a in record["assets"] if "/fastfetch/" not in a["path"]]
+    record_file.write_text(json.dumps(record))
+    again = build(cell, setting, release_mirror.base_url)
+    assert "holds fastfetch but its record lists no asset for it" in caplog.text
+    assert {tools.asset_program(a.path) for a in again.assets} == set(tools.PROGRAMS)
+    assert len(json.loads(record_file.read_text())["assets"]) == 3
+    assert "fastfetch/fastfetch" in members(again.path)

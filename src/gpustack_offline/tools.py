@@ -281,6 +281,7 @@ class AssetProxy:
     store: BlobStore
     lock: ToolsLock
     base_url: str = ""  # "" = choose among UPSTREAM_BASES as upstream does
+    program: str = ""  # what a program asset must be (`expected_program`); "" = not checked
     fetched: dict[str, Asset] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     url: str = ""
@@ -316,19 +317,23 @@ class AssetProxy:
         return self.store.path(sha)
 
     def _refuse_if_no_asset(self, url: str, path: str, sha: str) -> None:
-        """A new asset that cannot be a release asset (a web page; a zip that is none) is
-        refused before anything records it, and its file is not kept."""
+        """A new asset that cannot be the release asset (a web page, a zip that is none, a
+        program for another machine) is refused before anything records it, and its file is
+        not kept."""
         blob = self.store.path(sha)
         kind = file_kind(blob)
-        wanted = "a zip archive" if path.endswith(".zip") else None
+        if path.endswith(".zip"):
+            wanted: str | None = "a zip archive"
+        else:
+            wanted = (self.program or None) if asset_program(path) else None
         if kind != "an HTML page" and (wanted is None or kind == wanted):
             return
         blob.unlink(missing_ok=True)
         raise ToolsError(
-            f"{redact(url)} answered {kind} (status 200), not the release asset "
-            f"({wanted or 'a program'}); it was not kept or recorded in {self.lock.path}. The "
-            "tools base URL (tools-base-url) must serve upstream's release files at upstream's "
-            "paths: check it"
+            f"{redact(url)} answered {kind} (status 200), not the release asset: "
+            f"{wanted or 'a release file'} was expected. It was not kept or recorded in "
+            f"{self.lock.path}. The tools base URL (tools-base-url) must serve upstream's "
+            "release files at upstream's paths: check it"
         )
 
     def _base(self, path: str) -> str:
@@ -653,7 +658,7 @@ def build(
 def _make_archive(
     cell: Cell, python: Path, cache: Path, lock: ToolsLock, base_url: str, final: Path
 ) -> Archive:
-    proxy = AssetProxy(BlobStore(cache), lock, base_url)
+    proxy = AssetProxy(BlobStore(cache), lock, base_url, program=expected_program(cell))
     with atomic_dir(final) as stage:
         archive = build_archive(cell, python, proxy, stage)
         record = {**archive.__dict__, "path": ARCHIVE_NAME,
