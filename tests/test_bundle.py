@@ -17,7 +17,9 @@ from gpustack_offline.wheels import Wheel
 LOCK = "bundles/locks/v0.7.1-linux-amd64-cpu-py3.11-base-pip/pylock.toml"
 
 
-def _assemble(matrix, root, tmp_path, cell_id="v0.7.1-linux-amd64-cpu-py3.11-base-pip"):
+def _assemble(
+    matrix, root, tmp_path, cell_id="v0.7.1-linux-amd64-cpu-py3.11-base-pip", lock_path=None
+):
     """A real bundle folder around two small stand-in wheels; returns (cell, stage, manifest)."""
     cell = matrix.cell(cell_id)
     files = tmp_path / "cache"
@@ -30,8 +32,18 @@ def _assemble(matrix, root, tmp_path, cell_id="v0.7.1-linux-amd64-cpu-py3.11-bas
         )
     stage = tmp_path / "dist" / cell.id
     stage.mkdir(parents=True)
-    manifest = bundle.assemble(cell, wheels, Lock(root / LOCK, cell.id, "d"), stage, root)
+    lock = Lock(lock_path or root / LOCK, cell.id, "d")
+    manifest = bundle.assemble(cell, wheels, lock, stage, root)
     return cell, stage, manifest
+
+
+def test_a_lock_outside_the_project_is_named_by_its_absolute_path(matrix, root, tmp_path):
+    """The locks-dir option may point anywhere: the manifest then names the lock absolutely."""
+    outside = tmp_path / "locks" / "pylock.toml"
+    outside.parent.mkdir()
+    outside.write_bytes((root / LOCK).read_bytes())
+    _, _, manifest = _assemble(matrix, root, tmp_path, lock_path=outside)
+    assert manifest["lock"]["path"] == str(outside.resolve())
 
 
 def test_bundle_has_manifest_sums_scripts_and_index(matrix, root, tmp_path):

@@ -165,7 +165,9 @@ def assemble(
         "tool": {"name": "gpustack-offline", "version": __version__, "commit": tool_commit(root)},
         "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "lock": (
-            {"path": str(lock.path.relative_to(root)), "sha256": lock.digest()} if lock else None
+            {"path": provenance.shown_path(lock.path, root), "sha256": lock.digest()}
+            if lock
+            else None
         ),
         "tools": tools_archive.manifest() if tools_archive else None,
         "images": [i._asdict() for i in images],

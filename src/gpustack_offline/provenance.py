@@ -55,7 +55,8 @@ def input_files(cell: Cell, opts: Options, root: Path) -> list[Path]:
     return [p for p in candidates if p.is_file()]
 
 
-def _relative(path: Path, root: Path) -> str:
+def shown_path(path: Path, root: Path) -> str:
+    """A path as the manifest shows it: relative to the project, absolute when outside it."""
     try:
         return str(path.resolve().relative_to(root.resolve()))
     except ValueError:
@@ -123,7 +124,7 @@ def provenance(
             "commit": tool_commit(root),
         },
         "inputs": sorted(
-            ({"path": _relative(p, root), "sha256": sha256_file(p)} for p in lock_paths),
+            ({"path": shown_path(p, root), "sha256": sha256_file(p)} for p in lock_paths),
             key=lambda entry: entry["path"],
         ),
         "images": sorted(
