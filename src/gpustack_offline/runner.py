@@ -1,11 +1,13 @@
 """The one way this project runs an external program: logged argument list, typed failure.
 
-Every program runs in a process group of its own, ended whole (SIGKILL to the group) when the
-run does not end normally: a timeout, an error or an interrupt here. On Linux the program also
-gets the kernel's parent-death signal (`PR_SET_PDEATHSIG`, SIGKILL), so a build that is itself
-killed with SIGKILL, which no handler sees, takes its running child (`download-tools`, `uv`, ...)
-with it instead of leaving it orphaned. The signal is tied to the thread that started the
-child; `run` waits for the child in that same thread, so the thread outlives the child.
+Every program runs in a session, and so a process group, of its own, ended whole (SIGKILL to the
+group) when the run does not end normally: a timeout, an error or an interrupt here (Ctrl-C
+reaches only the build, which then ends the group). On Linux the program also gets the kernel's
+parent-death signal (`PR_SET_PDEATHSIG`, SIGKILL), so a build that is itself killed with SIGKILL,
+which no handler sees, takes its running program (`download-tools`, `uv`, ...) with it instead
+of leaving it orphaned; programs that program started itself are not covered by that signal.
+The signal is tied to the thread that started the program; `run` waits for the program in that
+same thread, so the thread outlives it.
 """
 
 from __future__ import annotations
@@ -95,7 +97,9 @@ def run(
             text=True,
             stdout=subprocess.PIPE if capture else None,
             stderr=subprocess.STDOUT if capture else None,
-            process_group=0,  # its own group, ended whole below; the terminal session stays
+            # its own session and so process group, ended whole below; with no controlling
+            # terminal, so it is never stopped for reading or writing one from the background
+            start_new_session=True,
             preexec_fn=_dies_with(os.getpid()),
         )
     except FileNotFoundError as exc:
