@@ -276,7 +276,7 @@ def test_an_html_page_for_a_program_is_refused_named_and_not_kept(matrix, tmp_pa
     assert f"http://mirror.invalid/{PARSER_ASSET}" in message
     assert "gguf-parser/gguf-parser) is an HTML page, not an ELF for x86_64" in message
     assert "ELF machine None" not in message and "machine None" not in message
-    assert f"nothing was recorded in {proxy.lock.path}" in message
+    assert f"was not kept or recorded in {proxy.lock.path}" in message
     assert not proxy.store.path(hashlib.sha256(HTML).hexdigest()).exists()
     assert not proxy.lock.path.exists()
 
@@ -287,6 +287,7 @@ def test_a_program_for_another_machine_is_refused(matrix, tmp_path: Path) -> Non
     with pytest.raises(ToolsError, match="is an ELF for aarch64, not an ELF for x86_64") as err:
         tools.check_programs(cell, program_tree(tmp_path / "t", elf(183)), proxy)
     assert f"its asset {PARSER_ASSET} (sha256 " in str(err.value)
+    assert f"is the one {proxy.lock.path} lists: that entry is wrong" in str(err.value)
 
 
 def test_programs_for_the_target_pass(matrix, tmp_path: Path) -> None:

@@ -583,17 +583,22 @@ def check_programs(cell: Cell, tree: Path, proxy: AssetProxy) -> None:
             continue
         asset = sources.get(program)
         if asset is None:
-            origin = "download-tools did not fetch it through this build"
+            why = "download-tools did not fetch it through this build. Rerun the build"
         elif asset.url:
             proxy.store.path(asset.sha256).unlink(missing_ok=True)
-            origin = f"its asset came from {redact(asset.url)} (not kept)"
+            why = (
+                f"its asset came from {redact(asset.url)}, and was not kept or recorded in "
+                f"{proxy.lock.path}. The tools mirror (tools-base-url) serves something other "
+                "than upstream's release asset at that path: check it"
+            )
         else:
-            origin = f"its asset {asset.path} (sha256 {asset.sha256}) came from the cache"
+            why = (
+                f"its asset {asset.path} (sha256 {asset.sha256}) is the one {proxy.lock.path} "
+                "lists: that entry is wrong. Delete it, rebuild, and review the new sum"
+            )
         raise ToolsError(
             f"{cell.id}: {program} in the tools archive ({rel}) is {kind}, not {expected} as "
-            f"the target needs; {origin}, and nothing was recorded in {proxy.lock.path}. The "
-            "tools mirror (tools-base-url) serves something other than upstream's release asset "
-            "at that path: check it"
+            f"the target needs; {why}"
         )
     missing = programs_in([f.relative_to(tree).as_posix() for f in files]) - sources.keys()
     if missing:
