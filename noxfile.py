@@ -19,7 +19,7 @@ ROOT = Path(__file__).parent
 
 def _built_cells() -> list[str]:
     """Cell ids with a finished bundle in the dist-dir option's folder."""
-    from gpustack_offline import commands
+    from gpustack_offline.cli import commands
 
     return commands.built_cell_ids(ROOT)
 
@@ -28,7 +28,7 @@ def _built_cells() -> list[str]:
 @nox.parametrize("cell", [nox.param(c, id=c) for c in _built_cells() or ["none-built"]])
 def verify(session: nox.Session, cell: str) -> None:
     """Verify a built bundle offline in a clean container of its target."""
-    from gpustack_offline import commands
+    from gpustack_offline.cli import commands
 
     outcome = commands.verify_session(ROOT, None if cell == "none-built" else cell)
     if outcome.skipped:

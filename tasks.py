@@ -1,5 +1,5 @@
-"""Invoke entry point: `invoke --list`. The tasks live in gpustack_offline.invoke_tasks."""
+"""Invoke entry point: `invoke --list`. The tasks live in gpustack_offline.cli.invoke_tasks."""
 
-from gpustack_offline.invoke_tasks import namespace
+from gpustack_offline.cli.invoke_tasks import namespace
 
 ns = namespace()

@@ -2,7 +2,7 @@
 
 `nox -s bench` runs this file as a script (it is not a test module: pytest does not collect it).
 A script, because the seeding needs the loopback hub in `registry_fixture` and that lives with
-the tests, while the measuring lives in `gpustack_offline.bench`; run from tests/, the helpers
+the tests, while the measuring lives in `bench.py`; run from tests/, the helpers
 import without any path tricks, and no pytest machinery (socket blocking, fixtures, captured
 output) stands between the bench and its timings.
 
@@ -33,6 +33,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+import bench
 from gpustack2_images import push_images, runner_images, server_image
 from registry_fixture import (
     AMD64,
@@ -49,8 +50,8 @@ from registry_fixture import (
     tar_layer,
 )
 
-from gpustack_offline import bench, runners
-from gpustack_offline.errors import BundleError
+from gpustack_offline.core.errors import BundleError
+from gpustack_offline.stages import runners
 
 ROOT = Path(__file__).resolve().parent.parent
 REPOSITORY = "gpustack/gpustack"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from release_mirror import release_mirror  # noqa: F401 - a session fixture for every test
 
-from gpustack_offline.matrix import Matrix
+from gpustack_offline.core.matrix import Matrix
 
 ROOT = Path(__file__).resolve().parent.parent
 

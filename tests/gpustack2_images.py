@@ -55,7 +55,7 @@ from registry_fixture import (
 )
 from release_mirror import cache_root
 
-from gpustack_offline.registry import Platform, Reference
+from gpustack_offline.stages.registry import Platform, Reference
 
 VERSIONS = ("2.2.3", "2.3.0")
 API_PORT = 30080  # the server's internal API port (`--api-port`), where `/healthz` answers

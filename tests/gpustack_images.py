@@ -32,12 +32,12 @@ from registry_fixture import (
     tar_layer,
 )
 
-from gpustack_offline import tools
-from gpustack_offline.locks import load_overrides, lock_path, read_lock
-from gpustack_offline.matrix import Cell, Matrix
-from gpustack_offline.registry import Platform
-from gpustack_offline.safety import safe_extract_tar
-from gpustack_offline.wheels import wheelhouse
+from gpustack_offline.core.matrix import Cell, Matrix
+from gpustack_offline.core.safety import safe_extract_tar
+from gpustack_offline.stages import tools
+from gpustack_offline.stages.locks import load_overrides, lock_path, read_lock
+from gpustack_offline.stages.registry import Platform
+from gpustack_offline.stages.wheels import wheelhouse
 
 VERSION = "0.7.1"
 TAGS = {"cuda12.4": "v0.7.1", "cpu": "v0.7.1-cpu", "cuda12.8": "v0.7.1-cuda12.8"}

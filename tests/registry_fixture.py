@@ -50,10 +50,11 @@ import pytest
 import requests
 from release_mirror import cache_root
 
-from gpustack_offline import containers
-from gpustack_offline.fetch import BlobStore
-from gpustack_offline.fsutil import atomic_path, sha256_file
-from gpustack_offline.registry import (
+from gpustack_offline.core import docker as containers
+from gpustack_offline.core.downloads import BlobStore
+from gpustack_offline.core.files import atomic_path, sha256_file
+from gpustack_offline.core.processes import run
+from gpustack_offline.stages.registry import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     OCI_INDEX,
@@ -64,7 +65,6 @@ from gpustack_offline.registry import (
     Reference,
     host_env_name,
 )
-from gpustack_offline.runner import run
 
 log = logging.getLogger("gpustack_offline.registry_fixture")
 

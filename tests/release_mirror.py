@@ -36,9 +36,9 @@ from typing import cast
 
 import pytest
 
-from gpustack_offline import tools
-from gpustack_offline.fsutil import atomic_path, sha256_file
-from gpustack_offline.runner import run
+from gpustack_offline.core.files import atomic_path, sha256_file
+from gpustack_offline.core.processes import run
+from gpustack_offline.stages import tools
 
 log = logging.getLogger("gpustack_offline.release_mirror")
 

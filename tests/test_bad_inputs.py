@@ -33,9 +33,9 @@ from registry_fixture import (
     tar_layer,
 )
 
-from gpustack_offline import tools
-from gpustack_offline.fsutil import sha256_file
-from gpustack_offline.registry import host_env_name
+from gpustack_offline.core.files import sha256_file
+from gpustack_offline.stages import tools
+from gpustack_offline.stages.registry import host_env_name
 
 INVOKE = Path(sys.executable).with_name("invoke")
 PIP_CELL = "v0.7.1-linux-amd64-cpu-py3.11-base-pip"

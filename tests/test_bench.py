@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import bench
 import pytest
 from gpustack2_images import push_images, runner_images
 from registry_fixture import AMD64, Hub, hub_fixture  # noqa: F401 - the hub fixture
 
-from gpustack_offline import bench
-from gpustack_offline.registry import Descriptor, Image, Platform, Reference
+from gpustack_offline.stages.registry import Descriptor, Image, Platform, Reference
 
 FACTS = bench.HostFacts(
     date="2025-01-02",

@@ -7,12 +7,12 @@ import tarfile
 import pytest
 from test_sbom import make_wheel
 
-from gpustack_offline import bundle
-from gpustack_offline.errors import IntegrityError
-from gpustack_offline.fsutil import atomic_dir, atomic_path, sha256_file
-from gpustack_offline.locks import Lock
-from gpustack_offline.safety import safe_extract_tar
-from gpustack_offline.wheels import Wheel
+from gpustack_offline.bundle import assemble as bundle
+from gpustack_offline.core.errors import IntegrityError
+from gpustack_offline.core.files import atomic_dir, atomic_path, sha256_file
+from gpustack_offline.core.safety import safe_extract_tar
+from gpustack_offline.stages.locks import Lock
+from gpustack_offline.stages.wheels import Wheel
 
 LOCK = "bundles/locks/v0.7.1-linux-amd64-cpu-py3.11-base-pip/pylock.toml"
 

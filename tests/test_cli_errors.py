@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from registry_fixture import _free_port
 
-from gpustack_offline.fsutil import held
+from gpustack_offline.core.files import held
 
 INVOKE = Path(sys.executable).with_name("invoke")
 NOX = Path(sys.executable).with_name("nox")

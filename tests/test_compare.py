@@ -13,9 +13,11 @@ import pytest
 from test_sbom import CELL, TOOL_PATHS, WHEELS, finish, make_bundle
 
 import gpustack_offline
-from gpustack_offline import bundle, compare, provenance, sbom
-from gpustack_offline.fsutil import sha256_file
-from gpustack_offline.options import Options
+from gpustack_offline import recipes
+from gpustack_offline.bundle import assemble as bundle
+from gpustack_offline.bundle import compare, provenance, sbom
+from gpustack_offline.core.context import Context
+from gpustack_offline.core.files import sha256_file
 
 TOOL_ASSET = TOOL_PATHS[1]
 
@@ -145,7 +147,7 @@ def test_provenance_records_the_commit_inputs_images_tools_and_host(root, first)
     assert project == {
         "name": "gpustack-offline",
         "version": gpustack_offline.__version__,
-        "commit": bundle.tool_commit(root),
+        "commit": provenance.tool_commit(root),
     }
     assert record["inputs"] == [
         {"path": "bundles/matrix.toml", "sha256": sha256_file(root / "bundles/matrix.toml")},
@@ -164,7 +166,8 @@ def test_provenance_records_the_commit_inputs_images_tools_and_host(root, first)
 
 
 def test_input_files_are_the_cells_lock_overrides_tools_lock_and_matrix(matrix, root):
-    pip = provenance.input_files(matrix.cell(CELL), Options(), root)
+    ctx = Context.load(root, env={})
+    pip = recipes.for_cell(matrix.cell(CELL)).inputs(ctx, matrix.cell(CELL))
     rel = {str(p.relative_to(root)) for p in pip}
     assert {"bundles/matrix.toml", "bundles/overrides.toml"} <= rel
     assert f"bundles/locks/{CELL}/pylock.toml" in rel

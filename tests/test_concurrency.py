@@ -27,10 +27,12 @@ from pathlib import Path
 import pytest
 from release_mirror import ReleaseMirror, write_fixture_locks
 
-from gpustack_offline import cache, compare, tools
-from gpustack_offline.errors import CommandError
-from gpustack_offline.options import resolve
-from gpustack_offline.runner import run
+from gpustack_offline.bundle import compare
+from gpustack_offline.core import cache
+from gpustack_offline.core.errors import CommandError
+from gpustack_offline.core.options import resolve
+from gpustack_offline.core.processes import run
+from gpustack_offline.stages import tools
 
 CELL = "v0.7.1-linux-amd64-cpu-py3.11-base-pip"
 INVOKE = Path(sys.executable).with_name("invoke")
@@ -165,7 +167,7 @@ def test_a_process_killed_while_it_runs_a_program_takes_the_program_with_it() ->
     parent = python_running(
         """
         import threading
-        from gpustack_offline.runner import run
+        from gpustack_offline.core.processes import run
         threading.Thread(target=run, args=(["sleep", "301"],), daemon=True).start()
         run(["sleep", "300"])
         """
@@ -188,7 +190,7 @@ def test_an_interrupted_run_ends_the_programs_whole_process_group(tmp_path: Path
     pids = tmp_path / "pids"
     parent = python_running(
         f"""
-        from gpustack_offline.runner import run
+        from gpustack_offline.core.processes import run
         try:
             run(["sh", "-c", "sleep 300 & echo $! > {pids}; sleep 301"])
         except KeyboardInterrupt:

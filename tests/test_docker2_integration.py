@@ -17,8 +17,9 @@ import pytest
 from gpustack2_images import push_images, runner_images, server_image
 from registry_fixture import AMD64, Hub, hub_fixture  # noqa: F401 - the hub fixture
 
-from gpustack_offline import commands, runners
-from gpustack_offline.registry import PlatformError
+from gpustack_offline.cli import commands
+from gpustack_offline.stages import runners
+from gpustack_offline.stages.registry import PlatformError
 
 pytestmark = pytest.mark.integration
 
@@ -60,13 +61,15 @@ def test_a_2x_bundle_carries_upstreams_images_and_every_worker_reference_resolve
     (result,) = commands.build(ctx, [cell])
     manifest = json.loads((result.directory / "manifest.json").read_text())
     refs = sorted(i["reference"] for i in manifest["images"])
-    assert refs == sorted([
-        "docker.io/gpustack/gpustack:v2.3.0",
-        "docker.io/gpustack/runner:cuda12.9-vllm0.32.0",
-        "docker.io/gpustack/runner:cuda12.9-sglang0.5.18",
-        "docker.io/gpustack/runtime:pause",
-        "docker.io/gpustack/runtime:health",
-    ])
+    assert refs == sorted(
+        [
+            "docker.io/gpustack/gpustack:v2.3.0",
+            "docker.io/gpustack/runner:cuda12.9-vllm0.32.0",
+            "docker.io/gpustack/runner:cuda12.9-sglang0.5.18",
+            "docker.io/gpustack/runtime:pause",
+            "docker.io/gpustack/runtime:health",
+        ]
+    )
     assert {i["platform"] for i in manifest["images"]} == {"linux/amd64"}
     # layers shared by the two runners are stored once in the one archive
     with tarfile.open(result.directory / "images" / "images.tar") as tf:

@@ -15,9 +15,11 @@ import pytest
 from gpustack_images import seed_gpustack
 from registry_fixture import gpustack_tags, hub_registry
 
-from gpustack_offline import commands, containers, images
-from gpustack_offline.errors import VerifyError
-from gpustack_offline.registry import Reference
+from gpustack_offline.cli import commands
+from gpustack_offline.core import docker as containers
+from gpustack_offline.core.errors import VerifyError
+from gpustack_offline.stages import images
+from gpustack_offline.stages.registry import Reference
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,7 @@ import struct
 
 import pytest
 
-from gpustack_offline import egress
-from gpustack_offline.sinkhole_server import (
+from gpustack_offline.payload.sinkhole_server import (
     DnsFormatError,
     NeedMore,
     build_answer,
@@ -25,6 +24,7 @@ from gpustack_offline.sinkhole_server import (
     parse_http_request,
     parse_query,
 )
+from gpustack_offline.verify import egress
 
 SINKHOLE = "172.18.0.2"
 
@@ -310,7 +310,8 @@ with ThreadPoolExecutor(len(jobs)) as pool:
 
 @pytest.fixture(scope="module")
 def audit(root):
-    from gpustack_offline import commands, containers
+    from gpustack_offline.cli import commands
+    from gpustack_offline.core import docker as containers
 
     ctx = commands.Context.load(root)
     image = containers.base_image("amd64", ctx.cache, ctx.opts.debian_mirror)
@@ -320,7 +321,7 @@ def audit(root):
 
 
 def run_in(audit, script: str) -> dict:
-    from gpustack_offline.containers import exec_in
+    from gpustack_offline.core.docker import exec_in
 
     code, output = exec_in(audit.box, ["python3", "-c", script])
     assert code == 0, output

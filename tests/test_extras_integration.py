@@ -20,8 +20,9 @@ import pytest
 from packaging.utils import canonicalize_name, parse_wheel_filename
 from test_integration import ctx  # noqa: F401 - frozen locks, tools from the loopback mirror
 
-from gpustack_offline import commands, sbom
-from gpustack_offline.locks import read_lock
+from gpustack_offline.bundle import sbom
+from gpustack_offline.cli import commands
+from gpustack_offline.stages.locks import read_lock
 
 pytestmark = pytest.mark.integration
 

@@ -43,9 +43,7 @@ from registry_fixture import (  # noqa: F401 - a session fixture by name
 )
 from release_mirror import ReleaseMirror
 
-from gpustack_offline import tools
-from gpustack_offline.errors import BundleError, IntegrityError, OptionError
-from gpustack_offline.fetch import (
+from gpustack_offline.core.downloads import (
     STALE_TEMP_AGE,
     BlobStore,
     Download,
@@ -55,8 +53,10 @@ from gpustack_offline.fetch import (
     redact,
     short_reason,
 )
-from gpustack_offline.fsutil import atomic_dir, atomic_path, remove_temps, temp_names
-from gpustack_offline.registry import Registry
+from gpustack_offline.core.errors import BundleError, IntegrityError, OptionError
+from gpustack_offline.core.files import atomic_dir, atomic_path, remove_temps, temp_names
+from gpustack_offline.stages import tools
+from gpustack_offline.stages.registry import Registry
 
 NO_CONFIG = {"DOCKER_CONFIG": "/nonexistent/gpustack-offline-tests"}
 SIZE = 3 << 20
@@ -484,7 +484,7 @@ def killed_builds_leftovers(root: Path) -> tuple[list[Path], list[Path]]:
 
 
 def test_the_first_build_on_a_cache_removes_every_leftover_of_killed_builds(tmp_path):
-    from gpustack_offline import cache
+    from gpustack_offline.core import cache
 
     root = tmp_path / "cache"
     temps, others = killed_builds_leftovers(root)
@@ -496,7 +496,7 @@ def test_the_first_build_on_a_cache_removes_every_leftover_of_killed_builds(tmp_
 
 
 def test_a_build_leaves_the_temporary_entries_of_a_live_build_alone(tmp_path):
-    from gpustack_offline import cache
+    from gpustack_offline.core import cache
 
     root = tmp_path / "cache"
     root.mkdir()

@@ -27,8 +27,8 @@ from gpustack2_images import (
 )
 from registry_fixture import AMD64, ARM64, Hub, hub_fixture  # noqa: F401 - the hub fixture
 
-from gpustack_offline.fetch import BlobStore
-from gpustack_offline.registry import PlatformError, Registry
+from gpustack_offline.core.downloads import BlobStore
+from gpustack_offline.stages.registry import PlatformError, Registry
 
 pytestmark = pytest.mark.integration
 

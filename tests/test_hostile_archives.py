@@ -27,11 +27,11 @@ from pathlib import Path
 
 import pytest
 
-from gpustack_offline import volumes
-from gpustack_offline.errors import IntegrityError
-from gpustack_offline.locks import LockedFile, LockedPackage
-from gpustack_offline.safety import safe_extract_tar
-from gpustack_offline.wheels import SdistBuilder
+from gpustack_offline.bundle import volumes
+from gpustack_offline.core.errors import IntegrityError
+from gpustack_offline.core.safety import safe_extract_tar
+from gpustack_offline.stages.locks import LockedFile, LockedPackage
+from gpustack_offline.stages.wheels import SdistBuilder
 
 CELL = "v0.0.0-linux-amd64-cpu-py3.11-base-pip"
 

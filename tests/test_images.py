@@ -28,10 +28,11 @@ from registry_fixture import (  # noqa: F401 - session fixtures by name
     tar_layer,
 )
 
-from gpustack_offline import containers
-from gpustack_offline.errors import IntegrityError
-from gpustack_offline.fetch import BlobStore
-from gpustack_offline.images import (
+from gpustack_offline.core import docker as containers
+from gpustack_offline.core.downloads import BlobStore
+from gpustack_offline.core.errors import IntegrityError
+from gpustack_offline.core.processes import run
+from gpustack_offline.stages.images import (
     ExportedImage,
     ImageError,
     Pins,
@@ -49,8 +50,7 @@ from gpustack_offline.images import (
     refresh_pins,
     write_pins,
 )
-from gpustack_offline.registry import Registry
-from gpustack_offline.runner import run
+from gpustack_offline.stages.registry import Registry
 
 TAGS = ("v0.7.1", "v0.7.1-cpu", "v0.7.1-cuda12.8")
 D1, D2, D3 = ("sha256:" + c * 64 for c in "123")

@@ -16,13 +16,15 @@ from pathlib import Path
 import pytest
 from release_mirror import write_fixture_locks
 
-from gpustack_offline import commands, containers, tools
-from gpustack_offline.errors import CudaGateError, VerifyError
-from gpustack_offline.fsutil import sha256_file
-from gpustack_offline.locks import Inputs, make_lock, read_lock
-from gpustack_offline.safety import safe_extract_tar
-from gpustack_offline.verify import Unverifiable
-from gpustack_offline.wheels import wheelhouse
+from gpustack_offline.cli import commands
+from gpustack_offline.core import docker as containers
+from gpustack_offline.core.errors import CudaGateError, VerifyError
+from gpustack_offline.core.files import sha256_file
+from gpustack_offline.core.safety import safe_extract_tar
+from gpustack_offline.stages import tools
+from gpustack_offline.stages.locks import Inputs, make_lock, read_lock
+from gpustack_offline.stages.wheels import wheelhouse
+from gpustack_offline.verify.pip import Unverifiable
 
 pytestmark = pytest.mark.integration
 

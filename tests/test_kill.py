@@ -55,8 +55,8 @@ from registry_fixture import (
     tar_layer,
 )
 
-from gpustack_offline.fsutil import sha256_file
-from gpustack_offline.images import list_export
+from gpustack_offline.core.files import sha256_file
+from gpustack_offline.stages.images import list_export
 
 pytestmark = pytest.mark.integration
 
@@ -104,7 +104,7 @@ def serve_builds() -> None:
     its output in `log`; answer the child's pid, then its exit status, one line each."""
     import invoke.main
 
-    import gpustack_offline.invoke_tasks  # noqa: F401 - the seconds of imports, done once
+    import gpustack_offline.cli.invoke_tasks  # noqa: F401 - the seconds of imports, done once
 
     for line in sys.stdin:
         request = json.loads(line)

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from gpustack_offline.errors import LockError
-from gpustack_offline.locks import (
+from gpustack_offline.core.errors import LockError
+from gpustack_offline.stages.locks import (
     Inputs,
     ensure_lock,
     inputs_for,

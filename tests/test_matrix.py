@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from gpustack_offline.errors import CellError
-from gpustack_offline.matrix import Matrix
+from gpustack_offline.core.errors import CellError
+from gpustack_offline.core.matrix import Matrix
 
 
 def test_cell_id_round_trips_through_lookup(matrix):

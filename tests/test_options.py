@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from gpustack_offline.errors import OptionError
-from gpustack_offline.options import Options, resolve
+from gpustack_offline.core.errors import OptionError
+from gpustack_offline.core.options import Options, resolve
 
 
 def _project(tmp_path, table: str = ""):

@@ -22,10 +22,10 @@ from registry_fixture import (  # noqa: F401 - session fixtures by name
     site_registry_fixture,
 )
 
-from gpustack_offline.errors import IntegrityError
-from gpustack_offline.fetch import BlobStore, session
-from gpustack_offline.fsutil import sha256_file
-from gpustack_offline.registry import (
+from gpustack_offline.core.downloads import BlobStore, session
+from gpustack_offline.core.errors import IntegrityError
+from gpustack_offline.core.files import sha256_file
+from gpustack_offline.stages.registry import (
     AuthError,
     BadReference,
     Credentials,

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from gpustack_offline import runners
-from gpustack_offline.errors import BundleError
-from gpustack_offline.options import resolve
-from gpustack_offline.runners import NoRunnerError, Runner, RunnerDataError
+from gpustack_offline.core.errors import BundleError
+from gpustack_offline.core.options import resolve
+from gpustack_offline.stages import runners
+from gpustack_offline.stages.runners import NoRunnerError, Runner, RunnerDataError
 
 VERSIONS = ("2.2.3", "2.3.0")
 
@@ -27,17 +27,27 @@ def v23(data_dir: Path) -> runners.RunnerData:
 
 def runner(version: str, deprecated: bool = False, backend_version: str = "12.9") -> Runner:
     return Runner(
-        backend="cuda", backend_version=backend_version, original_backend_version=backend_version,
-        backend_variant="", service="vllm", service_version=version, platform="linux/amd64",
-        docker_image=f"gpustack/runner:cuda{backend_version}-vllm{version}", deprecated=deprecated,
+        backend="cuda",
+        backend_version=backend_version,
+        original_backend_version=backend_version,
+        backend_variant="",
+        service="vllm",
+        service_version=version,
+        platform="linux/amd64",
+        docker_image=f"gpustack/runner:cuda{backend_version}-vllm{version}",
+        deprecated=deprecated,
     )
 
 
 def synthetic(*rs: Runner) -> runners.RunnerData:
     return runners.RunnerData(
-        version="9.9.9", packages=(), server="gpustack/gpustack:v9.9.9",
-        images=(runners.ExtraImage("pause", "gpustack/runtime:pause", "test"),
-                runners.ExtraImage("health", "gpustack/runtime:health", "test")),
+        version="9.9.9",
+        packages=(),
+        server="gpustack/gpustack:v9.9.9",
+        images=(
+            runners.ExtraImage("pause", "gpustack/runtime:pause", "test"),
+            runners.ExtraImage("health", "gpustack/runtime:health", "test"),
+        ),
         runners=rs,
     )
 
@@ -51,8 +61,11 @@ def test_committed_data_records_the_pinned_packages_and_helper_images(
 ) -> None:
     data = runners.load(data_dir, version)
     pins = {p.name: p.version for p in data.packages}
-    assert pins == {"gpustack": version, "gpustack-runner": runner_pin,
-                    "gpustack-runtime": runtime_pin}
+    assert pins == {
+        "gpustack": version,
+        "gpustack-runner": runner_pin,
+        "gpustack-runtime": runtime_pin,
+    }
     assert all(len(p.sha256) == 64 for p in data.packages)
     assert data.server == f"gpustack/gpustack:v{version}"
     assert data.image("pause") == "gpustack/runtime:pause"
@@ -118,17 +131,23 @@ def test_arm64_has_cuda_but_no_rocm(v23: runners.RunnerData) -> None:
     with pytest.raises(NoRunnerError) as info:
         runners.select(v23, "arm64", "rocm", "7.2", ["vllm"])
     assert "gpustack/runner:rocm7.2-vllm0.32.0 (linux/amd64)" in str(info.value)
-    assert runners.select(v23, "amd64", "rocm", "7.2", ["vllm"]).runners[0].name == \
-        "gpustack/runner:rocm7.2-vllm0.32.0"
+    assert (
+        runners.select(v23, "amd64", "rocm", "7.2", ["vllm"]).runners[0].name
+        == "gpustack/runner:rocm7.2-vllm0.32.0"
+    )
     with pytest.raises(NoRunnerError, match="arch"):
         runners.select(v23, "riscv64", "cuda", "12.9", ["vllm"])
 
 
 def test_available_lists_the_matrix_axes_per_arch(v23: runners.RunnerData) -> None:
-    amd = {(o.backend, o.backend_version, o.backend_variant, o.service): o
-           for o in runners.available(v23, "amd64")}
-    arm = {(o.backend, o.backend_version, o.backend_variant, o.service): o
-           for o in runners.available(v23, "arm64")}
+    amd = {
+        (o.backend, o.backend_version, o.backend_variant, o.service): o
+        for o in runners.available(v23, "amd64")
+    }
+    arm = {
+        (o.backend, o.backend_version, o.backend_variant, o.service): o
+        for o in runners.available(v23, "arm64")
+    }
     assert amd["cuda", "12.9", "", "vllm"].default == "0.32.0"
     assert amd["cuda", "12.6", "", "vllm"].default is None  # deprecated only
     assert "0.15.1" in amd["cuda", "12.6", "", "vllm"].deprecated
@@ -149,12 +168,15 @@ def test_worker_references_prefix_the_registry(v23: runners.RunnerData) -> None:
 
 
 def test_registry_override_keeps_an_image_that_names_its_registry() -> None:
-    assert runners.apply_registry_override("quay.io/gpustack/runtime:pause", "r:5000") == \
-        "quay.io/gpustack/runtime:pause"
-    assert runners.apply_registry_override("localhost/gpustack/x:1", "r:5000") == \
-        "localhost/gpustack/x:1"
-    assert runners.apply_registry_override("gpustack/runtime:pause", "") == \
-        "gpustack/runtime:pause"
+    assert (
+        runners.apply_registry_override("quay.io/gpustack/runtime:pause", "r:5000")
+        == "quay.io/gpustack/runtime:pause"
+    )
+    assert (
+        runners.apply_registry_override("localhost/gpustack/x:1", "r:5000")
+        == "localhost/gpustack/x:1"
+    )
+    assert runners.apply_registry_override("gpustack/runtime:pause", "") == "gpustack/runtime:pause"
 
 
 def test_benchmark_image_only_when_asked(v23: runners.RunnerData) -> None:
@@ -166,8 +188,14 @@ def test_benchmark_image_only_when_asked(v23: runners.RunnerData) -> None:
 
 @pytest.mark.parametrize(
     ("host", "want"),
-    [("12.8", "12.8"), ("12.9", "12.9"), ("12.6", "12.9"), ("13.1", "13.0"), (None, "13.0"),
-     ("11.8", "12.8")],
+    [
+        ("12.8", "12.8"),
+        ("12.9", "12.9"),
+        ("12.6", "12.9"),
+        ("13.1", "13.0"),
+        (None, "13.0"),
+        ("11.8", "12.8"),
+    ],
 )
 def test_backend_version_the_worker_picks_for_a_driver(
     v23: runners.RunnerData, host: str | None, want: str
@@ -210,8 +238,8 @@ def test_wheel_from_an_html_index_is_hash_checked(tmp_path: Path) -> None:
     import http.server
     import threading
 
-    from gpustack_offline.errors import IntegrityError
-    from gpustack_offline.fetch import BlobStore, session
+    from gpustack_offline.core.downloads import BlobStore, session
+    from gpustack_offline.core.errors import IntegrityError
 
     body = b"wheel bytes"
     name = "gpustack_runner-0.1.0-py3-none-any.whl"

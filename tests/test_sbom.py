@@ -19,12 +19,14 @@ from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
 from registry_fixture import gpustack_tags, store_image
 
-from gpustack_offline import bundle, sbom, tools
-from gpustack_offline.fetch import BlobStore
-from gpustack_offline.fsutil import sha256_file
-from gpustack_offline.images import export_images
-from gpustack_offline.locks import Lock
-from gpustack_offline.wheels import Wheel
+from gpustack_offline.bundle import assemble as bundle
+from gpustack_offline.bundle import sbom
+from gpustack_offline.core.downloads import BlobStore
+from gpustack_offline.core.files import sha256_file
+from gpustack_offline.stages import tools
+from gpustack_offline.stages.images import export_images
+from gpustack_offline.stages.locks import Lock
+from gpustack_offline.stages.wheels import Wheel
 
 CELL = "v0.7.1-linux-amd64-cpu-py3.11-base-pip"
 TOOL_PATHS = (

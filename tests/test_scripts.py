@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from gpustack_offline import signing
+from gpustack_offline.bundle import signing
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"

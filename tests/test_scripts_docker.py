@@ -44,9 +44,9 @@ from test_scripts import (
     write_sha256sums,
 )
 
-from gpustack_offline.fetch import BlobStore
-from gpustack_offline.images import export_images
-from gpustack_offline.registry import Reference, Registry
+from gpustack_offline.core.downloads import BlobStore
+from gpustack_offline.stages.images import export_images
+from gpustack_offline.stages.registry import Reference, Registry
 
 # The loaded name: Docker Hub short form, unique to this module.
 IMAGE = "gpustack-offline-test/runnable:docker-bundle"

@@ -40,8 +40,8 @@ from registry_fixture import (
     single_image,
 )
 
-from gpustack_offline.locks import Inputs, make_lock
-from gpustack_offline.registry import host_env_name
+from gpustack_offline.stages.locks import Inputs, make_lock
+from gpustack_offline.stages.registry import host_env_name
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from gpustack_offline import signing
-from gpustack_offline.signing import SignatureError
+from gpustack_offline.bundle import signing
+from gpustack_offline.bundle.signing import SignatureError
 
 SCRIPT = signing.VERIFY_SCRIPT
 UNSIGNED = (
@@ -367,7 +367,8 @@ echo "refused $rc"
 def test_minimal_debian_host_checks_the_signature_offline(
     root: Path, signed: Path, keys: dict[str, Path], tmp_path: Path
 ) -> None:
-    from gpustack_offline import commands, containers
+    from gpustack_offline.cli import commands
+    from gpustack_offline.core import docker as containers
 
     ctx = commands.Context.load(root)
     image = containers.base_image("amd64", ctx.cache, ctx.opts.debian_mirror)
@@ -410,8 +411,8 @@ def test_minimal_debian_host_checks_the_signature_offline(
 def test_verify_checks_the_signature_before_anything_else(
     tmp_path: Path, keys: dict[str, Path], root: Path
 ) -> None:
-    from gpustack_offline import commands
-    from gpustack_offline.errors import VerifyError
+    from gpustack_offline.cli import commands
+    from gpustack_offline.core.errors import VerifyError
 
     cell_id = "v0.7.1-linux-amd64-cpu-py3.11-base-pip"
     dist = tmp_path / "dist"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gpustack_offline import tools
-from gpustack_offline.errors import IntegrityError, ToolsError
+from gpustack_offline.core.errors import IntegrityError, ToolsError
+from gpustack_offline.stages import tools
 
 
 def make_tree(root: Path, folder: str = "llama-box-v0.0.171-linux-amd64") -> Path:
@@ -165,7 +165,7 @@ def test_the_manifest_lists_every_asset_sorted(tmp_path: Path) -> None:
 
 def test_tar_reader_rejects_what_write_archive_would_never_write(tmp_path: Path) -> None:
     """The build unpacks download-tools' own archive through the safe extractor."""
-    from gpustack_offline.safety import safe_extract_tar
+    from gpustack_offline.core.safety import safe_extract_tar
 
     bad = tmp_path / "bad.tar.gz"
     with tarfile.open(bad, "w:gz") as tf:
@@ -252,7 +252,7 @@ def program_tree(root: Path, parser: bytes) -> Path:
 
 
 def proxy_that_fetched(tmp_path: Path, parser: bytes, url: str) -> tools.AssetProxy:
-    from gpustack_offline.fetch import BlobStore
+    from gpustack_offline.core.downloads import BlobStore
 
     store = BlobStore(tmp_path / "cache")
     store.root.mkdir(parents=True)

@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from release_mirror import ReleaseMirror, write_fixture_locks
 
-from gpustack_offline import tools
-from gpustack_offline.errors import IntegrityError, ToolsError
-from gpustack_offline.fetch import BlobStore
-from gpustack_offline.locks import load_overrides
-from gpustack_offline.options import resolve
+from gpustack_offline.core.downloads import BlobStore
+from gpustack_offline.core.errors import IntegrityError, ToolsError
+from gpustack_offline.core.options import resolve
+from gpustack_offline.stages import tools
+from gpustack_offline.stages.locks import load_overrides
 
 pytestmark = pytest.mark.integration
 

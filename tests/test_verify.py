@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from gpustack_offline import egress, verify
-from gpustack_offline.errors import VerifyError
+from gpustack_offline.core.errors import VerifyError
+from gpustack_offline.verify import egress
+from gpustack_offline.verify import pip as verify
 
 CELL = "v0.7.1-linux-amd64-cpu-py3.11-base-pip"
 SKIPS = "\n".join(
@@ -120,7 +121,7 @@ def test_a_verification_that_stops_early_still_writes_its_egress_file(matrix, tm
     cell = matrix.cell("v0.7.1-linux-amd64-cpu-py3.11-base-pip")
     report_path = tmp_path / f"{cell.id}.verify.json"
     with pytest.raises(VerifyError, match="not a bundle"):
-        verify.verify(cell, tmp_path / "missing", tmp_path / "cache", 60, "", report_path)
+        verify.verify(cell, tmp_path / "missing", report_path, lambda report: report)
     audit = json.loads(verify.egress_path(report_path).read_text())
     assert audit["audited"] is False and "not a bundle (no manifest.json)" in audit["reason"]
 

@@ -21,9 +21,11 @@ import pytest
 from test_sbom import CELL as SBOM_CELL
 from test_sbom import make_bundle
 
-from gpustack_offline import commands, containers, volumes
-from gpustack_offline.bundle import write_tar
-from gpustack_offline.volumes import VolumeError, parse_size, split
+from gpustack_offline.bundle import volumes
+from gpustack_offline.bundle.assemble import write_tar
+from gpustack_offline.bundle.volumes import VolumeError, parse_size, split
+from gpustack_offline.cli import commands
+from gpustack_offline.core import docker as containers
 
 ROOT = Path(__file__).resolve().parent.parent
 JOIN = ROOT / "scripts" / "join.sh"

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from gpustack_offline import targets
-from gpustack_offline.errors import CudaGateError, WheelError
-from gpustack_offline.locks import Lock, LockedFile, LockedPackage
-from gpustack_offline.wheels import (
+from gpustack_offline.core.errors import CudaGateError, WheelError
+from gpustack_offline.stages import targets
+from gpustack_offline.stages.locks import Lock, LockedFile, LockedPackage
+from gpustack_offline.stages.wheels import (
     Wheel,
     check_tags,
     cuda_gate,
@@ -209,9 +209,9 @@ def site_mirror(tmp_path):
 
 @pytest.mark.enable_socket
 def test_a_site_mirror_serves_the_locked_files_by_name(site_mirror, tmp_path):
-    from gpustack_offline.fetch import BlobStore, Download
-    from gpustack_offline.fsutil import sha256_file
-    from gpustack_offline.wheels import on_index
+    from gpustack_offline.core.downloads import BlobStore, Download
+    from gpustack_offline.core.files import sha256_file
+    from gpustack_offline.stages.wheels import on_index
 
     url, wheel = site_mirror
     found = on_index(url, [("Demo_Pkg", wheel.name)])

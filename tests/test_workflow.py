@@ -15,10 +15,12 @@ from typing import Any
 
 import pytest
 
-from gpustack_offline import commands, release
-from gpustack_offline.bundle import write_tar
+from gpustack_offline.bundle import release
+from gpustack_offline.bundle.assemble import write_tar
+from gpustack_offline.cli import commands
 
 ROOT = Path(__file__).resolve().parents[1]
+INVOKE = Path(sys.executable).with_name("invoke")
 WORKFLOW = ROOT / ".github/workflows/release.yml"
 _INPUT_REF = re.compile(r"\$\{\{\s*inputs\.([A-Za-z_][\w-]*)\s*\}\}")
 # `matrix.<field>` in expressions, but not `needs.matrix.outputs` (the job named matrix)
@@ -109,7 +111,8 @@ def _run_matrix_step(
     shell = step.get("shell") or workflow["defaults"]["run"]["shell"]
     assert shell == "bash"
     script = tmp_path / "step.sh"
-    script.write_text(step["run"])
+    # the project's own invoke, wherever its virtualenv is (the workflow's is .venv at the root)
+    script.write_text(step["run"].replace(".venv/bin/invoke", str(INVOKE)))
     output = tmp_path / "github_output"
     output.write_text("")
     env["GITHUB_OUTPUT"] = str(output)

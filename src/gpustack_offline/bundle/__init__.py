@@ -1,0 +1,1 @@
+"""The bundle: assemble, SBOM, provenance, signing, volumes, release, compare."""

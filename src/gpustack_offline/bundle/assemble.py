@@ -1,0 +1,207 @@
+"""One bundle per cell: `dist/<cell-id>/` and `dist/<cell-id>.tar`, with manifest and sums.
+
+The folder is assembled beside its final name and renamed into place only when complete, and the
+tar likewise, so an interrupted build never leaves a bundle that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpustack_offline import __version__
+from gpustack_offline.bundle import provenance, sbom
+from gpustack_offline.core.files import (
+    atomic_path,
+    link_or_copy,
+    remove_temps,
+    sha256_file,
+)
+from gpustack_offline.core.matrix import Cell
+from gpustack_offline.stages import images as images_
+from gpustack_offline.stages import tools
+from gpustack_offline.stages.locks import Lock
+from gpustack_offline.stages.wheels import Wheel, requirements_txt, simple_index
+
+SCHEMA_VERSION = 1
+IMAGE_ARCHIVE = "images/images.tar"
+README_TEMPLATES = ("README.md", "README.zh-CN.md")
+
+
+@dataclass(frozen=True)
+class Result:
+    cell: Cell
+    directory: Path
+    tar: Path
+    files: int
+    bytes: int
+    seconds: float
+    lock_state: str
+
+
+def bundle_env(
+    cell: Cell, tools_archive: str = "", images: Sequence[images_.ExportedImage] = ()
+) -> dict[str, str]:
+    return {
+        "BUNDLE_CELL": cell.id,
+        "GPUSTACK_VERSION": cell.version,
+        "TARGET_OS": cell.os,
+        "TARGET_ARCH": cell.arch,
+        "TARGET_DEVICE": cell.device,
+        "TARGET_PYTHON": cell.python,
+        "TARGET_EXTRAS": cell.extras,
+        "INSTALL_METHOD": cell.method,
+        "GLIBC_FLOOR": cell.glibc or "",
+        "CUDA_FLOOR": cell.cuda or "",
+        "ROCM_FLOOR": cell.rocm or "",
+        "REQUIREMENT": cell.requirement,
+        "TOOLS_ARCHIVE": tools_archive,
+        "IMAGE_ARCHIVE": IMAGE_ARCHIVE if images else "",
+        # comma-separated: bundle.env is read by sh and PowerShell, so no value has a space
+        "IMAGES": ",".join(_familiar(i.reference) for i in images),
+    }
+
+
+def _familiar(reference: str) -> str:
+    """docker.io/gpustack/gpustack:v0.7.1 -> gpustack/gpustack:v0.7.1, as `docker images` shows."""
+    return reference.removeprefix("docker.io/").removeprefix("library/")
+
+
+def render(template: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        template = template.replace("{{" + key + "}}", value or "-")
+    return template
+
+
+def _scripts(cell: Cell) -> tuple[str, ...]:
+    entry = (
+        ("install.ps1",)
+        if cell.os == "windows"
+        else ("install.sh", "preflight.sh", "verify-signature.sh")
+    )
+    return (*entry, "check-tools-archive.py")
+
+
+def assemble(
+    cell: Cell,
+    wheels: Iterable[Wheel],
+    lock: Lock | None,
+    stage: Path,
+    root: Path,
+    tools_archive: tools.Archive | None = None,
+    images: Sequence[images_.ExportedImage] = (),
+    inputs: Sequence[Path] = (),
+) -> dict[str, Any]:
+    """Write the bundle's files into `stage` (an image archive is already there); return the
+    manifest."""
+    wheels = list(wheels)
+    files: list[dict[str, Any]] = []
+
+    def add(rel: str, kind: str, origin: str) -> None:
+        path = stage / rel
+        files.append(
+            {"path": rel, "sha256": sha256_file(path), "size": path.stat().st_size,
+             "kind": kind, "origin": origin}
+        )  # fmt: skip
+
+    for w in wheels:
+        link_or_copy(w.path, stage / "wheels" / w.filename)
+        add(f"wheels/{w.filename}", "built-wheel" if w.built else "wheel", w.origin)
+    for rel, text in simple_index(wheels).items():
+        (stage / "wheels/simple" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (stage / "wheels/simple" / rel).write_text(text)
+        add(f"wheels/simple/{rel}", "index", "generated")
+    if tools_archive:
+        link_or_copy(tools_archive.path, stage / tools.BUNDLE_PATH)
+        add(tools.BUNDLE_PATH, "tools", f"gpustack {cell.version} download-tools")
+    if images:
+        add(IMAGE_ARCHIVE, "images", "registry pull (see images)")
+    env = bundle_env(cell, tools.BUNDLE_PATH if tools_archive else "", images)
+    texts = {"bundle.env": "".join(f"{k}={v}\n" for k, v in env.items())}
+    if lock is not None:
+        texts["requirements.txt"] = requirements_txt(cell, wheels)
+        texts["lock/pylock.toml"] = lock.path.read_text()
+    for rel, text in texts.items():
+        (stage / rel).parent.mkdir(parents=True, exist_ok=True)
+        (stage / rel).write_text(text)
+        add(rel, "lock" if rel.startswith("lock/") else "config", "generated")
+    for name in _scripts(cell):
+        (stage / name).write_bytes((root / "scripts" / name).read_bytes())
+        os.chmod(stage / name, 0o755)
+        add(name, "script", f"scripts/{name}")
+    for name in README_TEMPLATES:
+        (stage / name).write_text(render((root / "scripts" / name).read_text(), env))
+        add(name, "doc", f"scripts/{name}")
+
+    commit = provenance.tool_commit(root)  # once: git runs once, the manifest names it twice
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "cell": cell.as_dict(),
+        "gpustack_version": cell.version,
+        "tool": {"name": "gpustack-offline", "version": __version__, "commit": commit},
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "lock": (
+            {"path": provenance.shown_path(lock.path, root), "sha256": lock.digest()}
+            if lock
+            else None
+        ),
+        "tools": tools_archive.manifest() if tools_archive else None,
+        "images": [i._asdict() for i in images],
+        "files": sorted(files, key=lambda f: str(f["path"])),
+    }
+    manifest["provenance"] = provenance.provenance(
+        root, inputs, tools_archive.manifest() if tools_archive else None,
+        [i._asdict() for i in images], commit,
+    )  # fmt: skip
+    (stage / sbom.SBOM_NAME).write_text(sbom.sbom_for(stage, manifest))
+    add(sbom.SBOM_NAME, "sbom", "generated")
+    manifest["files"] = sorted(files, key=lambda f: str(f["path"]))
+    (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    sums = [(f["path"], f["sha256"]) for f in files]
+    sums.append(("manifest.json", sha256_file(stage / "manifest.json")))
+    (stage / "SHA256SUMS").write_text("".join(f"{h}  {p}\n" for p, h in sorted(sums)))
+    return manifest
+
+
+def write_tar(directory: Path, final: Path) -> None:
+    """A plain tar of the bundle folder (wheels are compressed already), files in sorted order."""
+    with atomic_path(final) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
+        for path in sorted(directory.rglob("*")):
+            info = tf.gettarinfo(path, arcname=f"{directory.name}/{path.relative_to(directory)}")
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            if path.is_file():
+                with path.open("rb") as fh:
+                    tf.addfile(info, fh)
+            else:
+                tf.addfile(info)
+
+
+def clear_previous(final_dir: Path, tar: Path) -> None:
+    """Before a rebuild: the old tar goes (it would not match the new folder if the build
+    stopped between the two), and so does what killed builds of this cell left half-written.
+    Only under the cell's lock (`recipes.base.build`): no other build of the cell is live then."""
+    tar.unlink(missing_ok=True)
+    remove_temps(final_dir)
+    remove_temps(tar)
+
+
+def result(
+    cell: Cell, final_dir: Path, manifest: dict[str, Any], started: float, lock_state: str
+) -> Result:
+    files = manifest["files"]
+    return Result(
+        cell=cell,
+        directory=final_dir,
+        tar=final_dir.with_name(f"{cell.id}.tar"),
+        files=len(files) + 2,  # with manifest.json and SHA256SUMS
+        bytes=sum(int(f["size"]) for f in files),
+        seconds=time.monotonic() - started,
+        lock_state=lock_state,
+    )

@@ -1,0 +1,1 @@
+"""The command line: what the invoke tasks and nox sessions call."""

@@ -1,0 +1,167 @@
+"""What the invoke tasks and nox sessions do, as plain functions over options and a selection.
+
+`tasks.py` and `noxfile.py` only parse flags and call these; errors are `BundleError`s whose
+messages the wiring prints without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from gpustack_offline import recipes
+from gpustack_offline.bundle import signing, volumes
+from gpustack_offline.bundle.assemble import Result
+from gpustack_offline.core import docker
+from gpustack_offline.core.context import Context
+from gpustack_offline.core.errors import BundleError, debugging, describe
+from gpustack_offline.core.matrix import AXES, Cell
+from gpustack_offline.core.options import resolve
+from gpustack_offline.recipes.base import build as build_cell
+from gpustack_offline.recipes.base import verify as verify_with
+from gpustack_offline.verify.pip import Report, Unverifiable
+
+__all__ = ["Context", "build", "lock", "verify_cell"]  # Context: where the wiring takes it
+
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+log = logging.getLogger("gpustack_offline")
+
+
+def matrix_table(ctx: Context, cells: Sequence[Cell], as_json: bool) -> str:
+    if as_json:
+        return json.dumps(ctx.matrix.ci_matrix(cells))
+    table = Table(title=f"{len(cells)} cells", show_lines=False)
+    for column in ("id", *AXES, "driver floor"):
+        table.add_column(column)
+    for c in cells:
+        floor = f"CUDA {c.cuda}" if c.cuda else f"ROCm {c.rocm}" if c.rocm else "-"
+        table.add_row(c.id, *(getattr(c, a) for a in AXES), floor)
+    out = Console(width=200, record=True)
+    with out.capture() as captured:
+        out.print(table)
+    return captured.get()
+
+
+def lock(ctx: Context, cells: Sequence[Cell]) -> list[Path]:
+    """Resolve pip cells into their locks; pin docker cells' image tags to today's digests
+    (for GPUStack 2.x after reading upstream's runner list again). Prints what moved."""
+    paths = []
+    for cell in cells:
+        console.print(f"locking {cell.id}")
+        locked = recipes.for_cell(cell).lock(ctx, cell)
+        for change in locked.moved:
+            console.print(f"  moved: {change}")
+        paths.append(locked.path)
+    return paths
+
+
+def build(ctx: Context, cells: Sequence[Cell]) -> list[Result]:
+    """Build every selected cell; report each failure and go on, then fail if any failed.
+
+    With the `split` option, each tar is also cut into volumes for transfer media."""
+    size = volumes.parse_size(ctx.opts.split) if ctx.opts.split else None  # a bad size fails first
+    results: list[Result] = []
+    failures: list[tuple[str, BundleError]] = []
+    for cell in cells:
+        console.print(f"building {cell.id}", style="bold", markup=False)
+        try:
+            result = build_cell(ctx, cell, recipes.for_cell(cell))
+            if size:
+                written = volumes.split(result.tar, size)
+                console.print(f"  {len(written) - 2} volumes, joined by {_shown(written[-1])}")
+            results.append(result)
+        except BundleError as exc:
+            # markup off: messages quote things like [tool.gpustack-offline]
+            console.print(f"{cell.id}: {exc}", style="red", markup=False, soft_wrap=True)
+            failures.append((cell.id, exc))
+    if results:
+        console.print(summary(results))
+    if len(failures) == 1 and len(cells) == 1:
+        raise failures[0][1]  # the one error line carries its own reason
+    if failures:
+        failed = ", ".join(cell_id for cell_id, _ in failures)
+        raise BundleError(f"{len(failures)} of {len(cells)} cells failed: {failed}")
+    return results
+
+
+def summary(results: Sequence[Result]) -> Table:
+    table = Table(title="bundles")
+    numeric = ("files", "MB", "seconds")
+    for column in ("cell", *numeric, "lock", "bundle"):
+        table.add_column(column, justify="right" if column in numeric else "left")
+    for r in results:
+        table.add_row(
+            r.cell.id,
+            str(r.files),
+            f"{r.bytes / 1e6:.1f}",
+            f"{r.seconds:.1f}",
+            r.lock_state,
+            _shown(r.tar),
+        )
+    return table
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def built_cell_ids(root: Path) -> list[str]:
+    """Ids of the finished bundles in the dist-dir option's folder, for nox to list; none when
+    the options cannot be read (the session then says why)."""
+    try:
+        dist = resolve(root).path("dist_dir", root)
+    except BundleError:
+        return []
+    return sorted(p.parent.name for p in dist.glob("*/manifest.json")) if dist.is_dir() else []
+
+
+@dataclass(frozen=True)
+class Outcome:
+    failed: bool = False
+    skipped: bool = False
+    message: str = ""
+
+
+def verify_session(root: Path, cell_id: str | None) -> Outcome:
+    """`nox -s verify(<cell>)`: verify one bundle; any failure is one message for the session
+    (the traceback only with GPUSTACK_OFFLINE_DEBUG=1)."""
+    try:
+        ctx = Context.load(root)
+        if cell_id is None:
+            return Outcome(
+                failed=True,
+                message=f"no bundles under {ctx.dist} (the dist-dir option); build some first, "
+                "e.g. `invoke bundle --arch arm64`",
+            )
+        verify_cell(ctx, ctx.matrix.cell(cell_id))
+    except Unverifiable as exc:
+        return Outcome(skipped=True, message=f"NOT VERIFIED: {exc}")
+    except (Exception, KeyboardInterrupt) as exc:
+        if debugging():
+            raise
+        return Outcome(failed=True, message=describe(exc))
+    return Outcome()
+
+
+def verify_cell(ctx: Context, cell: Cell) -> Report:
+    if ctx.layout.verify_key:  # first, as `install.sh --verify-key` does on the site
+        signer = signing.verify(ctx.layout.bundle(cell.id), ctx.layout.verify_key)
+        console.print(f"{cell.id}: signature good, SHA256SUMS signed by key {signer}")
+    recipe = recipes.for_cell(cell)
+    report = verify_with(ctx, cell, recipe)
+    console.print(recipe.verified(cell, report))
+    return report
+
+
+def base_images(ctx: Context, arches: Sequence[str]) -> list[str]:
+    return [docker.base_image(a, ctx.cache, ctx.opts.debian_mirror) for a in arches]

@@ -1,0 +1,198 @@
+"""Invoke tasks: flags in, `commands` called, errors printed as one line each.
+
+`tasks.py` at the project root only composes the collections defined here.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from invoke import Collection, Exit, task
+
+from gpustack_offline.bundle import compare as compare_
+from gpustack_offline.bundle import release
+from gpustack_offline.cli import commands
+from gpustack_offline.core.errors import debugging, describe
+from gpustack_offline.core.matrix import AXES
+
+MATRIX = "bundles/matrix.toml"
+
+
+def _axis_help() -> dict[str, str]:
+    """Each axis flag's help, with its values from the matrix data (not a list kept here)."""
+    values: dict[str, list[str]] = {}
+    try:
+        data = tomllib.loads((Path(__file__).resolve().parents[3] / MATRIX).read_text())
+        values = {a: [str(v) for v in data["axes"][a]] for a in AXES}
+    except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError):
+        pass  # an installed package without the checkout's data: help without the values
+
+    def among(axis: str) -> str:
+        return f": {', '.join(values[axis])}" if values.get(axis) else ""
+
+    return {
+        "cell": "cell id or glob pattern, e.g. 'v0.7.1-linux-amd64-cpu-*' (repeatable)",
+        "version": f"GPUStack version(s), comma-separated{among('version')} "
+        "(default: the matrix default)",
+        "os": f"target OS{among('os')}",
+        "arch": f"target architecture{among('arch')}",
+        "device": f"accelerator and its toolkit{among('device')}",
+        "python": f"target Python X.Y{among('python')} (default: the matrix default)",
+        "extras": f"pip extras (0.x) or inference services (2.x){among('extras')}",
+        "method": f"install method{among('method')}",
+    }
+
+
+_AXIS_HELP = _axis_help()
+
+
+def _root(c: Any) -> Path:
+    return Path(c.cwd).resolve() if getattr(c, "cwd", None) else Path.cwd()
+
+
+def _wired(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The one top-level handler: whatever stops a task is one `error:` line naming the thing
+    and the fix, exit 2, never a traceback (unless GPUSTACK_OFFLINE_DEBUG=1 asks for it)."""
+
+    @functools.wraps(fn)
+    def wrapper(c: Any, *args: Any, **kwargs: Any) -> Any:
+        debug = debugging()
+        logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, format="%(message)s")
+        try:
+            return fn(c, *args, **kwargs)
+        except Exit:
+            raise
+        except (Exception, KeyboardInterrupt) as exc:
+            if debug:
+                raise
+            raise Exit(f"error: {describe(exc)}", code=2) from None
+
+    return wrapper
+
+
+@task(
+    iterable=["cell"],
+    help={**_AXIS_HELP, "json": "print a CI job matrix ({'include': [...]}) instead of a table",
+          "all": "every cell of every version and Python, ignoring the defaults"},
+)  # fmt: skip
+@_wired
+def matrix(
+    c,
+    cell=None,
+    version=None,
+    os=None,
+    arch=None,
+    device=None,
+    python=None,
+    extras=None,
+    method=None,
+    json=False,
+    all=False,
+):  # type: ignore[no-untyped-def]  # noqa: A002
+    """List the cells of the build matrix (table, or --json for CI)."""
+    ctx = commands.Context.load(_root(c))
+    patterns = cell or (["*"] if all else [])
+    cells = ctx.select(patterns, version=version, os=os, arch=arch, device=device,
+                       python=python, extras=extras, method=method)  # fmt: skip
+    print(commands.matrix_table(ctx, cells, json))
+
+
+@task(
+    iterable=["cell"],
+    help={**_AXIS_HELP, "frozen": "refuse to build a cell whose lock is missing or stale",
+          "jobs": "parallel downloads", "dist": "output folder (default dist/)",
+          "split": "also cut dist/<cell>.tar into volumes of SIZE for transfer media: 4G "
+                   "(decimal, fits FAT32), 4GiB (binary), fat32 (4 GiB-1)"},
+)  # fmt: skip
+@_wired
+def bundle(
+    c,
+    cell=None,
+    version=None,
+    os=None,
+    arch=None,
+    device=None,
+    python=None,
+    extras=None,
+    method=None,
+    frozen=False,
+    jobs=None,
+    dist=None,
+    split=None,
+):  # type: ignore[no-untyped-def]
+    """Build the bundle of every selected cell into dist/<cell-id>/ and dist/<cell-id>.tar."""
+    # a flag that is not given leaves the option to pyproject and the environment
+    cli = {"frozen": frozen or None, "jobs": jobs, "dist_dir": dist, "split": split}
+    ctx = commands.Context.load(_root(c), cli=cli)
+    cells = ctx.select(cell or [], version=version, os=os, arch=arch, device=device,
+                       python=python, extras=extras, method=method)  # fmt: skip
+    commands.build(ctx, cells)
+
+
+@task(iterable=["cell"], help=_AXIS_HELP)
+@_wired
+def refresh(
+    c,
+    cell=None,
+    version=None,
+    os=None,
+    arch=None,
+    device=None,
+    python=None,
+    extras=None,
+    method=None,
+):  # type: ignore[no-untyped-def]
+    """Resolve the selected cells again and rewrite their locks under bundles/locks/."""
+    ctx = commands.Context.load(_root(c))
+    cells = ctx.select(cell or [], version=version, os=os, arch=arch, device=device,
+                       python=python, extras=extras, method=method)  # fmt: skip
+    for path in commands.lock(ctx, cells):
+        print(path)
+
+
+@task(iterable=["arch"], help={"arch": "amd64 and/or arm64 (default: both)"})
+@_wired
+def base(c, arch=None):  # type: ignore[no-untyped-def]
+    """Make the clean Debian base images that verification and native builds use."""
+    ctx = commands.Context.load(_root(c))
+    for tag in commands.base_images(ctx, arch or ["amd64", "arm64"]):
+        print(tag)
+
+
+@task(help={"dist": "bundle folder (default: the dist-dir option)",
+            "out": "folder for the release assets and index (replaced whole)",
+            "merge": "merge the <cell>.release.json entries under this folder instead "
+                     "(the release job)"})  # fmt: skip
+@_wired
+def release_index(c, dist=None, out="release", merge=None):  # type: ignore[no-untyped-def]
+    """Stage the finished bundles as release assets with an index (cells, sizes, digests)."""
+    if merge:
+        index = release.merge_release_entries(Path(merge), Path(out))
+    else:
+        ctx = commands.Context.load(_root(c), cli={"dist_dir": dist})
+        index = release.stage_release(ctx.dist, Path(out))
+    print(release.render_markdown(index))
+
+
+@task(help={"a": "bundle folder or .tar", "b": "bundle folder or .tar"})
+@_wired
+def compare(c, a, b):  # type: ignore[no-untyped-def]
+    """List what differs between two bundles (exit 1 on any unexpected difference)."""
+    code = compare_.main(Path(a), Path(b))
+    if code:
+        raise Exit(code=code)
+
+
+def namespace() -> Collection:
+    """`invoke matrix`, `invoke bundle`, `invoke lock [--cell …]`, `invoke images.base`."""
+    locks = Collection("lock")
+    locks.add_task(refresh, default=True)
+    ns = Collection(matrix, bundle, release_index, compare)
+    ns.add_collection(locks)
+    ns.add_collection(Collection("images", base))
+    return ns

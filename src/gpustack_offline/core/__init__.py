@@ -1,0 +1,1 @@
+"""Core: the matrix, options, errors, files, processes, downloads, Docker."""

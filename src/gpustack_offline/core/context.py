@@ -1,0 +1,47 @@
+"""What every command works from: the options, the paths they resolve to, and the matrix."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpustack_offline.core.layout import Layout
+from gpustack_offline.core.matrix import AXES, Cell, Matrix
+from gpustack_offline.core.options import Options, resolve
+
+
+@dataclass(frozen=True)
+class Context:
+    opts: Options
+    layout: Layout
+    matrix: Matrix
+
+    @classmethod
+    def load(
+        cls,
+        root: Path,
+        cli: Mapping[str, object] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> Context:
+        for noisy in ("urllib3", "docker"):  # nox turns on DEBUG for every logger
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        opts = resolve(root, env=env, cli=cli)
+        layout = Layout.resolve(opts, root)
+        return cls(opts, layout, Matrix.load(layout.matrix))
+
+    def select(self, cells: Sequence[str] = (), **axes: str | None) -> list[Cell]:
+        return self.matrix.select(list(cells), **{a: v for a, v in axes.items() if a in AXES})
+
+    @property
+    def root(self) -> Path:
+        return self.layout.root
+
+    @property
+    def dist(self) -> Path:
+        return self.layout.dist
+
+    @property
+    def cache(self) -> Path:
+        return self.layout.cache

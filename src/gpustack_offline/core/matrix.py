@@ -1,0 +1,319 @@
+"""The build matrix: cells, their ids, the rules that refuse impossible ones, and selection.
+
+The data lives in `bundles/matrix.toml`; this module only reads it. A cell id names every axis
+(`v0.7.1-linux-arm64-cpu-py3.11-base-pip`), so one glob selects cells the way cibuildwheel's
+build identifiers do, and axis flags narrow a selection without knowing the id format.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import itertools
+import json
+import re
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpustack_offline.core.errors import CellError
+
+AXES = ("version", "os", "arch", "device", "python", "extras", "method")
+_ID_RE = re.compile(
+    r"^v(?P<version>[0-9][0-9a-z.]*)-(?P<os>[a-z]+)-(?P<arch>[a-z0-9]+)-(?P<device>[a-z0-9.]+)"
+    r"-py(?P<python>[0-9]+\.[0-9]+)-(?P<extras>[a-z0-9.+]+)-(?P<method>[a-z]+)$"
+)
+_ARCH_MACHINE = {"amd64": "x86_64", "arm64": "aarch64"}
+SCHEMA = 1  # the layout of matrix.toml this module reads
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One bundle: a GPUStack version for one target, installed one way."""
+
+    version: str
+    os: str
+    arch: str
+    device: str
+    python: str
+    extras: str
+    method: str
+    # Facts looked up from the matrix data; not part of the identity.
+    cuda: str | None = field(default=None, compare=False)
+    rocm: str | None = field(default=None, compare=False)
+    glibc: str | None = field(default=None, compare=False)
+    uv_platform: str = field(default="", compare=False)
+    extra_names: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def id(self) -> str:
+        return (
+            f"v{self.version}-{self.os}-{self.arch}-{self.device}"
+            f"-py{self.python}-{self.extras}-{self.method}"
+        )
+
+    @property
+    def axes(self) -> dict[str, str]:
+        return {axis: getattr(self, axis) for axis in AXES}
+
+    @property
+    def requirement(self) -> str:
+        """The top-level requirement, e.g. `gpustack[audio]==0.7.1`."""
+        extras = f"[{','.join(self.extra_names)}]" if self.extra_names else ""
+        return f"gpustack{extras}=={self.version}"
+
+    @property
+    def machine(self) -> str:
+        """What `uname -m` prints on the target."""
+        return _ARCH_MACHINE[self.arch]
+
+    @property
+    def series(self) -> int:
+        """The GPUStack release line's major version: 0 (pip or image) or 2 (server + runners)."""
+        return int(self.version.split(".", 1)[0])
+
+    @property
+    def docker_platform(self) -> str:
+        return f"{self.os}/{self.arch}"
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            **self.axes,
+            "cuda": self.cuda,
+            "rocm": self.rocm,
+            "glibc": self.glibc,
+            "requirement": self.requirement,
+        }
+
+
+@dataclass(frozen=True)
+class Rule:
+    when: Mapping[str, Sequence[str]]
+    require: Mapping[str, Sequence[str]]
+    reason: str
+
+    def refuses(self, axes: Mapping[str, str]) -> bool:
+        applies = all(axes[a] in values for a, values in self.when.items())
+        return applies and not all(axes[a] in values for a, values in self.require.items())
+
+
+class Matrix:
+    """The matrix data of one `matrix.toml`, with validation and selection."""
+
+    def __init__(
+        self, data: Mapping[str, Any], source: str = "matrix.toml", text: str = ""
+    ) -> None:
+        self.source = source
+        schema = data.get("schema", SCHEMA)
+        if schema != SCHEMA:
+            raise CellError(
+                f"{source}: unknown schema {schema!r}; this gpustack-offline reads schema "
+                f"{SCHEMA}. Fix: set schema = {SCHEMA} and the layout it documents, or use the "
+                "gpustack-offline release that wrote this file"
+            )
+        try:
+            self.axes: dict[str, list[str]] = {
+                a: _string_list(data["axes"][a], f"{source}: [axes] {a}") for a in AXES
+            }
+            self.defaults: dict[str, str] = dict(data.get("defaults", {}))
+            self._os: dict[str, dict] = dict(data["os"])
+            self._devices: dict[str, dict] = dict(data["devices"])
+            self._extras: dict[str, list[str]] = dict(data["extras"])
+            self._versions: dict[str, dict] = dict(data["versions"])
+        except (KeyError, TypeError) as exc:
+            raise CellError(f"{source}: malformed matrix data, missing or wrong {exc}") from exc
+        self.rules = []
+        for number, r in enumerate(data.get("rules", []), start=1):
+            where = f"{source}{_rule_line(text, number)}: rule {number} ([[rules]])"
+            try:
+                when, require = (
+                    {axis: _string_list(v, f"{where} {key}.{axis}") for axis, v in r[key].items()}
+                    for key in ("when", "require")
+                )
+                self.rules.append(Rule(when, require, r["reason"]))
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise CellError(
+                    f"{source}{_rule_line(text, number)}: rule {number} ([[rules]]) is "
+                    f"malformed, missing or wrong {exc}; each rule needs when, require and reason"
+                ) from exc
+        self._check_data()
+        self._cells = {c.id: c for c in self._enumerate()}
+
+    @classmethod
+    def load(cls, path: Path) -> Matrix:
+        try:
+            text = path.read_text()
+            data = tomllib.loads(text)
+        except FileNotFoundError as exc:
+            raise CellError(f"matrix file {path} not found") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise CellError(f"{path}: not valid TOML: {exc}") from exc
+        return cls(data, source=str(path), text=text)
+
+    def _check_data(self) -> None:
+        tables: tuple[tuple[str, Mapping[str, Any]], ...] = (
+            ("os", self._os),
+            ("device", self._devices),
+            ("extras", self._extras),
+            ("version", self._versions),
+        )
+        for name, table in tables:
+            missing = set(self.axes[name]) - set(table)
+            if missing:
+                raise CellError(
+                    f"{self.source}: axis {name} lists {sorted(missing)} with no [{name}] table; "
+                    "add one for each value"
+                )
+        for default_axis, value in self.defaults.items():
+            if default_axis not in AXES or value not in self.axes[default_axis]:
+                raise CellError(
+                    f"{self.source}: default {default_axis}={value!r} is not on its axis"
+                )
+        for rule in self.rules:
+            for axis, values in [*rule.when.items(), *rule.require.items()]:
+                unknown = set(values) - set(self.axes.get(axis, []))
+                if axis not in AXES or unknown:
+                    raise CellError(
+                        f"{self.source}: rule {rule.reason!r} names unknown {axis} values "
+                        f"{sorted(unknown) or values}"
+                    )
+
+    def _make(self, axes: Mapping[str, str]) -> Cell:
+        os_data = self._os[axes["os"]]
+        return Cell(
+            **axes,
+            cuda=self._devices[axes["device"]].get("cuda"),
+            rocm=self._devices[axes["device"]].get("rocm"),
+            glibc=os_data.get("glibc"),
+            uv_platform=os_data.get("uv-platform", {}).get(axes["arch"], ""),
+            extra_names=tuple(self._extras[axes["extras"]]),
+        )
+
+    def _enumerate(self) -> Iterable[Cell]:
+        for combo in itertools.product(*(self.axes[a] for a in AXES)):
+            axes = dict(zip(AXES, combo, strict=True))
+            if self.refusal(axes) is None:
+                yield self._make(axes)
+
+    def refusal(self, axes: Mapping[str, str]) -> str | None:
+        """Why the matrix refuses this combination of axis values, or None if it is a cell."""
+        for rule in self.rules:
+            if rule.refuses(axes):
+                return rule.reason
+        return None
+
+    @property
+    def cells(self) -> list[Cell]:
+        return sorted(self._cells.values(), key=lambda c: c.id)
+
+    def nearest(self, text: str, n: int = 3) -> list[str]:
+        plain = text.replace("*", "").replace("?", "")
+        return difflib.get_close_matches(plain, list(self._cells), n=n, cutoff=0.4)
+
+    def _unknown(self, what: str, reason: str) -> CellError:
+        near = self.nearest(what)
+        hint = f"; nearest valid: {', '.join(near)}" if near else ""
+        return CellError(f"cell {what!r}: {reason}{hint}. `invoke matrix` lists every cell")
+
+    def cell(self, cell_id: str) -> Cell:
+        """The cell with this exact id, or a CellError saying why there is none."""
+        if cell_id in self._cells:
+            return self._cells[cell_id]
+        match = _ID_RE.match(cell_id)
+        if not match:
+            raise self._unknown(
+                cell_id, "not a cell id (v<version>-<os>-<arch>-<device>-py<X.Y>-<extras>-<method>)"
+            )
+        axes = match.groupdict()
+        for axis, value in axes.items():
+            if value not in self.axes[axis]:
+                raise self._unknown(
+                    cell_id, f"unknown {axis} {value!r} (known: {', '.join(self.axes[axis])})"
+                )
+        raise self._unknown(cell_id, f"impossible: {self.refusal(axes)}")
+
+    def select(
+        self, patterns: Sequence[str] = (), **filters: str | Sequence[str] | None
+    ) -> list[Cell]:
+        """Cells matching any pattern (or all, if none), narrowed by axis filters.
+
+        Without patterns, `version` and `python` default to the matrix defaults, so that
+        `--arch arm64` means the arm64 cells of the default GPUStack version and Python.
+        A filter value may be a list or a comma-separated string.
+        """
+        wanted: dict[str, set[str]] = {}
+        for axis, value in filters.items():
+            if axis not in AXES:
+                raise CellError(f"unknown axis {axis!r} (axes: {', '.join(AXES)})")
+            values = _as_list(value)
+            if not values and not patterns and axis in self.defaults:
+                values = [self.defaults[axis]]
+            if values:
+                unknown = [v for v in values if v not in self.axes[axis]]
+                if unknown:
+                    raise CellError(
+                        f"unknown {axis} {', '.join(unknown)} (known: {', '.join(self.axes[axis])})"
+                    )
+                wanted[axis] = set(values)
+        if not patterns:
+            for axis, default in self.defaults.items():
+                wanted.setdefault(axis, {default})
+
+        pool = self.cells
+        if patterns:
+            chosen: dict[str, Cell] = {}
+            for pattern in patterns:
+                if not any(ch in pattern for ch in "*?["):
+                    cell = self.cell(pattern)
+                    chosen[cell.id] = cell
+                    continue
+                hits = [c for c in pool if fnmatch.fnmatchcase(c.id, pattern)]
+                if not hits:
+                    raise self._unknown(pattern, "the pattern matches no cell")
+                chosen.update((c.id, c) for c in hits)
+            pool = sorted(chosen.values(), key=lambda c: c.id)
+
+        result = [c for c in pool if all(getattr(c, a) in v for a, v in wanted.items())]
+        if not result:
+            raise CellError(self._why_empty(wanted, patterns))
+        return result
+
+    def _why_empty(self, wanted: Mapping[str, set[str]], patterns: Sequence[str]) -> str:
+        combos = itertools.product(*(sorted(wanted.get(a, self.axes[a])) for a in AXES))
+        reasons = {self.refusal(dict(zip(AXES, c, strict=True))) for c in combos} - {None}
+        asked = " ".join(f"--{a} {','.join(sorted(v))}" for a, v in wanted.items())
+        if patterns:
+            asked = f"{' '.join(patterns)} {asked}"
+        because = f": {'; '.join(sorted(r for r in reasons if r))}" if reasons else ""
+        return f"no cell matches {asked.strip()}{because}. `invoke matrix` lists every cell"
+
+    def ci_matrix(self, cells: Sequence[Cell]) -> dict[str, list[dict[str, object]]]:
+        """A job matrix a CI system takes as it is (GitHub Actions `strategy.matrix`)."""
+        return {"include": [c.as_dict() for c in cells]}
+
+
+def _rule_line(text: str, number: int) -> str:
+    """`, line N` of the number-th [[rules]] header in the matrix text, or "" if not found."""
+    headers = [i for i, line in enumerate(text.splitlines(), 1) if line.strip() == "[[rules]]"]
+    return f", line {headers[number - 1]}" if len(headers) >= number else ""
+
+
+def _as_list(value: str | Sequence[str] | None) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return [v for item in value for v in _as_list(item)]
+
+
+def _string_list(value: object, where: str) -> list[str]:
+    """An axis' values as written: a list of strings, never a lone string taken letter by
+    letter (`arch = "amd64"` would otherwise be the axis a, m, d, 6, 4)."""
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise CellError(
+            f"{where} must be a list of strings, e.g. [{json.dumps(str(value))}], not {value!r}"
+        )
+    return value

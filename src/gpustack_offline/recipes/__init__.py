@@ -1,0 +1,27 @@
+"""One recipe per kind of cell, chosen once from the cell: how it is locked, gathered into the
+cache, and verified. The stages below know nothing of kinds; `base.build` stages any kind's parts
+into a bundle the same way. A new kind is a module here plus its matrix data (docs/design.md)."""
+
+from __future__ import annotations
+
+from gpustack_offline.core.errors import CellError
+from gpustack_offline.core.matrix import Cell
+from gpustack_offline.recipes import docker0, docker2, pip0
+from gpustack_offline.recipes.base import Recipe
+
+# (install method, GPUStack major series) -> recipe
+RECIPES: dict[tuple[str, int], Recipe] = {
+    ("pip", 0): pip0.RECIPE,
+    ("docker", 0): docker0.RECIPE,
+    ("docker", 2): docker2.RECIPE,
+}
+
+
+def for_cell(cell: Cell) -> Recipe:
+    try:
+        return RECIPES[(cell.method, cell.series)]
+    except KeyError:
+        raise CellError(
+            f"{cell.id}: no recipe builds {cell.method} cells of GPUStack {cell.series}.x; "
+            "add one under src/gpustack_offline/recipes/ (see docs/design.md)"
+        ) from None

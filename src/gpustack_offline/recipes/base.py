@@ -1,0 +1,157 @@
+"""What every kind of cell shares: a recipe gathers the cell's parts into the cache (lock, wheels,
+tools archive, images), and `build` stages them into one bundle folder and tar the same way for
+every kind; `verify` runs the kind's own check with the common report around it."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from gpustack_offline.bundle import assemble
+from gpustack_offline.bundle.assemble import IMAGE_ARCHIVE, Result
+from gpustack_offline.bundle.signing import sign
+from gpustack_offline.core.cache import in_use
+from gpustack_offline.core.context import Context
+from gpustack_offline.core.downloads import BlobStore
+from gpustack_offline.core.errors import BundleError, Busy
+from gpustack_offline.core.files import atomic_dir, ensure_writable, held
+from gpustack_offline.core.matrix import Cell
+from gpustack_offline.stages import images
+from gpustack_offline.stages.locks import Lock
+from gpustack_offline.stages.registry import Reference, Registry
+from gpustack_offline.stages.tools import Archive
+from gpustack_offline.stages.wheels import Wheel
+from gpustack_offline.verify import pip as verifying
+from gpustack_offline.verify.pip import Report
+
+
+@dataclass
+class Parts:
+    """What a recipe gathered for a cell before its bundle folder is staged."""
+
+    lock_state: str  # what `build` did about the lock: used, created, refreshed, pinned
+    lock: Lock | None = None
+    wheels: Sequence[Wheel] = ()
+    tools: Archive | None = None
+    images: Sequence[images.Image] = ()
+    store: BlobStore | None = None  # where the images' blobs are
+
+
+@dataclass(frozen=True)
+class Locked:
+    path: Path  # the lock or pin file written
+    moved: Sequence[str] = ()  # what changed since the last lock, for the user
+
+
+class Recipe(Protocol):
+    """One kind of cell: how it is locked, gathered and verified."""
+
+    kind: str  # as the docs name it: "pip 0.x"
+
+    def lock(self, ctx: Context, cell: Cell) -> Locked:
+        """Resolve or pin what the cell carries, online."""
+        ...
+
+    def inputs(self, ctx: Context, cell: Cell) -> list[Path]:
+        """The data files a build of the cell reads, for its provenance (those that exist)."""
+        ...
+
+    def gather(self, ctx: Context, cell: Cell) -> Parts:
+        """Fetch and build every part of the bundle into the cache."""
+        ...
+
+    def verify(self, ctx: Context, cell: Cell, report: Report) -> Report:
+        """Check the finished bundle the way a site uses it; fill and return `report`."""
+        ...
+
+    def verified(self, cell: Cell, report: Report) -> str:
+        """One line for the user on what the verification proved."""
+        ...
+
+
+def build(ctx: Context, cell: Cell, recipe: Recipe) -> Result:
+    """One cell's bundle, built by one process at a time into one dist folder: a second build
+    of the cell into the same folder is refused at once, naming the first, so neither deletes
+    the other's work in progress. The cache is shared: its leftovers are swept only when no
+    other build uses it."""
+    layout = ctx.layout
+    ensure_writable(layout.dist, "dist-dir")
+    ensure_writable(layout.cache, "cache-dir")
+    try:
+        with (
+            held(layout.dist / f".{cell.id}.lock", f"the bundle {layout.bundle(cell.id)}", False),
+            in_use(layout.cache),
+        ):
+            return _build(ctx, cell, recipe)
+    except Busy as exc:
+        raise BundleError(
+            f"another build of {cell.id} is writing into {layout.dist}: {exc}. Fix: wait for it "
+            "to finish, or build into another dist-dir (--dist)"
+        ) from None
+
+
+def _build(ctx: Context, cell: Cell, recipe: Recipe) -> Result:
+    started = time.monotonic()
+    parts = recipe.gather(ctx, cell)
+    final, tar = ctx.layout.bundle(cell.id), ctx.layout.tar(cell.id)
+    assemble.clear_previous(final, tar)
+    with atomic_dir(final) as stage:
+        exported = (
+            images.export_images(parts.images, parts.store, stage / IMAGE_ARCHIVE)
+            if parts.images and parts.store
+            else []
+        )
+        manifest = assemble.assemble(
+            cell, parts.wheels, parts.lock, stage, ctx.root, parts.tools,
+            images=exported, inputs=recipe.inputs(ctx, cell),
+        )  # fmt: skip
+        if ctx.layout.signing_key:
+            sign(stage, ctx.layout.signing_key, ctx.opts.signing_passphrase_env or None)
+    assemble.write_tar(final, tar)
+    return assemble.result(cell, final, manifest, started, parts.lock_state)
+
+
+def verify(ctx: Context, cell: Cell, recipe: Recipe) -> Report:
+    """The kind's verification of the bundle in dist, with its report written beside it."""
+    return verifying.verify(
+        cell,
+        ctx.layout.bundle(cell.id),
+        ctx.layout.report(cell.id),
+        lambda report: recipe.verify(ctx, cell, report),
+    )
+
+
+def existing(paths: Sequence[Path]) -> list[Path]:
+    return [p for p in paths if p.is_file()]
+
+
+def pin_images(ctx: Context, cell: Cell, wanted: dict[Reference, list[str]]) -> Locked:
+    """Record what the cell's image tags point at now, for its platforms, and what moved."""
+    client = Registry(BlobStore(ctx.cache), mirror=ctx.opts.registry_mirror or None)
+    moved = images.refresh_references(client, ctx.layout.image_pins, cell.version, wanted)
+    return Locked(images.pin_path(ctx.layout.image_pins, cell.version), [str(m) for m in moved])
+
+
+def gather_images(ctx: Context, cell: Cell, wanted: dict[Reference, list[str]]) -> Parts:
+    """Pull the cell's pinned images for their platforms into the blob store; the bundle then
+    exports them as one archive, each layer once however many images share it."""
+    store = BlobStore(ctx.cache)
+    registry = Registry(store, mirror=ctx.opts.registry_mirror or None, jobs=ctx.opts.jobs)
+    pulled = []
+    for ref, platforms in wanted.items():
+        pins = images.read_pins(images.pin_path(ctx.layout.image_pins, cell.version, ref.name))
+        for platform in platforms:
+            pinned = images.pinned_reference(pins, ref, platform)
+            pulled.append(images.pull_pinned(registry, pinned))
+    return Parts("pinned", images=pulled, store=store)
+
+
+def image_inputs(ctx: Context, cell: Cell) -> list[Path]:
+    """The matrix and the pin file of every repository the version's images come from (server,
+    runner, runtime)."""
+    return existing(
+        [ctx.layout.matrix, *sorted(ctx.layout.image_pins.glob(f"*-{cell.version}.toml"))]
+    )

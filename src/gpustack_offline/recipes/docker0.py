@@ -1,0 +1,48 @@
+"""GPUStack 0.x as upstream's image for the cell's device and platform, pinned by digest; verified
+by loading it into a Docker Engine where it was absent, starting it with no route out (audited),
+pushing it into a site registry and starting it again from there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gpustack_offline.core.context import Context
+from gpustack_offline.core.matrix import Cell
+from gpustack_offline.recipes import pip0
+from gpustack_offline.recipes.base import Locked, Parts, gather_images, image_inputs, pin_images
+from gpustack_offline.stages import images
+from gpustack_offline.stages.registry import Reference
+from gpustack_offline.verify import egress
+from gpustack_offline.verify.docker import verify_docker
+from gpustack_offline.verify.pip import HOST_ARCH, Report, base_image
+
+
+def references(cell: Cell) -> dict[Reference, list[str]]:
+    """GPUStack's own image for the cell's device, for the cell's platform."""
+    return {images.image_reference(cell.version, cell.device): [f"linux/{cell.arch}"]}
+
+
+class Docker0:
+    kind = "docker 0.x"
+
+    def lock(self, ctx: Context, cell: Cell) -> Locked:
+        return pin_images(ctx, cell, references(cell))
+
+    def inputs(self, ctx: Context, cell: Cell) -> list[Path]:
+        return image_inputs(ctx, cell)
+
+    def gather(self, ctx: Context, cell: Cell) -> Parts:
+        return gather_images(ctx, cell, references(cell))
+
+    def verify(self, ctx: Context, cell: Cell, report: Report) -> Report:
+        sinkhole = base_image(HOST_ARCH, ctx.cache, ctx.opts.debian_mirror)
+        allowlist = egress.load_allowlist(ctx.layout.egress_allowlist, cell.id)
+        return verify_docker(
+            cell, ctx.layout.bundle(cell.id), ctx.opts.verify_timeout, report, sinkhole, allowlist
+        )
+
+    def verified(self, cell: Cell, report: Report) -> str:
+        return pip0.RECIPE.verified(cell, report)  # the same audited starts, the same numbers
+
+
+RECIPE = Docker0()

@@ -1,0 +1,63 @@
+"""GPUStack 2.x: the server image, the runner images of the cell's services for its backend, and
+the pause and health images every workload gets, as upstream's runner list for that version
+names them; verified by pushing them into a site registry where every reference the server and
+worker will compute must resolve for the platform, and starting the server from there."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gpustack_offline.core.context import Context
+from gpustack_offline.core.matrix import Cell
+from gpustack_offline.recipes.base import (
+    Locked,
+    Parts,
+    existing,
+    gather_images,
+    image_inputs,
+    pin_images,
+)
+from gpustack_offline.stages import runners
+from gpustack_offline.stages.registry import Reference
+from gpustack_offline.verify.docker import verify_docker2
+from gpustack_offline.verify.pip import Report
+
+
+def references(ctx: Context, cell: Cell) -> dict[Reference, list[str]]:
+    selection = runners.cell_selection(
+        ctx.layout.runners, cell.version, cell.arch, cell.device, cell.extra_names
+    )
+    return {Reference.parse(i.reference): [i.platform] for i in selection.images}
+
+
+class Docker2:
+    kind = "docker 2.x"
+
+    def lock(self, ctx: Context, cell: Cell) -> Locked:
+        # upstream's runner list first (from the gpustack-runner package the version pins): it
+        # decides which images the cell needs
+        runners.refresh(cell.version, ctx.layout.runners, ctx.cache, ctx.opts.index_url)
+        return pin_images(ctx, cell, references(ctx, cell))
+
+    def inputs(self, ctx: Context, cell: Cell) -> list[Path]:
+        """The image pins, and upstream's runner list, which chose the images."""
+        data = runners.data_path(ctx.layout.runners, cell.version)
+        return [*image_inputs(ctx, cell), *existing([data])]
+
+    def gather(self, ctx: Context, cell: Cell) -> Parts:
+        return gather_images(ctx, cell, references(ctx, cell))
+
+    def verify(self, ctx: Context, cell: Cell, report: Report) -> Report:
+        return verify_docker2(
+            cell, ctx.layout.bundle(cell.id), ctx.opts.verify_timeout, report, ctx.layout.runners
+        )
+
+    def verified(self, cell: Cell, report: Report) -> str:
+        return (
+            f"[green]{cell.id}: verified[/green] — loaded, pushed into a site registry where "
+            "every image the worker will ask for resolves for its platform; the server from "
+            f"that registry answered /healthz after {report.steps[-1].seconds}s"
+        )
+
+
+RECIPE = Docker2()

@@ -1,0 +1,1 @@
+"""Stages of the online side: locks, wheels, tools, images and registry, runners."""

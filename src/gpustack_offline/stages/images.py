@@ -1,0 +1,532 @@
+"""GPUStack's Docker images as data: which tag a cell needs, which digest that tag meant, and
+one archive that both `docker load` and OCI tools read.
+
+A tag can be pushed again upstream at any time, so a build never trusts a tag alone:
+`bundles/images/gpustack-<version>.toml` records, per tag and platform, the index digest and the
+platform manifest digest, written by `refresh_pins` on the online side and reviewed like code. A
+build resolves a cell's image through that file and pulls by digest; a tag that moved upstream
+is a diff in the pin file, never a silent change in a bundle.
+
+The export is one tar that is at the same time an OCI image layout (`oci-layout`, `index.json`,
+`blobs/sha256/<hex>`) and a `docker load` archive (`manifest.json` whose `Config` and `Layers`
+name the same blob files). Layers stay exactly as the registry served them (compressed, same
+digests), each blob is stored once however many images share it, and the tar is deterministic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+from gpustack_offline.core.downloads import BlobStore
+from gpustack_offline.core.errors import BundleError, IntegrityError
+from gpustack_offline.core.files import atomic_path, write_text
+from gpustack_offline.stages.registry import (
+    DOCKER_MANIFEST,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    Descriptor,
+    Image,
+    Platform,
+    Reference,
+    Registry,
+)
+
+IMAGE_REPOSITORY = "docker.io/gpustack/gpustack"
+PIN_SCHEMA = 1
+
+# The device suffix of 0.6/0.7 tags (gpustack-facts.md, "Docker images (0.6 / 0.7)"): the plain
+# tag is CUDA 12.4. Platforms as upstream publishes them.
+_SUFFIXES_0X: Mapping[str, tuple[str, tuple[str, ...]]] = {
+    "cuda12.4": ("", ("linux/amd64", "linux/arm64")),
+    "cuda12.8": ("-cuda12.8", ("linux/amd64", "linux/arm64")),
+    "cpu": ("-cpu", ("linux/amd64", "linux/arm64")),
+    "rocm": ("-rocm", ("linux/amd64",)),
+    "npu": ("-npu", ("linux/amd64", "linux/arm64")),
+    "npu-310p": ("-npu-310p", ("linux/amd64", "linux/arm64")),
+    "musa": ("-musa", ("linux/amd64",)),
+    "dcu": ("-dcu", ("linux/amd64",)),
+    "corex": ("-corex", ("linux/amd64",)),
+}
+_VERSION = re.compile(r"v?(\d+)\.(\d+)\.(\d+)(?:rc\d+)?")
+
+# Layer types `docker load` (20.10) and OCI tools both read.
+_LOADABLE_LAYERS = frozenset(
+    {
+        "application/vnd.oci.image.layer.v1.tar",
+        "application/vnd.oci.image.layer.v1.tar+gzip",
+        "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    }
+)
+REF_NAME = "org.opencontainers.image.ref.name"
+CONTAINERD_NAME = "io.containerd.image.name"
+# On the OCI twin of a Docker schema 2 manifest: the digest of upstream's manifest.
+UPSTREAM_DIGEST = "gpustack-offline.upstream-manifest-digest"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+DOCKER_GZIP_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
+OCI_GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+_OCI_LAYER = {DOCKER_GZIP_LAYER: OCI_GZIP_LAYER}
+
+
+class ImageError(BundleError):
+    """An image a cell cannot have: unknown device, missing pin, unexportable layers."""
+
+
+# --- tags ---------------------------------------------------------------------------------------
+
+
+def _series(version: str) -> tuple[int, int, str]:
+    match = _VERSION.fullmatch(version.strip())
+    if not match:
+        raise ImageError(f"{version!r} is not a GPUStack version like 0.7.1")
+    major, minor, _ = match.groups()
+    return int(major), int(minor), version.strip().removeprefix("v")
+
+
+def _suffix(version: str, device: str) -> tuple[str, tuple[str, ...]]:
+    major, minor, plain = _series(version)
+    if major != 0 or minor not in (6, 7):
+        raise ImageError(
+            f"image tags of GPUStack {plain} are not described here; only 0.6 and 0.7 use the "
+            "one-image-per-device scheme"
+        )
+    if device not in _SUFFIXES_0X:
+        known = ", ".join(sorted(_SUFFIXES_0X))
+        raise ImageError(f"GPUStack {plain} has no image for device {device!r}; known: {known}")
+    return _SUFFIXES_0X[device]
+
+
+def image_tag(version: str, device: str) -> str:
+    """`image_tag("0.7.1", "cpu")` → `v0.7.1-cpu`; the plain tag is the CUDA 12.4 image."""
+    suffix, _ = _suffix(version, device)
+    return f"v{_series(version)[2]}{suffix}"
+
+
+def image_platforms(version: str, device: str) -> tuple[str, ...]:
+    """The platforms upstream publishes the device's image for."""
+    return _suffix(version, device)[1]
+
+
+def image_reference(version: str, device: str, repository: str = IMAGE_REPOSITORY) -> Reference:
+    return Reference.parse(f"{repository}:{image_tag(version, device)}")
+
+
+# --- pin files ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TagPin:
+    index: str  # the digest the tag pointed at (index, or the manifest of a one-platform image)
+    platforms: Mapping[str, str]  # "linux/amd64" → that platform's manifest digest
+
+
+@dataclass(frozen=True)
+class Pins:
+    path: Path
+    version: str
+    repository: str
+    tags: Mapping[str, TagPin]
+
+
+@dataclass(frozen=True)
+class PinChange:
+    tag: str
+    platform: str  # "" for the tag's index digest
+    old: str | None
+    new: str | None
+
+    def __str__(self) -> str:
+        what = f"{self.tag} {self.platform or 'index'}"
+        return f"{what}: {self.old or '(none)'} -> {self.new or '(none)'}"
+
+
+@dataclass(frozen=True)
+class PinnedImage:
+    """A cell's image by digest: `reference` carries tag and platform manifest digest."""
+
+    reference: Reference
+    platform: Platform
+    index: str
+
+    @property
+    def manifest(self) -> str:
+        assert self.reference.digest is not None
+        return self.reference.digest
+
+
+def pin_path(pins_dir: Path, version: str, repository: str = IMAGE_REPOSITORY) -> Path:
+    """`gpustack-0.7.1.toml` for the server image; `runner-2.3.0.toml`, `runtime-2.3.0.toml` for
+    the other repositories a GPUStack version needs: one pin file per repository and version."""
+    name = Reference.parse(repository).name.rsplit("/", 1)[-1]
+    return pins_dir / f"{name}-{_series(version)[2]}.toml"
+
+
+def read_pins(path: Path) -> Pins:
+    if not path.is_file():
+        raise ImageError(
+            f"{path} does not exist; record the image digests on the online side with "
+            "`invoke lock` for the cell (and commit the file)"
+        )
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ImageError(f"{path}: not valid TOML: {exc}; fix or refresh it") from exc
+    if data.get("schema") != PIN_SCHEMA:
+        raise ImageError(f"{path}: schema {data.get('schema')!r} is not {PIN_SCHEMA}")
+    tags: dict[str, TagPin] = {}
+    try:
+        for tag, entry in (data.get("tags") or {}).items():
+            platforms = {str(p): str(d) for p, d in (entry.get("platforms") or {}).items()}
+            tags[str(tag)] = TagPin(str(entry["index"]), platforms)
+        return Pins(path, str(data["version"]), str(data["repository"]), tags)
+    except (KeyError, AttributeError, TypeError) as exc:
+        raise ImageError(f"{path}: malformed pin file ({exc!r}); refresh it") from None
+
+
+def format_pins(pins: Pins) -> str:
+    lines = [
+        f"# Digests of the {Reference.parse(pins.repository).familiar_name} images for GPUStack "
+        f"{pins.version}, per tag and platform.\n"
+        "# Written by refresh_pins; builds pull by these digests, so a tag that moved upstream\n"
+        "# shows up here as a diff. Review changes like code.\n",
+        f"schema = {PIN_SCHEMA}\n",
+        f"version = {json.dumps(pins.version)}\n",
+        f"repository = {json.dumps(pins.repository)}\n",
+    ]
+    for tag in sorted(pins.tags):
+        pin = pins.tags[tag]
+        lines.append(f"\n[tags.{json.dumps(tag)}]\nindex = {json.dumps(pin.index)}\n")
+        lines.append(f"\n[tags.{json.dumps(tag)}.platforms]\n")
+        lines.extend(
+            f"{json.dumps(p)} = {json.dumps(pin.platforms[p])}\n" for p in sorted(pin.platforms)
+        )
+    return "".join(lines)
+
+
+def write_pins(pins: Pins) -> bool:
+    """Write atomically, and only if the text changes; True when it did."""
+    text = format_pins(pins)
+    if pins.path.is_file() and pins.path.read_text() == text:
+        return False
+    write_text(pins.path, text)
+    return True
+
+
+def _diff(old: Mapping[str, TagPin], new: Mapping[str, TagPin]) -> list[PinChange]:
+    changes = []
+    for tag in sorted(set(old) | set(new)):
+        before, after = old.get(tag), new.get(tag)
+        index_before = before.index if before else None
+        index_after = after.index if after else None
+        if index_before != index_after:
+            changes.append(PinChange(tag, "", index_before, index_after))
+        platforms = set(before.platforms if before else ()) | set(after.platforms if after else ())
+        for platform in sorted(platforms):
+            a = before.platforms.get(platform) if before else None
+            b = after.platforms.get(platform) if after else None
+            if a != b:
+                changes.append(PinChange(tag, platform, a, b))
+    return changes
+
+
+def refresh_pins(
+    registry: Registry,
+    pins_dir: Path,
+    version: str,
+    devices: Iterable[str],
+    platforms: Iterable[str] | None = None,
+    repository: str = IMAGE_REPOSITORY,
+) -> list[PinChange]:
+    """Ask the registry what the devices' tags point at now; rewrite the pin file; return what
+    changed (a moved tag is a change of its index digest and of its platforms' digests).
+
+    Only manifests and configs are fetched. `platforms` defaults to those upstream publishes per
+    device. Tags not named keep their pins; so do platforms not named, while their tag still
+    points at the same index (a moved tag's pins are all replaced)."""
+    chosen = None if platforms is None else list(platforms)
+    wanted = {
+        image_reference(version, device, repository): (
+            chosen if chosen is not None else list(image_platforms(version, device))
+        )
+        for device in devices
+    }
+    return refresh_references(registry, pins_dir, version, wanted)
+
+
+def refresh_references(
+    registry: Registry,
+    pins_dir: Path,
+    version: str,
+    wanted: Mapping[Reference, Sequence[str]],
+) -> list[PinChange]:
+    """Pin each tagged reference for its platforms, in the pin file of its repository."""
+    by_repository: dict[str, dict[Reference, Sequence[str]]] = {}
+    for ref, platforms in wanted.items():
+        by_repository.setdefault(ref.name, {})[ref] = platforms
+    changes = []
+    for repository, refs in sorted(by_repository.items()):
+        path = pin_path(pins_dir, version, repository)
+        old = read_pins(path) if path.is_file() else Pins(path, _series(version)[2], repository, {})
+        if Reference.parse(old.repository).name != repository:
+            raise ImageError(f"{path} pins {old.repository}, not {repository}")
+        tags = dict(old.tags)
+        for ref, platforms in refs.items():
+            tags[ref.tag or ""] = _pin_tag(registry, ref, platforms, tags.get(ref.tag or ""))
+        new = Pins(path, old.version, old.repository, tags)
+        changes += _diff(old.tags, new.tags)
+        write_pins(new)
+    return changes
+
+
+def _pin_tag(
+    registry: Registry, ref: Reference, platforms: Sequence[str], previous: TagPin | None
+) -> TagPin:
+    found: dict[str, str] = {}
+    index = ""
+    for platform in platforms:
+        # The first platform resolves the tag; the others the very index it pointed at,
+        # so a tag moved halfway through cannot mix two builds in one pin.
+        image = registry.resolve(ref.with_digest(index) if index else ref, platform)
+        index = image.index_digest
+        found[str(Platform.parse(platform))] = image.manifest.digest
+    if previous is not None and previous.index == index:
+        found = {**previous.platforms, **found}  # same build: platforms not asked keep theirs
+    return TagPin(index, found)
+
+
+def pinned_image(pins: Pins, device: str, platform: str | Platform) -> PinnedImage:
+    """The cell's image by digest, from the pin file; an error if it is not pinned."""
+    return pinned_reference(pins, image_reference(pins.version, device, pins.repository), platform)
+
+
+def pinned_reference(pins: Pins, ref: Reference, platform: str | Platform) -> PinnedImage:
+    """A tagged reference by digest, from its repository's pin file; an error if not pinned."""
+    want = Platform.parse(platform) if isinstance(platform, str) else platform
+    pin = pins.tags.get(ref.tag or "")
+    digest = None
+    if pin is not None:
+        digest = next(
+            (d for p, d in pin.platforms.items() if Platform.parse(p).matches(want)), None
+        )
+    if pin is None or digest is None:
+        raise ImageError(
+            f"{ref} for {want} is not pinned in {pins.path}; pin it on the online side "
+            "(`invoke lock` for the cell) and commit the change"
+        )
+    return PinnedImage(ref.with_digest(digest), want, pin.index)
+
+
+def pull_pinned(registry: Registry, pinned: PinnedImage) -> Image:
+    """Pull the pinned manifest by digest: the bytes are the ones reviewed, or an error."""
+    return registry.pull(pinned.reference, pinned.platform)
+
+
+# --- export -------------------------------------------------------------------------------------
+
+
+class ExportedImage(NamedTuple):
+    """One image in an export tar, for the bundle manifest."""
+
+    reference: str  # docker.io/gpustack/gpustack:v0.7.1-cpu
+    digest: str  # the platform manifest's digest
+    platform: str  # linux/amd64
+
+
+class _HashingReader:
+    """Reads a stored blob into the tar while hashing it: a damaged cache file is caught here."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self.fh = fh
+        self.digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.fh.read(size)
+        self.digest.update(data)
+        return data
+
+
+def _export_name(ref: Reference) -> Reference:
+    """The name an image carries in the tar: with its tag, or by digest when it has none."""
+    return ref.without_digest() if ref.tag else ref
+
+
+def _repo_tag(ref: Reference) -> str | None:
+    return f"{ref.familiar_name}:{ref.tag}" if ref.tag else None
+
+
+def _check_exportable(image: Image) -> None:
+    if image.manifest.media_type not in (OCI_MANIFEST, DOCKER_MANIFEST):
+        raise ImageError(f"{image.reference}: {image.manifest.media_type} is not a manifest")
+    for layer in image.layers:
+        if layer.media_type not in _LOADABLE_LAYERS:
+            raise ImageError(
+                f"{image.reference}: layer {layer.digest} is {layer.media_type!r}; only tar and "
+                "gzip layers can be loaded by docker 20.10 and exported here"
+            )
+
+
+def _info(name: str, size: int = 0, directory: bool = False) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.mtime = 0
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    if directory:
+        info.type = tarfile.DIRTYPE
+        info.mode = 0o755
+    else:
+        info.mode = 0o644
+        info.size = size
+    return info
+
+
+def _oci_twin(image: Image, manifest: bytes) -> bytes:
+    """The OCI form of a Docker schema 2 manifest: same config and layer blobs, OCI media types.
+
+    skopeo 1.9 (containers/image 5.23) finds only OCI image manifests by `ref.name` in a layout,
+    so a Docker-typed image gets this twin in `index.json`; its bytes differ from upstream's, so
+    its digest does too (the annotation UPSTREAM_DIGEST names upstream's, whose bytes are in the
+    tar as well). Deterministic: the same manifest always gives the same twin."""
+    data = json.loads(manifest)
+    data["mediaType"] = OCI_MANIFEST
+    data["config"] = {**data["config"], "mediaType": OCI_CONFIG}
+    data["layers"] = [
+        {**layer, "mediaType": _OCI_LAYER.get(layer["mediaType"], layer["mediaType"])}
+        for layer in data["layers"]
+    ]
+    if [d["digest"] for d in data["layers"]] != [d.digest for d in image.layers]:
+        raise ImageError(f"{image.reference}: the stored manifest does not list the image's layers")
+    return json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _read_checked(store: BlobStore, desc: Descriptor) -> bytes:
+    data = store.path(desc.hex).read_bytes()
+    if hashlib.sha256(data).hexdigest() != desc.hex:
+        raise IntegrityError(
+            f"cached blob {store.path(desc.hex)} does not match its digest; delete it and pull "
+            "again (the tar was not written)"
+        )
+    return data
+
+
+def export_images(images: Sequence[Image], store: BlobStore, dest: Path) -> list[ExportedImage]:
+    """Write one tar that is an OCI layout and a `docker load` archive of all `images`.
+
+    Each blob is written once, straight from the store and re-hashed on the way; the same
+    inputs give the same bytes. `index.json` names each image by tag (`ref.name`, what
+    `skopeo copy oci-archive:TAR:TAG` looks for) and full name (`io.containerd.image.name`);
+    `manifest.json` gives `docker load` the same config and layer files. Returns (reference,
+    upstream manifest digest, platform) per image."""
+    unique: dict[tuple[str, str], Image] = {}
+    for image in images:
+        _check_exportable(image)
+        unique.setdefault((str(_export_name(image.reference)), str(image.platform)), image)
+    ordered = [unique[k] for k in sorted(unique)]
+    blobs: dict[str, Descriptor] = {}
+    for image in ordered:
+        for desc in image.blobs:
+            known = blobs.setdefault(desc.hex, desc)
+            if known.size != desc.size:
+                raise ImageError(f"blob {desc.digest} is listed with two sizes")
+            if not store.path(desc.hex).is_file():
+                raise ImageError(
+                    f"{image.reference}: blob {desc.digest} is not in {store.root}; pull the "
+                    "image first"
+                )
+
+    generated: dict[str, bytes] = {}  # OCI twins of Docker-typed manifests
+    index_entries: list[dict[str, Any]] = []
+    docker_manifest: list[dict[str, Any]] = []
+    result: list[ExportedImage] = []
+    for image in ordered:
+        name = _export_name(image.reference)
+        annotations = {CONTAINERD_NAME: str(name)}
+        if name.tag:
+            annotations[REF_NAME] = name.tag
+        entry = image.manifest
+        if entry.media_type == DOCKER_MANIFEST:
+            twin = _oci_twin(image, _read_checked(store, image.manifest))
+            twin_hex = hashlib.sha256(twin).hexdigest()
+            generated[twin_hex] = twin
+            annotations[UPSTREAM_DIGEST] = image.manifest.digest
+            entry = Descriptor(OCI_MANIFEST, f"sha256:{twin_hex}", len(twin))
+        index_entries.append(
+            Descriptor(
+                entry.media_type,
+                entry.digest,
+                entry.size,
+                image.platform,
+                tuple(sorted(annotations.items())),
+            ).to_json()
+        )
+        tag = _repo_tag(name)
+        docker_manifest.append(
+            {
+                "Config": f"blobs/sha256/{image.config.hex}",
+                "RepoTags": [tag] if tag else [],
+                "Layers": [f"blobs/sha256/{layer.hex}" for layer in image.layers],
+            }
+        )
+        result.append(ExportedImage(str(name), image.manifest.digest, str(image.platform)))
+
+    index = {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": index_entries}
+    small = {
+        "oci-layout": {"imageLayoutVersion": "1.0.0"},
+        "index.json": index,
+        "manifest.json": docker_manifest,
+    }
+    with atomic_path(dest) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
+        for member, content in small.items():
+            data = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+            tf.addfile(_info(member, len(data)), io.BytesIO(data))
+        tf.addfile(_info("blobs", directory=True))
+        tf.addfile(_info("blobs/sha256", directory=True))
+        for hex_digest in sorted(set(blobs) | set(generated)):
+            member = f"blobs/sha256/{hex_digest}"
+            if hex_digest in generated:
+                tf.addfile(
+                    _info(member, len(generated[hex_digest])), io.BytesIO(generated[hex_digest])
+                )
+                continue
+            desc = blobs[hex_digest]
+            path = store.path(hex_digest)
+            with path.open("rb") as fh:
+                actual = path.stat().st_size
+                if actual != desc.size:
+                    raise IntegrityError(
+                        f"cached blob {path} has {actual} bytes, not {desc.size}; delete it and "
+                        "pull again"
+                    )
+                reader = _HashingReader(fh)
+                tf.addfile(_info(member, desc.size), reader)  # type: ignore[arg-type]
+            if reader.digest.hexdigest() != hex_digest:
+                raise IntegrityError(
+                    f"cached blob {path} does not match its digest; delete it and pull again "
+                    "(the tar was not written)"
+                )
+    return result
+
+
+def list_export(path: Path) -> list[ExportedImage]:
+    """The images an export tar holds, read from its `index.json`."""
+    with tarfile.open(path) as tf:
+        member = tf.extractfile("index.json")
+        if member is None:
+            raise ImageError(f"{path} has no index.json; it is not an image export")
+        index = json.load(member)
+    out = []
+    for entry in index.get("manifests", []):
+        annotations = entry.get("annotations") or {}
+        platform = Platform.from_json(entry.get("platform") or {})
+        digest = annotations.get(UPSTREAM_DIGEST) or entry["digest"]
+        out.append(
+            ExportedImage(str(annotations.get(CONTAINERD_NAME, "")), str(digest), str(platform))
+        )
+    return out

@@ -1,0 +1,1 @@
+"""Verification in clean containers with no route out: pip, docker, egress audit."""

@@ -1,0 +1,349 @@
+"""Verification of a docker bundle, as a site uses it: load it, run it offline, push it, run again.
+
+The build host's own Docker Engine plays the target's. The cell's images must be absent from it
+first (a bundle that "loads" an image already there proves nothing); `install.sh` then loads the
+bundle's tar, and the image runs on the `--internal` network with nothing pulled, twice, as
+the pip path's starts are audited: once as upstream's `docker run` line starts it, once with the
+`docker.env` that install.sh wrote; each must answer `/healthz` (server and worker) from inside,
+and the second must reach no outside host beyond the cell's allowlist. Then the same bundle is
+pushed with `install.sh --registry` into a loopback distribution registry (the site's
+registry), the local copies are removed, and the image pulled from that registry must run and
+answer again. Everything it adds is removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from gpustack_offline.core.docker import client, internal_network
+from gpustack_offline.core.downloads import BlobStore
+from gpustack_offline.core.errors import VerifyError
+from gpustack_offline.core.matrix import Cell
+from gpustack_offline.stages import runners
+from gpustack_offline.stages.registry import Registry, RegistryError
+from gpustack_offline.verify import egress
+from gpustack_offline.verify.pip import (
+    AUDIT_LOG,
+    DOWNLOAD_SIGNS,
+    HEALTH_PROBE,
+    SETTLE,
+    UI_VISIT,
+    WORKER_PORT,
+    AuditedRun,
+    Report,
+    Step,
+    _audit_hook,
+    _failure,
+    egress_step,
+    egress_summary,
+    offline_tools_step,
+)
+
+IMAGE_PORT = 80  # upstream's images run `gpustack start`, which listens on 80 by default
+# GPUStack 2.x: the API server's port (`api_port`); with the embedded gateway it binds 127.0.0.1,
+# so the probe runs inside the container, as for 0.x
+API_PORT_2X = 30080
+SITE_PREFIX = "site/mirror"  # 2.x cells are pushed under a registry prefix, as sites mirror
+
+
+def bundle_images(bundle_dir: Path) -> list[str]:
+    for line in (bundle_dir / "bundle.env").read_text().splitlines():
+        if line.startswith("IMAGES="):
+            return [r for r in line.removeprefix("IMAGES=").split(",") if r]
+    return []
+
+
+@contextlib.contextmanager
+def site_registry() -> Iterator[str]:
+    """A loopback distribution registry (Debian's docker-registry) for the push check."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="site-registry-") as root:
+        config = Path(root) / "config.yml"
+        config.write_text(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n"
+            f"    rootdirectory: {root}/data\nhttp:\n  addr: 127.0.0.1:{port}\n"
+        )
+        try:
+            server = subprocess.Popen(
+                ["docker-registry", "serve", str(config)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        except FileNotFoundError:
+            raise VerifyError(
+                "docker-registry is not installed; run scripts/setup-build-host.sh"
+            ) from None
+        try:
+            for _ in range(100):
+                try:
+                    if requests.get(f"http://127.0.0.1:{port}/v2/", timeout=1).ok:
+                        break
+                except requests.RequestException:
+                    time.sleep(0.1)
+            else:
+                raise VerifyError("the loopback registry did not start within 10 s")
+            yield f"127.0.0.1:{port}"
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+
+def verify_docker(
+    cell: Cell,
+    bundle_dir: Path,
+    timeout: int,
+    report: Report,
+    sinkhole_image: str,
+    allowlist: Sequence[str] = (),
+) -> Report:
+    """A GPUStack 0.x docker bundle, as the module's doc says."""
+    refs = bundle_images(bundle_dir)
+    if not refs:
+        raise VerifyError(f"{bundle_dir}: bundle.env names no IMAGES; rebuild the bundle")
+    engine = client()
+    added: list[str] = []
+
+    def step(name: str, argv: list[str]) -> Step:
+        return _step(cell, report, name, argv)
+
+    _require_absent(engine, cell, refs, report)
+    # No NVIDIA runtime here: cuda cells skip the preflight, and run without --gpus.
+    skip = ["--skip-preflight"] if cell.cuda else []
+    install = ["bash", str(bundle_dir / "install.sh"), *skip]
+    with tempfile.TemporaryDirectory(prefix="docker-prefix-") as prefix:
+        try:
+            added += refs
+            step("install", [*install, "--prefix", prefix])
+            site_env = read_env_file(Path(prefix) / "docker.env")
+            with (
+                egress.sinkhole(sinkhole_image, internal_network()) as hole,
+                egress.resolver_mounts(hole) as dns,
+            ):
+                audit = (engine, hole, dns)
+                upstream = _run_audited(audit, cell, refs[0], "upstream", {}, timeout, report)
+                site = _run_audited(audit, cell, refs[0], "site", site_env, timeout, report)
+            report.upstream = upstream.summary()
+            report.seconds_to_healthz = site.seconds_to_healthz
+            report.seconds_to_worker = site.seconds_to_worker
+            report.egress = egress_summary(site.egress)
+            report.egress_details = {"site": site.egress, "upstream": upstream.egress}
+            report.steps.append(egress_step(cell, site.egress, site, allowlist))
+            with site_registry() as host:
+                step("push", [*install, "--prefix", prefix, "--registry", host])
+                pushed = [f"{host}/{r}" for r in refs]
+                added += pushed
+                for ref in refs + pushed:
+                    engine.images.remove(ref, force=True)
+                step("pull", ["docker", "pull", pushed[0]])
+                _run_and_probe(engine, cell, pushed[0], "run-from-registry", timeout, report)
+        finally:
+            _remove_all(engine, added)
+    report.ok = True
+    return report
+
+
+def verify_docker2(
+    cell: Cell, bundle_dir: Path, timeout: int, report: Report, runners_dir: Path
+) -> Report:
+    """A GPUStack 2.x bundle as a site uses it: `install.sh --registry` loads every image and
+    pushes it into the site's registry; every reference the server and worker will compute with
+    `--system-default-container-registry` (runners, pause and health included) must then
+    resolve there to a manifest for the cell's platform; with the local copies removed, the
+    server image pulled from that registry must start with no route out and answer /healthz."""
+    refs = bundle_images(bundle_dir)
+    if not refs:
+        raise VerifyError(f"{bundle_dir}: bundle.env names no IMAGES; rebuild the bundle")
+    engine = client()
+    _require_absent(engine, cell, refs, report)
+    selection = runners.cell_selection(
+        runners_dir, cell.version, cell.arch, cell.device, cell.extra_names
+    )
+    added: list[str] = list(refs)
+    # No GPU runtime here: the preflight's driver checks cannot pass, so they are skipped.
+    install = ["bash", str(bundle_dir / "install.sh"), "--skip-preflight"]
+    try:
+        with (
+            tempfile.TemporaryDirectory(prefix="docker-prefix-") as prefix,
+            site_registry() as host,
+        ):
+            registry = f"{host}/{SITE_PREFIX}"  # under a prefix, as sites mirror
+            _step(cell, report, "install", [*install, "--prefix", prefix, "--registry", registry])
+            wanted = runners.worker_references(selection, registry)
+            added += wanted
+            report.steps.append(_resolve_in(cell, wanted, f"linux/{cell.arch}", prefix))
+            _remove_all(engine, added)
+            server = wanted[0]
+            _step(cell, report, "pull", ["docker", "pull", server])
+            box = engine.containers.create(
+                server,
+                command=["--system-default-container-registry", registry],
+                network=internal_network(),
+                name=f"verify-server-{int(time.time() * 1000) % 10**9}",
+            )
+            try:
+                box.start()
+                _wait(box, cell, server, "healthz-server", API_PORT_2X, timeout, report)
+            finally:
+                with contextlib.suppress(Exception):
+                    box.remove(force=True)
+    finally:
+        _remove_all(engine, added)
+    report.ok = True
+    return report
+
+
+def _resolve_in(cell: Cell, references: Sequence[str], platform: str, scratch: str) -> Step:
+    """Each reference must resolve in its registry to a manifest of `platform`."""
+    found, problems = [], []
+    with Registry(BlobStore(Path(scratch) / "resolve")) as registry:
+        for ref in references:
+            try:
+                image = registry.resolve(ref, platform)
+                found.append(f"{ref} -> {image.manifest.digest} ({image.platform})")
+            except RegistryError as exc:
+                problems.append(f"{ref}: {exc}")
+    step = Step("registry-references", 1 if problems else 0, 0.0, "\n".join(found + problems))
+    if problems:
+        raise VerifyError(
+            f"{cell.id}: the site registry lacks what the worker will ask for: "
+            + "; ".join(problems)
+        )
+    return step
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines as `docker run --env-file` reads them (comments and blanks skipped)."""
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines())
+    return {p[0]: p[1] for p in pairs if len(p) == 2 and not p[0].startswith("#")}
+
+
+def _run_audited(
+    audit: tuple[Any, egress.Sinkhole, dict[Path, str]],
+    cell: Cell,
+    ref: str,
+    name: str,
+    env: dict[str, str],
+    timeout: int,
+    report: Report,
+) -> AuditedRun:
+    """Run the image with `env` and the sinkhole as its resolver, as `start_audited` does for a
+    pip install: health of server and worker, an admin login, the first background tasks."""
+    engine, hole, dns = audit
+    mark = len(egress.read_events(hole))
+    volumes = {str(host): {"bind": inside, "mode": "ro"} for host, inside in dns.items()}
+    volumes[str(_audit_hook())] = {"bind": "/opt/egress-audit", "mode": "ro"}
+    hooked = {"PYTHONPATH": "/opt/egress-audit", "GPUSTACK_EGRESS_AUDIT_LOG": AUDIT_LOG}
+    box = engine.containers.create(
+        ref,
+        network=internal_network(),
+        environment={**env, **hooked},
+        volumes=volumes,
+        name=f"verify-{name}-{int(time.time() * 1000) % 10**9}",
+    )
+    try:
+        box.start()
+        healthz = _wait(box, cell, ref, f"healthz-{name}", IMAGE_PORT, timeout, report)
+        worker = healthz + _wait(box, cell, ref, f"worker-{name}", WORKER_PORT, timeout, report)
+        password = "/var/lib/gpustack/initial_admin_password"
+        base = f"http://127.0.0.1:{IMAGE_PORT}"
+        _, visited = box.exec_run(["python3", "-c", UI_VISIT, base, password])
+        report.steps.append(Step(f"ui-{name}", 0, 0.0, visited.decode(errors="replace")))
+        time.sleep(SETTLE)
+        events = egress.collect(hole)[mark:]
+        _, hook = box.exec_run(["sh", "-c", f"cat {AUDIT_LOG} 2>/dev/null || true"])
+        calls = [json.loads(x) for x in hook.decode(errors="replace").splitlines() if x[:1] == "{"]
+        log = box.logs().decode(errors="replace")
+        return AuditedRun(name, healthz, worker, events, calls, log)
+    finally:
+        with contextlib.suppress(Exception):
+            box.remove(force=True)
+
+
+def _step(cell: Cell, report: Report, name: str, argv: list[str]) -> Step:
+    """Run one command of the verification, record it, and fail the cell if it failed."""
+    started = time.monotonic()
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    result = Step(name, proc.returncode, round(time.monotonic() - started, 1),
+                  proc.stdout + proc.stderr)  # fmt: skip
+    report.steps.append(result)
+    if proc.returncode != 0:
+        raise VerifyError(_failure(cell, result))
+    return result
+
+
+def _remove_all(engine: Any, refs: Sequence[str]) -> None:
+    """Remove what verification added to the engine; what is already gone is fine."""
+    for ref in refs:
+        with contextlib.suppress(Exception):
+            engine.images.remove(ref, force=True)
+
+
+def _require_absent(engine: Any, cell: Cell, refs: Sequence[str], report: Report) -> None:
+    """A bundle that "loads" an image the engine already has proves nothing."""
+    present = [r for r in refs if _has(engine, r)]
+    report.steps.append(Step("absent", 1 if present else 0, 0.0, " ".join(present) or "none"))
+    if present:
+        raise VerifyError(
+            f"{cell.id}: {', '.join(present)} is already in this Docker Engine, so loading the "
+            f"bundle would prove nothing; remove it (`docker rmi {' '.join(present)}`) and rerun"
+        )
+
+
+def _has(engine: Any, ref: str) -> bool:
+    import docker.errors
+
+    try:
+        engine.images.get(ref)
+    except docker.errors.ImageNotFound:
+        return False
+    return True
+
+
+def _run_and_probe(
+    engine: Any, cell: Cell, ref: str, name: str, timeout: int, report: Report
+) -> float:
+    """Run the image as it is (its own entrypoint) on the internal network; nothing is pulled."""
+    box = engine.containers.create(
+        ref, network=internal_network(), name=f"verify-{name}-{int(time.time() * 1000) % 10**9}"
+    )
+    try:
+        box.start()
+        return _wait(box, cell, ref, name, IMAGE_PORT, timeout, report)
+    finally:
+        with contextlib.suppress(Exception):
+            box.remove(force=True)
+
+
+def _wait(
+    box: Any, cell: Cell, ref: str, name: str, port: int, timeout: int, report: Report
+) -> float:
+    started = time.monotonic()
+    while True:
+        code, _ = box.exec_run(["python3", "-c", HEALTH_PROBE, str(port)])
+        waited = round(time.monotonic() - started, 1)
+        if code == 0:
+            report.steps.append(Step(name, 0, waited, f"{ref}: /healthz 200 on {port}"))
+            return waited
+        text = box.logs().decode(errors="replace")
+        if any(sign in text for sign in DOWNLOAD_SIGNS):
+            offline_tools_step(cell, text)  # raises, quoting the lines around the attempt
+        box.reload()
+        if box.status != "running" or waited > timeout:
+            logs = box.logs(tail=40).decode(errors="replace")
+            result = Step(name, 1, waited, logs)
+            report.steps.append(result)
+            why = "exited" if box.status != "running" else f"no /healthz on {port} in {timeout}s"
+            raise VerifyError(_failure(cell, result, f"{ref} {why}"))
+        time.sleep(3)
