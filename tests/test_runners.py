@@ -9,8 +9,9 @@ import pytest
 
 from gpustack_offline.core.errors import BundleError
 from gpustack_offline.core.options import resolve
-from gpustack_offline.stages import runners
-from gpustack_offline.stages.runners import NoRunnerError, Runner, RunnerDataError
+from gpustack_offline.stages import runner_data, runners
+from gpustack_offline.stages.errors import NoRunnerError, RunnerDataError
+from gpustack_offline.stages.runner_data import Runner
 
 VERSIONS = ("2.2.3", "2.3.0")
 
@@ -265,13 +266,15 @@ def test_wheel_from_an_html_index_is_hash_checked(tmp_path: Path) -> None:
     base = f"http://127.0.0.1:{server.server_port}"
     try:
         store, http = BlobStore(tmp_path), session()
-        package, path = runners._fetch_wheel(
+        package, path = runner_data._fetch_wheel(
             "gpustack-runner", "0.1.0", f"{base}/good/simple", store, http
         )
         assert (package.wheel, package.sha256, path.read_bytes()) == (name, digests["good"], body)
         with pytest.raises(IntegrityError, match="does not match"):
-            runners._fetch_wheel("gpustack-runner", "0.1.0", f"{base}/bad/simple", store, http)
+            runner_data._fetch_wheel("gpustack-runner", "0.1.0", f"{base}/bad/simple", store, http)
         with pytest.raises(RunnerDataError, match="has no gpustack_runner-0.2.0"):
-            runners._fetch_wheel("gpustack-runner", "0.2.0", f"{base}/good/simple/", store, http)
+            runner_data._fetch_wheel(
+                "gpustack-runner", "0.2.0", f"{base}/good/simple/", store, http
+            )
     finally:
         server.shutdown()

@@ -1,0 +1,385 @@
+"""GPUStack 2.x images: the server, the runner per backend and service, and the runtime's helpers.
+
+GPUStack 2.x is Docker only. The worker starts every inference engine as a container through the
+Docker socket, so a site with no route out needs, in its registry and for its arch, every image the
+worker will ask for. Which images those are is upstream's data, never ours:
+
+- Runners: `gpustack-runner` (pinned `==` by the gpustack wheel's `Requires-Dist`) ships
+  `gpustack_runner/runner.py.json`, a list of objects with `backend`, `backend_version`
+  (major.minor), `original_backend_version`, `backend_variant` ("" or e.g. `910b`), `service`,
+  `service_version`, `platform` (`linux/amd64|arm64`), `docker_image`
+  (`gpustack/runner:<backend><ver>[-<variant>]-<service><ver>`), `deprecated` and, from 0.1.31,
+  `dependencies` (probed package versions; not kept here). Read by
+  `gpustack_runner/runner.py:list_runners`, grouped by `build_backend_runners` (backend versions and
+  service versions newest first by `version_sort_key`: PEP 440, unparsable strings lowest;
+  variants by name).
+- Pause and health images: `gpustack_runtime/envs.py`, defaults of
+  `GPUSTACK_RUNTIME_DOCKER_PAUSE_IMAGE` (`gpustack/runtime:pause`) and
+  `GPUSTACK_RUNTIME_DOCKER_UNHEALTHY_RESTART_IMAGE` (`gpustack/runtime:health`); both are listed by
+  `gpustack_runtime/cmds/images.py` (`append_images`) and put on every Docker workload by
+  `gpustack/utils/runtime.py:transform_workload_plan`.
+- Server image: `gpustack/gpustack:<__version__>` (`gpustack/__init__.py`, e.g. `v2.3.0`), named by
+  `gpustack/config/config.py:get_image_name`, which the server also uses for the worker's
+  registration command.
+- Benchmark image (only when a benchmark is run): `gpustack/benchmark-runner:<__benchmark_runner_
+  version__>` (`gpustack/__init__.py`, default of `benchmark_image_repo` in
+  `gpustack/schemas/config.py`).
+
+`refresh` writes that data to `bundles/runners/gpustack-<version>.json` from the three wheels;
+`load` reads it back. Which runner a worker picks from it is `runner_choice`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import zipfile
+from dataclasses import dataclass
+from email.parser import HeaderParser
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import requests
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
+
+from gpustack_offline.core.downloads import BlobStore, Download, session
+from gpustack_offline.core.files import write_text
+from gpustack_offline.stages.errors import RunnerDataError
+
+log = logging.getLogger("gpustack_offline")
+
+
+log = logging.getLogger("gpustack_offline")
+
+SCHEMA = 1
+ARCHES = ("amd64", "arm64")
+RUNNER_LIST = "gpustack_runner/runner.py.json"
+RUNTIME_ENVS = "gpustack_runtime/envs.py"
+RUNTIME_IMAGES = "gpustack_runtime/cmds/images.py"
+GPUSTACK_INIT = "gpustack/__init__.py"
+GPUSTACK_RUNTIME_USE = "gpustack/utils/runtime.py"
+GPUSTACK_REGISTRY_OVERRIDE = "gpustack/utils/config.py"
+# Runtime images by role: (env variable whose default names the image).
+RUNTIME_IMAGE_ENVS = {
+    "pause": "GPUSTACK_RUNTIME_DOCKER_PAUSE_IMAGE",
+    "health": "GPUSTACK_RUNTIME_DOCKER_UNHEALTHY_RESTART_IMAGE",
+}
+RUNNER_FIELDS = (
+    "backend",
+    "backend_version",
+    "original_backend_version",
+    "backend_variant",
+    "service",
+    "service_version",
+    "platform",
+    "docker_image",
+    "deprecated",
+)
+
+
+@dataclass(frozen=True)
+class Runner:
+    backend: str
+    backend_version: str
+    original_backend_version: str
+    backend_variant: str
+    service: str
+    service_version: str
+    platform: str
+    docker_image: str
+    deprecated: bool = False
+
+
+@dataclass(frozen=True)
+class Package:
+    name: str
+    version: str
+    wheel: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ExtraImage:
+    role: str
+    image: str
+    source: str
+
+
+@dataclass(frozen=True)
+class RunnerData:
+    version: str
+    packages: tuple[Package, ...]
+    server: str
+    images: tuple[ExtraImage, ...]
+    runners: tuple[Runner, ...]
+    path: Path | None = None
+
+    def image(self, role: str) -> str:
+        return next(i.image for i in self.images if i.role == role)
+
+
+def version_sort_key(version: str) -> tuple[int, Any]:
+    """`gpustack_runner/runner.py:version_sort_key`: PEP 440, unparsable strings below all."""
+    try:
+        return (1, Version(version))
+    except InvalidVersion:
+        return (0, [(0, int(x)) if x.isdigit() else (1, x) for x in version.split(".")])
+
+
+def data_path(data_dir: Path, version: str) -> Path:
+    return data_dir / f"gpustack-{version.removeprefix('v')}.json"
+
+
+# --- refresh: upstream wheels -> bundles/runners/gpustack-<version>.json -------------------------
+
+
+def _index_files(index_url: str, name: str, http: requests.Session) -> dict[str, tuple[str, str]]:
+    """Files of a project on a PEP 691 (JSON) or PEP 503 (HTML) index: filename -> (url, sha256)."""
+    page = f"{index_url.rstrip('/')}/{canonicalize_name(name)}/"
+    accept = "application/vnd.pypi.simple.v1+json, text/html;q=0.1"
+    try:
+        resp = http.get(page, headers={"Accept": accept}, timeout=(15, 60))
+        resp.raise_for_status()
+    except requests.RequestException as exc:
+        raise RunnerDataError(
+            f"cannot read {page}: {exc}. Check the network or the index-url option"
+        ) from exc
+    files: dict[str, tuple[str, str]] = {}
+    if "json" in resp.headers.get("Content-Type", ""):
+        for entry in resp.json().get("files", []):
+            sha = entry.get("hashes", {}).get("sha256")
+            if sha:
+                files[entry["filename"]] = (urljoin(page, entry["url"]), sha)
+        return files
+    for href in re.findall(r'href="([^"]+)"', resp.text):
+        url = urljoin(page, href.replace("&amp;", "&"))
+        fragment = urlsplit(url).fragment
+        if fragment.startswith("sha256="):
+            filename = urlsplit(url).path.rsplit("/", 1)[-1]
+            files[filename] = (url.split("#", 1)[0], fragment.removeprefix("sha256="))
+    return files
+
+
+def _fetch_wheel(
+    name: str, version: str, index_url: str, store: BlobStore, http: requests.Session
+) -> tuple[Package, Path]:
+    """The pure-Python wheel of `name==version`, hash-checked into the blob store."""
+    wanted = f"{canonicalize_name(name).replace('-', '_')}-{version}-py3-none-any.whl"
+    files = _index_files(index_url, name, http)
+    match = next(
+        ((f, url, sha) for f, (url, sha) in files.items() if f.lower() == wanted.lower()), None
+    )
+    if match is None:
+        raise RunnerDataError(
+            f"{index_url} has no {wanted} (with a sha256) for {name}=={version}; "
+            "check the version and the index-url option"
+        )
+    filename, url, sha256 = match
+    path = store.fetch(Download(url=url, sha256=sha256, label=filename), http)
+    package = Package(canonicalize_name(name), version, filename, sha256)
+    return package, path
+
+
+def _read(wheel: zipfile.ZipFile, member: str, package: Package) -> str:
+    try:
+        return wheel.read(member).decode()
+    except KeyError:
+        raise RunnerDataError(
+            f"{package.wheel} has no {member}; upstream's layout changed, so this project's "
+            "reading of it (gpustack_offline/stages/runner_data.py) must be updated"
+        ) from None
+
+
+def _pin(metadata: str, name: str, package: Package) -> str:
+    """The `==` version the wheel's `Requires-Dist` pins for `name`."""
+    for line in HeaderParser().parsestr(metadata).get_all("Requires-Dist") or []:
+        try:
+            req = Requirement(line)
+        except InvalidRequirement:
+            continue
+        if canonicalize_name(req.name) != canonicalize_name(name) or req.marker:
+            continue
+        pins = [s.version for s in req.specifier if s.operator == "=="]
+        if len(pins) == 1:
+            return pins[0]
+        raise RunnerDataError(f"{package.wheel} requires {line!r}, not one `==` version")
+    raise RunnerDataError(f"{package.wheel} does not require {name}")
+
+
+def _attr(source: str, name: str, where: str) -> str:
+    found = re.search(rf"^{name}\s*=\s*['\"]([^'\"]+)['\"]", source, re.M)
+    if not found:
+        raise RunnerDataError(f"{where} does not set {name}; upstream's layout changed")
+    return found.group(1)
+
+
+def _env_default(source: str, env: str, where: str) -> str:
+    """The default of `"ENV": lambda: getenv("ENV", "<default>")` in gpustack_runtime/envs.py."""
+    found = re.search(rf'"{env}":\s*lambda:\s*getenv\(\s*"{env}",\s*"([^"]+)"', source)
+    if not found:
+        raise RunnerDataError(f"{where} has no default for {env}; upstream's layout changed")
+    return found.group(1)
+
+
+def _runners(raw: str, where: str) -> list[Runner]:
+    try:
+        entries = json.loads(raw)
+        runners = [
+            Runner(
+                **{k: e.get(k, "") for k in RUNNER_FIELDS[:-1]},
+                deprecated=bool(e.get("deprecated", False)),
+            )
+            for e in entries
+        ]
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise RunnerDataError(f"{where} is not a runner list: {exc}") from exc
+    for r in runners:
+        if not (
+            r.backend
+            and r.service
+            and r.service_version
+            and r.docker_image
+            and r.platform.startswith("linux/")
+        ):
+            raise RunnerDataError(f"{where}: incomplete runner entry {r}")
+    return sorted(set(runners), key=_runner_order)
+
+
+def _runner_order(r: Runner) -> tuple[str, ...]:
+    return (
+        r.platform,
+        r.backend,
+        r.backend_version,
+        r.backend_variant,
+        r.service,
+        r.service_version,
+        r.docker_image,
+    )
+
+
+def extract(
+    gpustack: tuple[Package, Path],
+    runner: tuple[Package, Path],
+    runtime: tuple[Package, Path],
+) -> RunnerData:
+    """Read the runner list and the extra images out of the three wheels."""
+    (gs_pkg, gs_path), (rn_pkg, rn_path), (rt_pkg, rt_path) = gpustack, runner, runtime
+    with (
+        zipfile.ZipFile(gs_path) as gs,
+        zipfile.ZipFile(rn_path) as rn,
+        zipfile.ZipFile(rt_path) as rt,
+    ):
+        init = _read(gs, GPUSTACK_INIT, gs_pkg)
+        uses = _read(gs, GPUSTACK_RUNTIME_USE, gs_pkg)
+        override = _read(gs, GPUSTACK_REGISTRY_OVERRIDE, gs_pkg)
+        envs = _read(rt, RUNTIME_ENVS, rt_pkg)
+        listed = _read(rt, RUNTIME_IMAGES, rt_pkg)
+        runners = _runners(_read(rn, RUNNER_LIST, rn_pkg), f"{rn_pkg.wheel}:{RUNNER_LIST}")
+    if "def apply_registry_override_to_image" not in override:
+        raise RunnerDataError(
+            f"{gs_pkg.wheel}:{GPUSTACK_REGISTRY_OVERRIDE} no longer defines "
+            "apply_registry_override_to_image; check worker_references against upstream"
+        )
+    images: list[ExtraImage] = []
+    for role, env in RUNTIME_IMAGE_ENVS.items():
+        if env not in uses or f"envs.{env}" not in listed:
+            raise RunnerDataError(
+                f"{gs_pkg.wheel}:{GPUSTACK_RUNTIME_USE} or {rt_pkg.wheel}:{RUNTIME_IMAGES} no "
+                f"longer uses {env}; upstream changed which helper images the worker needs"
+            )
+        image = _env_default(envs, env, f"{rt_pkg.wheel}:{RUNTIME_ENVS}")
+        images.append(ExtraImage(role, image, f"{rt_pkg.wheel}:{RUNTIME_ENVS} {env}"))
+    benchmark = _attr(init, "__benchmark_runner_version__", f"{gs_pkg.wheel}:{GPUSTACK_INIT}")
+    images.append(
+        ExtraImage(
+            "benchmark",
+            f"gpustack/benchmark-runner:{benchmark}",
+            f"{gs_pkg.wheel}:{GPUSTACK_INIT} __benchmark_runner_version__",
+        )
+    )
+    tag = _attr(init, "__version__", f"{gs_pkg.wheel}:{GPUSTACK_INIT}")
+    return RunnerData(
+        version=gs_pkg.version,
+        packages=(gs_pkg, rn_pkg, rt_pkg),
+        server=f"gpustack/gpustack:{tag}",
+        images=tuple(images),
+        runners=tuple(runners),
+    )
+
+
+def render(data: RunnerData) -> str:
+    """The committed JSON: sorted keys, one runner per line, so a review diff is one line each."""
+    head = {
+        "schema": SCHEMA,
+        "gpustack": data.version,
+        "packages": [p.__dict__ for p in data.packages],
+        "server": {
+            "image": data.server,
+            "source": f"{data.packages[0].wheel}:{GPUSTACK_INIT} __version__, "
+            "gpustack/config/config.py get_image_name",
+        },
+        "images": [i.__dict__ for i in data.images],
+        "runners_source": f"{data.packages[1].wheel}:{RUNNER_LIST}",
+    }
+    text = json.dumps(head, indent=2, sort_keys=True)
+    lines = ",\n    ".join(json.dumps(r.__dict__, sort_keys=True) for r in data.runners)
+    return f'{text[:-2]},\n  "runners": [\n    {lines}\n  ]\n}}\n'
+
+
+def refresh(
+    version: str, data_dir: Path, cache: Path, index_url: str = "https://pypi.org/simple"
+) -> Path:
+    """Download the version's gpustack wheel and its pinned runner and runtime wheels; write
+    `<data_dir>/gpustack-<version>.json` (atomically) and return its path."""
+    version = version.removeprefix("v")
+    store, http = BlobStore(cache), session()
+    gpustack = _fetch_wheel("gpustack", version, index_url, store, http)
+    with zipfile.ZipFile(gpustack[1]) as gs:
+        metadata = _read(gs, f"gpustack-{version}.dist-info/METADATA", gpustack[0])
+    runner = _fetch_wheel(
+        "gpustack-runner", _pin(metadata, "gpustack-runner", gpustack[0]), index_url, store, http
+    )
+    runtime = _fetch_wheel(
+        "gpustack-runtime", _pin(metadata, "gpustack-runtime", gpustack[0]), index_url, store, http
+    )
+    data = extract(gpustack, runner, runtime)
+    final = data_path(data_dir, version)
+    write_text(final, render(data))
+    log.info("wrote %s (%d runners)", final, len(data.runners))
+    return final
+
+
+# --- load ----------------------------------------------------------------------------------------
+
+
+def load(data_dir: Path, version: str) -> RunnerData:
+    path = data_path(data_dir, version)
+    fix = f"run `invoke lock` for a GPUStack {version} cell to write it again"
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise RunnerDataError(
+            f"{path} is missing: no runner list for GPUStack {version}; {fix}"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise RunnerDataError(f"{path} cannot be read: {exc}; {fix}") from exc
+    try:
+        if doc["schema"] != SCHEMA or doc["gpustack"] != version.removeprefix("v"):
+            raise ValueError(f"schema {doc['schema']} for GPUStack {doc['gpustack']}")
+        data = RunnerData(
+            version=doc["gpustack"],
+            packages=tuple(Package(**p) for p in doc["packages"]),
+            server=doc["server"]["image"],
+            images=tuple(ExtraImage(**i) for i in doc["images"]),
+            runners=tuple(Runner(**r) for r in doc["runners"]),
+            path=path,
+        )
+        if not data.runners or {i.role for i in data.images} < set(RUNTIME_IMAGE_ENVS):
+            raise ValueError("no runners or no pause/health image")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RunnerDataError(f"{path} is malformed ({exc}); {fix}") from exc
+    return data
