@@ -50,3 +50,18 @@ def test_bool_env_values(tmp_path):
 def test_relative_paths_resolve_against_the_project(tmp_path):
     opts = resolve(_project(tmp_path, 'dist-dir = "out"\n'), env={}, cli={})
     assert opts.path("dist_dir", tmp_path) == tmp_path / "out"
+
+
+def test_download_retry_settings_are_options_in_the_cascade(tmp_path):
+    from gpustack_offline.core.downloads import RetryPolicy
+
+    _project(tmp_path, "download-attempts = 2\ndownload-read-timeout = 7.5\n")
+    opts = resolve(tmp_path, env={"GPUSTACK_OFFLINE_DOWNLOAD_ATTEMPTS": "4"})
+    policy = RetryPolicy.from_options(opts)
+    assert (policy.attempts, policy.read_timeout, policy.backoff) == (4, 7.5, 1.0)
+    with pytest.raises(OptionError, match="download-attempts.*too small"):
+        resolve(tmp_path, env={"GPUSTACK_OFFLINE_DOWNLOAD_ATTEMPTS": "0"})
+    with pytest.raises(OptionError, match="GPUSTACK_OFFLINE_DOWNLOAD_BACKOFF.*a number"):
+        resolve(tmp_path, env={"GPUSTACK_OFFLINE_DOWNLOAD_BACKOFF": "soon"})
+    with pytest.raises(OptionError, match="unknown option 'GPUSTACK_OFFLINE_DOWNLOAD_ATTEMTPS'"):
+        resolve(tmp_path, env={"GPUSTACK_OFFLINE_DOWNLOAD_ATTEMTPS": "3"})

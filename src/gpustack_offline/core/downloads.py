@@ -9,14 +9,16 @@ one routine, `download`, because upstreams fail in the same few ways: 429 and 5x
 connection reset or a stall in the middle of a body, a proxy that damages bytes. It retries
 with exponential backoff and jitter (honouring Retry-After), resumes a broken body with
 `Range: bytes=N-` where the server allows ranges, hashes the resumed stream as one, and checks
-sha256 and size before anything gets a final name. The knobs are `RetryPolicy`'s fields, read
-from `GPUSTACK_OFFLINE_DOWNLOAD_*` environment variables (tests shorten them).
+sha256 and size before anything gets a final name. The knobs are `RetryPolicy`'s fields, set by
+the `download-*` options (pyproject, `GPUSTACK_OFFLINE_DOWNLOAD_*`, flags); a `BlobStore` made
+without a policy reads the environment's once, when it is opened (tests shorten them so).
 """
 
 from __future__ import annotations
 
 import email.utils
 import hashlib
+import itertools
 import logging
 import os
 import random
@@ -26,7 +28,7 @@ import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -42,8 +44,10 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from gpustack_offline.core.errors import BundleError, IntegrityError, OptionError
+from gpustack_offline.core import options
+from gpustack_offline.core.errors import BundleError, IntegrityError
 from gpustack_offline.core.files import CHUNK, publish, scratch_file, sha256_file
+from gpustack_offline.core.options import Options
 
 log = logging.getLogger("gpustack_offline")
 
@@ -88,31 +92,35 @@ class RetryPolicy:
     read_timeout: float = 60.0
 
     @classmethod
+    def from_options(cls, opts: Options) -> RetryPolicy:
+        """The policy the options set (`download-attempts`, `download-backoff`, ...)."""
+        return cls(
+            attempts=opts.download_attempts,
+            backoff=opts.download_backoff,
+            max_sleep=opts.download_max_sleep,
+            max_retry_after=opts.download_max_retry_after,
+            connect_timeout=opts.download_connect_timeout,
+            read_timeout=opts.download_read_timeout,
+        )
+
+    @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> RetryPolicy:
-        """Defaults, each overridden by `GPUSTACK_OFFLINE_DOWNLOAD_<FIELD>` (e.g. `_ATTEMPTS=3`,
-        `_READ_TIMEOUT=1.5`)."""
+        """Defaults, each overridden by its option's environment variable
+        `GPUSTACK_OFFLINE_DOWNLOAD_<FIELD>` (e.g. `_ATTEMPTS=3`, `_READ_TIMEOUT=1.5`): the
+        option cascade without a project, for code that has no `Options`."""
         env = os.environ if env is None else env
-        values: dict[str, float] = {}
-        for f in fields(cls):
-            name = ENV_PREFIX + f.name.upper()
-            if name not in env:
-                continue
-            try:
-                value = float(env[name])
-            except ValueError:
-                raise OptionError(f"{name}={env[name]!r}: write a number") from None
-            if value < (1 if f.name == "attempts" else 0):
-                raise OptionError(f"{name}={env[name]!r} is too small")
-            values[f.name] = value
-        if "attempts" in values:
-            values["attempts"] = int(values["attempts"])
-        return cls(**values)  # type: ignore[arg-type]
+        own = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
+        return cls.from_options(Options(**options.from_env(own)))
 
     def sleep_for(self, attempt: int, retry_after: float | None) -> float:
         """Seconds to wait after the `attempt`-th (1-based) request failed."""
         if retry_after is not None:
             return min(retry_after, self.max_retry_after)
         return min(self.max_sleep, self.backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+# The policy of the options' defaults: for a `download` called without one.
+DEFAULT_POLICY = RetryPolicy.from_options(Options())
 
 
 def parse_retry_after(value: str | None, now: datetime | None = None) -> float | None:
@@ -151,19 +159,136 @@ Opener = Callable[
 ]
 
 
-class _Retry(Exception):
-    """One failed attempt that a later one may fix."""
-
-    def __init__(self, cause: str, retry_after: float | None = None) -> None:
-        super().__init__(cause)
-        self.retry_after = retry_after
-
-
-class _Complete(Exception):
-    """The server has nothing past what was received: judge the bytes as they are."""
-
-
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    """How one request ended: `cause` set, a failure worth another request (after `retry_after`
+    seconds if the server said so); else the body is in, as far as the server has it, and its
+    bytes are to be judged (`declared`: the whole file's length, as the server states it)."""
+
+    cause: str | None = None
+    retry_after: float | None = None
+    declared: int | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+class _Transfer:
+    """The bytes of one file arriving in `out` over one or more requests: each `attempt` asks
+    for what is still missing (`Range: bytes=N-` where the server allows ranges), checks where a
+    partial answer starts and streams the body on; `judge` then says what the bytes are."""
+
+    def __init__(
+        self,
+        opener: Opener,
+        out: BinaryIO,
+        *,
+        name: str,
+        shown: str,
+        limit: int | None,
+        check: Callable[[requests.Response], None] | None,
+        progress: Callable[[int], None] | None,
+    ) -> None:
+        self.opener, self.out, self.name, self.shown = opener, out, name, shown
+        self.limit, self.check, self.progress = limit, check, progress
+        self.digest, self.written, self.ranges = hashlib.sha256(), 0, False
+        out.seek(0)
+        out.truncate()
+
+    def restart(self) -> None:
+        """Forget what arrived: the next bytes are the file's first."""
+        if self.progress and self.written:
+            self.progress(-self.written)
+        self.digest, self.written = hashlib.sha256(), 0
+        self.out.seek(0)
+        self.out.truncate()
+
+    def attempt(self, timeout: tuple[float, float]) -> _Outcome:
+        """One request: what is missing, streamed on; a transient fault is an outcome too."""
+        headers = {"Accept-Encoding": "identity"}
+        if self.written and self.ranges:
+            headers["Range"] = f"bytes={self.written}-"
+        elif self.written:
+            self.restart()
+        try:
+            with self.opener(headers, timeout) as resp:
+                return self._receive(resp, ranged="Range" in headers)
+        except TRANSIENT as exc:
+            return _Outcome(f"{type(exc).__name__}: {short_reason(exc)}")
+
+    def _receive(self, resp: requests.Response, ranged: bool) -> _Outcome:
+        status = resp.status_code
+        if status == 416 and ranged:
+            # nothing from byte `written` on: the server's file is no longer than that (a
+            # replaced, shorter file); what we have is judged, not retried
+            log.info("%s: the server has no bytes past %d", self.name, self.written)
+            return _Outcome(declared=self.written, headers=resp.headers)
+        if status in RETRY_STATUSES:
+            return _Outcome(
+                f"HTTP {status} {resp.reason or ''}".strip(),
+                parse_retry_after(resp.headers.get("Retry-After")),
+            )
+        if status not in (200, 206):
+            if self.check is not None:
+                self.check(resp)
+            raise HTTPStatusError(
+                f"{self.name}: {self.shown} answered HTTP {status} {resp.reason or ''}".rstrip()
+                + ". Check the URL and the mirror or index option",
+                status,
+            )
+        self.ranges = (
+            self.ranges or status == 206 or "bytes" in resp.headers.get("Accept-Ranges", "")
+        )
+        if status == 206:
+            match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
+            start = int(match.group(1)) if match else -1
+            if not ranged or start != self.written:
+                self.ranges = False  # next time the whole file, from zero
+                return _Outcome(f"a partial answer from byte {start}, not {self.written}")
+            declared = int(match.group(3)) if match and match.group(3).isdigit() else None
+            log.info("%s: resuming at byte %d", self.name, self.written)
+        else:
+            if self.written:
+                log.info("%s: the server ignored the range; starting from zero", self.name)
+                self.restart()
+            length = resp.headers.get("Content-Length", "")
+            declared = int(length) if length.isdigit() else None
+        self._stream(resp)
+        return _Outcome(declared=declared, headers=resp.headers)
+
+    def _stream(self, resp: requests.Response) -> None:
+        limit = self.limit
+        for chunk in resp.iter_content(CHUNK):
+            if limit is not None and self.written + len(chunk) > limit:
+                chunk = chunk[: limit - self.written + 1]  # one byte over: enough to tell
+            self.written += len(chunk)
+            self.digest.update(chunk)
+            self.out.write(chunk)
+            if self.progress:
+                self.progress(len(chunk))
+            if limit is not None and self.written > limit:
+                break
+
+    def shortfall(self, declared: int | None, size: int | None, max_size: int | None) -> str | None:
+        """Why a received body is not the whole file yet (worth another request), or None.
+
+        A body shorter than the locked size is cut off, unless the server said that was the
+        whole file: then it is another file (judged as wrong bytes, not retried). More than
+        `max_size` is refused outright."""
+        written = self.written
+        if size is not None and written < size and (declared is None or written < declared):
+            return f"the body ended after {written} of {size} bytes"
+        if max_size is not None and size is None and written > max_size:
+            raise DownloadError(
+                f"{self.name}: {self.shown} sent more than {max_size} bytes; refused"
+            )
+        return None
+
+    def matches(self, sha256: str | None, size: int | None) -> bool:
+        return (sha256 is None or self.digest.hexdigest() == sha256) and (
+            size is None or self.written == size
+        )
 
 
 def download(
@@ -186,133 +311,61 @@ def download(
     `http.get`. With `sha256` and/or `size` the bytes are checked, and an `IntegrityError` is
     raised when they are wrong twice; the caller must then discard `out`. `check` sees an answer
     that is neither a success nor worth retrying and may raise its own error; otherwise that is
-    an `HTTPStatusError`. After `policy.attempts` failed requests: a `DownloadError` naming the
-    URL, the last cause and the fix. Headers (credentials) are never logged.
+    an `HTTPStatusError`. After `policy.attempts` failed requests (`DEFAULT_POLICY` when none is
+    given): a `DownloadError` naming the URL, the last cause and the fix. Headers (credentials)
+    are never logged.
     """
-    policy = policy or RetryPolicy.from_env()
-    if opener is None:
-        if http is None:
-            raise TypeError("download() needs http or opener")
-        session_ = http
-
-        def opener(headers: Mapping[str, str], timeout: tuple[float, float]) -> requests.Response:
-            return session_.get(url, headers=dict(headers), stream=True, timeout=timeout)
-
+    policy = policy or DEFAULT_POLICY
     shown = redact(url)
     name = what or shown
+    transfer = _Transfer(
+        opener or _plain_opener(url, http), out, name=name, shown=shown,
+        limit=size if size is not None else max_size, check=check, progress=progress,
+    )  # fmt: skip
     timeout = (policy.connect_timeout, policy.read_timeout)
-    limit = size if size is not None else max_size
-    digest, written, ranges, wrong = hashlib.sha256(), 0, False, 0
-    out.seek(0)
-    out.truncate()
-
-    def restart() -> None:
-        nonlocal digest, written
-        if progress and written:
-            progress(-written)
-        digest, written = hashlib.sha256(), 0
-        out.seek(0)
-        out.truncate()
-
-    attempt = 0
-    while True:
-        attempt += 1
-        declared: int | None = None  # the whole file's length, as the server states it
-        cause: str | None = None
-        retry_after: float | None = None
-        headers = {"Accept-Encoding": "identity"}
-        if written and ranges:
-            headers["Range"] = f"bytes={written}-"
-        elif written:
-            restart()
-        try:
-            with opener(headers, timeout) as resp:
-                status = resp.status_code
-                if status == 416 and "Range" in headers:
-                    # nothing from byte `written` on: the server's file is no longer than that
-                    # (a replaced, shorter file); what we have is judged below, not retried
-                    log.info("%s: the server has no bytes past %d", name, written)
-                    done, declared = resp.headers, written
-                    raise _Complete()
-                if status in RETRY_STATUSES:
-                    raise _Retry(
-                        f"HTTP {status} {resp.reason or ''}".strip(),
-                        parse_retry_after(resp.headers.get("Retry-After")),
-                    )
-                if status not in (200, 206):
-                    if check is not None:
-                        check(resp)
-                    raise HTTPStatusError(
-                        f"{name}: {shown} answered HTTP {status} {resp.reason or ''}".rstrip()
-                        + ". Check the URL and the mirror or index option",
-                        status,
-                    )
-                ranges = ranges or status == 206 or "bytes" in resp.headers.get("Accept-Ranges", "")
-                if status == 206:
-                    match = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
-                    start = int(match.group(1)) if match else -1
-                    if "Range" not in headers or start != written:
-                        ranges = False  # next time the whole file, from zero
-                        raise _Retry(f"a partial answer from byte {start}, not {written}")
-                    if match and match.group(3).isdigit():
-                        declared = int(match.group(3))
-                    log.info("%s: resuming at byte %d", name, written)
-                else:
-                    if written:
-                        log.info("%s: the server ignored the range; starting from zero", name)
-                        restart()
-                    length = resp.headers.get("Content-Length", "")
-                    declared = int(length) if length.isdigit() else None
-                for chunk in resp.iter_content(CHUNK):
-                    if limit is not None and written + len(chunk) > limit:
-                        chunk = chunk[: limit - written + 1]  # one byte over: enough to tell
-                    written += len(chunk)
-                    digest.update(chunk)
-                    out.write(chunk)
-                    if progress:
-                        progress(len(chunk))
-                    if limit is not None and written > limit:
-                        break
-                done = resp.headers
-        except _Complete:
-            pass
-        except _Retry as exc:
-            cause, retry_after = str(exc), exc.retry_after
-        except TRANSIENT as exc:
-            cause, retry_after = f"{type(exc).__name__}: {short_reason(exc)}", None
+    wrong = 0
+    for attempt in itertools.count(1):
+        outcome = transfer.attempt(timeout)
+        cause = outcome.cause or transfer.shortfall(outcome.declared, size, max_size)
         if cause is None:
-            # A body shorter than the locked size is cut off, unless the server said that was
-            # the whole file: then it is another file (judged as wrong bytes, not retried).
-            if size is not None and written < size and (declared is None or written < declared):
-                cause, retry_after = f"the body ended after {written} of {size} bytes", None
-            elif max_size is not None and size is None and written > max_size:
-                raise DownloadError(f"{name}: {shown} sent more than {max_size} bytes; refused")
-            else:
-                got = digest.hexdigest()
-                if (sha256 is None or got == sha256) and (size is None or written == size):
-                    out.flush()
-                    return Fetched(got, written, done)
-                wrong += 1
-                if wrong >= WRONG_BYTES_TRIES or attempt >= policy.attempts:
-                    times = "twice" if wrong > 1 else "on the last attempt"
-                    raise IntegrityError(
-                        _wrong_bytes(name, shown, got, written, sha256, size, times)
-                    )
-                log.warning("%s: the bytes were wrong (sha256 %s); fetching it again", name, got)
-                restart()
-                continue
+            if transfer.matches(sha256, size):
+                out.flush()
+                return Fetched(transfer.digest.hexdigest(), transfer.written, outcome.headers)
+            wrong += 1
+            got = transfer.digest.hexdigest()
+            if wrong >= WRONG_BYTES_TRIES or attempt >= policy.attempts:
+                times = "twice" if wrong > 1 else "on the last attempt"
+                raise IntegrityError(
+                    _wrong_bytes(name, shown, got, transfer.written, sha256, size, times)
+                )
+            log.warning("%s: the bytes were wrong (sha256 %s); fetching it again", name, got)
+            transfer.restart()
+            continue
         if attempt >= policy.attempts:
             raise DownloadError(
                 f"{name}: {shown} failed {attempt} times; the last time: {cause}. Check the "
                 "network, the proxy settings and the mirror or index option, then rerun: "
                 "completed files are kept"
             )
+        retry_after = outcome.retry_after if outcome.cause else None
         pause = policy.sleep_for(attempt, retry_after)
         log.warning(
             "%s: %s; retrying in %.1fs (attempt %d of %d)",
             name, cause, pause, attempt + 1, policy.attempts,
         )  # fmt: skip
         time.sleep(pause)
+    raise AssertionError("unreachable: the loop above returns or raises")
+
+
+def _plain_opener(url: str, http: requests.Session | None) -> Opener:
+    if http is None:
+        raise TypeError("download() needs http or opener")
+    session_ = http
+
+    def opener(headers: Mapping[str, str], timeout: tuple[float, float]) -> requests.Response:
+        return session_.get(url, headers=dict(headers), stream=True, timeout=timeout)
+
+    return opener
 
 
 _POOL_PREAMBLE = re.compile(r"^\W*\w*ConnectionPool\([^)]*\): ")
@@ -369,8 +422,10 @@ class BlobStore:
     have not been written to for `STALE_TEMP_AGE` seconds: old enough that no live build, this
     one or a concurrent one, is still writing them."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, policy: RetryPolicy | None = None) -> None:
         self.root = root / "blobs" / "sha256"
+        # every download into this store retries by one policy, read once
+        self.policy = policy or RetryPolicy.from_env()
         self.remove_stale_temps()
 
     def path(self, sha256: str) -> Path:
@@ -427,7 +482,7 @@ class BlobStore:
         with scratch_file(final, self.root, ".new.") as tmp, tmp.open("w+b") as out:
             got = download(
                 url, out, http=http, opener=opener, sha256=sha256, size=size, what=what,
-                check=check, progress=progress,
+                check=check, progress=progress, policy=self.policy,
             )  # fmt: skip
             publish(tmp, self.path(got.sha256))
         return got.sha256

@@ -12,13 +12,13 @@ import fnmatch
 import itertools
 import json
 import re
-import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from gpustack_offline.core.errors import CellError
+from gpustack_offline.core.tomlfile import read_toml_text
 
 AXES = ("version", "os", "arch", "device", "python", "extras", "method")
 _ID_RE = re.compile(
@@ -144,13 +144,7 @@ class Matrix:
 
     @classmethod
     def load(cls, path: Path) -> Matrix:
-        try:
-            text = path.read_text()
-            data = tomllib.loads(text)
-        except FileNotFoundError as exc:
-            raise CellError(f"matrix file {path} not found") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise CellError(f"{path}: not valid TOML: {exc}") from exc
+        data, text = read_toml_text(path, CellError, missing=f"matrix file {path} not found")
         return cls(data, source=str(path), text=text)
 
     def _check_data(self) -> None:

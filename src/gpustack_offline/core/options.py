@@ -11,18 +11,18 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from gpustack_offline.core.errors import DEBUG_ENV, OptionError
+from gpustack_offline.core.tomlfile import read_toml
 
 TOOL_KEY = "gpustack-offline"
 ENV_PREFIX = "GPUSTACK_OFFLINE_"
-# Variables read where they are used, not options: registry credentials (registry.py), the
-# download retry policy (fetch.RetryPolicy) and the traceback switch (errors.DEBUG_ENV).
-_OWN_PREFIXES = (f"{ENV_PREFIX}REGISTRY_AUTH_", f"{ENV_PREFIX}DOWNLOAD_", DEBUG_ENV)
+# Variables read where they are used, not options: registry credentials
+# (stages/registry_auth.py) and the traceback switch (errors.DEBUG_ENV).
+_OWN_PREFIXES = (f"{ENV_PREFIX}REGISTRY_AUTH_", DEBUG_ENV)
 
 
 def _default_cache() -> str:
@@ -62,6 +62,15 @@ class Options:
     frozen: bool = False
     verify_timeout: int = 900
     progress: bool = True
+    # downloads (core/downloads.py RetryPolicy): requests in all per file, the backoff doubled
+    # from `download-backoff` seconds up to `download-max-sleep`, a server's Retry-After obeyed
+    # up to `download-max-retry-after`; the read timeout is the longest silence in a body
+    download_attempts: int = 6
+    download_backoff: float = 1.0
+    download_max_sleep: float = 30.0
+    download_max_retry_after: float = 120.0
+    download_connect_timeout: float = 15.0
+    download_read_timeout: float = 60.0
 
     def path(self, name: str, root: Path) -> Path:
         """An option that names a path, resolved against the project root."""
@@ -70,9 +79,28 @@ class Options:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Options)}
+# The least value of a numeric option, where there is one.
+_MINIMUM: dict[str, float] = {
+    "download_attempts": 1,
+    "download_backoff": 0,
+    "download_max_sleep": 0,
+    "download_max_retry_after": 0,
+    "download_connect_timeout": 0,
+    "download_read_timeout": 0,
+}
 
 
 def _convert(name: str, value: Any, source: str) -> Any:
+    converted = _converted(name, value, source)
+    if name in _MINIMUM and converted < _MINIMUM[name]:
+        raise OptionError(
+            f"{source}: option {_toml_key(name)}={value!r} is too small (at least "
+            f"{_MINIMUM[name]:g})"
+        )
+    return converted
+
+
+def _converted(name: str, value: Any, source: str) -> Any:
     kind = type(getattr(Options(), name))
     shown = _toml_key(name)  # as users write it: dist-dir, not dist_dir
     if kind is bool:
@@ -91,6 +119,13 @@ def _convert(name: str, value: Any, source: str) -> Any:
             raise OptionError(
                 f"{source}: option {shown} must be a whole number, not {value!r}"
             ) from None
+    if kind is float:
+        try:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        except (TypeError, ValueError):
+            raise OptionError(f"{source}: option {shown} must be a number, not {value!r}") from None
     if not isinstance(value, str):
         raise OptionError(f"{source}: option {shown} must be a string, not {value!r}")
     return value
@@ -119,10 +154,7 @@ def _cli_key(name: str) -> str:
 def from_pyproject(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    try:
-        table = tomllib.loads(path.read_text()).get("tool", {}).get(TOOL_KEY, {})
-    except tomllib.TOMLDecodeError as exc:
-        raise OptionError(f"{path}: not valid TOML: {exc}") from exc
+    table = read_toml(path, OptionError).get("tool", {}).get(TOOL_KEY, {})
     source = f"{path} [tool.{TOOL_KEY}]"
     values = {}
     for key, value in table.items():

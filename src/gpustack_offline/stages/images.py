@@ -20,7 +20,6 @@ import io
 import json
 import re
 import tarfile
-import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from typing import IO, Any, NamedTuple
 from gpustack_offline.core.downloads import BlobStore
 from gpustack_offline.core.errors import BundleError, IntegrityError
 from gpustack_offline.core.files import atomic_path, write_text
+from gpustack_offline.core.tomlfile import read_toml
 from gpustack_offline.stages.registry import (
     DOCKER_MANIFEST,
     OCI_INDEX,
@@ -175,10 +175,7 @@ def read_pins(path: Path) -> Pins:
             f"{path} does not exist; record the image digests on the online side with "
             "`invoke lock` for the cell (and commit the file)"
         )
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise ImageError(f"{path}: not valid TOML: {exc}; fix or refresh it") from exc
+    data = read_toml(path, ImageError, "fix or refresh it")
     if data.get("schema") != PIN_SCHEMA:
         raise ImageError(f"{path}: schema {data.get('schema')!r} is not {PIN_SCHEMA}")
     tags: dict[str, TagPin] = {}

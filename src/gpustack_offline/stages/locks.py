@@ -15,7 +15,6 @@ import json
 import os
 import sys
 import tempfile
-import tomllib
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from gpustack_offline.core.files import write_text
 from gpustack_offline.core.matrix import Cell
 from gpustack_offline.core.options import TOOL_KEY
 from gpustack_offline.core.processes import run
+from gpustack_offline.core.tomlfile import read_toml
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,7 @@ class Override:
 def load_overrides(path: Path) -> list[Override]:
     if not path.is_file():
         return []
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise LockError(f"{path}: not valid TOML: {exc}") from exc
+    data = read_toml(path, LockError)
     known = {"select", "constraints", "build-constraints", "extra-requirements"}
     result = []
     for i, entry in enumerate(data.get("override", []), start=1):
@@ -154,12 +151,9 @@ def _file(entry: Mapping[str, object], where: str) -> LockedFile:
 
 
 def read_lock(path: Path) -> Lock:
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise LockError(f"lock {path} does not exist") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise LockError(f"{path}: not valid TOML: {exc}; refresh it with `invoke lock`") from exc
+    data = read_toml(
+        path, LockError, "refresh it with `invoke lock`", missing=f"lock {path} does not exist"
+    )
     meta = data.get("tool", {}).get(TOOL_KEY, {})
     packages = []
     for entry in data.get("packages", []):

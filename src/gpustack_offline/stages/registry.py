@@ -835,6 +835,7 @@ class Registry:
                 max_size=MAX_MANIFEST,
                 what=f"{where} manifest",
                 check=lambda resp: self._check(resp, ep, where),
+                policy=self.store.policy,
             )
             body = buffer.getvalue()
             content_type = fetched.headers.get("Content-Type", "").split(";", 1)[0].strip()

@@ -43,7 +43,6 @@ import tarfile
 import tempfile
 import threading
 import time
-import tomllib
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -65,6 +64,7 @@ from gpustack_offline.core.files import Busy, atomic_dir, atomic_path, held, sha
 from gpustack_offline.core.matrix import Cell
 from gpustack_offline.core.processes import run
 from gpustack_offline.core.safety import safe_extract_tar
+from gpustack_offline.core.tomlfile import read_toml
 from gpustack_offline.stages.locks import Override, matching, without_credentials
 
 log = logging.getLogger("gpustack_offline")
@@ -148,10 +148,7 @@ class ToolsLock:
     def _read(self) -> dict[str, tuple[str, int]]:
         if not self.path.is_file():
             return {}
-        try:
-            data = tomllib.loads(self.path.read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ToolsError(f"{self.path}: not valid TOML: {exc}; fix or delete it") from exc
+        data = read_toml(self.path, ToolsError, "fix or delete it")
         return {
             name: (str(entry["sha256"]), int(entry["size"]))
             for name, entry in data.get("assets", {}).items()
