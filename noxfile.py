@@ -39,28 +39,36 @@ def verify(session: nox.Session, cell: str) -> None:
 
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
-    """Run the test suite (unit and integration; needs Docker and PyPI); not the heavy tier."""
+    """Run the test suite (unit, target and integration; needs Docker and PyPI); not the heavy
+    tier."""
     session.run(sys.executable, "-m", "pytest", "-m", "not heavy", *session.posargs)
 
 
 @nox.session(venv_backend="none", default=False)
 def heavy(session: nox.Session) -> None:
-    """Run the on-demand tier: whole bundles of every extras kind (GBs of CUDA wheels)."""
+    """Run the on-demand tier: whole bundles of every extras kind (GBs of CUDA wheels) and the
+    end-to-end verification of the pip cells CI only builds (arm64 under qemu, CUDA)."""
     session.run(sys.executable, "-m", "pytest", "-m", "heavy", *session.posargs)
 
 
 @nox.session(venv_backend="none")
 def unit(session: nox.Session) -> None:
-    """Run the unit tests only (no Docker, no network)."""
-    session.run(sys.executable, "-m", "pytest", "-m", "not integration and not heavy",
-                *session.posargs)  # fmt: skip
+    """Run the unit tier: pure logic, no Docker, no network, no real installs (about a minute)."""
+    tier = "not integration and not target and not heavy"
+    session.run(sys.executable, "-m", "pytest", "-m", tier, *session.posargs)
 
 
 @nox.session(venv_backend="none")
 def lint(session: nox.Session) -> None:
-    """Lint and type-check the package."""
-    session.run(sys.executable, "-m", "ruff", "check", "src", "tests", "noxfile.py", "tasks.py")
+    """Lint, format-check and type-check the package and the tests, and check the import
+    direction between the package's stages. Needs the dev extra: `pip install -e '.[dev]'`
+    (ruff, mypy, import-linter)."""
+    paths = ("src", "tests", "noxfile.py", "tasks.py")
+    session.run(sys.executable, "-m", "ruff", "check", *paths)
+    session.run(sys.executable, "-m", "ruff", "format", "--check", *paths)
     session.run(sys.executable, "-m", "mypy", "src")
+    session.run(sys.executable, "-m", "mypy", "tests")
+    session.run(str(Path(sys.executable).with_name("lint-imports")))
 
 
 @nox.session(venv_backend="none", default=False)

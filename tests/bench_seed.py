@@ -1,8 +1,8 @@
 """Seed a loopback hub with images shaped like GPUStack's, then run the image benchmark.
 
 `nox -s bench` runs this file as a script (it is not a test module: pytest does not collect it).
-A script, because the seeding needs the loopback hub in `registry_fixture` and that lives with
-the tests, while the measuring lives in `bench.py`; run from tests/, the helpers
+A script, because the seeding needs the loopback hub in `support.registry_fixture` and that
+lives with the tests, while the measuring lives in `bench.py`; run from tests/, the helpers
 import without any path tricks, and no pytest machinery (socket blocking, fixtures, captured
 output) stands between the bench and its timings.
 
@@ -14,10 +14,11 @@ A tiny marker layer goes first so the layer chain differs from the engine's own
 layer already extracted and the naive cold run would not be cold.
 
 The 2.x row takes one real cell's image list (`runners.cell_selection`: server, one runner per
-service, pause, health) for amd64 and seeds stand-ins: the server from tests/gpustack2_images.py
-(Debian base plus the real gpustack wheel layer), runners that share one big base layer as the
-real CUDA runners do plus a service layer each, the real-shaped pause image and a tiny health
-image. skopeo needs no engine, so this row costs well under a minute.
+service, pause, health) for amd64 and seeds stand-ins: the server from
+tests/support/gpustack2_images.py (Debian base plus the real gpustack wheel layer), runners
+that share one big base layer as the real CUDA runners do plus a service layer each, the
+real-shaped pause image and a tiny health image. skopeo needs no engine, so this row costs
+well under a minute.
 
     python tests/bench_seed.py [--output docs/bench.md]
 """
@@ -34,8 +35,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import bench
-from gpustack2_images import push_images, runner_images, server_image
-from registry_fixture import (
+from support.gpustack2_images import push_images, runner_images, server_image
+from support.registry_fixture import (
     AMD64,
     ARM64,
     DOCKER_LAYER,
@@ -117,7 +118,7 @@ def bench_images() -> tuple[dict[str, list[FixtureImage]], str]:
         f"{SHARED_MB} MB application layer, both shared by every tag, then one device layer per "
         f"tag ({devices}; incompressible). `{DOCKER_TYPED}` is a Docker manifest list over "
         "Docker schema 2 manifests, the others OCI indexes. Served by distribution 2.8 on "
-        "127.0.0.1 behind Docker Hub-style token auth (tests/registry_fixture.py)."
+        "127.0.0.1 behind Docker Hub-style token auth (tests/support/registry_fixture.py)."
     )
     return images, setup
 
@@ -159,7 +160,8 @@ def cell_images() -> tuple[dict[str, list[FixtureImage]], str]:
         f"{'+'.join(CELL_SERVICES)}-docker, linux/{CELL_ARCH}, with upstream's image list for it "
         f"({', '.join(f'`{name}`' for name in images)}): the server is the Debian base plus the "
         f"real gpustack {CELL_VERSION} wheel with the dependencies its probes import "
-        f"({server_mb:.0f} MB, tests/gpustack2_images.py); each runner is one {RUNNER_BASE_MB} MB "
+        f"({server_mb:.0f} MB, tests/support/gpustack2_images.py); each runner is one "
+        f"{RUNNER_BASE_MB} MB "
         "base layer that both share (standing in for the CUDA layers real runners share) plus a "
         f"service layer of its own ({services}; incompressible); pause and health are a few kB. "
         "These sizes are assumed, not measured (the real images cannot be pulled here); what "

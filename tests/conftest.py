@@ -6,11 +6,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from release_mirror import release_mirror  # noqa: F401 - a session fixture for every test
 
 from gpustack_offline.core.matrix import Matrix
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# The stand-ins' fixtures (release_mirror, hub, site_registry, basic_registry, runnable_image,
+# pip_ctx): helpers live in tests/support/ and their fixtures are loaded here, once, by name.
+pytest_plugins = [
+    "support.release_mirror",
+    "support.registry_fixture",
+    "support.contexts",
+]
 
 
 @pytest.fixture(scope="session")

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import pytest
-from registry_fixture import (
+from support.registry_fixture import (
     AMD64,
     OCI_LAYER,
     Blob,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import bench
 import pytest
-from gpustack2_images import push_images, runner_images
-from registry_fixture import AMD64, Hub, hub_fixture  # noqa: F401 - the hub fixture
+from support.gpustack2_images import push_images, runner_images
+from support.registry_fixture import AMD64, Hub
 
 from gpustack_offline.stages.registry import Descriptor, Image, Platform, Reference
 
@@ -242,7 +242,8 @@ def test_archives_repeat_the_shared_base_and_ours_sits_on_the_floor(
     push_images(hub, images)
     pushed = [image for ref in refs for image in images[ref]]
     sizes = [
-        {blob.digest: len(blob.data) for blob in (i.manifest, i.config, *i.layers)} for i in pushed
+        {blob.digest: blob.descriptor()["size"] for blob in (i.manifest, i.config, *i.layers)}
+        for i in pushed
     ]
     per_image = sum(sum(blobs.values()) for blobs in sizes)  # what one archive each must carry
     floor = sum({d: n for blobs in sizes for d, n in blobs.items()}.values())  # each blob once

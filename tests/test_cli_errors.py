@@ -14,14 +14,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from registry_fixture import _free_port
+from support.loopback import serving
+from support.registry_fixture import _free_port
 
 from gpustack_offline.core.files import held
 
@@ -60,9 +60,9 @@ def one_error(proc: subprocess.CompletedProcess[str]) -> str:
 
 
 def invoke(env: Mapping[str, str], *args: str, **kwargs: object) -> str:
-    proc = subprocess.run(
+    proc: subprocess.CompletedProcess[str] = subprocess.run(  # type: ignore[call-overload]
         [INVOKE, *args], cwd=ROOT, env=dict(env), capture_output=True, text=True, timeout=240,
-        check=False, **kwargs,  # type: ignore[arg-type]
+        check=False, **kwargs,
     )  # fmt: skip
     return one_error(proc)
 
@@ -242,11 +242,8 @@ class _NotAnIndex(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def not_an_index() -> Iterator[str]:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotAnIndex)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/simple"
-    server.shutdown()
-    server.server_close()
+    with serving(_NotAnIndex, name="not-an-index") as url:
+        yield f"{url}/simple"
 
 
 @pytest.mark.enable_socket

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from release_mirror import ReleaseMirror, write_fixture_locks
+from support.release_mirror import ReleaseMirror, write_fixture_locks
 
 from gpustack_offline.bundle import compare
 from gpustack_offline.core import cache

@@ -14,8 +14,8 @@ import shutil
 import tarfile
 
 import pytest
-from gpustack2_images import push_images, runner_images, server_image
-from registry_fixture import AMD64, Hub, hub_fixture  # noqa: F401 - the hub fixture
+from support.gpustack2_images import push_images, runner_images, server_image
+from support.registry_fixture import AMD64, Hub, hub_fixture  # noqa: F401 - the hub fixture
 
 from gpustack_offline.cli import commands
 from gpustack_offline.stages import runners

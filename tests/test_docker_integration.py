@@ -12,8 +12,8 @@ import json
 import tarfile
 
 import pytest
-from gpustack_images import seed_gpustack
-from registry_fixture import gpustack_tags, hub_registry
+from support.gpustack_images import seed_gpustack
+from support.registry_fixture import gpustack_tags, hub_registry
 
 from gpustack_offline.cli import commands
 from gpustack_offline.core import docker as containers

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 from packaging.utils import canonicalize_name, parse_wheel_filename
-from test_integration import ctx  # noqa: F401 - frozen locks, tools from the loopback mirror
 
 from gpustack_offline.bundle import sbom
 from gpustack_offline.cli import commands
@@ -118,13 +117,13 @@ def test_every_extras_kind_locks_with_its_packages(root, tmp_path):
         check_lock(kind, path)
 
 
-def test_an_audio_bundle_builds_with_its_sdists_and_licences_in_the_sbom(ctx):  # noqa: F811
+def test_an_audio_bundle_builds_with_its_sdists_and_licences_in_the_sbom(pip_ctx):
     """From the committed (frozen) lock: the sdist-only packages are built, matplotlib's
     non-ASCII multi-line License does not stop the SBOM, every wheel is in it."""
-    lock = ctx.opts.path("locks_dir", ctx.root) / AUDIO / "pylock.toml"
+    lock = pip_ctx.opts.path("locks_dir", pip_ctx.root) / AUDIO / "pylock.toml"
     check_lock("audio", lock)
-    (result,) = commands.build(ctx, [ctx.matrix.cell(AUDIO)])
-    assert result.directory == ctx.dist / AUDIO
+    (result,) = commands.build(pip_ctx, [pip_ctx.matrix.cell(AUDIO)])
+    assert result.directory == pip_ctx.dist / AUDIO
     libraries = check_bundle(result.directory, lock)
     assert licence_names(libraries["matplotlib"]) == ["PSF-2.0"]
     assert licence_names(libraries["torch"]) == ["BSD-3-Clause"]
@@ -156,15 +155,15 @@ def fresh_root(root: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.heavy
 @pytest.mark.parametrize("kind", list(KINDS))
-def test_every_extras_kind_locks_and_assembles(ctx, fresh_root, tmp_path, kind):  # noqa: F811
+def test_every_extras_kind_locks_and_assembles(pip_ctx, fresh_root, tmp_path, kind):
     """On demand (`pytest -m heavy`): a fresh lock and a whole bundle of each kind; vllm and all
     fetch several GB of CUDA wheels."""
     cli = {
         "dist_dir": str(tmp_path / "dist"),
         "progress": False,
-        "tools_base_url": ctx.opts.tools_base_url,
-        "tools_locks_dir": ctx.opts.tools_locks_dir,
-        "cache_dir": str(ctx.cache),
+        "tools_base_url": pip_ctx.opts.tools_base_url,
+        "tools_locks_dir": pip_ctx.opts.tools_locks_dir,
+        "cache_dir": str(pip_ctx.cache),
     }
     heavy = commands.Context.load(fresh_root, cli=cli)
     cell = heavy.matrix.cell(KINDS[kind])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from fault_proxy import (
+from support.fault_proxy import (
     Drop,
     FaultProxy,
     Flip,
@@ -33,7 +33,7 @@ from fault_proxy import (
     Unauthorized,
     WrongStart,
 )
-from registry_fixture import (  # noqa: F401 - a session fixture by name
+from support.registry_fixture import (  # noqa: F401 - a session fixture by name
     AMD64,
     OCI_LAYER,
     Blob,
@@ -41,7 +41,7 @@ from registry_fixture import (  # noqa: F401 - a session fixture by name
     hub_fixture,
     make_image,
 )
-from release_mirror import ReleaseMirror
+from support.release_mirror import ReleaseMirror
 
 from gpustack_offline.core.downloads import (
     STALE_TEMP_AGE,

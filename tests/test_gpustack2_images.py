@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gpustack2_images import (
+from support.gpustack2_images import (
     API_PORT,
     pause_binary,
     push_images,
@@ -25,7 +25,7 @@ from gpustack2_images import (
     server_image,
     server_layer,
 )
-from registry_fixture import AMD64, ARM64, Hub, hub_fixture  # noqa: F401 - the hub fixture
+from support.registry_fixture import AMD64, ARM64, Hub
 
 from gpustack_offline.core.downloads import BlobStore
 from gpustack_offline.stages.registry import PlatformError, Registry

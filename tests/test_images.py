@@ -14,7 +14,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from registry_fixture import (  # noqa: F401 - session fixtures by name
+from support.registry_fixture import (  # noqa: F401 - session fixtures by name
     AMD64,
     ARM64,
     Blob,

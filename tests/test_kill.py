@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from registry_fixture import (
+from support.registry_fixture import (
     AMD64,
     OCI_LAYER,
     Blob,
@@ -398,7 +398,7 @@ def check_dist(build: Build, *, finished: bool) -> None:
                 data = tf.extractfile(member)
                 assert data is not None
                 rel = member.name.removeprefix(f"{CELL}/")
-                packed[rel] = hashlib.file_digest(data, "sha256").hexdigest()
+                packed[rel] = hashlib.sha256(data.read()).hexdigest()
     assert packed == listed, f"{tar} does not hold the files of {folder}"
 
 

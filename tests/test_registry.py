@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from registry_fixture import (  # noqa: F401 - session fixtures by name
+from support.registry_fixture import (  # noqa: F401 - session fixtures by name
     AMD64,
     Pusher,
     basic_registry_fixture,

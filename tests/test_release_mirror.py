@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from release_mirror import (
+from support.release_mirror import (
     RangeNotSatisfiable,
     ReleaseMirror,
     build_assets,

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from cyclonedx.schema import SchemaVersion
 from cyclonedx.validation.json import JsonStrictValidator
-from registry_fixture import gpustack_tags, store_image
+from support.registry_fixture import gpustack_tags, store_image
 
 from gpustack_offline.bundle import assemble as bundle
 from gpustack_offline.bundle import sbom

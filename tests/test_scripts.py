@@ -1038,7 +1038,7 @@ def other_pythons() -> list[str]:
     """Interpreters of other versions that run here: on PATH, or installed by pyenv."""
     found = [shutil.which(f"python3.{minor}") for minor in range(8, 14)]
     found += sorted(str(p) for p in Path.home().glob(".pyenv/versions/3.*/bin/python3"))
-    runs = {}
+    runs: dict[str, str] = {}
     for python in filter(None, found):
         probe = subprocess.run(
             [python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],

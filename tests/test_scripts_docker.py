@@ -22,13 +22,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from registry_fixture import (  # noqa: F401 - session fixtures by name
+from support.registry_fixture import (
     DistributionRegistry,
     Hub,
-    hub_fixture,
     runnable,
-    runnable_image_fixture,
-    site_registry_fixture,
 )
 from test_scripts import (
     HOST_ARCH,

@@ -25,14 +25,14 @@ import os
 import secrets
 import subprocess
 import sys
-import threading
 import urllib.parse
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from registry_fixture import (
+from support.loopback import serving
+from support.registry_fixture import (
     AMD64,
     Pusher,
     bcrypt_htpasswd,
@@ -223,13 +223,8 @@ def private_index() -> Iterator[tuple[str, list[str]]]:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"127.0.0.1:{server.server_address[1]}", seen
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(Index, name="secrets-index") as url:
+        yield url.removeprefix("http://"), seen
 
 
 _CHILDREN: list[str] = []

@@ -193,7 +193,7 @@ HTML = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>mirror<
 
 
 def pe(machine: int) -> bytes:
-    from release_mirror import pe_stub
+    from support.release_mirror import pe_stub
 
     data = bytearray(pe_stub("fixture"))
     data[0x84:0x86] = machine.to_bytes(2, "little")  # the COFF header follows the 0x80 DOS stub

@@ -14,7 +14,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from release_mirror import ReleaseMirror, write_fixture_locks
+from support.release_mirror import ReleaseMirror, write_fixture_locks
 
 from gpustack_offline.core.downloads import BlobStore
 from gpustack_offline.core.errors import IntegrityError, ToolsError

@@ -28,6 +28,8 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import cast
 
+from support.loopback import LoopbackServer
+
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
 
 
@@ -127,7 +129,7 @@ class FaultProxy:
     _rules: list[_Rule] = field(default_factory=list)
     _seen: list[Seen] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _server: http.server.ThreadingHTTPServer | None = None
+    _server: LoopbackServer[FaultProxy] | None = None
 
     def on(self, pattern: str, fault: Fault, attempts: Collection[int] | None = None) -> None:
         """Apply `fault` to the requests matching `pattern` whose 1-based number (counted per
@@ -138,7 +140,7 @@ class FaultProxy:
     @property
     def port(self) -> int:
         assert self._server is not None, "the proxy is not started"
-        return int(self._server.server_address[1])
+        return self._server.port
 
     @property
     def host(self) -> str:
@@ -173,17 +175,12 @@ class FaultProxy:
             self._seen.append(seen)
 
     def start(self) -> FaultProxy:
-        server = _Server(self)
-        self._server = server
-        threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        ).start()
+        self._server = LoopbackServer(_Handler, self, name="fault-proxy").start()
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.stop()
             self._server = None
 
     def __enter__(self) -> FaultProxy:
@@ -191,17 +188,6 @@ class FaultProxy:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, proxy: FaultProxy) -> None:
-        self.proxy = proxy
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        pass  # clients that give up on a stalled body are the point of this server
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -218,7 +204,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         self.close_connection = True
-        proxy = cast(_Server, self.server).proxy
+        proxy = cast("LoopbackServer[FaultProxy]", self.server).owner
         fault = proxy._choose(urllib.parse.urlsplit(self.path).path)
         asked_range = self.headers.get("Range")
         applied: Fault | None = fault

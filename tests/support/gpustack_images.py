@@ -20,7 +20,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from registry_fixture import (
+from support.registry_fixture import (
     OCI_LAYER,
     Blob,
     FileLayer,

@@ -39,10 +39,11 @@ import pytest
 from gpustack_offline.core.files import atomic_path, sha256_file
 from gpustack_offline.core.processes import run
 from gpustack_offline.stages import tools
+from support.loopback import LoopbackServer
 
 log = logging.getLogger("gpustack_offline.release_mirror")
 
-SOURCE = Path(__file__).resolve().parent / "fixtures" / "fake_tool.c"
+SOURCE = Path(__file__).resolve().parent.parent / "fixtures" / "fake_tool.c"
 
 # -- what download-tools asks for --------------------------------------------------------------
 
@@ -348,18 +349,6 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     return start, end
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, mirror: ReleaseMirror) -> None:
-        self.mirror = mirror
-        super().__init__(("127.0.0.1", 0), _Handler)
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        # A client that hangs up mid-download is normal; keep stderr quiet, keep a debug trail.
-        log.debug("release mirror: error serving %s", client_address, exc_info=True)
-
-
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "gpustack-offline-release-mirror"
@@ -375,7 +364,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         log.debug("release mirror: " + format, *args)
 
     def _serve(self, body: bool) -> None:
-        mirror = cast(_Server, self.server).mirror
+        mirror = cast("LoopbackServer[ReleaseMirror]", self.server).owner
         mirror._record(self.path)
         file = mirror._file(urllib.parse.urlsplit(self.path).path)
         if file is None:
@@ -432,15 +421,14 @@ class ReleaseMirror:
         self.root = root
         self._lock = threading.Lock()
         self._requests: list[str] = []
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
+        self._server: LoopbackServer[ReleaseMirror] | None = None
 
     @property
     def base_url(self) -> str:
         """`--tools-download-base-url` for download-tools: http://127.0.0.1:PORT."""
         if self._server is None:
             raise RuntimeError("the release mirror is not started")
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return self._server.url
 
     @property
     def requests(self) -> list[str]:
@@ -454,24 +442,13 @@ class ReleaseMirror:
     def start(self) -> ReleaseMirror:
         if self._server is not None:
             raise RuntimeError("the release mirror is already started")
-        self._server = _Server(self)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.05},
-            name="release-mirror",
-            daemon=True,
-        )
-        self._thread.start()
+        self._server = LoopbackServer(_Handler, self, name="release-mirror").start()
         return self
 
     def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.shutdown()
-        self._server.server_close()
-        if self._thread is not None:
-            self._thread.join()
-        self._server = self._thread = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
 
     def __enter__(self) -> ReleaseMirror:
         return self.start()

@@ -48,7 +48,6 @@ from typing import Any, cast
 
 import pytest
 import requests
-from release_mirror import cache_root
 
 from gpustack_offline.core import docker as containers
 from gpustack_offline.core.downloads import BlobStore
@@ -65,6 +64,8 @@ from gpustack_offline.stages.registry import (
     Reference,
     host_env_name,
 )
+from support.loopback import LoopbackServer
+from support.release_mirror import cache_root
 
 log = logging.getLogger("gpustack_offline.registry_fixture")
 
@@ -206,7 +207,7 @@ def make_image(
         "config": config_blob.descriptor(),
         "layers": [layer.descriptor() for layer, _ in layers],
     }
-    manifest_blob = Blob(manifest["mediaType"], json.dumps(manifest, indent=3).encode())
+    manifest_blob = Blob(str(manifest["mediaType"]), json.dumps(manifest, indent=3).encode())
     return FixtureImage(platform, manifest_blob, config_blob, tuple(layer for layer, _ in layers))
 
 
@@ -402,10 +403,10 @@ class _Signer:
         directory.mkdir(parents=True, exist_ok=True)
         self.key_file = directory / "token-key.pem"
         self.cert_file = directory / "token-cert.pem"
+        self._key: Any = None  # an RSA private key when the cryptography package is there
         try:
             self._with_cryptography()
         except ImportError:
-            self._key = None
             run(
                 [
                     "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30",
@@ -490,12 +491,12 @@ class TokenServer:
         self.private = {repo: set(who) for repo, who in (private or {}).items()}
         self._lock = threading.Lock()
         self._requests: list[TokenRequest] = []
-        self._server: http.server.ThreadingHTTPServer | None = None
+        self._server: LoopbackServer[TokenServer] | None = None
 
     @property
     def realm(self) -> str:
         assert self._server is not None
-        return f"http://127.0.0.1:{self._server.server_address[1]}/token"
+        return f"{self._server.url}/token"
 
     @property
     def requests(self) -> list[TokenRequest]:
@@ -579,16 +580,12 @@ class TokenServer:
             def log_message(self, format: str, *args: object) -> None:
                 log.debug("token server: " + format, *args)
 
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        server.daemon_threads = True
-        self._server = server
-        threading.Thread(target=server.serve_forever, daemon=True, name="token-server").start()
+        self._server = LoopbackServer(Handler, self, name="token-server").start()
         return self
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+            self._server.stop()
             self._server = None
 
 

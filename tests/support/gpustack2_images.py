@@ -35,10 +35,12 @@ from dataclasses import replace
 from email.parser import Parser
 from pathlib import Path
 
-from gpustack_images import SITE, pack_tree
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from registry_fixture import (
+
+from gpustack_offline.stages.registry import Platform, Reference
+from support.gpustack_images import SITE, pack_tree
+from support.registry_fixture import (
     AMD64,
     ARM64,
     OCI_LAYER,
@@ -53,13 +55,11 @@ from registry_fixture import (
     noise,
     tar_layer,
 )
-from release_mirror import cache_root
-
-from gpustack_offline.stages.registry import Platform, Reference
+from support.release_mirror import cache_root
 
 VERSIONS = ("2.2.3", "2.3.0")
 API_PORT = 30080  # the server's internal API port (`--api-port`), where `/healthz` answers
-FIXTURES = Path(__file__).parent / "fixtures" / "gpustack2"
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "gpustack2"
 # What `import gpustack.routes.probes` pulls in (2.3.0's probes import gpustack.extension, and
 # with it gpustack.config, gpustack.schemas and gpustack_runtime), plus uvicorn to serve it.
 PROBE_DEPS = (

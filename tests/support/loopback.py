@@ -1,0 +1,86 @@
+"""One loopback HTTP server for every stand-in: a ThreadingHTTPServer on 127.0.0.1 at a free
+port, served from a daemon thread, stopped (shutdown, close, join) by `stop()` or on leaving a
+`with` block. The stand-ins (release mirror, fault proxy, token server, one-off indexes) differ
+only in their handler and in the object the handler reads (`owner`)."""
+
+from __future__ import annotations
+
+import http.server
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Generic, TypeVar
+
+log = logging.getLogger("gpustack_offline.tests.loopback")
+
+Owner = TypeVar("Owner")
+
+
+class LoopbackServer(http.server.ThreadingHTTPServer, Generic[Owner]):
+    """`handler` answers requests; it reaches the stand-in through `self.server.owner` (cast
+    to `LoopbackServer[TheStandIn]`). Errors a client causes by hanging up mid-answer are
+    logged at debug level, not printed: clients that give up are what several stand-ins test."""
+
+    daemon_threads = True
+
+    def __init__(
+        self,
+        handler: type[http.server.BaseHTTPRequestHandler],
+        owner: Owner,
+        *,
+        name: str = "loopback",
+        poll_interval: float = 0.05,
+    ) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
+        self.owner = owner
+        self.name = name
+        self._poll_interval = poll_interval
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.server_address[1])
+
+    @property
+    def url(self) -> str:
+        """http://127.0.0.1:PORT, no trailing slash."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> LoopbackServer[Owner]:
+        if self._thread is not None:
+            raise RuntimeError(f"{self.name} is already started")
+        self._thread = threading.Thread(
+            target=self.serve_forever,
+            kwargs={"poll_interval": self._poll_interval},
+            name=self.name,
+            daemon=True,
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the socket; safe to call twice."""
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join()
+            self._thread = None
+        self.server_close()
+
+    def __enter__(self) -> LoopbackServer[Owner]:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        log.debug("%s: error serving %s", self.name, client_address, exc_info=True)
+
+
+@contextmanager
+def serving(
+    handler: type[http.server.BaseHTTPRequestHandler], name: str = "loopback"
+) -> Iterator[str]:
+    """A started server for `handler` alone; yields its base URL (http://127.0.0.1:PORT)."""
+    with LoopbackServer(handler, None, name=name) as server:
+        yield server.url
