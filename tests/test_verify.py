@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from gpustack_offline.core.errors import VerifyError
+from gpustack_offline.verify import common as verify
 from gpustack_offline.verify import egress
-from gpustack_offline.verify import pip as verify
 
 CELL = "v0.7.1-linux-amd64-cpu-py3.11-base-pip"
 SKIPS = "\n".join(
@@ -131,6 +131,8 @@ def test_the_tool_check_calls_a_file_that_is_no_elf_by_its_name(tmp_path) -> Non
     import subprocess
     import sys
 
+    from gpustack_offline.verify.pip import TOOLS_EXEC
+
     package = tmp_path / "site" / "gpustack"
     tools = package / "third_party" / "bin"
     for rel in ("llama-box/llama-box", "gguf-parser/gguf-parser", "fastfetch/fastfetch"):
@@ -139,7 +141,7 @@ def test_the_tool_check_calls_a_file_that_is_no_elf_by_its_name(tmp_path) -> Non
     (package / "__init__.py").write_text("")
     (tools / "versions.json").write_text("{}")
     proc = subprocess.run(
-        [sys.executable, "-c", verify.TOOLS_EXEC, "cpu"], env={"PYTHONPATH": str(package.parent)},
+        [sys.executable, "-c", TOOLS_EXEC, "cpu"], env={"PYTHONPATH": str(package.parent)},
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert proc.returncode == 1

@@ -26,7 +26,7 @@ from gpustack_offline.core.matrix import AXES, Cell
 from gpustack_offline.core.options import resolve
 from gpustack_offline.recipes.base import build as build_cell
 from gpustack_offline.recipes.base import verify as verify_with
-from gpustack_offline.verify.pip import Report, Unverifiable
+from gpustack_offline.verify.common import Report, Unverifiable
 
 __all__ = ["Context", "build", "lock", "verify_cell"]  # Context: where the wiring takes it
 

@@ -24,8 +24,8 @@ from gpustack_offline.stages.locks import Lock
 from gpustack_offline.stages.registry import Reference, Registry
 from gpustack_offline.stages.tools import Archive
 from gpustack_offline.stages.wheels import Wheel
-from gpustack_offline.verify import pip as verifying
-from gpustack_offline.verify.pip import Report
+from gpustack_offline.verify import common as verifying
+from gpustack_offline.verify.common import Report
 
 
 @dataclass

@@ -7,14 +7,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from gpustack_offline.core.context import Context
+from gpustack_offline.core.docker import base_image
 from gpustack_offline.core.matrix import Cell
 from gpustack_offline.recipes import pip0
 from gpustack_offline.recipes.base import Locked, Parts, gather_images, image_inputs, pin_images
 from gpustack_offline.stages import images
 from gpustack_offline.stages.registry import Reference
 from gpustack_offline.verify import egress
+from gpustack_offline.verify.common import HOST_ARCH, Report
 from gpustack_offline.verify.docker import verify_docker
-from gpustack_offline.verify.pip import HOST_ARCH, Report, base_image
 
 
 def references(cell: Cell) -> dict[Reference, list[str]]:

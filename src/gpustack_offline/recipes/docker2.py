@@ -19,8 +19,8 @@ from gpustack_offline.recipes.base import (
 )
 from gpustack_offline.stages import runners
 from gpustack_offline.stages.registry import Reference
+from gpustack_offline.verify.common import Report
 from gpustack_offline.verify.docker import verify_docker2
-from gpustack_offline.verify.pip import Report
 
 
 def references(ctx: Context, cell: Cell) -> dict[Reference, list[str]]:

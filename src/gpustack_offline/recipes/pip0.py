@@ -14,7 +14,8 @@ from gpustack_offline.stages.locks import ensure_lock, inputs_for, load_override
 from gpustack_offline.stages.locks import lock_path as pip_lock_path
 from gpustack_offline.stages.wheels import wheelhouse
 from gpustack_offline.verify import egress
-from gpustack_offline.verify.pip import Report, verify_pip
+from gpustack_offline.verify.common import Report
+from gpustack_offline.verify.pip import verify_pip
 
 
 class Pip0:

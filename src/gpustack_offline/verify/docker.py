@@ -32,7 +32,7 @@ from gpustack_offline.core.matrix import Cell
 from gpustack_offline.stages import runners
 from gpustack_offline.stages.registry import Registry, RegistryError
 from gpustack_offline.verify import egress
-from gpustack_offline.verify.pip import (
+from gpustack_offline.verify.common import (
     AUDIT_LOG,
     DOWNLOAD_SIGNS,
     HEALTH_PROBE,
@@ -42,10 +42,10 @@ from gpustack_offline.verify.pip import (
     AuditedRun,
     Report,
     Step,
-    _audit_hook,
-    _failure,
+    audit_hook,
     egress_step,
     egress_summary,
+    failure,
     offline_tools_step,
 )
 
@@ -243,7 +243,7 @@ def _run_audited(
     engine, hole, dns = audit
     mark = len(egress.read_events(hole))
     volumes = {str(host): {"bind": inside, "mode": "ro"} for host, inside in dns.items()}
-    volumes[str(_audit_hook())] = {"bind": "/opt/egress-audit", "mode": "ro"}
+    volumes[str(audit_hook())] = {"bind": "/opt/egress-audit", "mode": "ro"}
     hooked = {"PYTHONPATH": "/opt/egress-audit", "GPUSTACK_EGRESS_AUDIT_LOG": AUDIT_LOG}
     box = engine.containers.create(
         ref,
@@ -279,7 +279,7 @@ def _step(cell: Cell, report: Report, name: str, argv: list[str]) -> Step:
                   proc.stdout + proc.stderr)  # fmt: skip
     report.steps.append(result)
     if proc.returncode != 0:
-        raise VerifyError(_failure(cell, result))
+        raise VerifyError(failure(cell, result))
     return result
 
 
@@ -345,5 +345,5 @@ def _wait(
             result = Step(name, 1, waited, logs)
             report.steps.append(result)
             why = "exited" if box.status != "running" else f"no /healthz on {port} in {timeout}s"
-            raise VerifyError(_failure(cell, result, f"{ref} {why}"))
+            raise VerifyError(failure(cell, result, f"{ref} {why}"))
         time.sleep(3)

@@ -9,22 +9,35 @@ answer `/healthz` within a bound. A bundle that merely installs is not verified.
 from __future__ import annotations
 
 import json
-import platform
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from gpustack_offline import payload
-from gpustack_offline.core.docker import BUILDER_PYTHON, base_image, exec_in, internal_network
-from gpustack_offline.core.errors import BundleError, VerifyError
-from gpustack_offline.core.files import write_text
+from gpustack_offline.core.docker import base_image, exec_in, internal_network
+from gpustack_offline.core.errors import VerifyError
 from gpustack_offline.core.matrix import Cell
 from gpustack_offline.verify import egress
+from gpustack_offline.verify.common import (
+    AUDIT_LOG,
+    DOWNLOAD_SIGNS,
+    HEALTH_PROBE,
+    HOST_ARCH,
+    SETTLE,
+    UI_VISIT,
+    WORKER_PORT,
+    AuditedRun,
+    Report,
+    Step,
+    audit_hook,
+    egress_step,
+    egress_summary,
+    failure,
+    offline_tools_step,
+)
 
 PREFIX = "/opt/gpustack"
-HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), "amd64")
 PORT = 8080
 # Docker's --internal network drops forwarding out of the bridge (a default route still shows).
 # The sinkhole answers every name with its own address, so isolation is checked on addresses:
@@ -40,46 +53,11 @@ ISOLATION = (
     "    sys.exit(0)\n"
     "sys.exit('1.1.1.1:443 answered: the container is not isolated')\n"
 )
-AUDIT_LOG = "/tmp/egress-audit.jsonl"
 # The documented start, and the one install.sh configures for an air-gapped site.
 UPSTREAM_START = f"exec {PREFIX}/bin/gpustack start"
 SITE_START = (
     f"set -a; . {PREFIX}/gpustack.env; set +a; "
     f"exec {PREFIX}/bin/gpustack start --config-file {PREFIX}/gpustack.yaml"
-)
-# What an operator does first: log in to the UI as admin, which asks /update/ and the catalog.
-UI_VISIT = """
-import http.cookiejar, sys, urllib.parse, urllib.request
-base, password = sys.argv[1], open(sys.argv[2]).read().strip()
-opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
-form = urllib.parse.urlencode({"username": "admin", "password": password}).encode()
-for path, data in (("/auth/login", form), ("/", None), ("/update/", None),
-                   ("/v1/model-sets?page=1&perPage=10", None)):
-    try:
-        print(path, opener.open(base + path, data=data, timeout=30).status)
-    except Exception as exc:
-        print(path, "failed:", exc)
-"""
-# Seconds the audited start keeps running after its worker is up: the first minutes' background
-# tasks (update check, catalog, worker status reports) get their turn.
-SETTLE = 30
-WORKER_PORT = 10150
-HEALTH_PROBE = (
-    "import sys, urllib.request\n"
-    "try:\n"
-    "    r = urllib.request.urlopen(f'http://127.0.0.1:{sys.argv[1]}/healthz', timeout=5)\n"
-    "    sys.exit(0 if r.status == 200 else 1)\n"
-    "except Exception:\n"
-    "    sys.exit(1)\n"
-)
-# What GPUStack's ToolsManager logs when it reaches for the network (0.6/0.7 tools_manager.py).
-DOWNLOAD_SIGNS = (
-    "Downloading ",
-    "Error downloading",
-    "Failed to connect to",
-    "failed to connect to any of",
-    "It is required to download dependency tools",
-    "Failed to download tools",
 )
 # Run with the installed release's Python: every bundled tool runs, and is built for this machine.
 TOOLS_EXEC = """
@@ -121,87 +99,8 @@ sys.exit(1 if failed else 0)
 """
 
 
-class Unverifiable(BundleError):
-    """The cell's target cannot be reproduced here; the reason is said, never passed silently."""
-
-
-@dataclass
-class Step:
-    name: str
-    code: int
-    seconds: float
-    output: str
-
-
-@dataclass
-class Report:
-    cell: str
-    ok: bool = False
-    steps: list[Step] = field(default_factory=list)
-    seconds_to_healthz: float | None = None
-    seconds_to_worker: float | None = None
-    note: str = ""
-    # upstream's plain `gpustack start` on the same install: seconds and hosts attempted
-    upstream: dict[str, Any] | None = None
-    # the configured start (and the install): hosts attempted, the allowlist, what broke it
-    egress: dict[str, Any] | None = None
-    egress_details: dict[str, Any] = field(default_factory=dict, repr=False)
-
-
-def unverifiable_reason(cell: Cell) -> str | None:
-    if cell.os != "linux":
-        return (
-            f"{cell.id}: {cell.os} bundles cannot be verified in a Linux container here; "
-            "install it on a Windows host with install.ps1"
-        )
-    if cell.python != BUILDER_PYTHON:
-        return (
-            f"{cell.id}: no clean Debian base image with Python {cell.python} can be made here "
-            f"(Debian 12 ships {BUILDER_PYTHON}); verify it on a host with Python {cell.python}"
-        )
-    return None
-
-
-def _audit_hook() -> Path:
-    return payload.path("audit_hook")
-
-
 def _fake_nvidia_smi() -> Path:
     return payload.path("fakes/nvidia-smi")
-
-
-def verify(
-    cell: Cell, bundle_dir: Path, report_path: Path, body: Callable[[Report], Report]
-) -> Report:
-    """Run one kind's verification `body` on a bundle folder; write the report (and the egress
-    audit) beside it whatever happens; raise VerifyError if it failed."""
-    report = Report(cell=cell.id)
-    try:
-        reason = unverifiable_reason(cell)
-        if reason:
-            raise Unverifiable(reason)
-        if not (bundle_dir / "manifest.json").is_file():
-            raise VerifyError(f"{bundle_dir} is not a bundle (no manifest.json); build it first")
-        return body(report)
-    except BundleError as exc:
-        report.note = str(exc)
-        raise
-    finally:
-        write_report(report, report_path)
-        # always one, so a reader never takes a missing audit for a clean one
-        details: dict[str, Any] = {
-            k: json.loads(v.to_json()) for k, v in report.egress_details.items()
-        } or {
-            "audited": False,
-            "reason": f"verification stopped before the audit: {report.note}"
-            if report.note
-            else f"no egress audit for {cell.method} cells of GPUStack {cell.version}",
-        }
-        write_text(egress_path(report_path), json.dumps(details, indent=2) + "\n")
-
-
-def egress_path(report_path: Path) -> Path:
-    return report_path.with_name(report_path.name.replace(".verify.json", ".egress.json"))
 
 
 def verify_pip(
@@ -215,7 +114,7 @@ def verify_pip(
 ) -> Report:
     """A pip bundle in a clean container of its target, as the module's doc says."""
     image = base_image(cell.arch, cache, mirror)
-    mounts = {bundle_dir.resolve(): "/bundle", _audit_hook(): "/opt/egress-audit"}
+    mounts = {bundle_dir.resolve(): "/bundle", audit_hook(): "/opt/egress-audit"}
     env = {}
     if cell.cuda:
         # No GPU here: a stand-in nvidia-smi reports a driver of exactly the cell's floor.
@@ -238,7 +137,7 @@ def verify_pip(
             result = Step(name, code, round(time.monotonic() - started, 1), output)
             report.steps.append(result)
             if code != 0:
-                raise VerifyError(_failure(cell, result))
+                raise VerifyError(failure(cell, result))
             return result
 
         step("isolation", ["python3", "-c", ISOLATION, audit.sinkhole.address])
@@ -268,31 +167,6 @@ def verify_pip(
     return report
 
 
-@dataclass
-class AuditedRun:
-    """One `gpustack start` in the verification container, and what it reached for."""
-
-    name: str
-    seconds_to_healthz: float
-    seconds_to_worker: float
-    events: list[dict[str, Any]]
-    calls: list[dict[str, Any]]  # the audit hook's records: process and code per outside name
-    log: str
-
-    @property
-    def egress(self) -> egress.EgressReport:
-        return egress.summarize(self.events)
-
-    def summary(self) -> dict[str, Any]:
-        hosts = [h for h in self.egress.hosts.values() if h.host]
-        return {
-            "seconds_to_healthz": self.seconds_to_healthz,
-            "seconds_to_worker": self.seconds_to_worker,
-            "hosts_attempted": len(hosts),
-            "hosts": [h.host for h in hosts],
-        }
-
-
 def start_audited(
     audit: egress.Audit,
     cell: Cell,
@@ -314,7 +188,7 @@ def start_audited(
     code, out = exec_in(box, ["sh", "-c", launch, "sh", full, log], env=run_env)
     report.steps.append(Step(f"start-{name}", code, 0.0, full))
     if code != 0:
-        raise VerifyError(_failure(cell, report.steps[-1]))
+        raise VerifyError(failure(cell, report.steps[-1]))
     started = time.monotonic()
     healthz = wait_healthy(box, cell, report, f"healthz-{name}", PORT, timeout, log)
     left = timeout - (time.monotonic() - started)
@@ -326,7 +200,7 @@ def start_audited(
     logged_in = "/auth/login 200" in visited
     report.steps.append(Step(f"ui-{name}", 0 if logged_in else 1, 0.0, visited))
     if not logged_in:
-        raise VerifyError(_failure(cell, report.steps[-1], "the admin could not log in"))
+        raise VerifyError(failure(cell, report.steps[-1], "the admin could not log in"))
     time.sleep(SETTLE)
     events = egress.collect(audit.sinkhole)[mark:]
     _, hook = exec_in(box, ["sh", "-c", f"cat {calls} 2>/dev/null || true"])
@@ -371,7 +245,7 @@ def stop_gpustack(box: Any, cell: Cell, report: Report) -> None:
     code, out = exec_in(box, ["python3", "-c", STOP, str(PORT), str(WORKER_PORT)])
     report.steps.append(Step("stop-upstream", code, round(time.monotonic() - started, 1), out))
     if code != 0:
-        raise VerifyError(_failure(cell, report.steps[-1]))
+        raise VerifyError(failure(cell, report.steps[-1]))
 
 
 def wait_healthy(
@@ -403,65 +277,5 @@ def wait_healthy(
             why = "exited" if alive != 0 else f"did not answer /healthz on {port} in {timeout:.0f}s"
             result = Step(name, 1, waited, tail)
             report.steps.append(result)
-            raise VerifyError(_failure(cell, result, f"gpustack start {why}"))
+            raise VerifyError(failure(cell, result, f"gpustack start {why}"))
         time.sleep(3)
-
-
-def egress_summary(judged: egress.EgressReport) -> dict[str, Any]:
-    hosts = [h for h in judged.hosts.values() if h.host]
-    return {"hosts_attempted": len(hosts), "hosts": [h.host for h in hosts]}
-
-
-def egress_step(
-    cell: Cell, judged: egress.EgressReport, run: AuditedRun, allowlist: Sequence[str]
-) -> Step:
-    """Fail the cell on any outside host not allowed for it, naming host, process and log."""
-    bad = egress.unexpected(judged, allowlist)
-    if not bad:
-        allowed = sorted(h.host for h in judged.hosts.values())
-        return Step("egress", 0, 0.0, f"outside hosts attempted: {allowed or 'none'}")
-    lines = run.log.splitlines()
-    text = []
-    for host in bad:
-        callers = {f"{c['process']} (pid {c['pid']}) at {c['where']}" for c in run.calls
-                   if c["host"] == host.host}  # fmt: skip
-        mention = next((line for line in lines if host.host in line), "no log line names it")
-        text.append(
-            f"{host.host}: {dict(host.kinds)} x{host.count}, first at {host.first}; "
-            f"process: {', '.join(sorted(callers)) or 'not a Python call (see the sinkhole)'}; "
-            f"log: {mention.strip()}"
-        )
-    step = Step("egress", 1, 0.0, "\n".join(text))
-    names = ", ".join(h.host for h in bad)
-    raise VerifyError(_failure(cell, step, f"the configured first start tried to reach {names}"))
-
-
-def offline_tools_step(cell: Cell, log: str) -> Step:
-    """The worker found every bundled tool: no download attempt in its log, and with --debug
-    ToolsManager says it skipped each download."""
-    lines = log.splitlines()
-    reached = [i for i, line in enumerate(lines) if any(s in line for s in DOWNLOAD_SIGNS)]
-    skipped = [line for line in lines if "already exists, skipping download" in line]
-    if reached:
-        first = reached[0]
-        around = "\n".join(lines[max(0, first - 3) : first + 4])
-        step = Step("tools-offline", 1, 0.0, around)
-        raise VerifyError(_failure(cell, step, "the worker tried to download tools at start"))
-    if len(skipped) < 3:
-        step = Step("tools-offline", 1, 0.0, "\n".join(lines[-40:]))
-        raise VerifyError(
-            _failure(cell, step, f"the worker confirmed only {len(skipped)} of 3 bundled tools")
-        )
-    return Step("tools-offline", 0, 0.0, "\n".join(skipped))
-
-
-def _failure(cell: Cell, step: Step, summary: str = "") -> str:
-    tail = "\n".join(step.output.strip().splitlines()[-40:])
-    head = summary or f"step {step.name!r} exited {step.code}"
-    return f"{cell.id}: verification failed: {head}:\n{tail}"
-
-
-def write_report(report: Report, path: Path) -> None:
-    data = asdict(report)
-    data.pop("egress_details")  # written whole to <cell>.egress.json
-    write_text(path, json.dumps(data, indent=2) + "\n")
