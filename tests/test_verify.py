@@ -131,7 +131,7 @@ def test_the_tool_check_calls_a_file_that_is_no_elf_by_its_name(tmp_path) -> Non
     import subprocess
     import sys
 
-    from gpustack_offline.verify.pip import TOOLS_EXEC
+    from gpustack_offline import payload
 
     package = tmp_path / "site" / "gpustack"
     tools = package / "third_party" / "bin"
@@ -141,7 +141,8 @@ def test_the_tool_check_calls_a_file_that_is_no_elf_by_its_name(tmp_path) -> Non
     (package / "__init__.py").write_text("")
     (tools / "versions.json").write_text("{}")
     proc = subprocess.run(
-        [sys.executable, "-c", TOOLS_EXEC, "cpu"], env={"PYTHONPATH": str(package.parent)},
+        [sys.executable, payload.path("check_tools.py"), "cpu"],
+        env={"PYTHONPATH": str(package.parent)},
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert proc.returncode == 1
@@ -149,3 +150,22 @@ def test_the_tool_check_calls_a_file_that_is_no_elf_by_its_name(tmp_path) -> Non
         proc.stdout
     ), proc.stdout
     assert "machine None" not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["ui_visit.py", "health_probe.py", "isolation.py", "stop_gpustack.py", "check_tools.py"],
+)
+def test_the_scripts_run_in_a_target_parse_as_python_3_8_with_the_standard_library(name) -> None:
+    """They run with the target's python3 (a GPUStack image's may be older than the host's)."""
+    import ast
+    import sys
+
+    from gpustack_offline import payload
+
+    tree = ast.parse(payload.path(name).read_text(), feature_version=(3, 8))
+    modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+               for a in n.names}  # fmt: skip
+    modules |= {n.module.split(".")[0] for n in ast.walk(tree)
+                if isinstance(n, ast.ImportFrom) and n.module}  # fmt: skip
+    assert modules - set(sys.stdlib_module_names) - {"__future__", "gpustack"} == set()

@@ -21,31 +21,14 @@ from gpustack_offline.verify import egress
 
 HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), "amd64")
 AUDIT_LOG = "/tmp/egress-audit.jsonl"
-# What an operator does first: log in to the UI as admin, which asks /update/ and the catalog.
-UI_VISIT = """
-import http.cookiejar, sys, urllib.parse, urllib.request
-base, password = sys.argv[1], open(sys.argv[2]).read().strip()
-opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
-form = urllib.parse.urlencode({"username": "admin", "password": password}).encode()
-for path, data in (("/auth/login", form), ("/", None), ("/update/", None),
-                   ("/v1/model-sets?page=1&perPage=10", None)):
-    try:
-        print(path, opener.open(base + path, data=data, timeout=30).status)
-    except Exception as exc:
-        print(path, "failed:", exc)
-"""
+# Scripts run in the target by its python3 as `python3 -c TEXT ARG...` (payload/*.py): log in to
+# the UI as admin, as an operator does first (which asks /update/ and the catalog); probe /healthz.
+UI_VISIT = payload.path("ui_visit.py").read_text()
 # Seconds the audited start keeps running after its worker is up: the first minutes' background
 # tasks (update check, catalog, worker status reports) get their turn.
 SETTLE = 30
 WORKER_PORT = 10150
-HEALTH_PROBE = (
-    "import sys, urllib.request\n"
-    "try:\n"
-    "    r = urllib.request.urlopen(f'http://127.0.0.1:{sys.argv[1]}/healthz', timeout=5)\n"
-    "    sys.exit(0 if r.status == 200 else 1)\n"
-    "except Exception:\n"
-    "    sys.exit(1)\n"
-)
+HEALTH_PROBE = payload.path("health_probe.py").read_text()
 # What GPUStack's ToolsManager logs when it reaches for the network (0.6/0.7 tools_manager.py).
 DOWNLOAD_SIGNS = (
     "Downloading ",

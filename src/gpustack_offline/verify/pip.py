@@ -39,64 +39,18 @@ from gpustack_offline.verify.common import (
 
 PREFIX = "/opt/gpustack"
 PORT = 8080
-# Docker's --internal network drops forwarding out of the bridge (a default route still shows).
-# The sinkhole answers every name with its own address, so isolation is checked on addresses:
-# pypi.org must resolve to the sinkhole only, and a public address must not answer.
-ISOLATION = (
-    "import socket, sys\n"
-    "names = {a[4][0] for a in socket.getaddrinfo('pypi.org', 443, socket.AF_INET)}\n"
-    "if names != {sys.argv[1]}:\n"
-    "    sys.exit(f'pypi.org resolves to {names}, not only to the sinkhole {sys.argv[1]}')\n"
-    "try:\n"
-    "    socket.create_connection(('1.1.1.1', 443), timeout=3).close()\n"
-    "except OSError:\n"
-    "    sys.exit(0)\n"
-    "sys.exit('1.1.1.1:443 answered: the container is not isolated')\n"
-)
+# Scripts run in the target as `python3 -c TEXT ARG...` (payload/*.py): names resolve only to the
+# sinkhole and a public address does not answer; every bundled tool runs (with the installed
+# release's Python); every gpustack process is stopped and its ports are free.
+ISOLATION = payload.path("isolation.py").read_text()
+TOOLS_EXEC = payload.path("check_tools.py").read_text()
+STOP = payload.path("stop_gpustack.py").read_text()
 # The documented start, and the one install.sh configures for an air-gapped site.
 UPSTREAM_START = f"exec {PREFIX}/bin/gpustack start"
 SITE_START = (
     f"set -a; . {PREFIX}/gpustack.env; set +a; "
     f"exec {PREFIX}/bin/gpustack start --config-file {PREFIX}/gpustack.yaml"
 )
-# Run with the installed release's Python: every bundled tool runs, and is built for this machine.
-TOOLS_EXEC = """
-import json, os, platform, subprocess, sys
-import gpustack
-tools = os.path.join(os.path.dirname(gpustack.__file__), "third_party", "bin")
-machine = {"x86_64": 62, "aarch64": 183}[platform.machine()]
-driver_only = sys.argv[1] == "cuda"
-found = [p for p in (
-    os.path.join(tools, "llama-box", "llama-box-default", "llama-box"),
-    os.path.join(tools, "llama-box", "llama-box"),
-    os.path.join(tools, "gguf-parser", "gguf-parser"),
-    os.path.join(tools, "fastfetch", "fastfetch"),
-) if os.path.isfile(p)]
-failed = not any("llama-box" in p for p in found) or len(found) < 3
-for path in found:
-    name = os.path.relpath(path, tools)
-    with open(path, "rb") as fh:
-        head = fh.read(20)
-    if head[:4] != b"\x7fELF":
-        print(f"FAIL {name}: not an ELF program (it starts with {head[:16]!r})")
-        failed = True
-        continue
-    kind = int.from_bytes(head[18:20], "little")
-    if kind != machine:
-        print(f"FAIL {name}: an ELF program for machine {kind}, this machine is {machine}")
-        failed = True
-        continue
-    run = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=120)
-    out = (run.stdout + run.stderr).strip()
-    # A CUDA build loads the driver's libraries, which a container without a GPU lacks.
-    waits_for_driver = driver_only and "error while loading shared libraries: libcu" in out
-    ok = run.returncode == 0 or waits_for_driver
-    failed |= not ok
-    note = " (runs up to loading the NVIDIA driver's libraries)" if waits_for_driver else ""
-    print(f"{'ok' if ok else 'FAIL'} {name}{note}: {' | '.join(out.splitlines()[:6])}")
-print(json.dumps(json.load(open(os.path.join(tools, "versions.json")))))
-sys.exit(1 if failed else 0)
-"""
 
 
 def _fake_nvidia_smi() -> Path:
@@ -207,36 +161,6 @@ def start_audited(
     _, text = exec_in(box, ["cat", log])
     records = [json.loads(line) for line in hook.splitlines() if line.startswith("{")]
     return AuditedRun(name, healthz, worker, events, records, text)
-
-
-# Stops every gpustack process in the container (server, worker, their children): TERM, then
-# KILL, then waits until the ports are free. By command line, as setproctitle renames the worker.
-STOP = """
-import os, signal, socket, sys, time
-def ours():
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            if int(pid) != os.getpid() and b"gpustack" in open(f"/proc/{pid}/cmdline", "rb").read():
-                found.append(int(pid))
-        except OSError:
-            pass
-    return found
-def listening(port):
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == 0
-for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 10)):
-    for pid in ours():
-        try:
-            os.kill(pid, sig)
-        except OSError:
-            pass
-    for _ in range(wait):
-        if not ours() and not any(listening(p) for p in map(int, sys.argv[1:])):
-            sys.exit(0)
-        time.sleep(1)
-sys.exit(f"gpustack processes {ours()} or ports {sys.argv[1:]} survive SIGKILL")
-"""
 
 
 def stop_gpustack(box: Any, cell: Cell, report: Report) -> None:
