@@ -45,7 +45,7 @@ from rich.progress import (
 )
 
 from gpustack_offline.core import options
-from gpustack_offline.core.errors import BundleError, IntegrityError
+from gpustack_offline.core.errors import DownloadError, HTTPStatusError, IntegrityError
 from gpustack_offline.core.files import CHUNK, publish, scratch_file, sha256_file
 from gpustack_offline.core.options import Options
 
@@ -64,18 +64,6 @@ ENV_PREFIX = "GPUSTACK_OFFLINE_DOWNLOAD_"
 WRONG_BYTES_TRIES = 2
 # A temporary file in the blob store untouched this long belongs to a build that was killed.
 STALE_TEMP_AGE = 24 * 3600.0
-
-
-class DownloadError(BundleError):
-    """A download that still failed after every retry, or that the server refused outright."""
-
-
-class HTTPStatusError(DownloadError):
-    """The server answered a status that retrying does not change (404, 403, ...)."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)

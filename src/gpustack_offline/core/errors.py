@@ -50,6 +50,18 @@ class ToolsError(BundleError):
     """A tools archive that cannot be made, or would not be found by the target's worker."""
 
 
+class DownloadError(BundleError):
+    """A download that still failed after every retry, or that the server refused outright."""
+
+
+class HTTPStatusError(DownloadError):
+    """The server answered a status that retrying does not change (404, 403, ...)."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 class DiskFullError(BundleError):
     """A filesystem ran out of space (or quota) while an artifact was being written."""
 

@@ -104,14 +104,7 @@ def _converted(name: str, value: Any, source: str) -> Any:
     kind = type(getattr(Options(), name))
     shown = _toml_key(name)  # as users write it: dist-dir, not dist_dir
     if kind is bool:
-        if isinstance(value, bool):
-            return value
-        text = str(value).strip().lower()
-        if text in {"1", "true", "yes", "on"}:
-            return True
-        if text in {"0", "false", "no", "off", ""}:
-            return False
-        raise OptionError(f"{source}: option {shown} must be true or false, not {value!r}")
+        return _to_bool(value, shown, source)
     if kind is int:
         try:
             return int(value)
@@ -129,6 +122,17 @@ def _converted(name: str, value: Any, source: str) -> Any:
     if not isinstance(value, str):
         raise OptionError(f"{source}: option {shown} must be a string, not {value!r}")
     return value
+
+
+def _to_bool(value: Any, shown: str, source: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off", ""}:
+        return False
+    raise OptionError(f"{source}: option {shown} must be true or false, not {value!r}")
 
 
 def _unknown(key: str, source: str, spell: Callable[[str], str]) -> OptionError:

@@ -26,9 +26,10 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 from gpustack_offline.core.downloads import BlobStore
-from gpustack_offline.core.errors import BundleError, IntegrityError
+from gpustack_offline.core.errors import IntegrityError
 from gpustack_offline.core.files import atomic_path, write_text
 from gpustack_offline.core.tomlfile import read_toml
+from gpustack_offline.stages.errors import ImageError
 from gpustack_offline.stages.registry import (
     DOCKER_MANIFEST,
     OCI_INDEX,
@@ -74,10 +75,6 @@ OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 DOCKER_GZIP_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 OCI_GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 _OCI_LAYER = {DOCKER_GZIP_LAYER: OCI_GZIP_LAYER}
-
-
-class ImageError(BundleError):
-    """An image a cell cannot have: unknown device, missing pin, unexportable layers."""
 
 
 # --- tags ---------------------------------------------------------------------------------------

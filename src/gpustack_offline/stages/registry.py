@@ -10,22 +10,7 @@ one of those is stored by digest in the shared `BlobStore` (`<cache>/blobs/sha25
 after its sha256 matched while it streamed. Whatever the store already holds is not asked for
 again; a reference pinned by digest whose blobs are stored needs no request at all.
 
-Authentication is Docker Hub's: a 401 with
-`WWW-Authenticate: Bearer realm=…,service=…,scope=…` sends the client to the realm for a token
-(anonymous, or with the user's name and password), which is cached per scope; a `Basic`
-challenge (a private registry) gets the credentials directly. Credentials, first match wins:
-
-1. `GPUSTACK_OFFLINE_REGISTRY_AUTH_<HOST>=user:password`, HOST upper-cased with every character
-   other than A-Z and 0-9 written `_` (`docker.io` → `DOCKER_IO`, `harbor.site:5000` →
-   `HARBOR_SITE_5000`). Meant for CI secrets.
-2. The `auths` table of the Docker config, `$DOCKER_CONFIG/config.json` or
-   `~/.docker/config.json` (what `docker login` writes without a credential store: base64
-   `auth`, or `username` and `password`). Credential helpers (`credsStore`, `credHelpers`) are not
-   run; a host that only has one gets a message saying so.
-
-Credentials are only ever sent in headers: they are never written, logged, put in an argument
-list or in an error message, and never sent over plain HTTP except to a loopback address or a
-host the caller declared insecure.
+Authentication (credentials, Bearer tokens, Basic) is `registry_auth`'s; see its docstring.
 
 A site mirror of Docker Hub (`mirror="harbor.site/dockerhub-proxy"` or `"127.0.0.1:5001"`) takes
 every `docker.io` request; the prefix, if any, goes before the repository. References keep
@@ -34,35 +19,44 @@ their `docker.io` name: the mirror is transport, and digests are the same throug
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import hashlib
 import io
-import ipaddress
 import json
 import logging
 import os
 import re
-import threading
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import requests
 
 from gpustack_offline.core.downloads import BlobStore, Opener, download, session, short_reason
-from gpustack_offline.core.errors import BundleError, IntegrityError
+from gpustack_offline.core.errors import IntegrityError
 from gpustack_offline.core.files import atomic_path
+
+# `X as X`: names callers import from here (tests, the secrets and bad-input checks)
+from gpustack_offline.stages.errors import AuthError as AuthError
+from gpustack_offline.stages.errors import BadReference, ImageNotFound, PlatformError, RegistryError
+from gpustack_offline.stages.registry_auth import (
+    DOCKER_HUB,
+    HUB_ALIASES,
+    TIMEOUT,
+    Endpoint,
+    RegistryAuth,
+    is_loopback,
+)
+from gpustack_offline.stages.registry_auth import Credentials as Credentials
+from gpustack_offline.stages.registry_auth import find_credentials as find_credentials
+from gpustack_offline.stages.registry_auth import host_env_name as host_env_name
+from gpustack_offline.stages.registry_auth import parse_challenges as parse_challenges
 
 log = logging.getLogger("gpustack_offline")
 
-DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
-_HUB_ALIASES = {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
-AUTH_ENV_PREFIX = "GPUSTACK_OFFLINE_REGISTRY_AUTH_"
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -72,31 +66,6 @@ INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_LIST})
 MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
 _ACCEPT = ", ".join((OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
 MAX_MANIFEST = 4 << 20  # distribution refuses bigger manifests too
-TIMEOUT = (15, 120)
-
-
-class RegistryError(BundleError):
-    """A registry that cannot be reached, or answered something this client cannot use."""
-
-
-class BadReference(RegistryError):
-    """An image reference that does not parse."""
-
-
-class AuthError(RegistryError):
-    """A registry or its token service refused us, or wants credentials we do not have."""
-
-
-class ImageNotFound(RegistryError):
-    """The registry has no such tag, digest or repository."""
-
-
-class PlatformError(RegistryError):
-    """The image is not published for the platform asked for."""
-
-    def __init__(self, message: str, available: Sequence[Platform]) -> None:
-        super().__init__(message)
-        self.available = tuple(available)
 
 
 # --- references -------------------------------------------------------------------------------
@@ -142,7 +111,7 @@ class Reference:
                 raise BadReference(f"{text!r}: {registry!r} is not a valid registry host")
         else:
             registry, repository = DOCKER_HUB, rest
-        if registry.lower() in _HUB_ALIASES:
+        if registry.lower() in HUB_ALIASES:
             registry = DOCKER_HUB
         if registry == DOCKER_HUB and "/" not in repository:
             repository = f"library/{repository}"
@@ -314,169 +283,7 @@ def choose_platform(entries: Sequence[Descriptor], want: Platform, where: str) -
     )
 
 
-# --- credentials ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """A user name and password for one registry host; `repr` shows only where they came from."""
-
-    username: str = field(repr=False)
-    password: str = field(repr=False)
-    source: str = ""
-
-    def basic(self) -> str:
-        raw = f"{self.username}:{self.password}".encode()
-        return "Basic " + base64.b64encode(raw).decode()
-
-
-def host_env_name(host: str) -> str:
-    """The environment variable that holds credentials for `host`."""
-    return AUTH_ENV_PREFIX + re.sub(r"[^A-Z0-9]", "_", host.upper())
-
-
-def _config_key_host(key: str) -> str:
-    """`https://index.docker.io/v1/` → `docker.io`; `http://h:5000/x` → `h:5000`."""
-    host = re.sub(r"^[a-z]+://", "", key.strip()).split("/", 1)[0].lower()
-    return DOCKER_HUB if host in _HUB_ALIASES else host
-
-
-def docker_config_path(env: Mapping[str, str]) -> Path:
-    configured = env.get("DOCKER_CONFIG")
-    base = Path(configured).expanduser() if configured else Path(env.get("HOME", "~")) / ".docker"
-    return base.expanduser() / "config.json"
-
-
-def find_credentials(host: str, env: Mapping[str, str] | None = None) -> Credentials | None:
-    """Credentials for a registry host from the environment or the Docker config, or None."""
-    env = os.environ if env is None else env
-    host = DOCKER_HUB if host.lower() in _HUB_ALIASES else host.lower()
-    name = host_env_name(host)
-    value = env.get(name)
-    if value is not None:
-        user, sep, password = value.partition(":")
-        if not sep or not user:
-            raise AuthError(f"environment variable {name} must be user:password")
-        return Credentials(user, password, f"environment variable {name}")
-    path = docker_config_path(env)
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise AuthError(f"{path}: not readable as JSON ({type(exc).__name__})") from None
-    for key, entry in (config.get("auths") or {}).items():
-        if _config_key_host(key) != host or not isinstance(entry, Mapping):
-            continue
-        if entry.get("auth"):
-            try:
-                raw = base64.b64decode(str(entry["auth"]), validate=True).decode()
-            except (binascii.Error, UnicodeDecodeError):
-                raise AuthError(f"{path}: the `auth` entry for {key} is not base64") from None
-            user, sep, password = raw.partition(":")
-            if sep and user:
-                return Credentials(user, password, str(path))
-            raise AuthError(f"{path}: the `auth` entry for {key} is not base64 of user:password")
-        if entry.get("username") and "password" in entry:
-            return Credentials(str(entry["username"]), str(entry["password"]), str(path))
-        if entry.get("identitytoken"):
-            log.warning(
-                "%s: the entry for %s holds an identity token, which is not used; "
-                "set %s=user:password instead",
-                path,
-                key,
-                name,
-            )
-    helpers = config.get("credHelpers") or {}
-    helper = next((v for k, v in helpers.items() if _config_key_host(k) == host), None)
-    helper = helper or config.get("credsStore")
-    if helper:
-        log.warning(
-            "%s names the credential helper %r for %s; helpers are not run here. "
-            "Set %s=user:password, or log in with an `auths` entry (no credsStore)",
-            path,
-            helper,
-            host,
-            name,
-        )
-    return None
-
-
-# --- WWW-Authenticate ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Challenge:
-    scheme: str  # lower case: "bearer", "basic"
-    params: Mapping[str, str]
-
-
-_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-
-
-def parse_challenges(header: str) -> list[Challenge]:
-    """Every challenge in a WWW-Authenticate value (RFC 9110 §11.6.1), params lower-cased."""
-    challenges: list[Challenge] = []
-    params: dict[str, str] = {}
-    pos, end = 0, len(header)
-    while pos < end:
-        while pos < end and header[pos] in " \t,":
-            pos += 1
-        match = _TOKEN_RE.match(header, pos)
-        if not match:
-            break
-        word, pos = match.group(), match.end()
-        look = pos
-        while look < end and header[look] in " \t":
-            look += 1
-        if look < end and header[look] == "=" and challenges:
-            pos = look + 1
-            while pos < end and header[pos] in " \t":
-                pos += 1
-            if pos < end and header[pos] == '"':
-                pos += 1
-                value = []
-                while pos < end and header[pos] != '"':
-                    if header[pos] == "\\" and pos + 1 < end:
-                        pos += 1
-                    value.append(header[pos])
-                    pos += 1
-                pos += 1
-                params[word.lower()] = "".join(value)
-            else:  # a token; servers in the wild also leave URLs unquoted
-                value_end = pos
-                while value_end < end and header[value_end] not in " \t,":
-                    value_end += 1
-                params[word.lower()] = header[pos:value_end]
-                pos = value_end
-        else:
-            params = {}
-            challenges.append(Challenge(word.lower(), params))
-    return challenges
-
-
 # --- the client -------------------------------------------------------------------------------
-
-
-def _is_loopback(host: str) -> bool:
-    if host.startswith("["):
-        name = host[1 : host.find("]")]
-    else:
-        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
-
-
-@dataclass(frozen=True)
-class _Endpoint:
-    base: str  # https://registry-1.docker.io
-    host: str  # the host credentials are looked up for
-    repository: str  # the repository's path on that registry (a mirror's prefix included)
-    plain_ok: bool  # credentials may go over plain HTTP (loopback or declared insecure)
 
 
 def _error_text(resp: requests.Response) -> str:
@@ -513,10 +320,7 @@ class Registry:
         self.jobs = max(1, jobs)
         self.insecure = frozenset(h.lower() for h in insecure)
         self.mirror = self._parse_mirror(mirror) if mirror else None
-        self._lock = threading.Lock()
-        self._tokens: dict[tuple[str, str, str, str], str] = {}
-        self._auth: dict[tuple[str, str], str] = {}
-        self._creds: dict[str, Credentials | None] = {}
+        self.auth = RegistryAuth(self.http, self.env, self.insecure)
 
     def __enter__(self) -> Registry:
         return self
@@ -593,10 +397,10 @@ class Registry:
                     pass
         return image
 
-    # -- endpoints and auth ------------------------------------------------------------------
+    # -- endpoints ------------------------------------------------------------------
 
     def _scheme(self, host: str) -> str:
-        return "http" if host.lower() in self.insecure or _is_loopback(host) else "https"
+        return "http" if host.lower() in self.insecure or is_loopback(host) else "https"
 
     def _parse_mirror(self, mirror: str) -> tuple[str, str, str]:
         """(base URL, host, path prefix) of a mirror given as `[scheme://]host[:port][/prefix]`."""
@@ -611,7 +415,7 @@ class Registry:
             raise RegistryError(f"mirror {mirror!r}: {prefix!r} is not a valid path prefix")
         return f"{scheme or self._scheme(host)}://{host}", host.lower(), prefix
 
-    def _endpoint(self, ref: Reference) -> _Endpoint:
+    def _endpoint(self, ref: Reference) -> Endpoint:
         if ref.registry == DOCKER_HUB and self.mirror:
             base, host, prefix = self.mirror
             repository = f"{prefix}/{ref.repository}" if prefix else ref.repository
@@ -620,25 +424,13 @@ class Registry:
         else:
             host = ref.registry.lower()
             base, repository = f"{self._scheme(host)}://{host}", ref.repository
-        plain_ok = host in self.insecure or _is_loopback(host)
-        return _Endpoint(base, host, repository, plain_ok)
-
-    def _credentials(self, host: str) -> Credentials | None:
-        with self._lock:
-            if host not in self._creds:
-                self._creds[host] = find_credentials(host, self.env)
-            return self._creds[host]
-
-    def _no_credentials_hint(self, host: str) -> str:
-        return (
-            f"set {host_env_name(host)}=user:password, or `docker login {host}` "
-            "(an `auths` entry; credential helpers are not used)"
-        )
+        plain_ok = host in self.insecure or is_loopback(host)
+        return Endpoint(base, host, repository, plain_ok)
 
     @contextlib.contextmanager
     def _request(
         self,
-        ep: _Endpoint,
+        ep: Endpoint,
         method: str,
         path: str,
         *,
@@ -654,13 +446,11 @@ class Registry:
         they pass through. Redirects (Docker Hub sends blobs to a CDN) are followed; requests
         drops the Authorization header when the redirect leaves the host."""
         url = f"{ep.base}/v2/{ep.repository}/{path}"
-        key = (ep.base, ep.repository)
         fresh = False  # a credential obtained for this very request was already refused
         for attempt in range(3):
             headers = {"Accept": accept} if accept else {}
             headers.update(extra or {})
-            with self._lock:
-                auth = self._auth.get(key)
+            auth = self.auth.header(ep)
             if auth:
                 headers["Authorization"] = auth
             try:
@@ -674,131 +464,16 @@ class Registry:
                 ) from None
             if resp.status_code != 401 or fresh or attempt == 2:
                 break
-            challenges = parse_challenges(resp.headers.get("WWW-Authenticate", ""))
+            challenges = resp.headers.get("WWW-Authenticate", "")
             detail = _error_text(resp)
             resp.close()
-            fresh = self._authenticate(ep, challenges, stale=auth, detail=detail)
+            fresh = self.auth.answer(ep, challenges, stale=auth, detail=detail)
         try:
             if resp.status_code == 401:
-                creds = self._credentials(ep.host)
-                raise AuthError(
-                    f"{ep.host} refused access to {ep.repository} ({_error_text(resp)}) "
-                    + (
-                        f"with the credentials from {creds.source}: check them and that the "
-                        "account may pull this repository"
-                        if creds
-                        else "without credentials: the repository is private or does not "
-                        f"exist; {self._no_credentials_hint(ep.host)}"
-                    )
-                )
+                raise self.auth.refused(ep, _error_text(resp))
             yield resp
         finally:
             resp.close()
-
-    def _authenticate(
-        self, ep: _Endpoint, challenges: Sequence[Challenge], stale: str | None, detail: str
-    ) -> bool:
-        """Set the Authorization for ep's repository as the challenge asks. True when it is
-        newly obtained (a token just issued, credentials just read), False when another
-        thread's newer token was taken from the cache."""
-        by_scheme = {c.scheme: c for c in challenges}
-        creds = self._credentials(ep.host)
-        fresh = True
-        if "bearer" in by_scheme:
-            params = by_scheme["bearer"].params
-            realm = params.get("realm", "")
-            if not realm.startswith(("https://", "http://")):
-                raise AuthError(f"{ep.host} sent a Bearer challenge without a usable realm")
-            scope = params.get("scope") or f"repository:{ep.repository}:pull"
-            token_key = (realm, params.get("service", ""), scope, creds.source if creds else "")
-            with self._lock:
-                cached = self._tokens.get(token_key)
-            if cached and f"Bearer {cached}" != stale:
-                header, fresh = f"Bearer {cached}", False
-            else:
-                token = self._token(ep, realm, params.get("service"), scope, creds)
-                header = f"Bearer {token}"
-                with self._lock:
-                    self._tokens[token_key] = token
-        elif "basic" in by_scheme:
-            if creds is None:
-                raise AuthError(
-                    f"{ep.host} asks for a user name and password ({detail}); "
-                    + self._no_credentials_hint(ep.host)
-                )
-            if ep.base.startswith("http://") and not ep.plain_ok:
-                raise AuthError(
-                    f"{ep.host} asks for a password over plain HTTP; it is not sent. "
-                    "Use HTTPS, or declare the host insecure if it is on a trusted network"
-                )
-            header = creds.basic()
-            if header == stale:
-                raise AuthError(
-                    f"{ep.host} refused the credentials from {creds.source} ({detail}); check them"
-                )
-        else:
-            schemes = ", ".join(c.scheme for c in challenges) or "none"
-            raise AuthError(
-                f"{ep.host} answered 401 with authentication scheme(s) {schemes}; "
-                "only Bearer (token) and Basic are supported"
-            )
-        with self._lock:
-            self._auth[(ep.base, ep.repository)] = header
-        return fresh
-
-    def _token(
-        self,
-        ep: _Endpoint,
-        realm: str,
-        service: str | None,
-        scope: str,
-        creds: Credentials | None,
-    ) -> str:
-        params: list[tuple[str, str]] = []
-        if service:
-            params.append(("service", service))
-        params.extend(("scope", s) for s in scope.split(" ") if s)
-        headers = {}
-        if creds is not None:
-            realm_host = realm.split("://", 1)[1].split("/", 1)[0]
-            if realm.startswith("http://") and not (
-                _is_loopback(realm_host) or realm_host.lower() in self.insecure
-            ):
-                raise AuthError(
-                    f"the token service of {ep.host} is at {realm}, plain HTTP; credentials "
-                    "are not sent there. Ask the registry's operator for HTTPS"
-                )
-            headers["Authorization"] = creds.basic()
-        try:
-            resp = self.http.get(realm, params=params, headers=headers, timeout=TIMEOUT)
-        except requests.RequestException as exc:
-            raise AuthError(
-                f"cannot reach the token service of {ep.host} at {realm}: "
-                f"{short_reason(exc)}; check the network and proxy settings"
-            ) from None
-        with resp:
-            if resp.status_code in (401, 403):
-                if creds is None:
-                    raise AuthError(
-                        f"the token service of {ep.host} wants credentials for {scope}; "
-                        + self._no_credentials_hint(ep.host)
-                    )
-                raise AuthError(
-                    f"the token service of {ep.host} refused the credentials from "
-                    f"{creds.source} (HTTP {resp.status_code}); check the user name and password"
-                )
-            if resp.status_code != 200:
-                raise AuthError(
-                    f"the token service of {ep.host} at {realm} answered HTTP {resp.status_code}"
-                )
-            try:
-                data = resp.json()
-            except ValueError:
-                raise AuthError(f"the token service at {realm} did not answer JSON") from None
-        token = data.get("token") or data.get("access_token")
-        if not isinstance(token, str) or not token:
-            raise AuthError(f"the token service at {realm} answered without a token")
-        return token
 
     # -- manifests and blobs -----------------------------------------------------------------
 
@@ -806,7 +481,7 @@ class Registry:
         return self.store.path(digest.split(":", 1)[1]).stat().st_size
 
     def _manifest(
-        self, ep: _Endpoint, ref: Reference, digest: str | None
+        self, ep: Endpoint, ref: Reference, digest: str | None
     ) -> tuple[str, str, dict[str, Any]]:
         """(digest, media type, parsed JSON) of a manifest or index, stored in the BlobStore.
 
@@ -876,7 +551,7 @@ class Registry:
             raise RegistryError(f"{where}: unsupported manifest type {media_type!r}")
         return media_type
 
-    def _check(self, resp: requests.Response, ep: _Endpoint, where: str) -> None:
+    def _check(self, resp: requests.Response, ep: Endpoint, where: str) -> None:
         if resp.status_code == 200:
             return
         if resp.status_code == 404:
@@ -887,7 +562,7 @@ class Registry:
             f"{where}: {ep.host} answered HTTP {resp.status_code} ({_error_text(resp)})"
         )
 
-    def _opener(self, ep: _Endpoint, path: str, *, accept: str | None = None) -> Opener:
+    def _opener(self, ep: Endpoint, path: str, *, accept: str | None = None) -> Opener:
         """How `fetch.download` asks this registry for `path`, authenticating as needed."""
 
         def opener(
@@ -899,7 +574,7 @@ class Registry:
 
         return opener
 
-    def _blob(self, ep: _Endpoint, desc: Descriptor, what: str) -> Path:
+    def _blob(self, ep: Endpoint, desc: Descriptor, what: str) -> Path:
         """Store one blob, its sha256 and size checked while it streams; a bad one is not kept.
         Failures are retried and broken bodies resumed by `fetch.download`."""
         if self.store.has(desc.hex):

@@ -52,14 +52,14 @@ from typing import Any
 import requests
 
 from gpustack_offline import payload
-from gpustack_offline.core.downloads import (
-    BlobStore,
+from gpustack_offline.core.downloads import BlobStore, redact, session
+from gpustack_offline.core.errors import (
+    BundleError,
     DownloadError,
     HTTPStatusError,
-    redact,
-    session,
+    IntegrityError,
+    ToolsError,
 )
-from gpustack_offline.core.errors import BundleError, IntegrityError, ToolsError
 from gpustack_offline.core.files import Busy, atomic_dir, atomic_path, held, sha256_file, write_text
 from gpustack_offline.core.matrix import Cell
 from gpustack_offline.core.processes import run
