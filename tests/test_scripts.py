@@ -7,6 +7,9 @@ PEP 517 backend. Its `download-tools --load-archive` unpacks the way upstream's 
 (shutil.unpack_archive, no filter), so a hostile tools archive that got past the check would
 really write where it points. The only fake is `nvidia-smi`, because this host has no NVIDIA
 driver.
+
+Tests that run install.sh through to its pip install (seconds each) are in the `target` tier,
+out of `nox -s unit`; the argument, preflight and checker tests stay in the unit tier.
 """
 
 from __future__ import annotations
@@ -583,6 +586,7 @@ def assert_installed(prefix: Path, bundle: Path) -> None:
     assert version.stdout.strip() == f"gpustack {GPUSTACK_VERSION} (test fixture)"
 
 
+@pytest.mark.target
 def test_install_puts_a_release_behind_current(tmp_path: Path, gpustack_wheel: Path) -> None:
     bundle = make_bundle(tmp_path, gpustack_wheel)
     prefix = tmp_path / "prefix"
@@ -607,6 +611,7 @@ def release_keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, 
     return secret, public, other
 
 
+@pytest.mark.target
 def test_install_checks_the_signature_before_anything_else(
     tmp_path: Path, gpustack_wheel: Path, release_keys: tuple[Path, Path, Path]
 ) -> None:
@@ -640,6 +645,7 @@ def test_install_checks_the_signature_before_anything_else(
     assert_installed(prefix, bundle)
 
 
+@pytest.mark.target
 def test_install_run_twice_is_idempotent(tmp_path: Path, gpustack_wheel: Path) -> None:
     bundle = make_bundle(tmp_path, gpustack_wheel)
     prefix = tmp_path / "prefix"
@@ -654,6 +660,7 @@ def test_install_run_twice_is_idempotent(tmp_path: Path, gpustack_wheel: Path) -
     assert_installed(prefix, bundle)
 
 
+@pytest.mark.target
 def test_install_writes_the_air_gapped_configuration_once(
     tmp_path: Path, gpustack_wheel: Path
 ) -> None:
@@ -681,6 +688,7 @@ def test_install_writes_the_air_gapped_configuration_once(
     assert (prefix / "gpustack.yaml").read_text().endswith("disable_update_check: true\n")
 
 
+@pytest.mark.target
 def test_install_redoes_a_release_an_earlier_run_left_incomplete(
     tmp_path: Path, gpustack_wheel: Path
 ) -> None:
@@ -699,6 +707,7 @@ def test_install_redoes_a_release_an_earlier_run_left_incomplete(
     assert_installed(prefix, bundle)
 
 
+@pytest.mark.target
 def test_a_new_release_switches_current_and_keeps_the_previous(
     tmp_path: Path, gpustack_wheel: Path
 ) -> None:
@@ -715,6 +724,7 @@ def test_a_new_release_switches_current_and_keeps_the_previous(
     assert f"previous release kept: releases/{release_name(old)}" in proc.stdout
 
 
+@pytest.mark.target
 def test_a_failed_pip_install_leaves_no_release_and_current_untouched(
     tmp_path: Path, gpustack_wheel: Path
 ) -> None:
@@ -736,6 +746,7 @@ def test_a_failed_pip_install_leaves_no_release_and_current_untouched(
     assert_installed(prefix, good)
 
 
+@pytest.mark.target
 def test_install_ignores_the_hosts_pip_configuration(tmp_path: Path, gpustack_wheel: Path) -> None:
     bundle = make_bundle(tmp_path, gpustack_wheel)
     prefix = tmp_path / "prefix"
@@ -1108,6 +1119,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, gpustack_wheel: Path) -> Site
     return Site(root, root / "prefix", outside, bundle, proc)
 
 
+@pytest.mark.target
 def test_install_loads_the_tools_archive_with_its_links(site: Site) -> None:
     proc, bundle = site.proc, site.bundle
 
@@ -1130,6 +1142,7 @@ def test_install_loads_the_tools_archive_with_its_links(site: Site) -> None:
     assert f"were loaded from {TOOLS_ARCHIVE}" in proc.stdout
 
 
+@pytest.mark.target
 @pytest.mark.parametrize("case", HOSTILE)
 def test_install_refuses_a_hostile_tools_archive_and_switches_nothing(
     tmp_path: Path, gpustack_wheel: Path, site: Site, case: str
@@ -1154,6 +1167,7 @@ def test_install_refuses_a_hostile_tools_archive_and_switches_nothing(
     assert_installed(site.prefix, site.bundle)
 
 
+@pytest.mark.target
 def test_install_refuses_a_tools_archive_that_is_not_gzip(
     tmp_path: Path, gpustack_wheel: Path, site: Site
 ) -> None:
@@ -1171,6 +1185,7 @@ def test_install_refuses_a_tools_archive_that_is_not_gzip(
     assert_installed(site.prefix, site.bundle)
 
 
+@pytest.mark.target
 @pytest.mark.parametrize(
     ("members", "message"),
     [
@@ -1199,6 +1214,7 @@ def test_a_tools_archive_that_does_not_load_switches_nothing(
     assert_installed(site.prefix, site.bundle)
 
 
+@pytest.mark.target
 def test_install_without_tools_archive_key_loads_nothing(
     tmp_path: Path, gpustack_wheel: Path
 ) -> None:

@@ -142,16 +142,21 @@ def test_armored_public_key_is_accepted(signed: Path, keys: dict[str, Path]) -> 
 
 
 def test_signing_adds_only_the_signature_and_leaves_no_gnupg_home(
-    tmp_path: Path, keys: dict[str, Path], caplog: pytest.LogCaptureFixture
-) -> None:
+    tmp_path: Path, keys: dict[str, Path], caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest,
+) -> None:  # fmt: skip
     bundle = make_bundle(tmp_path)
     before = {p.relative_to(bundle) for p in bundle.rglob("*")}
-    homes = set(Path(tempfile.gettempdir()).glob("gpustack-offline-gpg-*"))
+    # a temporary folder of this test's own (other runs on the host make and remove gpg homes),
+    # with a short path: gpg-agent's socket lives in the home
+    private = Path(tempfile.mkdtemp(prefix="sign-"))
+    request.addfinalizer(lambda: shutil.rmtree(private, ignore_errors=True))
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
     caplog.set_level(logging.INFO, logger="gpustack_offline")
     signing.sign(bundle, keys["secret"])
     after = {p.relative_to(bundle) for p in bundle.rglob("*")}
     assert after - before == {Path("SHA256SUMS.sig")}
-    assert set(Path(tempfile.gettempdir()).glob("gpustack-offline-gpg-*")) == homes
+    assert list(private.iterdir()) == []
     # A binary OpenPGP signature packet (old format, tag 2), not armor and not key material.
     sig = (bundle / "SHA256SUMS.sig").read_bytes()
     assert sig[0] & 0xBC == 0x88, sig[:4]
