@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpustack_offline.bundle.errors import CompareError
 from gpustack_offline.bundle.sbom import SBOM_NAME
-from gpustack_offline.core.errors import BundleError
 
 # Flattened manifest keys (see `_flatten`) that are expected to differ between two builds.
 EXPECTED_KEYS = tuple(
@@ -34,10 +34,6 @@ EXPECTED_FILES = (SBOM_NAME,)
 # List items are keyed by the first of these field groups they have, so an entry is matched by
 # what it is, not by its place in the list.
 _IDENTITY = (("path",), ("reference", "platform"), ("reference",), ("url",), ("name",))
-
-
-class CompareError(BundleError):
-    """A bundle that cannot be compared: no manifest, or not a bundle at all."""
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from gpustack_offline.core.errors import BundleError
+from gpustack_offline.bundle.errors import ReleaseError
 from gpustack_offline.core.files import CHUNK, atomic_dir, link_or_copy, sha256_file, write_text
 
 SCHEMA_VERSION = 1
@@ -45,10 +45,6 @@ ASSET_NAMES = {
     "verify": "{cell}.verify.json",
 }
 _ENTRY_KEYS = {"cell", "gpustack_version", "archive", "size", "manifest_sha256", "verified"}
-
-
-class ReleaseError(BundleError):
-    """A bundle that cannot go into a release as it is, or a broken set of index entries."""
 
 
 def _asset(path: Path, name: str | None = None) -> dict[str, Any]:

@@ -47,8 +47,8 @@ from cyclonedx.schema import SchemaVersion
 from packageurl import PackageURL
 from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 
+from gpustack_offline.bundle.errors import SbomError
 from gpustack_offline.bundle.provenance import tool_url
-from gpustack_offline.core.errors import BundleError
 from gpustack_offline.core.files import write_text
 from gpustack_offline.stages.images import UPSTREAM_DIGEST
 from gpustack_offline.stages.registry import Reference
@@ -83,10 +83,6 @@ _CLASSIFIER_SPDX = {
     "GNU Lesser General Public License v3 (LGPLv3)": "LGPL-3.0-only",
     "GNU Library or Lesser General Public License (LGPL)": "LGPL-2.0-or-later",
 }
-
-
-class SbomError(BundleError):
-    """A bundle whose SBOM cannot be made, or an SBOM that does not validate."""
 
 
 # --- entry points ---------------------------------------------------------------------------

@@ -23,7 +23,8 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from gpustack_offline.core.errors import BundleError, CommandError
+from gpustack_offline.bundle.errors import SignatureError
+from gpustack_offline.core.errors import CommandError
 from gpustack_offline.core.files import atomic_path
 from gpustack_offline.core.processes import run
 
@@ -34,10 +35,6 @@ SIGNATURE = "SHA256SUMS.sig"
 VERIFY_SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "verify-signature.sh"
 GPG_FIX = "install GnuPG on the build host (apt-get install gnupg)"
 TIMEOUT = 120
-
-
-class SignatureError(BundleError):
-    """A bundle that cannot be signed, or whose signature does not check out."""
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from gpustack_offline import __version__
-from gpustack_offline.core.errors import BundleError
+from gpustack_offline.bundle.errors import VolumeError
 from gpustack_offline.core.files import CHUNK, atomic_path
 
 FORMAT = "gpustack-offline-volumes 1"
@@ -38,10 +38,6 @@ JOIN_SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "join.sh"
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _SIZE = re.compile(r"(?P<number>\d+(?:\.\d+)?)\s*(?P<unit>[kmgt]?)(?P<binary>i?)b?", re.I)
 _SIZE_HELP = "a number of bytes with an optional unit: 4G (decimal), 4GiB (binary) or fat32"
-
-
-class VolumeError(BundleError):
-    """A bad volume size, or a tar that cannot be split where asked."""
 
 
 def parse_size(text: str) -> int:

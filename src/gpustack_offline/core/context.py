@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpustack_offline.core.downloads import BlobStore, RetryPolicy
 from gpustack_offline.core.layout import Layout
 from gpustack_offline.core.matrix import AXES, Cell, Matrix
 from gpustack_offline.core.options import Options, resolve
@@ -45,3 +46,12 @@ class Context:
     @property
     def cache(self) -> Path:
         return self.layout.cache
+
+    @property
+    def retry(self) -> RetryPolicy:
+        """How hard downloads try (the download-* options)."""
+        return RetryPolicy.from_options(self.opts)
+
+    def store(self) -> BlobStore:
+        """The shared blob store, downloading with the options' retry policy."""
+        return BlobStore(self.cache, self.retry)

@@ -130,7 +130,7 @@ def existing(paths: Sequence[Path]) -> list[Path]:
 
 def pin_images(ctx: Context, cell: Cell, wanted: dict[Reference, list[str]]) -> Locked:
     """Record what the cell's image tags point at now, for its platforms, and what moved."""
-    client = Registry(BlobStore(ctx.cache), mirror=ctx.opts.registry_mirror or None)
+    client = Registry(ctx.store(), mirror=ctx.opts.registry_mirror or None)
     moved = images.refresh_references(client, ctx.layout.image_pins, cell.version, wanted)
     return Locked(images.pin_path(ctx.layout.image_pins, cell.version), [str(m) for m in moved])
 
@@ -138,7 +138,7 @@ def pin_images(ctx: Context, cell: Cell, wanted: dict[Reference, list[str]]) -> 
 def gather_images(ctx: Context, cell: Cell, wanted: dict[Reference, list[str]]) -> Parts:
     """Pull the cell's pinned images for their platforms into the blob store; the bundle then
     exports them as one archive, each layer once however many images share it."""
-    store = BlobStore(ctx.cache)
+    store = ctx.store()
     registry = Registry(store, mirror=ctx.opts.registry_mirror or None, jobs=ctx.opts.jobs)
     pulled = []
     for ref, platforms in wanted.items():

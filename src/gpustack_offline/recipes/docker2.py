@@ -36,7 +36,7 @@ class Docker2:
     def lock(self, ctx: Context, cell: Cell) -> Locked:
         # upstream's runner list first (from the gpustack-runner package the version pins): it
         # decides which images the cell needs
-        runners.refresh(cell.version, ctx.layout.runners, ctx.cache, ctx.opts.index_url)
+        runners.refresh(cell.version, ctx.layout.runners, ctx.cache, ctx.opts.index_url, ctx.retry)
         return pin_images(ctx, cell, references(ctx, cell))
 
     def inputs(self, ctx: Context, cell: Cell) -> list[Path]:

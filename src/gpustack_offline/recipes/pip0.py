@@ -43,11 +43,11 @@ class Pip0:
         lock, state = ensure_lock(cell, inputs, layout.locks, layout.cache, frozen=opts.frozen)
         wheels = wheelhouse(
             cell, lock, layout.cache, inputs.build_constraints, opts.index_url, opts.jobs,
-            opts.progress,
+            opts.progress, ctx.retry,
         )  # fmt: skip
         archive = tools.build(
             cell, layout.cache, layout.tools_locks, overrides, opts.index_url,
-            opts.tools_base_url, opts.frozen,
+            opts.tools_base_url, opts.frozen, ctx.retry,
         )  # fmt: skip
         return Parts(state, lock, wheels, archive)
 

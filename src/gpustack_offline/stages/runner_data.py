@@ -46,7 +46,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
-from gpustack_offline.core.downloads import BlobStore, Download, session
+from gpustack_offline.core.downloads import BlobStore, Download, RetryPolicy, session
 from gpustack_offline.core.files import write_text
 from gpustack_offline.stages.errors import RunnerDataError
 
@@ -331,12 +331,16 @@ def render(data: RunnerData) -> str:
 
 
 def refresh(
-    version: str, data_dir: Path, cache: Path, index_url: str = "https://pypi.org/simple"
+    version: str,
+    data_dir: Path,
+    cache: Path,
+    index_url: str = "https://pypi.org/simple",
+    policy: RetryPolicy | None = None,
 ) -> Path:
     """Download the version's gpustack wheel and its pinned runner and runtime wheels; write
     `<data_dir>/gpustack-<version>.json` (atomically) and return its path."""
     version = version.removeprefix("v")
-    store, http = BlobStore(cache), session()
+    store, http = BlobStore(cache, policy), session()
     gpustack = _fetch_wheel("gpustack", version, index_url, store, http)
     with zipfile.ZipFile(gpustack[1]) as gs:
         metadata = _read(gs, f"gpustack-{version}.dist-info/METADATA", gpustack[0])

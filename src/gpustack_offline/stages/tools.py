@@ -52,7 +52,7 @@ from typing import Any
 import requests
 
 from gpustack_offline import payload
-from gpustack_offline.core.downloads import BlobStore, redact, session
+from gpustack_offline.core.downloads import BlobStore, RetryPolicy, redact, session
 from gpustack_offline.core.errors import (
     BundleError,
     DownloadError,
@@ -636,6 +636,7 @@ def build(
     index_url: str,
     base_url: str,
     frozen: bool,
+    policy: RetryPolicy | None = None,
 ) -> Archive:
     """The cell's tools archive. Cells that share a target (extras, Python) share one archive,
     made once and cached with a record of its assets, which are checked against the lock again.
@@ -654,7 +655,7 @@ def build(
         with _waiting(venv_lock(python), f"the GPUStack {cell.version} tool venv"):
             archive = _cached(final, lock)  # another build may have made it meanwhile
             if archive is None:
-                archive = _make_archive(cell, python, cache, lock, base_url, final)
+                archive = _make_archive(cell, python, cache, lock, base_url, final, policy)
     if not frozen:
         with held(cache / "tools" / "locks.lock", f"saving {lock.path}"):
             added = lock.save(cell.version)
@@ -664,9 +665,15 @@ def build(
 
 
 def _make_archive(
-    cell: Cell, python: Path, cache: Path, lock: ToolsLock, base_url: str, final: Path
+    cell: Cell,
+    python: Path,
+    cache: Path,
+    lock: ToolsLock,
+    base_url: str,
+    final: Path,
+    policy: RetryPolicy | None = None,
 ) -> Archive:
-    proxy = AssetProxy(BlobStore(cache), lock, base_url, program=expected_program(cell))
+    proxy = AssetProxy(BlobStore(cache, policy), lock, base_url, program=expected_program(cell))
     with atomic_dir(final) as stage:
         archive = build_archive(cell, python, proxy, stage)
         record = {**archive.__dict__, "path": ARCHIVE_NAME,

@@ -22,7 +22,7 @@ from pathlib import Path
 import requests
 from packaging.utils import canonicalize_name
 
-from gpustack_offline.core.downloads import BlobStore, Download, session, short_reason
+from gpustack_offline.core.downloads import BlobStore, Download, RetryPolicy, session, short_reason
 from gpustack_offline.core.errors import CudaGateError, WheelError
 from gpustack_offline.core.files import atomic_path, sha256_file
 from gpustack_offline.core.matrix import Cell
@@ -316,11 +316,12 @@ def wheelhouse(
     index_url: str,
     jobs: int = 4,
     show_progress: bool = True,
+    policy: RetryPolicy | None = None,
 ) -> list[Wheel]:
     """Fetch and build every wheel the cell's target needs; gate and check them."""
     to_fetch, to_build = plan(cell, lock)
     cuda_gate(cell, [p for p, _ in to_fetch] + to_build, index_url)
-    store = BlobStore(cache)
+    store = BlobStore(cache, policy)
     files = [(p.name, w) for p, w in to_fetch]
     files += [(p.name, p.sdist) for p in to_build if p.sdist]
     urls = on_index(index_url, [(name, f.filename) for name, f in files])
