@@ -169,3 +169,16 @@ def test_the_scripts_run_in_a_target_parse_as_python_3_8_with_the_standard_libra
     modules |= {n.module.split(".")[0] for n in ast.walk(tree)
                 if isinstance(n, ast.ImportFrom) and n.module}  # fmt: skip
     assert modules - set(sys.stdlib_module_names) - {"__future__", "gpustack"} == set()
+
+
+def test_an_engine_older_than_the_floor_is_refused_naming_both_versions() -> None:
+    from gpustack_offline.core import docker as containers
+
+    containers.check_engine_version("20.10.24+dfsg1")
+    containers.check_engine_version("26.1.3")
+    containers.check_engine_version("master-dockerproject-2024")  # unreadable: assumed recent
+    with pytest.raises(containers.EngineTooOld) as err:
+        containers.check_engine_version("19.03.15", "at unix:///var/run/docker.sock")
+    assert err.value.found == "19.03.15" and err.value.floor == (20, 10)
+    assert "version 19.03.15" in str(err.value) and "Docker Engine >= 20.10" in str(err.value)
+    assert isinstance(err.value, containers.EngineError)

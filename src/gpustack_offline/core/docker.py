@@ -1,6 +1,10 @@
 """The Docker Engine: clean base images made here, builder images, and containers that clean up.
 
-Nothing here pulls from a registry. Base images are made with debootstrap from Debian's package
+The one way this project reaches Docker: the docker SDK through `client()`, typed, which checks
+the engine's version once per client against the floor (`ENGINE_FLOOR`); the `docker` CLI only
+where the SDK does not do the same (`docker build` uses BuildKit where the engine has it, the
+SDK's build the legacy builder), always through `core.processes.run`. Nothing here pulls from a
+registry unless asked to with `pull`. Base images are made with debootstrap from Debian's package
 servers and loaded as a Docker archive whose config names the right architecture (`docker
 import` would record the host's); containers of another architecture run under qemu binfmt.
 """
@@ -13,15 +17,21 @@ import io
 import json
 import logging
 import os
+import re
 import tarfile
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gpustack_offline.core.errors import BundleError, CommandError
 from gpustack_offline.core.files import atomic_path, sha256_file
 from gpustack_offline.core.processes import run
+
+if TYPE_CHECKING:  # the SDK is imported when Docker is first reached, not with this module
+    from docker import DockerClient
+    from docker.models.containers import Container
 
 log = logging.getLogger("gpustack_offline")
 
@@ -58,14 +68,49 @@ class EngineError(BundleError):
     """The Docker Engine is missing, unreachable or refused a request."""
 
 
-def client():  # type: ignore[no-untyped-def]
-    import docker
+# The oldest Docker Engine this project is known to work with: Debian 12's docker.io (20.10.24).
+ENGINE_FLOOR = (20, 10)
 
+
+class EngineTooOld(EngineError):
+    """The Docker Engine answers but is older than `ENGINE_FLOOR`."""
+
+    def __init__(self, found: str, floor: tuple[int, int], where: str) -> None:
+        self.found = found
+        self.floor = floor
+        wanted = ".".join(str(n) for n in floor)
+        super().__init__(
+            f"the Docker Engine {where} is version {found}; this project needs Docker Engine "
+            f">= {wanted}. Fix: upgrade it (Debian 12's docker.io is 20.10.24), then retry"
+        )
+
+
+def engine_version(found: str) -> tuple[int, int] | None:
+    """(major, minor) of an engine version string ("20.10.24+dfsg1", "26.1.3"); None if it
+    has no such numbers (a development build)."""
+    match = re.match(r"v?(\d+)\.(\d+)", found.strip())
+    return (int(match[1]), int(match[2])) if match else None
+
+
+def check_engine_version(found: str, where: str = "") -> None:
+    """Raise EngineTooOld if `found` is older than the floor; an unparsable version passes."""
+    numbers = engine_version(found)
+    if numbers is None:
+        log.warning("cannot read the Docker Engine's version %r; assuming it is recent", found)
+    elif numbers < ENGINE_FLOOR:
+        raise EngineTooOld(found, ENGINE_FLOOR, where)
+
+
+def client() -> DockerClient:
+    """A client of the engine DOCKER_HOST names (or the local socket), reachable and new enough."""
     host = os.environ.get("DOCKER_HOST")
     where = f"at {host} (DOCKER_HOST)" if host else "at unix:///var/run/docker.sock"
+    import docker
+
     try:
         engine = docker.from_env(timeout=600)
         engine.ping()
+        found = str(engine.version().get("Version", ""))
     except Exception as exc:  # noqa: BLE001 - any failure here means the same thing
         fix = (
             "point DOCKER_HOST at a running engine, or unset it"
@@ -76,6 +121,7 @@ def client():  # type: ignore[no-untyped-def]
         raise EngineError(
             f"cannot reach the Docker Engine {where}: {_reason(exc)}. Fix: {fix}, then retry"
         ) from exc
+    check_engine_version(found, where)
     return engine
 
 
@@ -93,9 +139,48 @@ def image_key(image: str) -> str | None:
     import docker.errors
 
     try:
-        return client().images.get(image).labels.get(LABEL)
+        key = client().images.get(image).labels.get(LABEL)
     except docker.errors.ImageNotFound:
         return None
+    return None if key is None else str(key)
+
+
+def has_image(engine: DockerClient, ref: str) -> bool:
+    import docker.errors
+
+    try:
+        engine.images.get(ref)
+    except docker.errors.ImageNotFound:
+        return False
+    return True
+
+
+def remove_images(engine: DockerClient, refs: Sequence[str]) -> None:
+    """Remove these images (forced); what is already gone is fine."""
+    for ref in refs:
+        with contextlib.suppress(Exception):
+            engine.images.remove(ref, force=True)
+
+
+def pull(engine: DockerClient, ref: str) -> tuple[int, str]:
+    """Pull `ref` as `docker pull` does; (0, its progress lines) or (1, those and the error)."""
+    import docker.errors
+    from docker.utils import parse_repository_tag
+
+    repository, tag = parse_repository_tag(ref)
+    lines: list[str] = []
+    try:
+        for event in engine.api.pull(repository, tag=tag or "latest", stream=True, decode=True):
+            if "error" in event:
+                lines.append(f"Error response from daemon: {event['error']}")
+                return 1, "\n".join(lines)
+            status = " ".join(str(event[k]) for k in ("id", "status") if event.get(k))
+            if status and not event.get("progressDetail"):
+                lines.append(status)
+    except docker.errors.APIError as exc:
+        lines.append(str(exc))
+        return 1, "\n".join(lines)
+    return 0, "\n".join([*lines, ref])
 
 
 def _base_key(arch: str, mirror: str) -> str:
@@ -193,7 +278,7 @@ def container(
     read_only: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     name_hint: str = "gpustack-offline",
-) -> Iterator[object]:
+) -> Iterator[Container]:
     """A started container that idles until used, always removed afterwards. Never pulls."""
     import docker.errors
 
@@ -224,11 +309,11 @@ def container(
 
 
 def exec_in(
-    box: object, argv: Sequence[str], *, env: Mapping[str, str] | None = None
+    box: Container, argv: Sequence[str], *, env: Mapping[str, str] | None = None
 ) -> tuple[int, str]:
     """Run argv in a container; return (exit code, combined output)."""
-    code, output = box.exec_run(list(argv), environment=dict(env or {}), demux=False)  # type: ignore[attr-defined]
-    return code, (output or b"").decode(errors="replace")
+    code, output = box.exec_run(list(argv), environment=dict(env or {}), demux=False)
+    return int(code), (output or b"").decode(errors="replace")
 
 
 def run_container(

@@ -15,20 +15,29 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import requests
 
-from gpustack_offline.core.docker import client, internal_network
+from gpustack_offline.core.docker import (
+    client,
+    exec_in,
+    has_image,
+    internal_network,
+    pull,
+    remove_images,
+)
 from gpustack_offline.core.downloads import BlobStore
-from gpustack_offline.core.errors import VerifyError
+from gpustack_offline.core.errors import CommandError, VerifyError
 from gpustack_offline.core.matrix import Cell
+from gpustack_offline.core.processes import run
 from gpustack_offline.stages import runners
 from gpustack_offline.stages.registry import Registry, RegistryError
 from gpustack_offline.verify import egress
@@ -48,6 +57,10 @@ from gpustack_offline.verify.common import (
     failure,
     offline_tools_step,
 )
+
+if TYPE_CHECKING:
+    from docker import DockerClient
+    from docker.models.containers import Container
 
 IMAGE_PORT = 80  # upstream's images run `gpustack start`, which listens on 80 by default
 # GPUStack 2.x: the API server's port (`api_port`); with the embedded gateway it binds 127.0.0.1,
@@ -146,10 +159,10 @@ def verify_docker(
                 added += pushed
                 for ref in refs + pushed:
                     engine.images.remove(ref, force=True)
-                step("pull", ["docker", "pull", pushed[0]])
+                _pull(engine, cell, report, pushed[0])
                 _run_and_probe(engine, cell, pushed[0], "run-from-registry", timeout, report)
         finally:
-            _remove_all(engine, added)
+            remove_images(engine, added)
     report.ok = True
     return report
 
@@ -183,9 +196,9 @@ def verify_docker2(
             wanted = runners.worker_references(selection, registry)
             added += wanted
             report.steps.append(_resolve_in(cell, wanted, f"linux/{cell.arch}", prefix))
-            _remove_all(engine, added)
+            remove_images(engine, added)
             server = wanted[0]
-            _step(cell, report, "pull", ["docker", "pull", server])
+            _pull(engine, cell, report, server)
             box = engine.containers.create(
                 server,
                 command=["--system-default-container-registry", registry],
@@ -199,7 +212,7 @@ def verify_docker2(
                 with contextlib.suppress(Exception):
                     box.remove(force=True)
     finally:
-        _remove_all(engine, added)
+        remove_images(engine, added)
     report.ok = True
     return report
 
@@ -230,7 +243,7 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 def _run_audited(
-    audit: tuple[Any, egress.Sinkhole, dict[Path, str]],
+    audit: tuple[DockerClient, egress.Sinkhole, dict[Path, str]],
     cell: Cell,
     ref: str,
     name: str,
@@ -258,12 +271,12 @@ def _run_audited(
         worker = healthz + _wait(box, cell, ref, f"worker-{name}", WORKER_PORT, timeout, report)
         password = "/var/lib/gpustack/initial_admin_password"
         base = f"http://127.0.0.1:{IMAGE_PORT}"
-        _, visited = box.exec_run(["python3", "-c", UI_VISIT, base, password])
-        report.steps.append(Step(f"ui-{name}", 0, 0.0, visited.decode(errors="replace")))
+        _, visited = exec_in(box, ["python3", "-c", UI_VISIT, base, password])
+        report.steps.append(Step(f"ui-{name}", 0, 0.0, visited))
         time.sleep(SETTLE)
         events = egress.collect(hole)[mark:]
-        _, hook = box.exec_run(["sh", "-c", f"cat {AUDIT_LOG} 2>/dev/null || true"])
-        calls = [json.loads(x) for x in hook.decode(errors="replace").splitlines() if x[:1] == "{"]
+        _, hook = exec_in(box, ["sh", "-c", f"cat {AUDIT_LOG} 2>/dev/null || true"])
+        calls = [json.loads(x) for x in hook.splitlines() if x[:1] == "{"]
         log = box.logs().decode(errors="replace")
         return AuditedRun(name, healthz, worker, events, calls, log)
     finally:
@@ -274,25 +287,31 @@ def _run_audited(
 def _step(cell: Cell, report: Report, name: str, argv: list[str]) -> Step:
     """Run one command of the verification, record it, and fail the cell if it failed."""
     started = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    result = Step(name, proc.returncode, round(time.monotonic() - started, 1),
-                  proc.stdout + proc.stderr)  # fmt: skip
+    try:
+        code, output = 0, run(argv, what=name).stdout or ""
+    except CommandError as exc:  # its message has the exit status and the output's tail
+        found = re.search(r"\(exit (-?\d+)\)", str(exc))
+        code, output = (int(found[1]) if found else 1), str(exc)
+    return _record(cell, report, Step(name, code, round(time.monotonic() - started, 1), output))
+
+
+def _pull(engine: DockerClient, cell: Cell, report: Report, ref: str) -> Step:
+    """Pull `ref` from its registry into the engine, as `docker pull` would, recorded as a step."""
+    started = time.monotonic()
+    code, output = pull(engine, ref)
+    return _record(cell, report, Step("pull", code, round(time.monotonic() - started, 1), output))
+
+
+def _record(cell: Cell, report: Report, result: Step) -> Step:
     report.steps.append(result)
-    if proc.returncode != 0:
+    if result.code != 0:
         raise VerifyError(failure(cell, result))
     return result
 
 
-def _remove_all(engine: Any, refs: Sequence[str]) -> None:
-    """Remove what verification added to the engine; what is already gone is fine."""
-    for ref in refs:
-        with contextlib.suppress(Exception):
-            engine.images.remove(ref, force=True)
-
-
-def _require_absent(engine: Any, cell: Cell, refs: Sequence[str], report: Report) -> None:
+def _require_absent(engine: DockerClient, cell: Cell, refs: Sequence[str], report: Report) -> None:
     """A bundle that "loads" an image the engine already has proves nothing."""
-    present = [r for r in refs if _has(engine, r)]
+    present = [r for r in refs if has_image(engine, r)]
     report.steps.append(Step("absent", 1 if present else 0, 0.0, " ".join(present) or "none"))
     if present:
         raise VerifyError(
@@ -301,18 +320,8 @@ def _require_absent(engine: Any, cell: Cell, refs: Sequence[str], report: Report
         )
 
 
-def _has(engine: Any, ref: str) -> bool:
-    import docker.errors
-
-    try:
-        engine.images.get(ref)
-    except docker.errors.ImageNotFound:
-        return False
-    return True
-
-
 def _run_and_probe(
-    engine: Any, cell: Cell, ref: str, name: str, timeout: int, report: Report
+    engine: DockerClient, cell: Cell, ref: str, name: str, timeout: int, report: Report
 ) -> float:
     """Run the image as it is (its own entrypoint) on the internal network; nothing is pulled."""
     box = engine.containers.create(
@@ -327,11 +336,11 @@ def _run_and_probe(
 
 
 def _wait(
-    box: Any, cell: Cell, ref: str, name: str, port: int, timeout: int, report: Report
+    box: Container, cell: Cell, ref: str, name: str, port: int, timeout: int, report: Report
 ) -> float:
     started = time.monotonic()
     while True:
-        code, _ = box.exec_run(["python3", "-c", HEALTH_PROBE, str(port)])
+        code, _ = exec_in(box, ["python3", "-c", HEALTH_PROBE, str(port)])
         waited = round(time.monotonic() - started, 1)
         if code == 0:
             report.steps.append(Step(name, 0, waited, f"{ref}: /healthz 200 on {port}"))

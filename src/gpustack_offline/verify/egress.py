@@ -34,13 +34,16 @@ import tomllib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpustack_offline import payload
 from gpustack_offline.core.docker import container
 from gpustack_offline.core.errors import BundleError
 from gpustack_offline.core.files import write_text
 from gpustack_offline.payload.sinkhole_server import DEFAULT_LOG, FIRST_BYTES_WAIT, TCP_PORTS
+
+if TYPE_CHECKING:
+    from docker.models.containers import Container
 
 SERVER_IN_CONTAINER = "/opt/sinkhole/sinkhole_server.py"
 OUTPUT_IN_CONTAINER = "/tmp/sinkhole.out"
@@ -70,7 +73,7 @@ def resolv_conf(address: str) -> str:
 class Sinkhole:
     """A running sinkhole: its container, its address on `network`, where it writes events."""
 
-    box: Any
+    box: Container
     address: str
     network: str
     log: str = DEFAULT_LOG
@@ -105,7 +108,7 @@ def sinkhole(
         yield hole
 
 
-def _address(box: Any, network: str) -> str:
+def _address(box: Container, network: str) -> str:
     box.reload()
     networks = box.attrs.get("NetworkSettings", {}).get("Networks", {})
     address = (networks.get(network) or {}).get("IPAddress")
@@ -153,7 +156,7 @@ def resolver_mounts(hole: Sinkhole | str) -> Iterator[dict[Path, str]]:
 class Audit:
     """A target container under audit, and the sinkhole that answers it."""
 
-    box: Any
+    box: Container
     sinkhole: Sinkhole
 
     def report(self, settle: float = FIRST_BYTES_WAIT + 0.5) -> EgressReport:

@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from gpustack_offline import payload
 from gpustack_offline.core.docker import base_image, exec_in, internal_network
@@ -36,6 +36,9 @@ from gpustack_offline.verify.common import (
     failure,
     offline_tools_step,
 )
+
+if TYPE_CHECKING:
+    from docker.models.containers import Container
 
 PREFIX = "/opt/gpustack"
 PORT = 8080
@@ -163,7 +166,7 @@ def start_audited(
     return AuditedRun(name, healthz, worker, events, records, text)
 
 
-def stop_gpustack(box: Any, cell: Cell, report: Report) -> None:
+def stop_gpustack(box: Container, cell: Cell, report: Report) -> None:
     """Stop the first start completely, so that the second one is measured on its own."""
     started = time.monotonic()
     code, out = exec_in(box, ["python3", "-c", STOP, str(PORT), str(WORKER_PORT)])
@@ -173,7 +176,7 @@ def stop_gpustack(box: Any, cell: Cell, report: Report) -> None:
 
 
 def wait_healthy(
-    box: Any,
+    box: Container,
     cell: Cell,
     report: Report,
     name: str,
