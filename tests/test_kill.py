@@ -5,10 +5,12 @@ The cell is the amd64 cpu docker cell, pulled from a loopback distribution regis
 downloads, an export and a tar worth interrupting.
 
 A traced build from an empty cache records when each file appears in the blob store and under
-dist/. Half of the 20 kill points are spread evenly over the time between the first file and
-the end of that build, half midway between files spread over the files; each is anchored to the
-last file seen before it (kill when that file has appeared and the same time has passed since),
-so they land in the same phase run after run on a loaded host.
+dist/, and how long it stays (temporary names are compared with their random part starred).
+Half of the 20 kill points are spread evenly over the time between the first file and the end
+of that build, half midway between files spread over the files; each is anchored to the last
+file before it that stayed long enough to be seen by every run (kill when that file, or one the
+trace saw after it, has appeared and the same time has passed since), so they land in the same
+phase run after run on a loaded host, and none waits for a name that lives a few milliseconds.
 Each kill starts from an empty cache; every other one rebuilds over an older bundle of the cell
 (another image) in dist/, the others start from an empty dist/. After the kill nothing under a
 final name may be damaged or half-finished, and dist/<cell>.tar, if there, must hold the files
@@ -67,7 +69,10 @@ INVOKE = Path(sys.executable).with_name("invoke")
 HEX = re.compile(r"[0-9a-f]{64}")
 # the bundle's final names: present from the start in a rebuild, so not events of the trace
 FINAL = {CELL, f"{CELL}.tar", f".{CELL}.old"}
-TAR_TEMP = re.compile(rf"/\.{re.escape(CELL)}\.tar\.\w+\.part$")
+TAR_TEMP = re.compile(rf"/\.{re.escape(CELL)}\.tar\.\*\.part$")  # a key (see key())
+# mkstemp/mkdtemp's eight random characters in a temporary name (core.files.atomic_path)
+TEMP_TOKEN = re.compile(r"\.[a-z0-9_]{8}\.part(?=/|$)")
+SEEN_FOR_SURE = 0.25  # seconds a name must last in the trace to anchor a kill point
 
 
 def random_image(layers: int, size: int) -> FixtureImage:
@@ -277,52 +282,98 @@ def build(
     return area
 
 
-def trace(build: Build) -> tuple[list[tuple[float, str]], float]:
-    """One build from an empty cache: (seconds, name) for each new file, and when it ended."""
+def key(name: str) -> str:
+    """A name with the eight random characters of its temporary folder or file starred, so that
+    the same step of two builds has the same key."""
+    return TEMP_TOKEN.sub(".*.part", name)
+
+
+@dataclass(frozen=True)
+class Event:
+    """A key's first appearance in the traced build, and how long it was there."""
+
+    at: float
+    key: str
+    lasted: float
+
+
+def trace(build: Build) -> tuple[list[Event], float]:
+    """One build from an empty cache: each key's first appearance and how long it lasted (to
+    the end for what is still there), in order, and when the build ended."""
     build.fresh()
-    events: list[tuple[float, str]] = []
-    seen: set[str] = set()
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
     started = time.monotonic()
     build.start()
     while (code := build.builds.poll()) is None:
-        for name in sorted(build.names() - seen):
-            events.append((time.monotonic() - started, name))
-            seen.add(name)
+        now = time.monotonic() - started
+        for name in build.names():
+            first.setdefault(key(name), now)
+            last[key(name)] = now
         time.sleep(0.002)
     ended = time.monotonic() - started
     assert code == 0, build.builds.output()
+    present = {key(name) for name in build.names()}
+    events = [
+        Event(at, k, (ended if k in present else last[k]) - at)
+        for k, at in sorted(first.items(), key=lambda item: item[1])
+    ]
     return events, ended
 
 
-def kill_points(events: list[tuple[float, str]], ended: float) -> list[tuple[int, float]]:
-    """(files seen, seconds after the last of them) for KILLS moments: half spread evenly over
-    the time between the first file and the end of the traced build (where the time goes: the
-    export and the tar), half midway between files spread evenly over the files (where the
-    events are: the downloads)."""
-    first, half = events[0][0], KILLS // 2
+@dataclass(frozen=True)
+class KillPoint:
+    """Kill `delay` seconds after `anchor` (a key) or any later key of the trace has been seen;
+    right after the start when there is no anchor."""
+
+    anchor: str | None
+    delay: float
+    anchor_at: float  # when the anchor appeared in the trace
+
+
+def kill_points(events: list[Event], ended: float) -> list[KillPoint]:
+    """KILLS moments: half spread evenly over the time between the first file and the end of
+    the traced build (where the time goes: the export and the tar), half midway between files
+    spread evenly over the files (where the events are: the downloads). Each is anchored to the
+    last event before it that lasted long enough to be seen in every run (a temporary file of a
+    few milliseconds may come and go between two looks), so no point waits for a name that a
+    run never shows."""
+    first, half = events[0].at, KILLS // 2
     moments = [first + (ended - first) * i / (half + 1) for i in range(1, half + 1)]
-    ends = [t for t, _ in events[1:]] + [ended]
+    ends = [e.at for e in events[1:]] + [ended]
     for i in range(KILLS - half):
         k = round(i * (len(events) - 1) / (KILLS - half - 1))
-        moments.append((events[k][0] + ends[k]) / 2)
+        moments.append((events[k].at + ends[k]) / 2)
+    lasting = [e for e in events if e.lasted >= SEEN_FOR_SURE]
     points = []
     for moment in sorted(moments):
-        seen = sum(1 for t, _ in events if t <= moment)
-        points.append((seen, moment - events[seen - 1][0]))
+        before = [e for e in lasting if e.at <= moment]
+        anchor = before[-1] if before else None
+        if anchor is None:
+            points.append(KillPoint(None, moment, 0.0))
+        else:
+            points.append(KillPoint(anchor.key, moment - anchor.at, anchor.at))
     return points
 
 
-def kill_at(build: Build, reached: Callable[[set[str]], bool], delay: float) -> bool:
-    """Start a build, SIGKILL it `delay` seconds after the files seen so far are `reached`;
-    False if it finished first."""
+def kill_at(
+    build: Build, reached: Callable[[set[str]], bool], delay: float, anchor_at: float = 0.0
+) -> bool:
+    """Start a build, SIGKILL it `delay` seconds after the keys seen so far are `reached`;
+    False if it finished first. The delay is scaled by how fast this run reached the anchor
+    compared with the trace (`anchor_at` seconds there): a run on a less loaded host than the
+    trace's still lands in the same phase instead of after the end."""
+    started = time.monotonic()
     build.start()
     seen: set[str] = set()
     since: float | None = None
     while build.builds.poll() is None:
         if since is None:
-            seen |= build.names()
+            seen |= {key(name) for name in build.names()}
             if reached(seen):
                 since = time.monotonic()
+                if anchor_at > 0.1:
+                    delay *= min(max((since - started) / anchor_at, 0.25), 4.0)
         if since is not None and time.monotonic() - since >= delay:
             build.builds.kill()
             return True
@@ -330,12 +381,16 @@ def kill_at(build: Build, reached: Callable[[set[str]], bool], delay: float) -> 
     return False
 
 
-def files_seen(count: int) -> Callable[[set[str]], bool]:
-    return lambda seen: len(seen) >= count
+def anchor_seen(events: list[Event], anchor: str | None) -> Callable[[set[str]], bool]:
+    """The anchor, or a key the trace saw after it (the anchor came and went unseen)."""
+    order = {e.key: i for i, e in enumerate(events)}
+    if anchor is None:
+        return lambda seen: True
+    return lambda seen: any(order.get(k, -1) >= order[anchor] for k in seen)
 
 
 def tar_begun(seen: set[str]) -> bool:
-    return any(TAR_TEMP.search(name) for name in seen)
+    return any(TAR_TEMP.search(k) for k in seen)
 
 
 def phase(build: Build) -> str:
@@ -437,13 +492,20 @@ def kill_and_rerun(
     tally: Tally,
     reached: Callable[[set[str]], bool],
     delay: float = 0.0,
+    anchor_at: float = 0.0,
     *,
     over_older: bool,
 ) -> None:
     build.fresh(over_older=over_older)
-    if not kill_at(build, reached, delay):
-        tally.landed["after the build finished"] += 1
+    # a point that a faster run passes before its kill is tried again earlier, twice at most
+    for retry in range(3):
+        if kill_at(build, reached, delay / 2**retry, anchor_at):
+            break
         tally.mark = len(upstream.log())
+        if retry < 2:
+            build.fresh(over_older=over_older)
+    else:
+        tally.landed["after the build finished"] += 1
         return
     tally.landed[phase(build)] += 1
     if over_older:
@@ -472,10 +534,12 @@ def test_a_build_killed_at_20_points_never_leaves_a_damaged_file_and_resumes(
     events, ended = trace(build)
     check_dist(build, finished=True)
     tally = Tally(mark=len(upstream.log()))
-    for i, (seen, delay) in enumerate(kill_points(events, ended)):
+    for i, point in enumerate(kill_points(events, ended)):
         # every other kill rebuilds over the older bundle, the last one (the tar) among them
+        reached = anchor_seen(events, point.anchor)
+        older = (KILLS - i) % 2 == 1
         kill_and_rerun(
-            build, upstream, tally, files_seen(seen), delay, over_older=(KILLS - i) % 2 == 1
+            build, upstream, tally, reached, point.delay, point.anchor_at, over_older=older
         )
     # and one rebuild killed as its tar is written: the new folder is in place, the older
     # bundle's tar must not stand beside it
