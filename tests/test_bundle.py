@@ -5,7 +5,7 @@ import subprocess
 import tarfile
 
 import pytest
-from test_sbom import make_wheel
+from support.bundles import make_wheel
 
 from gpustack_offline.bundle import assemble as bundle
 from gpustack_offline.core.errors import IntegrityError

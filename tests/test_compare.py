@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_sbom import CELL, TOOL_PATHS, WHEELS, finish, make_bundle
+from support.bundles import CELL, TOOL_PATHS, WHEELS, finish, make_bundle
 
 import gpustack_offline
 from gpustack_offline import recipes

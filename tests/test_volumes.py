@@ -18,8 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from test_sbom import CELL as SBOM_CELL
-from test_sbom import make_bundle
+from support.bundles import CELL as SBOM_CELL
+from support.bundles import make_bundle
 
 from gpustack_offline.bundle import volumes
 from gpustack_offline.bundle.assemble import write_tar
