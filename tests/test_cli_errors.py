@@ -14,7 +14,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -271,9 +270,11 @@ def test_an_interrupt_is_one_line_too(area, tmp_path):
            f"http://127.0.0.1:{listener.getsockname()[1]}/simple"}  # fmt: skip
     proc = subprocess.Popen([INVOKE, "lock", "--cell", PIP_CELL], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    time.sleep(4)
+    listener.settimeout(60)
+    waiting, _ = listener.accept()  # uv asked the index and waits on it: interrupt it now
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
+    waiting.close()
     listener.close()
     out = one_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
     assert "interrupted" in out
