@@ -453,10 +453,11 @@ def killed_builds_leftovers(root: Path) -> tuple[list[Path], list[Path]]:
         folder.mkdir(parents=True)
 
     def temp(final: Path, folder: bool = False, prefix: str = "") -> Path:
-        made = (tempfile.mkdtemp if folder else tempfile.mkstemp)(
-            prefix=prefix or f".{final.name}.", suffix=".part", dir=final.parent
-        )
-        path = Path(made if folder else made[1])  # type: ignore[index]
+        start = prefix or f".{final.name}."
+        if folder:
+            path = Path(tempfile.mkdtemp(prefix=start, suffix=".part", dir=final.parent))
+        else:
+            path = Path(tempfile.mkstemp(prefix=start, suffix=".part", dir=final.parent)[1])
         assert prefix or temp_names(final).fullmatch(path.name)
         return path
 

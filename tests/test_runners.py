@@ -265,16 +265,18 @@ def test_wheel_from_an_html_index_is_hash_checked(tmp_path: Path) -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     base = f"http://127.0.0.1:{server.server_port}"
     try:
-        store, http = BlobStore(tmp_path), session()
+        store, client = BlobStore(tmp_path), session()
         package, path = runner_data._fetch_wheel(
-            "gpustack-runner", "0.1.0", f"{base}/good/simple", store, http
+            "gpustack-runner", "0.1.0", f"{base}/good/simple", store, client
         )
         assert (package.wheel, package.sha256, path.read_bytes()) == (name, digests["good"], body)
         with pytest.raises(IntegrityError, match="does not match"):
-            runner_data._fetch_wheel("gpustack-runner", "0.1.0", f"{base}/bad/simple", store, http)
+            runner_data._fetch_wheel(
+                "gpustack-runner", "0.1.0", f"{base}/bad/simple", store, client
+            )
         with pytest.raises(RunnerDataError, match="has no gpustack_runner-0.2.0"):
             runner_data._fetch_wheel(
-                "gpustack-runner", "0.2.0", f"{base}/good/simple/", store, http
+                "gpustack-runner", "0.2.0", f"{base}/good/simple/", store, client
             )
     finally:
         server.shutdown()

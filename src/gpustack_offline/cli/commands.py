@@ -12,21 +12,31 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
-from gpustack_offline import recipes
 from gpustack_offline.bundle import signing, volumes
-from gpustack_offline.bundle.assemble import Result
 from gpustack_offline.core import docker
 from gpustack_offline.core.context import Context
 from gpustack_offline.core.errors import BundleError, debugging, describe
 from gpustack_offline.core.matrix import AXES, Cell
 from gpustack_offline.core.options import resolve
-from gpustack_offline.recipes.base import build as build_cell
-from gpustack_offline.recipes.base import verify as verify_with
 from gpustack_offline.verify.common import Report, Unverifiable
+
+if TYPE_CHECKING:
+    from gpustack_offline.bundle.assemble import Result
+
+
+def _recipes() -> ModuleType:
+    """The recipes, imported when a cell is locked, built or verified: with them comes the SBOM
+    library, a quarter of a second that listing cells or refusing a bad flag need not pay."""
+    from gpustack_offline import recipes
+
+    return recipes
+
 
 __all__ = ["Context", "build", "lock", "verify_cell"]  # Context: where the wiring takes it
 
@@ -55,7 +65,7 @@ def lock(ctx: Context, cells: Sequence[Cell]) -> list[Path]:
     paths = []
     for cell in cells:
         console.print(f"locking {cell.id}")
-        locked = recipes.for_cell(cell).lock(ctx, cell)
+        locked = _recipes().for_cell(cell).lock(ctx, cell)
         for change in locked.moved:
             console.print(f"  moved: {change}")
         paths.append(locked.path)
@@ -72,7 +82,7 @@ def build(ctx: Context, cells: Sequence[Cell]) -> list[Result]:
     for cell in cells:
         console.print(f"building {cell.id}", style="bold", markup=False)
         try:
-            result = build_cell(ctx, cell, recipes.for_cell(cell))
+            result = _recipes().build(ctx, cell)
             if size:
                 written = volumes.split(result.tar, size)
                 console.print(f"  {len(written) - 2} volumes, joined by {_shown(written[-1])}")
@@ -157,8 +167,8 @@ def verify_cell(ctx: Context, cell: Cell) -> Report:
     if ctx.layout.verify_key:  # first, as `install.sh --verify-key` does on the site
         signer = signing.verify(ctx.layout.bundle(cell.id), ctx.layout.verify_key)
         console.print(f"{cell.id}: signature good, SHA256SUMS signed by key {signer}")
-    recipe = recipes.for_cell(cell)
-    report = verify_with(ctx, cell, recipe)
+    recipe = _recipes().for_cell(cell)
+    report = _recipes().verify(ctx, cell)
     console.print(recipe.verified(cell, report))
     return report
 

@@ -1,6 +1,8 @@
 """Invoke tasks: flags in, `commands` called, errors printed as one line each.
 
-`tasks.py` at the project root only composes the collections defined here.
+`tasks.py` at the project root only composes the collections defined here. Each task imports
+what it calls when it runs: the SBOM library alone takes a quarter of a second to import, which
+`invoke --list`, `--help` and a mistyped flag should not pay.
 """
 
 from __future__ import annotations
@@ -14,9 +16,6 @@ from typing import Any
 
 from invoke import Collection, Exit, task
 
-from gpustack_offline.bundle import compare as compare_
-from gpustack_offline.bundle import release
-from gpustack_offline.cli import commands
 from gpustack_offline.core.errors import debugging, describe
 from gpustack_offline.core.matrix import AXES
 
@@ -95,6 +94,8 @@ def matrix(
     all=False,
 ):  # type: ignore[no-untyped-def]  # noqa: A002
     """List the cells of the build matrix (table, or --json for CI)."""
+    from gpustack_offline.cli import commands
+
     ctx = commands.Context.load(_root(c))
     patterns = cell or (["*"] if all else [])
     cells = ctx.select(patterns, version=version, os=os, arch=arch, device=device,
@@ -126,6 +127,8 @@ def bundle(
     split=None,
 ):  # type: ignore[no-untyped-def]
     """Build the bundle of every selected cell into dist/<cell-id>/ and dist/<cell-id>.tar."""
+    from gpustack_offline.cli import commands
+
     # a flag that is not given leaves the option to pyproject and the environment
     cli = {"frozen": frozen or None, "jobs": jobs, "dist_dir": dist, "split": split}
     ctx = commands.Context.load(_root(c), cli=cli)
@@ -148,6 +151,8 @@ def refresh(
     method=None,
 ):  # type: ignore[no-untyped-def]
     """Resolve the selected cells again and rewrite their locks under bundles/locks/."""
+    from gpustack_offline.cli import commands
+
     ctx = commands.Context.load(_root(c))
     cells = ctx.select(cell or [], version=version, os=os, arch=arch, device=device,
                        python=python, extras=extras, method=method)  # fmt: skip
@@ -159,6 +164,8 @@ def refresh(
 @_wired
 def base(c, arch=None):  # type: ignore[no-untyped-def]
     """Make the clean Debian base images that verification and native builds use."""
+    from gpustack_offline.cli import commands
+
     ctx = commands.Context.load(_root(c))
     for tag in commands.base_images(ctx, arch or ["amd64", "arm64"]):
         print(tag)
@@ -171,6 +178,9 @@ def base(c, arch=None):  # type: ignore[no-untyped-def]
 @_wired
 def release_index(c, dist=None, out="release", merge=None):  # type: ignore[no-untyped-def]
     """Stage the finished bundles as release assets with an index (cells, sizes, digests)."""
+    from gpustack_offline.bundle import release
+    from gpustack_offline.cli import commands
+
     if merge:
         index = release.merge_release_entries(Path(merge), Path(out))
     else:
@@ -183,6 +193,8 @@ def release_index(c, dist=None, out="release", merge=None):  # type: ignore[no-u
 @_wired
 def compare(c, a, b):  # type: ignore[no-untyped-def]
     """List what differs between two bundles (exit 1 on any unexpected difference)."""
+    from gpustack_offline.bundle import compare as compare_
+
     code = compare_.main(Path(a), Path(b))
     if code:
         raise Exit(code=code)

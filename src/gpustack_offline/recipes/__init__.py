@@ -4,10 +4,13 @@ into a bundle the same way. A new kind is a module here plus its matrix data (do
 
 from __future__ import annotations
 
+from gpustack_offline.bundle.assemble import Result
+from gpustack_offline.core.context import Context
 from gpustack_offline.core.errors import CellError
 from gpustack_offline.core.matrix import Cell
-from gpustack_offline.recipes import docker0, docker2, pip0
+from gpustack_offline.recipes import base, docker0, docker2, pip0
 from gpustack_offline.recipes.base import Recipe
+from gpustack_offline.verify.common import Report
 
 # (install method, GPUStack major series) -> recipe
 RECIPES: dict[tuple[str, int], Recipe] = {
@@ -25,3 +28,13 @@ def for_cell(cell: Cell) -> Recipe:
             f"{cell.id}: no recipe builds {cell.method} cells of GPUStack {cell.series}.x; "
             "add one under src/gpustack_offline/recipes/ (see docs/design.md)"
         ) from None
+
+
+def build(ctx: Context, cell: Cell) -> Result:
+    """The cell's bundle, made by its kind's recipe."""
+    return base.build(ctx, cell, for_cell(cell))
+
+
+def verify(ctx: Context, cell: Cell) -> Report:
+    """The cell's bundle verified by its kind's recipe."""
+    return base.verify(ctx, cell, for_cell(cell))
