@@ -72,12 +72,13 @@ class RetryPolicy:
     (jittered to 50-100 %, at most `max_sleep`) between them, or what a Retry-After asks, at
     most `max_retry_after`. `read_timeout` is the longest silence in a body (a stall)."""
 
-    attempts: int = 6
-    backoff: float = 1.0
-    max_sleep: float = 30.0
-    max_retry_after: float = 120.0
-    connect_timeout: float = 15.0
-    read_timeout: float = 60.0
+    # the defaults are the download-* options' (declared once, in core/options.py)
+    attempts: int = Options.download_attempts
+    backoff: float = Options.download_backoff
+    max_sleep: float = Options.download_max_sleep
+    max_retry_after: float = Options.download_max_retry_after
+    connect_timeout: float = Options.download_connect_timeout
+    read_timeout: float = Options.download_read_timeout
 
     @classmethod
     def from_options(cls, opts: Options) -> RetryPolicy:

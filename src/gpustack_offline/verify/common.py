@@ -18,6 +18,7 @@ from gpustack_offline.core.errors import BundleError, VerifyError
 from gpustack_offline.core.files import write_text
 from gpustack_offline.core.matrix import Cell
 from gpustack_offline.verify import egress
+from gpustack_offline.verify.errors import Unverifiable
 
 HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), "amd64")
 AUDIT_LOG = "/tmp/egress-audit.jsonl"
@@ -38,10 +39,6 @@ DOWNLOAD_SIGNS = (
     "It is required to download dependency tools",
     "Failed to download tools",
 )
-
-
-class Unverifiable(BundleError):
-    """The cell's target cannot be reproduced here; the reason is said, never passed silently."""
 
 
 @dataclass

@@ -30,7 +30,6 @@ import os
 import shutil
 import tempfile
 import time
-import tomllib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,9 +37,10 @@ from typing import TYPE_CHECKING, Any
 
 from gpustack_offline import payload
 from gpustack_offline.core.docker import container
-from gpustack_offline.core.errors import BundleError
 from gpustack_offline.core.files import write_text
+from gpustack_offline.core.tomlfile import read_toml
 from gpustack_offline.payload.sinkhole_server import DEFAULT_LOG, FIRST_BYTES_WAIT, TCP_PORTS
+from gpustack_offline.verify.errors import EgressError
 
 if TYPE_CHECKING:
     from docker.models.containers import Container
@@ -54,10 +54,6 @@ KINDS = ("dns", "http", "tls", "tcp")
 # A connection with no name of its own (no SNI, no Host) is put down to the last name the same
 # client looked up, if that was recent enough to be the lookup that led to it.
 ATTRIBUTION_WINDOW = 60.0
-
-
-class EgressError(BundleError):
-    """The sinkhole could not be started or read."""
 
 
 def server_source() -> Path:
@@ -343,10 +339,7 @@ def load_allowlist(path: Path, cell_id: str) -> list[str]:
     """The hosts `[[allow]]` entries of `path` grant the cell (by glob on its id); [] if none."""
     if not path.is_file():
         return []
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as exc:
-        raise EgressError(f"{path}: not valid TOML: {exc}") from exc
+    data = read_toml(path, EgressError)
     hosts: list[str] = []
     for i, entry in enumerate(data.get("allow", []), start=1):
         if set(entry) != {"select", "hosts", "reason"}:
