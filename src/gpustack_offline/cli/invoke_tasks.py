@@ -8,6 +8,7 @@ what it calls when it runs: the SBOM library alone takes a quarter of a second t
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import tomllib
 from collections.abc import Callable
@@ -74,32 +75,41 @@ def _wired(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _selecting(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a task the selection flags, declared once here: `--cell` (repeatable) and one flag
+    per matrix axis. The body gets them as one mapping, `selection`, after the context."""
+    own = list(inspect.signature(fn).parameters.values())  # c, selection, the task's own flags
+    flags = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)
+             for n in ("cell", *AXES)]  # fmt: skip
+
+    @functools.wraps(fn)
+    def wrapper(c: Any, **kwargs: Any) -> Any:
+        selection = {name: kwargs.pop(name, None) for name in ("cell", *AXES)}
+        return fn(c, selection, **kwargs)
+
+    wrapper.__signature__ = inspect.Signature([own[0], *flags, *own[2:]])  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _select(ctx: Any, selection: dict[str, Any], patterns: list[str] | None = None) -> list[Any]:
+    """The cells a task's selection flags name (`patterns` when no --cell is given)."""
+    axes = {a: v for a, v in selection.items() if a != "cell"}
+    return ctx.select(selection["cell"] or patterns or [], **axes)  # type: ignore[no-any-return]
+
+
 @task(
     iterable=["cell"],
     help={**_AXIS_HELP, "json": "print a CI job matrix ({'include': [...]}) instead of a table",
           "all": "every cell of every version and Python, ignoring the defaults"},
 )  # fmt: skip
 @_wired
-def matrix(
-    c,
-    cell=None,
-    version=None,
-    os=None,
-    arch=None,
-    device=None,
-    python=None,
-    extras=None,
-    method=None,
-    json=False,
-    all=False,
-):  # type: ignore[no-untyped-def]  # noqa: A002
+@_selecting
+def matrix(c, selection, json=False, all=False):  # type: ignore[no-untyped-def]  # noqa: A002
     """List the cells of the build matrix (table, or --json for CI)."""
     from gpustack_offline.cli import commands
 
     ctx = commands.Context.load(_root(c))
-    patterns = cell or (["*"] if all else [])
-    cells = ctx.select(patterns, version=version, os=os, arch=arch, device=device,
-                       python=python, extras=extras, method=method)  # fmt: skip
+    cells = _select(ctx, selection, ["*"] if all else [])
     print(commands.matrix_table(ctx, cells, json))
 
 
@@ -111,52 +121,26 @@ def matrix(
                    "(decimal, fits FAT32), 4GiB (binary), fat32 (4 GiB-1)"},
 )  # fmt: skip
 @_wired
-def bundle(
-    c,
-    cell=None,
-    version=None,
-    os=None,
-    arch=None,
-    device=None,
-    python=None,
-    extras=None,
-    method=None,
-    frozen=False,
-    jobs=None,
-    dist=None,
-    split=None,
-):  # type: ignore[no-untyped-def]
+@_selecting
+def bundle(c, selection, frozen=False, jobs=None, dist=None, split=None):  # type: ignore[no-untyped-def]
     """Build the bundle of every selected cell into dist/<cell-id>/ and dist/<cell-id>.tar."""
     from gpustack_offline.cli import commands
 
     # a flag that is not given leaves the option to pyproject and the environment
     cli = {"frozen": frozen or None, "jobs": jobs, "dist_dir": dist, "split": split}
     ctx = commands.Context.load(_root(c), cli=cli)
-    cells = ctx.select(cell or [], version=version, os=os, arch=arch, device=device,
-                       python=python, extras=extras, method=method)  # fmt: skip
-    commands.build(ctx, cells)
+    commands.build(ctx, _select(ctx, selection))
 
 
 @task(iterable=["cell"], help=_AXIS_HELP)
 @_wired
-def refresh(
-    c,
-    cell=None,
-    version=None,
-    os=None,
-    arch=None,
-    device=None,
-    python=None,
-    extras=None,
-    method=None,
-):  # type: ignore[no-untyped-def]
+@_selecting
+def refresh(c, selection):  # type: ignore[no-untyped-def]
     """Resolve the selected cells again and rewrite their locks under bundles/locks/."""
     from gpustack_offline.cli import commands
 
     ctx = commands.Context.load(_root(c))
-    cells = ctx.select(cell or [], version=version, os=os, arch=arch, device=device,
-                       python=python, extras=extras, method=method)  # fmt: skip
-    for path in commands.lock(ctx, cells):
+    for path in commands.lock(ctx, _select(ctx, selection)):
         print(path)
 
 
