@@ -40,6 +40,7 @@ from support.registry_fixture import (  # noqa: F401 - a session fixture by name
     Hub,
     hub_fixture,
     make_image,
+    noise,
 )
 from support.release_mirror import ReleaseMirror
 
@@ -63,15 +64,6 @@ SIZE = 3 << 20
 WHEEL = "/packages/fault_demo-1.0-py3-none-any.whl"
 ASSET = "gpustack/llama-box/releases/download/v0.0.0/fault-demo-linux-amd64.zip"
 READ_TIMEOUT = 0.5
-
-
-def noise(seed: str, size: int) -> bytes:
-    out = bytearray()
-    counter = 0
-    while len(out) < size:
-        out += hashlib.sha256(f"{seed}:{counter}".encode()).digest()
-        counter += 1
-    return bytes(out[:size])
 
 
 # -- the knobs, the Retry-After parser, redaction (no sockets) ---------------------------------
