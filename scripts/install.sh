@@ -34,12 +34,12 @@ RAY_USAGE_STATS_ENABLED=0'
 
 usage() {
   cat <<EOF
-Usage: $PROG [--verify-key KEY] [--prefix DIR] [--python PATH] [--skip-preflight] [--help]  (pip bundles)
+Usage: $PROG [--verify-key KEY] [--prefix DIR] [--python PATH] [--installer uv|pip] [--skip-preflight] [--help]  (pip bundles)
        $PROG [--verify-key KEY] [--prefix DIR] [--registry HOST[:PORT][/PREFIX]] [--skip-preflight] (docker bundles)
 
-A pip bundle (INSTALL_METHOD=pip in bundle.env) installs GPUStack into DIR/releases/<release>,
-loads the bundle's tools archive (llama-box, gguf-parser, fastfetch) into it if it has one, then
-points DIR/current at it.
+A pip bundle (INSTALL_METHOD=pip in bundle.env) installs GPUStack into DIR/releases/<release>
+with the uv the bundle carries (INSTALLER_WHEEL; pip where uv cannot run), loads the bundle's tools
+archive (llama-box, gguf-parser, fastfetch) into it if it has one, then points DIR/current at it.
 
 A docker bundle (INSTALL_METHOD=docker) loads GPUStack's image(s) into Docker with docker load;
 with --registry it also tags and pushes them to that registry, keeping upstream's repository
@@ -50,6 +50,9 @@ the container, and prints the docker run line to start GPUStack with it.
                      docker.env goes
   --python PATH      Python interpreter for the virtual environment
                      (default: python<TARGET_PYTHON> from bundle.env, else python3); pip bundles only
+  --installer NAME   uv (the default when the bundle carries it) or pip, which installs the same
+                     hashed wheels, slower; without this option pip is used where uv cannot run;
+                     pip bundles only
   --registry REG     the site's registry, HOST[:PORT][/PREFIX] without http://, such as
                      registry.example.internal:5000/mirror; docker bundles only
   --verify-key KEY   before anything else, check SHA256SUMS.sig against KEY, the release's
@@ -82,7 +85,7 @@ absolute() {
 }
 
 parse_args() {
-  PREFIX=/opt/gpustack PY="" SKIP_PREFLIGHT=0 REGISTRY="" HAS_REGISTRY=0 VERIFY_KEY=""
+  PREFIX=/opt/gpustack PY="" SKIP_PREFLIGHT=0 REGISTRY="" HAS_REGISTRY=0 VERIFY_KEY="" INSTALLER=""
   # Which pip-only options were given, to refuse them for a docker bundle.
   PIP_OPTIONS=()
   while (($# > 0)); do
@@ -91,6 +94,8 @@ parse_args() {
       --prefix=*) PREFIX=${1#*=}; shift ;;
       --python) (($# >= 2)) || die 2 "--python needs a path; see --help"; PY=$2; PIP_OPTIONS+=(--python); shift 2 ;;
       --python=*) PY=${1#*=}; PIP_OPTIONS+=(--python); shift ;;
+      --installer) (($# >= 2)) || die 2 "--installer needs uv or pip; see --help"; INSTALLER=$2; PIP_OPTIONS+=(--installer); shift 2 ;;
+      --installer=*) INSTALLER=${1#*=}; PIP_OPTIONS+=(--installer); shift ;;
       --registry) (($# >= 2)) || die 2 "--registry needs HOST[:PORT][/PREFIX]; see --help"; REGISTRY=$2; HAS_REGISTRY=1; shift 2 ;;
       --registry=*) REGISTRY=${1#*=}; HAS_REGISTRY=1; shift ;;
       --verify-key) (($# >= 2)) || die 2 "--verify-key needs a public key file; see --help"; VERIFY_KEY=$(absolute "$2"); shift 2 ;;
@@ -101,6 +106,10 @@ parse_args() {
     esac
   done
   [[ -n $PREFIX ]] || die 2 "--prefix must not be empty; see --help"
+  case $INSTALLER in
+    "" | uv | pip) ;;
+    *) die 2 "--installer $INSTALLER: give uv or pip" ;;
+  esac
   PREFIX=$(absolute "$PREFIX")
   PREFIX=${PREFIX%/}
   [[ -n $PREFIX ]] || die 2 "--prefix / is not allowed; pick a directory such as /opt/gpustack"
@@ -226,7 +235,7 @@ require_keys() {
 load_bundle_env() {
   [[ -f bundle.env ]] || die 3 "bundle.env not found in $BUNDLE; re-copy the whole bundle from the source media"
   # Optional keys: a value from the caller's environment must not stand in for a missing one.
-  TOOLS_ARCHIVE="" INSTALL_METHOD="" IMAGE_ARCHIVE="" IMAGES=""
+  TOOLS_ARCHIVE="" INSTALL_METHOD="" IMAGE_ARCHIVE="" IMAGES="" INSTALLER_WHEEL=""
   # shellcheck source=/dev/null
   . ./bundle.env
   require_keys BUNDLE_CELL GPUSTACK_VERSION
@@ -236,6 +245,7 @@ load_bundle_env() {
     pip)
       require_keys TARGET_PYTHON REQUIREMENT
       check_tools_files
+      check_installer_file
       ;;
     docker)
       require_keys TARGET_OS TARGET_ARCH TARGET_DEVICE IMAGE_ARCHIVE IMAGES
@@ -244,6 +254,22 @@ load_bundle_env() {
     *) die 3 "bundle.env names the install method '$INSTALL_METHOD'; this install.sh knows pip and docker: re-copy the whole bundle from the source media" ;;
   esac
   check_method_options "$INSTALL_METHOD"
+}
+
+# The installer wheel bundle.env names must be in the bundle (its bytes are in SHA256SUMS); a
+# bundle without one installs with pip, and --installer uv is then refused before anything changes.
+check_installer_file() {
+  if [[ -z $INSTALLER_WHEEL ]]; then
+    [[ $INSTALLER != uv ]] ||
+      die 2 "--installer uv: this bundle carries no uv (no INSTALLER_WHEEL in bundle.env); omit --installer or pass --installer pip"
+    INSTALLER=pip
+    return
+  fi
+  case /$INSTALLER_WHEEL/ in
+    //* | */../*) die 3 "bundle.env has INSTALLER_WHEEL=$INSTALLER_WHEEL, not a path inside the bundle; re-copy the whole bundle from the source media" ;;
+  esac
+  [[ -f $INSTALLER_WHEEL ]] ||
+    die 3 "the installer wheel $INSTALLER_WHEEL named in bundle.env is not in $BUNDLE; re-copy the whole bundle from the source media"
 }
 
 # The tools archive and its checker must be in the bundle before anything changes; what is
@@ -293,6 +319,7 @@ run_docker_preflight() {
 
 # Remove the release directory of this run if it did not reach .complete (runs on any exit).
 remove_partial_release() {
+  if [[ -n ${UV_DIR:-} ]]; then rm -rf -- "$UV_DIR"; fi
   if [[ -n ${PARTIAL:-} && -d $PARTIAL && ! -e $PARTIAL/.complete ]]; then
     rm -rf -- "$PARTIAL"
     printf '%s: removed the partial release %s\n' "$PROG" "$PARTIAL" >&2
@@ -329,15 +356,11 @@ install_release() {
   "$PY" -m venv -- "$REL" ||
     die 5 "could not create a virtual environment with $PY; install python$TARGET_PYTHON-venv (or pass --python PATH)"
 
-  say "installing $REQUIREMENT from the bundled wheels"
-  # The site's pip configuration (pip.conf constraints, find-links, user=true, PIP_* variables)
-  # must not change what gets installed: PIP_CONFIG_FILE=/dev/null skips every config file and
-  # --isolated ignores PIP_* variables. requirements.txt pins the whole closure with hashes, so
-  # --no-deps installs exactly that set.
-  PIP_CONFIG_FILE=/dev/null "$REL/bin/python" -m pip --isolated install --no-index \
-    --find-links "$BUNDLE/wheels" --require-hashes --only-binary=:all: --no-deps \
-    -r "$BUNDLE/requirements.txt" ||
-    die 5 "pip could not install the bundled wheels into $REL (see pip's messages above); nothing was switched"
+  if [[ $INSTALLER != pip ]] && unpack_uv; then
+    install_with_uv
+  else
+    install_with_pip
+  fi
 
   "$REL/bin/gpustack" version ||
     die 5 "the installed '$REL/bin/gpustack version' failed (see above); nothing was switched"
@@ -347,6 +370,64 @@ install_release() {
   touch -- "$REL/.complete"
   PARTIAL=""
   trap - EXIT INT TERM
+}
+
+# Unpack the uv program from the bundle's uv wheel (its sha256 was checked with the rest) into
+# a private folder beside the releases, and check that it runs here; on failure say why and
+# return 1 (pip installs instead), unless --installer uv asked for uv.
+unpack_uv() {
+  UV_DIR=$PREFIX/releases/.uv-$$
+  rm -rf -- "$UV_DIR"
+  local why
+  if why=$("$PY" -I -c 'import os, shutil, sys, zipfile
+wheel, dest = sys.argv[1], sys.argv[2]
+with zipfile.ZipFile(wheel) as z:
+    names = [n for n in z.namelist() if n.endswith(".data/scripts/uv")]
+    if len(names) != 1:
+        sys.exit(wheel + " holds no uv program")
+    os.makedirs(dest)
+    with z.open(names[0]) as src, open(os.path.join(dest, "uv"), "wb") as out:
+        shutil.copyfileobj(src, out)
+os.chmod(os.path.join(dest, "uv"), 0o755)' "$BUNDLE/$INSTALLER_WHEEL" "$UV_DIR" 2>&1) &&
+    why=$("$UV_DIR/uv" --version 2>&1); then
+    say "installer: $why (from $INSTALLER_WHEEL)"
+    return 0
+  fi
+  rm -rf -- "$UV_DIR"
+  UV_DIR=""
+  [[ $INSTALLER != uv ]] ||
+    die 5 "--installer uv: the bundled uv cannot run here (${why:-no output}); nothing was switched; pass --installer pip"
+  say "the bundled uv cannot run here (${why:-no output}); installing with pip instead"
+  return 1
+}
+
+# The same hashed wheels, installed and byte-compiled by uv: no index, no network, no uv
+# configuration of the site (--no-config, and no UV_* variable reaches it), its cache a private
+# folder on the prefix's file system, removed afterwards.
+install_with_uv() {
+  say "installing $REQUIREMENT from the bundled wheels with uv"
+  (
+    for var in $(compgen -e); do
+      if [[ $var == UV_* ]]; then unset "$var"; fi
+    done
+    UV_CACHE_DIR=$UV_DIR/cache "$UV_DIR/uv" pip install --offline --no-index --no-config \
+      --python "$REL/bin/python" --find-links "$BUNDLE/wheels" --require-hashes \
+      --only-binary :all: --no-deps --compile-bytecode -r "$BUNDLE/requirements.txt"
+  ) || die 5 "uv could not install the bundled wheels into $REL (see uv's messages above); nothing was switched; install.sh --installer pip installs the same wheels with pip"
+  rm -rf -- "$UV_DIR"
+  UV_DIR=""
+}
+
+install_with_pip() {
+  say "installing $REQUIREMENT from the bundled wheels with pip"
+  # The site's pip configuration (pip.conf constraints, find-links, user=true, PIP_* variables)
+  # must not change what gets installed: PIP_CONFIG_FILE=/dev/null skips every config file and
+  # --isolated ignores PIP_* variables. requirements.txt pins the whole closure with hashes, so
+  # --no-deps installs exactly that set.
+  PIP_CONFIG_FILE=/dev/null "$REL/bin/python" -m pip --isolated install --no-index \
+    --find-links "$BUNDLE/wheels" --require-hashes --only-binary=:all: --no-deps \
+    -r "$BUNDLE/requirements.txt" ||
+    die 5 "pip could not install the bundled wheels into $REL (see pip's messages above); nothing was switched"
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,7 @@ GPUSTACK_VERSION = "0.7.1"
 README_KEYS = {
     "BUNDLE_CELL", "GPUSTACK_VERSION", "TARGET_OS", "TARGET_ARCH", "TARGET_DEVICE",
     "TARGET_PYTHON", "TARGET_EXTRAS", "GLIBC_FLOOR", "CUDA_FLOOR", "ROCM_FLOOR", "REQUIREMENT",
-    "TOOLS_ARCHIVE", "IMAGE_ARCHIVE", "IMAGES",
+    "TOOLS_ARCHIVE", "IMAGE_ARCHIVE", "IMAGES", "INSTALLER_WHEEL",
 }  # fmt: skip
 TOOLS_ARCHIVE = "tools/gpustack-tools.tar.gz"
 CHECKER = "check-tools-archive.py"
@@ -166,6 +167,7 @@ def bundle_env(**overrides: str) -> dict[str, str]:
         "ROCM_FLOOR": "",
         "REQUIREMENT": f"gpustack=={GPUSTACK_VERSION}",
         "TOOLS_ARCHIVE": "",
+        "INSTALLER_WHEEL": "",
     }
     env.update(overrides)
     if env["TARGET_DEVICE"].startswith("cuda") and "CUDA_FLOOR" not in overrides:
@@ -194,20 +196,30 @@ def render_readme(template: Path, env: dict[str, str]) -> str:
 
 
 def make_bundle(
-    where: Path, wheel: Path, *, tools_archive: Path | None = None, **overrides: str
+    where: Path,
+    wheel: Path,
+    *,
+    tools_archive: Path | None = None,
+    installer: Path | None = None,
+    **overrides: str,
 ) -> Path:
     """A complete bundle folder, laid out as the build writes it, around `wheel`.
 
     With `tools_archive`, that file is carried as tools/gpustack-tools.tar.gz and named in
-    bundle.env; check-tools-archive.py is in every bundle, as install.sh is.
+    bundle.env; check-tools-archive.py is in every bundle, as install.sh is. With `installer`,
+    that uv wheel is carried in wheels/ and named as INSTALLER_WHEEL, outside requirements.txt.
     """
     if tools_archive is not None:
         overrides.setdefault("TOOLS_ARCHIVE", TOOLS_ARCHIVE)
+    if installer is not None:
+        overrides.setdefault("INSTALLER_WHEEL", f"wheels/{installer.name}")
     env = bundle_env(**overrides)
     bundle = where / "bundle"
     wheels = bundle / "wheels"
     (wheels / "simple" / "gpustack").mkdir(parents=True)
     shutil.copy2(wheel, wheels / wheel.name)
+    if installer is not None:
+        shutil.copy2(installer, wheels / installer.name)
     digest = sha256_file(wheel)
     (wheels / "simple" / "index.html").write_text('<a href="gpustack/">gpustack</a>\n')
     (wheels / "simple" / "gpustack" / "index.html").write_text(
@@ -780,6 +792,161 @@ def test_install_usage(tmp_path: Path, gpustack_wheel: Path) -> None:
     bad = run_script(bundle, "install.sh", "--frobnicate")
     assert bad.returncode == 2
     assert bad.stderr.startswith("install.sh: error: unknown argument: --frobnicate")
+
+
+# ---------------------------------------------------------------------------------------------
+# The installer: the bundle's uv, pip where uv cannot run
+
+
+def wheel_of_program(dest: Path, program: bytes, version: str) -> Path:
+    """A wheel laid out as PyPI's uv wheels are: the program in uv-VERSION.data/scripts/."""
+    tag = f"manylinux_2_17_{platform.machine()}"
+    path = dest / f"uv-{version}-py3-none-{tag}.whl"
+    dest.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        script = zipfile.ZipInfo(f"uv-{version}.data/scripts/uv")
+        script.external_attr = 0o100755 << 16
+        zf.writestr(script, program)
+        meta = f"uv-{version}.dist-info"
+        zf.writestr(f"{meta}/METADATA", f"Metadata-Version: 2.1\nName: uv\nVersion: {version}\n")
+        zf.writestr(
+            f"{meta}/WHEEL", f"Wheel-Version: 1.0\nRoot-Is-Purelib: false\nTag: py3-none-{tag}\n"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def uv_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The uv this project runs, in a wheel shaped like PyPI's (the build bundles PyPI's own)."""
+    import uv
+
+    binary = Path(uv.find_uv_bin())
+    version = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, check=True
+    ).stdout.split()[1]
+    return wheel_of_program(tmp_path_factory.mktemp("uv"), binary.read_bytes(), version)
+
+
+def compiled(prefix: Path) -> list[Path]:
+    return list((prefix / "current").glob("lib/python*/site-packages/gpustack/__pycache__/*.pyc"))
+
+
+@pytest.mark.target
+def test_install_installs_with_the_bundled_uv_and_byte_compiles(
+    tmp_path: Path, gpustack_wheel: Path, uv_wheel: Path
+) -> None:
+    bundle = make_bundle(tmp_path, gpustack_wheel, installer=uv_wheel)
+    prefix = tmp_path / "prefix"
+
+    proc = install(bundle, prefix)
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_installed(prefix, bundle)
+    assert f"install.sh: installer: uv {uv_wheel.name.split('-')[1]}" in proc.stdout
+    assert "from the bundled wheels with uv" in proc.stdout
+    assert compiled(prefix), "uv byte-compiled nothing"
+    # the unpacked uv and its cache are gone; the site's venv is a plain one, uv not in it
+    assert sorted(p.name for p in (prefix / "releases").iterdir()) == [release_name(bundle)]
+    assert not list((prefix / "current").glob("lib/python*/site-packages/uv*"))
+
+
+@pytest.mark.target
+def test_install_with_installer_pip_uses_pip(
+    tmp_path: Path, gpustack_wheel: Path, uv_wheel: Path
+) -> None:
+    bundle = make_bundle(tmp_path, gpustack_wheel, installer=uv_wheel)
+    prefix = tmp_path / "prefix"
+
+    proc = install(bundle, prefix, "--installer", "pip")
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert_installed(prefix, bundle)
+    assert "from the bundled wheels with pip" in proc.stdout
+    assert "installer: uv" not in proc.stdout
+
+
+@pytest.mark.target
+def test_a_uv_that_cannot_run_here_falls_back_to_pip_unless_uv_was_asked_for(
+    tmp_path: Path, gpustack_wheel: Path
+) -> None:
+    # a program for no machine at all: exec fails as it would for another arch without qemu
+    broken = wheel_of_program(tmp_path / "uv", b"\x7fELF\x02\x01\x01 not a program", "0.13.9")
+    bundle = make_bundle(tmp_path, gpustack_wheel, installer=broken)
+    prefix = tmp_path / "prefix"
+
+    forced = install(bundle, prefix, "--installer", "uv")
+    assert forced.returncode == 5, forced.stdout + forced.stderr
+    assert "--installer uv: the bundled uv cannot run here" in forced.stderr
+    assert "pass --installer pip" in forced.stderr
+    assert not list((prefix / "releases").iterdir())  # no partial release, no unpacked uv
+
+    proc = install(bundle, prefix)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "the bundled uv cannot run here" in proc.stdout
+    assert "installing with pip instead" in proc.stdout
+    assert_installed(prefix, bundle)
+
+
+@pytest.mark.target
+def test_a_failed_uv_install_leaves_no_release_and_current_untouched(
+    tmp_path: Path, gpustack_wheel: Path, uv_wheel: Path
+) -> None:
+    good = make_bundle(tmp_path / "good", gpustack_wheel, installer=uv_wheel)
+    prefix = tmp_path / "prefix"
+    assert install(good, prefix).returncode == 0
+    before = snapshot(prefix)
+
+    bad = make_bundle(tmp_path / "bad", gpustack_wheel, installer=uv_wheel, TARGET_EXTRAS="audio")
+    (bad / "requirements.txt").write_text(
+        f"gpustack=={GPUSTACK_VERSION} --hash=sha256:{'0' * 64}\n"
+    )
+    write_sha256sums(bad)  # the bundle is consistent; only the pin is wrong
+    proc = install(bad, prefix)
+
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert "uv could not install the bundled wheels" in proc.stderr
+    assert "--installer pip" in proc.stderr
+    assert snapshot(prefix) == before
+    assert_installed(prefix, good)
+
+
+@pytest.mark.target
+def test_install_with_uv_ignores_the_hosts_uv_configuration(
+    tmp_path: Path, gpustack_wheel: Path, uv_wheel: Path
+) -> None:
+    bundle = make_bundle(tmp_path, gpustack_wheel, installer=uv_wheel)
+    prefix = tmp_path / "prefix"
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("gpustack==0.0.1\n")
+    config = tmp_path / "xdg" / "uv"
+    config.mkdir(parents=True)
+    (config / "uv.toml").write_text('[pip]\nno-binary = ["gpustack"]\n')
+    site = {
+        "UV_CONSTRAINT": str(constraints),
+        "UV_NO_BINARY": "1",
+        "UV_OFFLINE": "false",
+        "XDG_CONFIG_HOME": str(tmp_path / "xdg"),
+    }
+
+    proc = install(bundle, prefix, extra_env=site)
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "with uv" in proc.stdout
+    assert_installed(prefix, bundle)
+
+
+def test_install_refuses_installer_values_it_cannot_honour(
+    tmp_path: Path, gpustack_wheel: Path
+) -> None:
+    bundle = make_bundle(tmp_path, gpustack_wheel)  # no uv in it
+    prefix = tmp_path / "prefix"
+    unknown = install(bundle, prefix, "--installer", "conda")
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip() == "install.sh: error: --installer conda: give uv or pip"
+    absent = install(bundle, prefix, "--installer", "uv", "--skip-preflight")
+    assert absent.returncode == 2
+    assert "this bundle carries no uv (no INSTALLER_WHEEL in bundle.env)" in absent.stderr
+    assert not prefix.exists()
 
 
 # ---------------------------------------------------------------------------------------------

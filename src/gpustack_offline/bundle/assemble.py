@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from packaging.utils import canonicalize_name
+
 from gpustack_offline import __version__
 from gpustack_offline.bundle import provenance, sbom
 from gpustack_offline.core.files import (
@@ -46,7 +48,10 @@ class Result:
 
 
 def bundle_env(
-    cell: Cell, tools_archive: str = "", images: Sequence[images_.ExportedImage] = ()
+    cell: Cell,
+    tools_archive: str = "",
+    images: Sequence[images_.ExportedImage] = (),
+    installer_wheel: str = "",
 ) -> dict[str, str]:
     return {
         "BUNDLE_CELL": cell.id,
@@ -62,6 +67,8 @@ def bundle_env(
         "ROCM_FLOOR": cell.rocm or "",
         "REQUIREMENT": cell.requirement,
         "TOOLS_ARCHIVE": tools_archive,
+        # the uv wheel install.sh installs the wheelhouse with (pip when empty or --installer pip)
+        "INSTALLER_WHEEL": installer_wheel,
         "IMAGE_ARCHIVE": IMAGE_ARCHIVE if images else "",
         # comma-separated: bundle.env is read by sh and PowerShell, so no value has a space
         "IMAGES": ",".join(_familiar(i.reference) for i in images),
@@ -122,10 +129,14 @@ def assemble(
         add(tools.BUNDLE_PATH, "tools", f"gpustack {cell.version} download-tools")
     if images:
         add(IMAGE_ARCHIVE, "images", "registry pull (see images)")
-    env = bundle_env(cell, tools.BUNDLE_PATH if tools_archive else "", images)
+    installer = lock.installer_names() if lock else set()
+    installer_wheel = next(
+        (f"wheels/{w.filename}" for w in wheels if canonicalize_name(w.name) in installer), ""
+    )
+    env = bundle_env(cell, tools.BUNDLE_PATH if tools_archive else "", images, installer_wheel)
     texts = {"bundle.env": "".join(f"{k}={v}\n" for k, v in env.items())}
     if lock is not None:
-        texts["requirements.txt"] = requirements_txt(cell, wheels)
+        texts["requirements.txt"] = requirements_txt(cell, wheels, installer)
         texts["lock/pylock.toml"] = lock.path.read_text()
     for rel, text in texts.items():
         (stage / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,7 @@ class Cell:
     rocm: str | None = field(default=None, compare=False)
     glibc: str | None = field(default=None, compare=False)
     uv_platform: str = field(default="", compare=False)
+    installer: str = field(default="", compare=False)  # a requirement, e.g. "uv==0.13.9"
     extra_names: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -183,6 +184,7 @@ class Matrix:
             rocm=self._devices[axes["device"]].get("rocm"),
             glibc=os_data.get("glibc"),
             uv_platform=os_data.get("uv-platform", {}).get(axes["arch"], ""),
+            installer=os_data.get("installer", "") if axes["method"] == "pip" else "",
             extra_names=tuple(self._extras[axes["extras"]]),
         )
 

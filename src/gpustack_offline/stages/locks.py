@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from gpustack_offline.core.downloads import session, short_reason
 from gpustack_offline.core.errors import CommandError, LockError
@@ -36,6 +38,7 @@ class Inputs:
     """Everything that decides a cell's wheel set."""
 
     requirements: tuple[str, ...]
+    installer: tuple[str, ...] = ()  # resolved with the rest, installed by nothing: it installs
     constraints: tuple[str, ...] = ()
     build_constraints: tuple[str, ...] = ()
     platform: str = ""
@@ -100,6 +103,7 @@ def inputs_for(cell: Cell, overrides: Sequence[Override], index_url: str) -> Inp
     found = matching(overrides, cell)
     return Inputs(
         requirements=(cell.requirement, *(r for o in found for r in o.extra_requirements)),
+        installer=(cell.installer,) if cell.installer else (),
         constraints=tuple(c for o in found for c in o.constraints),
         build_constraints=tuple(c for o in found for c in o.build_constraints),
         platform=cell.uv_platform,
@@ -134,6 +138,10 @@ class Lock:
     cell_id: str
     inputs_digest: str
     packages: tuple[LockedPackage, ...] = field(default=())
+    installer: tuple[str, ...] = ()  # requirements of the site's installer (uv), not of GPUStack
+
+    def installer_names(self) -> set[str]:
+        return {canonicalize_name(Requirement(r).name) for r in self.installer}
 
     def digest(self) -> str:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()
@@ -168,7 +176,13 @@ def read_lock(path: Path) -> Lock:
                 sdist=_file(sdist, where) if sdist else None,
             )
         )
-    return Lock(path, meta.get("cell", ""), meta.get("inputs-digest", ""), tuple(packages))
+    return Lock(
+        path,
+        meta.get("cell", ""),
+        meta.get("inputs-digest", ""),
+        tuple(packages),
+        tuple(meta.get("installer", ())),
+    )
 
 
 def _toml_list(values: Sequence[str]) -> str:
@@ -180,7 +194,12 @@ def make_lock(cell: Cell, inputs: Inputs, locks_dir: Path, cache_dir: Path) -> P
     final = lock_path(locks_dir, cell)
     with tempfile.TemporaryDirectory(prefix="lock-") as tmp_name:
         tmp = Path(tmp_name)
-        (tmp / "requirements.in").write_text("\n".join(inputs.requirements) + "\n")
+        if final.is_file():
+            # uv prefers the versions of an existing output file: a refresh for a new input
+            # moves only what that input needs, not everything released since the last lock
+            (tmp / "pylock.toml").write_bytes(final.read_bytes())
+        wanted = (*inputs.requirements, *inputs.installer)
+        (tmp / "requirements.in").write_text("\n".join(wanted) + "\n")
         argv: list[str | Path] = [
             sys.executable, "-m", "uv", "pip", "compile", tmp / "requirements.in",
             "--python-platform", inputs.platform,
@@ -225,6 +244,7 @@ def make_lock(cell: Cell, inputs: Inputs, locks_dir: Path, cache_dir: Path) -> P
         f"cell = {json.dumps(cell.id)}\n"
         f"inputs-digest = {json.dumps(inputs.digest())}\n"
         f"requirements = {_toml_list(inputs.requirements)}\n"
+        f"installer = {_toml_list(inputs.installer)}\n"
         f"constraints = {_toml_list(inputs.constraints)}\n"
         f"build-constraints = {_toml_list(inputs.build_constraints)}\n"
         f"platform = {json.dumps(inputs.platform)}\n"

@@ -15,7 +15,7 @@ import tarfile
 import tempfile
 import urllib.parse
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Sequence, Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -362,9 +362,11 @@ def check_tags(cell: Cell, wheels: Sequence[Wheel]) -> None:
         )
 
 
-def requirements_txt(cell: Cell, wheels: Sequence[Wheel]) -> str:
-    """The install set for `pip install --require-hashes --no-deps -r`."""
+def requirements_txt(cell: Cell, wheels: Sequence[Wheel], leave_out: Set[str] = frozenset()) -> str:
+    """The install set for `pip install --require-hashes --no-deps -r`: every wheel but those
+    named in `leave_out` (the installer, which installs and is not installed)."""
     top = canonicalize_name("gpustack")
+    wheels = [w for w in wheels if canonicalize_name(w.name) not in leave_out]
     lines = [
         "# Every package of the bundle, pinned to the exact file shipped in wheels/.",
         f"# Cell {cell.id}; install with install.sh, or:",
