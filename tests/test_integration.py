@@ -105,6 +105,53 @@ def test_bundle_from_pypi_installs_and_starts_offline(pip_ctx, built, cell_id):
     assert saved["ok"] is True and saved["cell"] == cell_id
 
 
+def offline_ctx(pip_ctx) -> commands.Context:
+    """The same dist and cache, with every download address dead: a build that fetched one
+    byte would fail."""
+    dead = "http://127.0.0.1:9"
+    cli = {
+        "dist_dir": str(pip_ctx.dist),
+        "cache_dir": str(pip_ctx.cache),
+        "frozen": True,
+        "progress": False,
+        "index_url": f"{dead}/simple",
+        "tools_base_url": dead,
+        "tools_locks_dir": str(pip_ctx.layout.tools_locks),
+    }
+    return commands.Context.load(pip_ctx.root, cli=cli)
+
+
+def test_an_unchanged_cell_is_checked_not_rebuilt_and_a_damaged_one_is_rebuilt(pip_ctx, built):
+    cell_id = CELLS[0]
+    folder = built(cell_id)
+    tar = folder.parent / f"{cell_id}.tar"
+    before = (tar.stat().st_ino, tar.stat().st_mtime_ns, (folder / "manifest.json").read_text())
+    ctx = offline_ctx(pip_ctx)
+    cell = ctx.matrix.cell(cell_id)
+
+    (again,) = commands.build(ctx, [cell])
+    assert again.stages.startswith("unchanged:") and "files checked" in again.stages
+    assert (
+        tar.stat().st_ino,
+        tar.stat().st_mtime_ns,
+        (folder / "manifest.json").read_text(),
+    ) == before
+
+    # a file of the finished bundle changed behind the build's back: checked, found, rebuilt
+    readme = folder / "README.md"
+    readme.write_text(readme.read_text() + "edited\n")
+    (rebuilt,) = commands.build(pip_ctx, [cell])
+    assert rebuilt.stages.startswith("rebuilt")
+    assert "edited" not in (folder / "README.md").read_text()
+    assert tar.stat().st_mtime_ns != before[1]
+    # a changed input is named as the reason
+    (folder.parent / f".{cell_id}.build.json").write_text(
+        (folder.parent / f".{cell_id}.build.json").read_text().replace('"tool": "', '"tool": "0')
+    )
+    (third,) = commands.build(pip_ctx, [cell])
+    assert third.stages == "rebuilt: tool"
+
+
 def test_verification_names_a_damaged_file_and_fails(pip_ctx, built, tmp_path):
     cell_id = CELLS[0]
     damaged = tmp_path / "dist" / cell_id

@@ -45,6 +45,7 @@ class Result:
     bytes: int
     seconds: float
     lock_state: str
+    stages: str = ""  # reused or rebuilt, and why
 
 
 def bundle_env(
@@ -204,7 +205,12 @@ def clear_previous(final_dir: Path, tar: Path) -> None:
 
 
 def result(
-    cell: Cell, final_dir: Path, manifest: dict[str, Any], started: float, lock_state: str
+    cell: Cell,
+    final_dir: Path,
+    manifest: dict[str, Any],
+    started: float,
+    lock_state: str,
+    stages: str = "",
 ) -> Result:
     files = manifest["files"]
     return Result(
@@ -215,4 +221,5 @@ def result(
         bytes=sum(int(f["size"]) for f in files),
         seconds=time.monotonic() - started,
         lock_state=lock_state,
+        stages=stages,
     )

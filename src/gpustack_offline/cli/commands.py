@@ -104,7 +104,7 @@ def build(ctx: Context, cells: Sequence[Cell]) -> list[Result]:
 def summary(results: Sequence[Result]) -> Table:
     table = Table(title="bundles")
     numeric = ("files", "MB", "seconds")
-    for column in ("cell", *numeric, "lock", "bundle"):
+    for column in ("cell", *numeric, "lock", "stages", "bundle"):
         table.add_column(column, justify="right" if column in numeric else "left")
     for r in results:
         table.add_row(
@@ -113,6 +113,7 @@ def summary(results: Sequence[Result]) -> Table:
             f"{r.bytes / 1e6:.1f}",
             f"{r.seconds:.1f}",
             r.lock_state,
+            r.stages,
             _shown(r.tar),
         )
     return table

@@ -4,13 +4,14 @@ every kind; `verify` runs the kind's own check with the common report around it.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from gpustack_offline.bundle import assemble
+from gpustack_offline.bundle import assemble, reuse
 from gpustack_offline.bundle.assemble import IMAGE_ARCHIVE, Result
 from gpustack_offline.bundle.signing import sign
 from gpustack_offline.core.cache import in_use
@@ -95,8 +96,17 @@ def build(ctx: Context, cell: Cell, recipe: Recipe) -> Result:
 
 def _build(ctx: Context, cell: Cell, recipe: Recipe) -> Result:
     started = time.monotonic()
-    parts = recipe.gather(ctx, cell)
     final, tar = ctx.layout.bundle(cell.id), ctx.layout.tar(cell.id)
+    record = reuse.record_path(ctx.layout.dist, cell.id)
+    key = _key(ctx, cell, recipe)
+    checked = reuse.unchanged(record, key, final, tar)
+    if checked is not None:
+        manifest = json.loads((final / "manifest.json").read_text())
+        stages = f"unchanged: {checked} files checked, nothing written"
+        return assemble.result(cell, final, manifest, started, "used", stages)
+    moved = reuse.changed(record, key)
+    reuse.forget(record)
+    parts = recipe.gather(ctx, cell)
     assemble.clear_previous(final, tar)
     with atomic_dir(final) as stage:
         exported = (
@@ -111,7 +121,14 @@ def _build(ctx: Context, cell: Cell, recipe: Recipe) -> Result:
         if ctx.layout.signing_key:
             sign(stage, ctx.layout.signing_key, ctx.opts.signing_passphrase_env or None)
     assemble.write_tar(final, tar)
-    return assemble.result(cell, final, manifest, started, parts.lock_state)
+    # the key again: a lock the gather made or refreshed is an input of what was built
+    reuse.write_record(record, _key(ctx, cell, recipe), tar)
+    stages = "rebuilt: " + ", ".join(moved)
+    return assemble.result(cell, final, manifest, started, parts.lock_state, stages)
+
+
+def _key(ctx: Context, cell: Cell, recipe: Recipe) -> dict[str, str]:
+    return reuse.inputs_key(ctx.root, recipe.inputs(ctx, cell), ctx.layout.signing_key)
 
 
 def verify(ctx: Context, cell: Cell, recipe: Recipe) -> Report:

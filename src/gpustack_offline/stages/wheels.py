@@ -324,7 +324,9 @@ def wheelhouse(
     store = BlobStore(cache, policy)
     files = [(p.name, w) for p, w in to_fetch]
     files += [(p.name, p.sdist) for p in to_build if p.sdist]
-    urls = on_index(index_url, [(name, f.filename) for name, f in files])
+    # only what the cache lacks is looked up: a warm build asks no index anything
+    absent = [(name, f.filename) for name, f in files if not store.has(f.sha256)]
+    urls = on_index(index_url, absent) if absent else {}
     downloads = [
         Download(urls.get(f.filename, f.url), f.sha256, f.size, f.filename) for _, f in files
     ]
