@@ -74,6 +74,8 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
     wheel = "Wheel-Version: 1.0\\nGenerator: tiny\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n"
     files = {{
         "gpustack/__init__.py": Path("gpustack/__init__.py").read_bytes(),
+        "gpustack/cmd/__init__.py": b"",
+        "gpustack/cmd/start.py": b"from gpustack import main  # as upstream's imports the server\\n",
         "gpustack/assets/model-catalog.yaml": b"[]\\n",
         f"{{DIST_INFO}}/METADATA": metadata.encode(),
         f"{{DIST_INFO}}/WHEEL": wheel.encode(),
@@ -827,8 +829,13 @@ def uv_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return wheel_of_program(tmp_path_factory.mktemp("uv"), binary.read_bytes(), version)
 
 
-def compiled(prefix: Path) -> list[Path]:
-    return list((prefix / "current").glob("lib/python*/site-packages/gpustack/__pycache__/*.pyc"))
+def compiled(prefix: Path) -> list[str]:
+    """The package's modules with bytecode, as `gpustack/cmd/start`."""
+    package = next((prefix / "current").glob("lib/python*/site-packages/gpustack"))
+    return sorted(
+        f"{p.parent.parent.relative_to(package.parent)}/{p.name.split('.')[0]}"
+        for p in package.rglob("__pycache__/*.pyc")
+    )
 
 
 @pytest.mark.target
@@ -844,7 +851,9 @@ def test_install_installs_with_the_bundled_uv_and_byte_compiles(
     assert_installed(prefix, bundle)
     assert f"install.sh: installer: uv {uv_wheel.name.split('-')[1]}" in proc.stdout
     assert "from the bundled wheels with uv" in proc.stdout
-    assert compiled(prefix), "uv byte-compiled nothing"
+    # what `gpustack start` loads was compiled in the install, so its first start compiles none
+    assert compiled(prefix) == ["gpustack/__init__", "gpustack/cmd/__init__", "gpustack/cmd/start"]
+    assert "byte-compiling what gpustack start loads" in proc.stdout
     # the unpacked uv and its cache are gone; the site's venv is a plain one, uv not in it
     assert sorted(p.name for p in (prefix / "releases").iterdir()) == [release_name(bundle)]
     assert not list((prefix / "current").glob("lib/python*/site-packages/uv*"))
