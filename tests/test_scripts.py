@@ -75,7 +75,7 @@ def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
     files = {{
         "gpustack/__init__.py": Path("gpustack/__init__.py").read_bytes(),
         "gpustack/cmd/__init__.py": b"",
-        "gpustack/cmd/start.py": b"from gpustack import main  # as upstream's imports the server\\n",
+        "gpustack/cmd/start.py": b"from gpustack import main  # imports, as upstream's does\\n",
         "gpustack/assets/model-catalog.yaml": b"[]\\n",
         f"{{DIST_INFO}}/METADATA": metadata.encode(),
         f"{{DIST_INFO}}/WHEEL": wheel.encode(),

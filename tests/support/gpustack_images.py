@@ -20,6 +20,12 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from gpustack_offline.core.matrix import Cell, Matrix
+from gpustack_offline.core.safety import safe_extract_tar
+from gpustack_offline.stages import tools
+from gpustack_offline.stages.locks import load_overrides, lock_path, read_lock
+from gpustack_offline.stages.registry import Platform
+from gpustack_offline.stages.wheels import wheelhouse
 from support.registry_fixture import (
     OCI_LAYER,
     Blob,
@@ -31,13 +37,6 @@ from support.registry_fixture import (
     make_image,
     tar_layer,
 )
-
-from gpustack_offline.core.matrix import Cell, Matrix
-from gpustack_offline.core.safety import safe_extract_tar
-from gpustack_offline.stages import tools
-from gpustack_offline.stages.locks import load_overrides, lock_path, read_lock
-from gpustack_offline.stages.registry import Platform
-from gpustack_offline.stages.wheels import wheelhouse
 
 VERSION = "0.7.1"
 TAGS = {"cuda12.4": "v0.7.1", "cpu": "v0.7.1-cpu", "cuda12.8": "v0.7.1-cuda12.8"}
