@@ -39,9 +39,9 @@ CELLS = [
 VERIFIED = [CELLS[0], *(pytest.param(c, marks=pytest.mark.heavy) for c in CELLS[1:])]
 BUILD_ONLY = CELLS[1:]
 VERIFY_STEPS = [
-    "isolation", "sums", "preflight", "install", "cli",
-    "start-upstream", "healthz-upstream", "worker-upstream", "ui-upstream", "stop-upstream",
-    "start-site", "healthz-site", "worker-site", "ui-site", "tools-offline", "tools", "egress",
+    "isolation", "sums", "preflight", "install", "cli", "start-upstream", "start-site",
+    "healthz-upstream", "worker-upstream", "ui-upstream", "healthz-site", "worker-site", "ui-site",
+    "tools-offline", "tools", "egress",
 ]  # fmt: skip
 
 

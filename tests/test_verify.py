@@ -154,7 +154,7 @@ def test_the_tool_check_calls_a_file_that_is_no_elf_by_its_name(tmp_path) -> Non
 
 @pytest.mark.parametrize(
     "name",
-    ["ui_visit.py", "health_probe.py", "isolation.py", "stop_gpustack.py", "check_tools.py"],
+    ["ui_visit.py", "health_probe.py", "isolation.py", "check_tools.py"],
 )
 def test_the_scripts_run_in_a_target_parse_as_python_3_8_with_the_standard_library(name) -> None:
     """They run with the target's python3 (a GPUStack image's may be older than the host's)."""

@@ -308,6 +308,20 @@ def container(
             box.remove(force=True)
 
 
+@contextlib.contextmanager
+def volume(name_hint: str) -> Iterator[Path]:
+    """A fresh named volume, removed afterwards; as a `mounts` key of `container()` (a name,
+    not a path: Docker mounts the volume) it shares one folder between containers."""
+    import docker.errors
+
+    made = client().volumes.create(f"{name_hint}-{int(time.time() * 1000) % 10**9}")
+    try:
+        yield Path(made.name)
+    finally:
+        with contextlib.suppress(docker.errors.APIError):
+            made.remove(force=True)
+
+
 def exec_in(
     box: Container, argv: Sequence[str], *, env: Mapping[str, str] | None = None
 ) -> tuple[int, str]:

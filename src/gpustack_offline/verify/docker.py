@@ -251,7 +251,7 @@ def _run_audited(
     timeout: int,
     report: Report,
 ) -> AuditedRun:
-    """Run the image with `env` and the sinkhole as its resolver, as `start_audited` does for a
+    """Run the image with `env` and the sinkhole as its resolver, as `verify.pip.launch` does for a
     pip install: health of server and worker, an admin login, the first background tasks."""
     engine, hole, dns = audit
     mark = len(egress.read_events(hole))

@@ -190,6 +190,39 @@ def audited_container(
         yield Audit(box, hole)
 
 
+@contextlib.contextmanager
+def audited_twin(
+    audit: Audit,
+    image: str,
+    *,
+    mounts: Mapping[Path, str] | None = None,
+    read_only: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    name_hint: str = "audit-twin",
+) -> Iterator[Container]:
+    """A second target beside `audit.box`: the same network, the same sinkhole as its only
+    resolver. The sinkhole's events tell the two apart by their client address (`address_of`),
+    so both can be audited at once."""
+    with (
+        resolver_mounts(audit.sinkhole) as dns,
+        container(
+            image,
+            network=audit.sinkhole.network,
+            mounts={**(mounts or {}), **dns},
+            read_only=[*read_only, RESOLV_CONF],
+            env=env,
+            name_hint=name_hint,
+        ) as box,
+    ):
+        yield box
+
+
+def address_of(box: Container, network: str) -> str:
+    """The container's address on `network`: the `client` of its events at the sinkhole."""
+    box.reload()
+    return str(box.attrs["NetworkSettings"]["Networks"][network]["IPAddress"])
+
+
 def parse_events(text: str) -> list[dict[str, Any]]:
     """Events from the JSON lines file; a last line still being written is left for later."""
     complete, _, _ = text.rpartition("\n")

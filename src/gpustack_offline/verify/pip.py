@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from gpustack_offline import payload
-from gpustack_offline.core.docker import base_image, exec_in, internal_network
+from gpustack_offline.core.docker import base_image, exec_in, internal_network, volume
 from gpustack_offline.core.errors import VerifyError
 from gpustack_offline.core.matrix import Cell
 from gpustack_offline.verify import egress
@@ -44,10 +45,9 @@ PREFIX = "/opt/gpustack"
 PORT = 8080
 # Scripts run in the target as `python3 -c TEXT ARG...` (payload/*.py): names resolve only to the
 # sinkhole and a public address does not answer; every bundled tool runs (with the installed
-# release's Python); every gpustack process is stopped and its ports are free.
+# release's Python).
 ISOLATION = payload.path("isolation.py").read_text()
 TOOLS_EXEC = payload.path("check_tools.py").read_text()
-STOP = payload.path("stop_gpustack.py").read_text()
 # The documented start, and the one install.sh configures for an air-gapped site.
 UPSTREAM_START = f"exec {PREFIX}/bin/gpustack start"
 SITE_START = (
@@ -69,23 +69,40 @@ def verify_pip(
     report: Report,
     allowlist: Sequence[str],
 ) -> Report:
-    """A pip bundle in a clean container of its target, as the module's doc says."""
+    """A pip bundle in a clean container of its target, as the module's doc says.
+
+    The install goes into a volume that a second container of the same image shares: upstream's
+    plain start runs there while the configured start runs in the first, both at once, and the
+    sinkhole tells their attempts apart by address. The two share one settling time."""
     image = base_image(cell.arch, cache, mirror)
     mounts = {bundle_dir.resolve(): "/bundle", audit_hook(): "/opt/egress-audit"}
+    read_only = list(mounts.values())
     env = {}
     if cell.cuda:
         # No GPU here: a stand-in nvidia-smi reports a driver of exactly the cell's floor.
         mounts[_fake_nvidia_smi()] = "/usr/local/bin/nvidia-smi"
+        read_only.append("/usr/local/bin/nvidia-smi")
         env["FAKE_NVIDIA_CUDA"] = cell.cuda
-    with egress.audited_container(
-        image,
-        network=internal_network(),
-        sinkhole_image=base_image(HOST_ARCH, cache, mirror),
-        mounts=mounts,
-        read_only=list(mounts.values()),
-        env=env,
-        name_hint=f"verify-{cell.arch}",
-    ) as audit:
+    with (
+        volume("gpustack-offline-verify-prefix") as prefix,
+        egress.audited_container(
+            image,
+            network=internal_network(),
+            sinkhole_image=base_image(HOST_ARCH, cache, mirror),
+            mounts={**mounts, prefix: PREFIX},
+            read_only=read_only,
+            env=env,
+            name_hint=f"verify-{cell.arch}",
+        ) as audit,
+        egress.audited_twin(
+            audit,
+            image,
+            mounts={**mounts, prefix: PREFIX},
+            read_only=read_only,
+            env=env,
+            name_hint=f"verify-{cell.arch}-upstream",
+        ) as twin,
+    ):
         box = audit.box
 
         def step(name: str, argv: list[str]) -> Step:
@@ -105,12 +122,23 @@ def verify_pip(
         step("cli", [f"{PREFIX}/bin/gpustack", "version"])
         installing = egress.read_events(audit.sinkhole)[mark:]
 
-        # upstream's plain recipe on the same install: measured and audited, never judged
-        upstream = start_audited(audit, cell, report, "upstream", UPSTREAM_START, env, timeout)
+        # upstream's plain recipe on the same install, beside the configured start: measured
+        # and audited, never judged
+        network = audit.sinkhole.network
+        starts = [
+            Start(twin, "upstream", UPSTREAM_START, egress.address_of(twin, network)),
+            Start(box, "site", SITE_START, egress.address_of(box, network)),
+        ]
+        mark = len(egress.read_events(audit.sinkhole))
+        for start in starts:
+            launch(cell, report, start, env)
+        for start in starts:
+            observe(cell, report, start, timeout)
+        time.sleep(SETTLE)
+        events = egress.collect(audit.sinkhole)[mark:]
+        upstream, site = (finish(start, events) for start in starts)
         report.upstream = upstream.summary()
-        stop_gpustack(box, cell, report)
 
-        site = start_audited(audit, cell, report, "site", SITE_START, env, timeout)
         report.seconds_to_healthz = site.seconds_to_healthz
         report.seconds_to_worker = site.seconds_to_worker
         if "TOOLS_ARCHIVE=tools/" in (bundle_dir / "bundle.env").read_text():
@@ -124,55 +152,63 @@ def verify_pip(
     return report
 
 
-def start_audited(
-    audit: egress.Audit,
-    cell: Cell,
-    report: Report,
-    name: str,
-    command: str,
-    env: dict[str, str],
-    timeout: int,
-) -> AuditedRun:
-    """Start GPUStack with `command`, wait for server and worker, visit the UI as admin, let the
-    first background tasks run, and collect every outside attempt made meanwhile."""
-    box = audit.box
-    data_dir, log, calls = f"/var/lib/gpustack-{name}", f"/tmp/gpustack-{name}.log", AUDIT_LOG
-    mark = len(egress.read_events(audit.sinkhole))
-    full = f"{command} --debug --port {PORT} --data-dir {data_dir}"
-    launch = 'setsid sh -c "$1" >"$2" 2>&1 & echo $! > /tmp/gpustack.pid'
-    run_env = {**env, "PYTHONPATH": "/opt/egress-audit", "GPUSTACK_EGRESS_AUDIT_LOG": calls}
-    exec_in(box, ["rm", "-f", calls])
-    code, out = exec_in(box, ["sh", "-c", launch, "sh", full, log], env=run_env)
-    report.steps.append(Step(f"start-{name}", code, 0.0, full))
+@dataclass
+class Start:
+    """One audited `gpustack start`: where it runs, how, and when it began."""
+
+    box: Container
+    name: str
+    command: str
+    address: str  # the container's address: the `client` of its events at the sinkhole
+    launched: float = 0.0
+    healthz: float = 0.0
+    worker: float = 0.0
+
+    @property
+    def log(self) -> str:
+        return f"/tmp/gpustack-{self.name}.log"
+
+
+def launch(cell: Cell, report: Report, start: Start, env: dict[str, str]) -> None:
+    """Start GPUStack in the background with a fresh data dir and the audit hook."""
+    data_dir = f"/var/lib/gpustack-{start.name}"
+    full = f"{start.command} --debug --port {PORT} --data-dir {data_dir}"
+    background = 'setsid sh -c "$1" >"$2" 2>&1 & echo $! > /tmp/gpustack.pid'
+    run_env = {**env, "PYTHONPATH": "/opt/egress-audit", "GPUSTACK_EGRESS_AUDIT_LOG": AUDIT_LOG}
+    exec_in(start.box, ["rm", "-f", AUDIT_LOG])
+    code, _ = exec_in(start.box, ["sh", "-c", background, "sh", full, start.log], env=run_env)
+    start.launched = time.monotonic()
+    report.steps.append(Step(f"start-{start.name}", code, 0.0, full))
     if code != 0:
         raise VerifyError(failure(cell, report.steps[-1]))
-    started = time.monotonic()
-    healthz = wait_healthy(box, cell, report, f"healthz-{name}", PORT, timeout, log)
-    left = timeout - (time.monotonic() - started)
-    # seconds from the start, like /healthz's
-    worker = healthz + wait_healthy(box, cell, report, f"worker-{name}", WORKER_PORT, left, log)
-    password = f"{data_dir}/initial_admin_password"
+
+
+def observe(cell: Cell, report: Report, start: Start, timeout: int) -> None:
+    """Wait for the server and the worker (seconds from the launch), then log in to the UI as
+    admin, as an operator does first."""
+    box, since = start.box, start.launched
+    start.healthz = wait_healthy(
+        box, cell, report, f"healthz-{start.name}", PORT, timeout, start.log, since
+    )
+    start.worker = wait_healthy(
+        box, cell, report, f"worker-{start.name}", WORKER_PORT, timeout, start.log, since
+    )
+    password = f"/var/lib/gpustack-{start.name}/initial_admin_password"
     _, visited = exec_in(box, ["python3", "-c", UI_VISIT, f"http://127.0.0.1:{PORT}", password])
     # a login that works proves this start (with its fresh data dir) is the one answering
     logged_in = "/auth/login 200" in visited
-    report.steps.append(Step(f"ui-{name}", 0 if logged_in else 1, 0.0, visited))
+    report.steps.append(Step(f"ui-{start.name}", 0 if logged_in else 1, 0.0, visited))
     if not logged_in:
         raise VerifyError(failure(cell, report.steps[-1], "the admin could not log in"))
-    time.sleep(SETTLE)
-    events = egress.collect(audit.sinkhole)[mark:]
-    _, hook = exec_in(box, ["sh", "-c", f"cat {calls} 2>/dev/null || true"])
-    _, text = exec_in(box, ["cat", log])
+
+
+def finish(start: Start, events: list[dict[str, Any]]) -> AuditedRun:
+    """The start's own attempts (by its address), its audit hook's records and its log."""
+    mine = [e for e in events if e.get("client", start.address) == start.address]
+    _, hook = exec_in(start.box, ["sh", "-c", f"cat {AUDIT_LOG} 2>/dev/null || true"])
+    _, text = exec_in(start.box, ["cat", start.log])
     records = [json.loads(line) for line in hook.splitlines() if line.startswith("{")]
-    return AuditedRun(name, healthz, worker, events, records, text)
-
-
-def stop_gpustack(box: Container, cell: Cell, report: Report) -> None:
-    """Stop the first start completely, so that the second one is measured on its own."""
-    started = time.monotonic()
-    code, out = exec_in(box, ["python3", "-c", STOP, str(PORT), str(WORKER_PORT)])
-    report.steps.append(Step("stop-upstream", code, round(time.monotonic() - started, 1), out))
-    if code != 0:
-        raise VerifyError(failure(cell, report.steps[-1]))
+    return AuditedRun(start.name, start.healthz, start.worker, mine, records, text)
 
 
 def wait_healthy(
@@ -183,9 +219,11 @@ def wait_healthy(
     port: int,
     timeout: float,
     log: str = "/tmp/gpustack.log",
+    since: float | None = None,
 ) -> float:
-    """Poll /healthz on `port` inside the container; the seconds it took, or VerifyError."""
-    started = time.monotonic()
+    """Poll /healthz on `port` inside the container; the seconds since `since` (default: now)
+    until it answered, or VerifyError past `timeout` of them."""
+    started = time.monotonic() if since is None else since
     while True:
         code, _ = exec_in(box, ["python3", "-c", HEALTH_PROBE, str(port)])
         waited = round(time.monotonic() - started, 1)
