@@ -40,7 +40,7 @@ VERIFIED = [CELLS[0], *(pytest.param(c, marks=pytest.mark.heavy) for c in CELLS[
 BUILD_ONLY = CELLS[1:]
 VERIFY_STEPS = [
     "isolation", "sums", "preflight", "install", "cli", "start-upstream", "start-site",
-    "healthz-upstream", "worker-upstream", "ui-upstream", "healthz-site", "worker-site", "ui-site",
+    "healthz-upstream", "healthz-site", "worker-upstream", "worker-site", "ui-upstream", "ui-site",
     "tools-offline", "tools", "egress",
 ]  # fmt: skip
 

@@ -132,8 +132,7 @@ def verify_pip(
         mark = len(egress.read_events(audit.sinkhole))
         for start in starts:
             launch(cell, report, start, env)
-        for start in starts:
-            observe(cell, report, start, timeout)
+        observe(cell, report, starts, timeout)
         time.sleep(SETTLE)
         events = egress.collect(audit.sinkhole)[mark:]
         upstream, site = (finish(start, events) for start in starts)
@@ -183,23 +182,31 @@ def launch(cell: Cell, report: Report, start: Start, env: dict[str, str]) -> Non
         raise VerifyError(failure(cell, report.steps[-1]))
 
 
-def observe(cell: Cell, report: Report, start: Start, timeout: int) -> None:
-    """Wait for the server and the worker (seconds from the launch), then log in to the UI as
-    admin, as an operator does first."""
-    box, since = start.box, start.launched
-    start.healthz = wait_healthy(
-        box, cell, report, f"healthz-{start.name}", PORT, timeout, start.log, since
-    )
-    start.worker = wait_healthy(
-        box, cell, report, f"worker-{start.name}", WORKER_PORT, timeout, start.log, since
-    )
-    password = f"/var/lib/gpustack-{start.name}/initial_admin_password"
-    _, visited = exec_in(box, ["python3", "-c", UI_VISIT, f"http://127.0.0.1:{PORT}", password])
-    # a login that works proves this start (with its fresh data dir) is the one answering
-    logged_in = "/auth/login 200" in visited
-    report.steps.append(Step(f"ui-{start.name}", 0 if logged_in else 1, 0.0, visited))
-    if not logged_in:
-        raise VerifyError(failure(cell, report.steps[-1], "the admin could not log in"))
+def observe(cell: Cell, report: Report, starts: Sequence[Start], timeout: int) -> None:
+    """Wait for every start's server, then every worker, polling them in turn so that each
+    figure is the seconds from its own launch; then log in to each UI as admin, as an operator
+    does first."""
+    for port, kind in ((PORT, "healthz"), (WORKER_PORT, "worker")):
+        answered: dict[str, float] = {}
+        while len(answered) < len(starts):
+            for start in starts:
+                if start.name not in answered and healthy(cell, report, start, port, kind, timeout):
+                    answered[start.name] = round(time.monotonic() - start.launched, 1)
+            if len(answered) < len(starts):
+                time.sleep(1)
+        for start in starts:
+            seconds = answered[start.name]
+            setattr(start, kind, seconds)
+            report.steps.append(Step(f"{kind}-{start.name}", 0, seconds, f"200 OK on port {port}"))
+    for start in starts:
+        password = f"/var/lib/gpustack-{start.name}/initial_admin_password"
+        url = f"http://127.0.0.1:{PORT}"
+        _, visited = exec_in(start.box, ["python3", "-c", UI_VISIT, url, password])
+        # a login that works proves this start (with its fresh data dir) is the one answering
+        logged_in = "/auth/login 200" in visited
+        report.steps.append(Step(f"ui-{start.name}", 0 if logged_in else 1, 0.0, visited))
+        if not logged_in:
+            raise VerifyError(failure(cell, report.steps[-1], "the admin could not log in"))
 
 
 def finish(start: Start, events: list[dict[str, Any]]) -> AuditedRun:
@@ -211,36 +218,25 @@ def finish(start: Start, events: list[dict[str, Any]]) -> AuditedRun:
     return AuditedRun(start.name, start.healthz, start.worker, mine, records, text)
 
 
-def wait_healthy(
-    box: Container,
-    cell: Cell,
-    report: Report,
-    name: str,
-    port: int,
-    timeout: float,
-    log: str = "/tmp/gpustack.log",
-    since: float | None = None,
-) -> float:
-    """Poll /healthz on `port` inside the container; the seconds since `since` (default: now)
-    until it answered, or VerifyError past `timeout` of them."""
-    started = time.monotonic() if since is None else since
-    while True:
-        code, _ = exec_in(box, ["python3", "-c", HEALTH_PROBE, str(port)])
-        waited = round(time.monotonic() - started, 1)
-        if code == 0:
-            report.steps.append(Step(name, 0, waited, f"200 OK on port {port}"))
-            return waited
-        # A worker that reaches for a tool never gets healthy: say so at once, with the lines.
-        signs = [arg for sign in DOWNLOAD_SIGNS for arg in ("-e", sign)]
-        reached, _ = exec_in(box, ["grep", "-q", "-F", *signs, log])
-        if reached == 0:
-            _, text = exec_in(box, ["cat", log])
-            offline_tools_step(cell, text)
-        alive, _ = exec_in(box, ["sh", "-c", 'kill -0 "$(cat /tmp/gpustack.pid)"'])
-        if alive != 0 or waited > timeout:
-            _, tail = exec_in(box, ["tail", "-n", "60", log])
-            why = "exited" if alive != 0 else f"did not answer /healthz on {port} in {timeout:.0f}s"
-            result = Step(name, 1, waited, tail)
-            report.steps.append(result)
-            raise VerifyError(failure(cell, result, f"gpustack start {why}"))
-        time.sleep(3)
+def healthy(cell: Cell, report: Report, start: Start, port: int, kind: str, timeout: float) -> bool:
+    """One probe of /healthz on `port` in the start's container. A start that exited, reached
+    for a tool, or is past `timeout` seconds from its launch is a VerifyError."""
+    box = start.box
+    code, _ = exec_in(box, ["python3", "-c", HEALTH_PROBE, str(port)])
+    if code == 0:
+        return True
+    waited = round(time.monotonic() - start.launched, 1)
+    # A worker that reaches for a tool never gets healthy: say so at once, with the lines.
+    signs = [arg for sign in DOWNLOAD_SIGNS for arg in ("-e", sign)]
+    reached, _ = exec_in(box, ["grep", "-q", "-F", *signs, start.log])
+    if reached == 0:
+        _, text = exec_in(box, ["cat", start.log])
+        offline_tools_step(cell, text)
+    alive, _ = exec_in(box, ["sh", "-c", 'kill -0 "$(cat /tmp/gpustack.pid)"'])
+    if alive != 0 or waited > timeout:
+        _, tail = exec_in(box, ["tail", "-n", "60", start.log])
+        why = "exited" if alive != 0 else f"did not answer /healthz on {port} in {timeout:.0f}s"
+        result = Step(f"{kind}-{start.name}", 1, waited, tail)
+        report.steps.append(result)
+        raise VerifyError(failure(cell, result, f"gpustack start {why}"))
+    return False
