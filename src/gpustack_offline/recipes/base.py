@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from gpustack_offline.bundle import assemble
+from gpustack_offline.bundle import assemble, volumes
 from gpustack_offline.bundle.assemble import IMAGE_ARCHIVE, Result
 from gpustack_offline.bundle.signing import sign
 from gpustack_offline.core.cache import in_use
@@ -110,7 +110,8 @@ def _build(ctx: Context, cell: Cell, recipe: Recipe) -> Result:
         )  # fmt: skip
         if ctx.layout.signing_key:
             sign(stage, ctx.layout.signing_key, ctx.opts.signing_passphrase_env or None)
-    assemble.write_tar(final, tar)
+    if volumes.outputs(ctx.opts.write, ctx.opts.split).tar:  # else volumes only: no whole tar
+        assemble.write_tar(final, tar)
     return assemble.result(cell, final, manifest, started, parts.lock_state)
 
 
