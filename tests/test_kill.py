@@ -239,9 +239,9 @@ class Build:
 
     def names(self) -> set[str]:
         """What is in the blob store, dist/ (but the bundle's final names), and the staged
-        bundle's images/ right now."""
+        bundle folder right now (where the images' export folder is staged)."""
         found: set[str] = set()
-        for folder in (self.blobs, self.dist, *self.dist.glob(f".{CELL}.*.part/images")):
+        for folder in (self.blobs, self.dist, *self.dist.glob(f".{CELL}.*.part")):
             try:
                 with os.scandir(folder) as entries:
                     found.update(f"{folder}/{e.name}" for e in entries if e.name not in FINAL)
@@ -398,7 +398,7 @@ def phase(build: Build) -> str:
     if any(p.name.endswith(".part") or p.name.startswith(".new.") for p in build.blobs.glob(".*")):
         return "mid-download"
     stages = list(build.dist.glob(f".{CELL}.*.part"))
-    if any(s.is_dir() and list((s / "images").glob(".images.tar.*.part")) for s in stages):
+    if any(s.is_dir() and list(s.glob(".images.*.part")) for s in stages):
         return "mid-export"
     if any(s.is_dir() for s in stages):
         return "mid-assemble"
@@ -443,7 +443,7 @@ def check_dist(build: Build, *, finished: bool) -> None:
         assert not tar.exists(), "a tar without its folder"
         return
     listed = sums_check(folder)
-    assert [i.platform for i in list_export(folder / "images" / "images.tar")] == ["linux/amd64"]
+    assert [i.platform for i in list_export(folder / "images")] == ["linux/amd64"]
     if not tar.exists():
         return
     packed = {}
