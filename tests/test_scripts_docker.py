@@ -240,9 +240,7 @@ def test_install_streams_the_folder_into_docker_load_and_writes_no_tar(
 
 
 @pytest.mark.integration
-def test_an_older_bundle_with_one_image_tar_still_installs(
-    tmp_path: Path, engine: Archive
-) -> None:
+def test_an_older_bundle_with_one_image_tar_still_installs(tmp_path: Path, engine: Archive) -> None:
     tar = tmp_path / "old" / "images.tar"
     tar.parent.mkdir()
     write_layout_tar(engine.path, tar)

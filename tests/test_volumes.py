@@ -225,7 +225,9 @@ def test_volumes_streamed_from_the_folder_join_to_the_tar_byte_for_byte_and_no_t
     assert leftovers(tmp_path) == []
 
     again = split_folder(folder, tmp_path / f"{CELL}.tar", size, media)  # nothing to rewrite
-    assert [p.stat().st_mtime_ns for p in again[:-2]] == [p.stat().st_mtime_ns for p in written[:-2]]
+    assert [p.stat().st_mtime_ns for p in again[:-2]] == [
+        p.stat().st_mtime_ns for p in written[:-2]
+    ]
 
 
 def test_a_file_that_shrinks_while_the_folder_is_streamed_fails_and_keeps_no_half_volume(
