@@ -195,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows = bench.run_all(plan, Path(tmp) / "work")
                 cell, cell_setup = seed_cell(hub)
                 cell_row = bench.measure_archives(cell, Path(tmp) / "work" / "cell")
+                disk_row = bench.measure_disk(plan[0], Path(tmp) / "work" / "disk")
             text = bench.report(
                 rows,
                 bench.host_facts(),
@@ -203,12 +204,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "`python tests/bench_seed.py --output PATH` writes elsewhere). "
                 "It takes a few minutes; it is not part of the default sessions.",
                 archive_rows=[cell_row],
+                disk_rows=[disk_row],
             )
         except BundleError as exc:
             print(f"bench failed: {exc}", file=sys.stderr)
             return 1
     bench.write_report(args.output, text)
     print(bench.table([*rows, cell_row]))
+    print(bench.disk_table([disk_row]))
     print(f"written to {args.output}")
     return 0
 
