@@ -100,8 +100,8 @@ def assemble(
     images: Sequence[images_.ExportedImage] = (),
     inputs: Sequence[Path] = (),
 ) -> dict[str, Any]:
-    """Write the bundle's files into `stage` (an image archive is already there); return the
-    manifest."""
+    """Write the bundle's files into `stage` (the images folder, if any, is already there);
+    return the manifest."""
     wheels = list(wheels)
     files: list[dict[str, Any]] = []
 
