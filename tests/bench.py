@@ -514,8 +514,8 @@ def disk_table(rows: Sequence[DiskRow]) -> str:
     for r in rows:
         lines.append(
             f"| {r.scenario} | {_mb(r.naive_peak)} | {_mb(r.naive_bundle)} | "
-            f"{_times(r.naive_ratio)} | {_mb(r.ours_peak)} | {_mb(r.ours_bundle)} | "
-            f"{_times(r.ours_ratio)} |"
+            f"{_times(r.naive_ratio, 3)} | {_mb(r.ours_peak)} | {_mb(r.ours_bundle)} | "
+            f"{_times(r.ours_ratio, 3)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -142,7 +142,8 @@ def test_the_disk_table_shows_each_peak_as_a_multiple_of_its_bundle() -> None:
     assert (row.naive_ratio, round(row.ours_ratio or 0, 3)) == (2.0, 1.002)
     table = bench.disk_table([row])
     assert table.splitlines()[-1] == (
-        "| one image (v0.7.1, amd64) | 624.0 MB | 312.0 MB | 2.00× | 313.0 MB | 312.5 MB | 1.00× |"
+        "| one image (v0.7.1, amd64) | 624.0 MB | 312.0 MB | 2.000× "
+        "| 313.0 MB | 312.5 MB | 1.002× |"
     )
     text = bench.report([_row()], FACTS, "the seeded images", "`nox -s bench`", disk_rows=[row])
     assert "## Peak extra disk beyond the cache" in text and table in text
