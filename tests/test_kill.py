@@ -148,7 +148,9 @@ class Builds:
 
     def __init__(self, root: Path, log: Path) -> None:
         self.root, self.log = root, log
-        server_env = {**clean_env(), "PYTHONPATH": str(Path(__file__).parent)}
+        # the caller's PYTHONPATH kept after tests/: a checkout run against its own src/
+        path = [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+        server_env = {**clean_env(), "PYTHONPATH": os.pathsep.join(path)}
         self.server = subprocess.Popen(
             [sys.executable, "-c", "from test_kill import serve_builds; serve_builds()"],
             cwd=root, env=server_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -245,7 +247,7 @@ class Build:
             try:
                 with os.scandir(folder) as entries:
                     found.update(f"{folder}/{e.name}" for e in entries if e.name not in FINAL)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):  # gone, or the tar's temp file
                 pass
         return found
 
