@@ -14,6 +14,7 @@ import os
 import random
 import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -271,6 +272,22 @@ def test_every_exported_blob_is_a_hard_link_into_the_store(tmp_path):
         assert os.path.samefile(blob, store.path(blob.name))
     twins = [b for b in blobs if b not in stored]  # generated OCI manifests: small, written
     assert twins and all(b.stat().st_nlink == 1 and b.stat().st_size < 4096 for b in twins)
+
+
+def test_a_store_on_another_file_system_is_copied_with_a_warning(tmp_path, caplog):
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.fail("this test needs /dev/shm on a file system of its own (tmpfs)")
+    with tempfile.TemporaryDirectory(dir=shm) as elsewhere:
+        store = BlobStore(Path(elsewhere) / "cache")
+        images = _stored(store)
+        with caplog.at_level("WARNING", logger="gpustack_offline.stages.images"):
+            export_images(images, store, tmp_path / "images")
+        for blob in (tmp_path / "images" / "blobs" / "sha256").iterdir():
+            assert blob.stat().st_nlink == 1  # a copy, not a link
+            if store.path(blob.name).is_file():
+                assert blob.read_bytes() == store.path(blob.name).read_bytes()
+    assert "copied, not hard-linked" in caplog.text and "one file system" in caplog.text
 
 
 def test_a_damaged_cached_blob_stops_the_export_and_leaves_no_folder(tmp_path):
