@@ -2,8 +2,8 @@
 # install.sh: install GPUStack from this offline bundle on an air-gapped Linux host.
 #
 # Two kinds of bundle, by INSTALL_METHOD in bundle.env. A pip bundle installs GPUStack into a
-# virtual environment (below). A docker bundle loads GPUStack's image(s) from IMAGE_ARCHIVE into
-# the Docker engine with `docker load`, checks that every reference in IMAGES (comma-separated)
+# virtual environment (below). A docker bundle loads GPUStack's image(s) from IMAGE_ARCHIVE (a
+# folder, streamed as a tar; older bundles: a tar) into the Docker engine with `docker load`, checks that every reference in IMAGES (comma-separated)
 # arrived, and with --registry tags and pushes them to the site's registry; it then prints
 # upstream's `docker run` line for the device. Nothing but that registry is contacted, and loading again is harmless.
 #
@@ -516,7 +516,9 @@ check_image_files() {
   case /$IMAGE_ARCHIVE/ in
     //* | */../*) die 3 "bundle.env has IMAGE_ARCHIVE=$IMAGE_ARCHIVE, not a path inside the bundle; re-copy the whole bundle from the source media" ;;
   esac
-  [[ -f $IMAGE_ARCHIVE ]] ||
+  # a folder (an OCI layout with docker's manifest.json, streamed into docker load as a tar), or
+  # in bundles built before it, one tar
+  [[ -f $IMAGE_ARCHIVE || -f $IMAGE_ARCHIVE/manifest.json ]] ||
     die 3 "the image archive $IMAGE_ARCHIVE named in bundle.env is not in $BUNDLE; re-copy the whole bundle from the source media"
   IFS=, read -ra IMAGE_REFS <<<"$IMAGES"
   ((${#IMAGE_REFS[@]} > 0)) || die 3 "bundle.env has no image in IMAGES; re-copy the whole bundle from the source media"
@@ -545,8 +547,16 @@ load_images() {
   command -v docker >/dev/null 2>&1 ||
     die 5 "docker not found on PATH; install Docker Engine from your OS media or mirror (preflight.sh checks this) and run $PROG again"
   say "loading $IMAGE_ARCHIVE into Docker (docker load; images already there are simply loaded again)"
-  docker load -i "$archive" ||
-    die 5 "'docker load -i $archive' failed (see Docker's message above); check that the Docker daemon runs and has room under its root dir (bash preflight.sh), then run $PROG again"
+  if [[ -d $archive ]]; then
+    # streamed: the folder's tar is never written to disk
+    command -v tar >/dev/null 2>&1 ||
+      die 5 "tar not found on PATH; install it from your OS media (package tar) and run $PROG again"
+    tar -C "$archive" -cf - . | docker load ||
+      die 5 "'tar -C $archive -cf - . | docker load' failed (see the message above); check that the Docker daemon runs and has room under its root dir (bash preflight.sh), then run $PROG again"
+  else
+    docker load -i "$archive" ||
+      die 5 "'docker load -i $archive' failed (see Docker's message above); check that the Docker daemon runs and has room under its root dir (bash preflight.sh), then run $PROG again"
+  fi
 }
 
 # Every reference in IMAGES must now be in the engine, for this bundle's platform.

@@ -492,10 +492,10 @@ check_rocm_docker() {
 }
 
 # `docker load` unpacks the archive's compressed layers under Docker's root dir: ask for about
-# twice the archive's size there.
+# twice the archive's size there. IMAGE_ARCHIVE is a folder (older bundles: a tar).
 check_docker_disk() {
   local archive=$BUNDLE_DIR/$IMAGE_ARCHIVE archive_kb
-  if [[ ! -f $archive ]]; then
+  if [[ ! -f $archive && ! -f $archive/manifest.json ]]; then
     add_check disk fail "the image archive $IMAGE_ARCHIVE is missing from the bundle" \
       "re-copy the whole bundle from the source media"
     return

@@ -4,7 +4,8 @@ Upstream's air-gap instructions for the Docker path are, per image, `docker pull
 then `docker save` into a tar of its own. That costs twice: the engine stores layers
 decompressed, so `save` writes them uncompressed, and every tar carries the base layer again
 however many images share it. This pipeline (`Registry.pull` into the `BlobStore`, then
-`images.export_images`) keeps the layers as the registry served them and writes each blob once.
+`images.export_images`) keeps the layers as the registry served them and writes each blob once,
+as hard links into the store; `measure_disk` compares the peak disk of a docker cell's build.
 
 Both are run against the same registry, in one process, one after the other, so a result is a
 comparison and not two numbers from two days. A *cold* run starts from nothing (an empty
@@ -44,11 +45,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpustack_offline.bundle.assemble import write_tar
 from gpustack_offline.core.downloads import BlobStore
 from gpustack_offline.core.errors import BundleError, CommandError
 from gpustack_offline.core.files import write_text
 from gpustack_offline.core.processes import run
-from gpustack_offline.stages.images import export_images
+from gpustack_offline.stages.images import export_images, write_layout_tar
 from gpustack_offline.stages.registry import Image, Platform, Reference, Registry
 
 log = logging.getLogger("gpustack_offline")
@@ -238,13 +240,19 @@ def our_bundle(
     targets: Sequence[Target], store: BlobStore, dest: Path, env: Mapping[str, str] | None = None
 ) -> Measurement:
     """This pipeline: pull each target into the store (stored blobs are not fetched again), then
-    write one tar with every blob once."""
+    export the folder (hard links into the store) and write one tar of it with every blob once:
+    the bytes a bundle's tar carries for the images."""
     stored = set(store.root.glob("*")) if store.root.is_dir() else set()
+    folder = dest.with_name(f"{dest.name}.d")
     start = time.perf_counter()
     with Registry(store, env=env) as registry:
         images = [registry.pull(t.reference, t.platform) for t in targets]
     fetch = time.perf_counter() - start
-    export_images(images, store, dest)
+    try:
+        export_images(images, store, folder)
+        write_layout_tar(folder, dest)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     seconds = time.perf_counter() - start
     layers = {d.hex for image in images for d in image.layers}
     fetched = sum(1 for p in set(store.root.glob("*")) - stored if p.name in layers)
@@ -414,6 +422,104 @@ def measure_archives(
     return Row(f"{scenario.name}, cold", upstream, ours, unique_bytes(images))
 
 
+# --- disk: peak beyond the cache -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DiskRow:
+    """Peak extra disk beyond each recipe's cache while it makes a docker cell's bundle, and
+    the bundle's size. The naive recipe's cache is the engine's image store, ours the blob
+    store; neither deletes anything before its bundle tar is whole, so the end is the peak."""
+
+    scenario: str
+    naive_peak: int
+    naive_bundle: int
+    ours_peak: int
+    ours_bundle: int
+
+    @property
+    def naive_ratio(self) -> float | None:
+        return ratio(self.naive_peak, self.naive_bundle)
+
+    @property
+    def ours_ratio(self) -> float | None:
+        return ratio(self.ours_peak, self.ours_bundle)
+
+
+def allocated(paths: Iterable[Path], cache: Path | None = None) -> int:
+    """Bytes allocated (`st_blocks`) to the files and folders under `paths`, each inode once,
+    leaving out hard links to files under `cache`: they cost no byte more."""
+
+    def inodes(root: Path) -> Iterable[tuple[tuple[int, int], int]]:
+        for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+            st = os.lstat(path)
+            yield (st.st_dev, st.st_ino), st.st_blocks * 512
+
+    shared = {i for i, _ in inodes(cache)} if cache is not None and cache.exists() else set()
+    seen: dict[tuple[int, int], int] = {}
+    for path in paths:
+        if path.exists():
+            seen.update((i, size) for i, size in inodes(path) if i not in shared)
+    return sum(seen.values())
+
+
+def measure_disk(
+    scenario: Scenario,
+    work: Path,
+    env: Mapping[str, str] | None = None,
+    progress: Callable[[str], None] = log.info,
+) -> DiskRow:
+    """A docker cell's bundle both ways, cold, and what each left beyond its cache.
+
+    Naive: `docker pull` + `docker save` per image into the bundle folder, then the bundle's
+    tar of that folder (the archive twice, and the layers once more in the engine). Ours: pull
+    into the blob store, the images folder of hard links, the bundle tar streamed from it
+    (`assemble.write_tar`). Everything written is deleted once measured."""
+    work.mkdir(parents=True, exist_ok=True)
+    images = resolve(scenario.targets, work / "resolve", env)
+    ids = {t: image.config.digest for t, image in zip(scenario.targets, images, strict=True)}
+    naive_dir = work / "naive" / "cell"
+    try:
+        engine_clear(ids.values())
+        naive_bundle(scenario.targets, naive_dir / "images", ids)
+        write_tar(naive_dir, naive_dir.with_name("cell.tar"))
+        naive_tar = naive_dir.with_name("cell.tar").stat().st_size
+        naive_peak = allocated([naive_dir, naive_dir.with_name("cell.tar")])
+    finally:
+        engine_clear(ids.values())
+        shutil.rmtree(work / "naive", ignore_errors=True)
+    progress(f"{scenario.name}: naive peak {_mb(naive_peak)} for a {_mb(naive_tar)} bundle")
+    ours_dir = work / "ours" / "cell"
+    store = BlobStore(work / "cache")
+    try:
+        with Registry(store, env=env) as registry:
+            pulled = [registry.pull(t.reference, t.platform) for t in scenario.targets]
+        export_images(pulled, store, ours_dir / "images")
+        write_tar(ours_dir, ours_dir.with_name("cell.tar"))
+        ours_tar = ours_dir.with_name("cell.tar").stat().st_size
+        ours_peak = allocated([ours_dir, ours_dir.with_name("cell.tar")], work / "cache")
+    finally:
+        shutil.rmtree(work / "ours", ignore_errors=True)
+        shutil.rmtree(work / "cache", ignore_errors=True)
+    progress(f"{scenario.name}: ours peak {_mb(ours_peak)} for a {_mb(ours_tar)} bundle")
+    return DiskRow(scenario.name, naive_peak, naive_tar, ours_peak, ours_tar)
+
+
+def disk_table(rows: Sequence[DiskRow]) -> str:
+    lines = [
+        "| docker cell | naive peak | naive bundle | naive peak ÷ bundle | ours peak | ours bundle "
+        "| ours peak ÷ bundle |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.scenario} | {_mb(r.naive_peak)} | {_mb(r.naive_bundle)} | "
+            f"{_times(r.naive_ratio, 3)} | {_mb(r.ours_peak)} | {_mb(r.ours_bundle)} | "
+            f"{_times(r.ours_ratio, 3)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # --- the report ---------------------------------------------------------------------------------
 
 
@@ -518,12 +624,36 @@ def report(
     setup: str,
     rerun: str,
     archive_rows: Sequence[Row] = (),
+    disk_rows: Sequence[DiskRow] = (),
 ) -> str:
     """The whole `docs/bench.md`: what was measured, where, the table, how to run it again.
     `rows` compare with `docker pull` + `docker save` (0.x), `archive_rows` with `gpustack
-    save-images` (2.x, from `measure_archives`)."""
+    save-images` (2.x, from `measure_archives`), `disk_rows` the peak disk of a docker cell's
+    build (`measure_disk`)."""
     every = [*rows, *archive_rows]
     sentences = "".join(f"\n{archives_sentence(row)}\n" for row in archive_rows)
+    disk = (
+        f"""
+## Peak extra disk beyond the cache
+
+What a docker cell's build leaves on disk beyond each recipe's cache (the engine's image store
+for the naive recipe, the blob store for ours), as a multiple of the bundle tar it makes; nothing
+is deleted before the tar is whole, so this is the build's peak. Bytes are the blocks allocated
+(`st_blocks`), each inode once; files that are hard links into the cache cost none.
+
+{disk_table(disk_rows)}
+- **naive**: `docker pull` + `docker save -o` per image into the bundle folder, then the bundle's
+  tar of that folder: the archive is on disk twice, beside the layers in the engine (zarf's users
+  report 2–3× the package size: zarf#4016).
+- **ours**: the images folder is hard links into the blob store (only `index.json`, docker's
+  `manifest.json` and the OCI twins of Docker-typed manifests are written), and the bundle tar
+  is streamed from it (`assemble.write_tar`): the one copy. With `--write volumes` the volumes
+  are streamed from the folder instead and no tar is written; with `--write both` (the default
+  with `--split`) the volumes are a second copy.
+"""
+        if disk_rows
+        else ""
+    )
     return f"""# Image bundle benchmark: upstream's recipes against this pipeline
 
 Measured {facts.date} on {facts.cpus} CPUs ({facts.system}), Docker Engine {facts.docker};
@@ -537,8 +667,9 @@ load average {facts.load} when the run began.
   is run here, without its 5-second countdown): one OCI archive per image (server, each runner,
   pause, health), nothing shared between archives. The bytes are those tars together.
 - **ours**: `registry.Registry(...).pull(...)` of every image into the content-addressed
-  `BlobStore`, then `images.export_images` into one tar (an OCI layout that `docker load`
-  also reads).
+  `BlobStore`, then `images.export_images` into one folder of hard links into the store (an
+  OCI layout that `docker load` also reads, streamed as a tar) and the tar of that folder that
+  a bundle's tar carries; the bytes are that tar.
 - **ratio**: naive ÷ ours; 2.00× means ours is half the size, or takes half the time.
 - **floor**: the distinct compressed blobs the images need (manifests, configs, layers), each
   counted once: what any bundle of them must carry. Ours is above it only by tar headers,
@@ -556,7 +687,7 @@ load average {facts.load} when the run began.
 
 Where the time goes (skopeo copy fetches and writes in one step: a dash):
 
-{split_table(every)}
+{split_table(every)}{disk}
 Images: {setup}
 
 Rerun: {rerun}

@@ -203,6 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows = bench.run_all(plan, Path(tmp) / "work")
                 cell, cell_setup = seed_cell(hub)
                 cell_row = bench.measure_archives(cell, Path(tmp) / "work" / "cell")
+                disk_row = bench.measure_disk(plan[0], Path(tmp) / "work" / "disk")
             text = bench.report(
                 rows,
                 bench.host_facts(),
@@ -211,6 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "`python tests/bench_seed.py --output PATH` writes elsewhere). "
                 "It takes a few minutes; it is not part of the default sessions.",
                 archive_rows=[cell_row],
+                disk_rows=[disk_row],
             )
             text += bench_pip.run(ROOT, logging.info)
         except BundleError as exc:
@@ -218,6 +220,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
     bench.write_report(args.output, text)
     print(bench.table([*rows, cell_row]))
+    print(bench.disk_table([disk_row]))
     print(f"written to {args.output}")
     return 0
 

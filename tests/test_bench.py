@@ -4,6 +4,7 @@ archive per image against ours) on two tiny runners, against the loopback hub an
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import bench
@@ -133,6 +134,34 @@ def test_report_names_the_host_the_date_and_how_to_rerun() -> None:
     assert "Rerun: `nox -s bench`" in text
     assert "Images: the seeded images" in text
     assert bench.table([_row()]) in text
+
+
+def test_the_disk_table_shows_each_peak_as_a_multiple_of_its_bundle() -> None:
+    row = bench.DiskRow("one image (v0.7.1, amd64)", 624_000_000, 312_000_000, 313_000_000,
+                        312_500_000)  # fmt: skip
+    assert (row.naive_ratio, round(row.ours_ratio or 0, 3)) == (2.0, 1.002)
+    table = bench.disk_table([row])
+    assert table.splitlines()[-1] == (
+        "| one image (v0.7.1, amd64) | 624.0 MB | 312.0 MB | 2.000× "
+        "| 313.0 MB | 312.5 MB | 1.002× |"
+    )
+    text = bench.report([_row()], FACTS, "the seeded images", "`nox -s bench`", disk_rows=[row])
+    assert "## Peak extra disk beyond the cache" in text and table in text
+    assert "Peak extra disk" not in bench.report([_row()], FACTS, "x", "y")
+
+
+def test_allocated_counts_each_inode_once_and_no_link_into_the_cache(tmp_path) -> None:
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    cache.mkdir()
+    out.mkdir()
+    (cache / "blob").write_bytes(os.urandom(100_000))
+    os.link(cache / "blob", out / "linked")
+    (out / "own").write_bytes(os.urandom(50_000))
+    os.link(out / "own", out / "own-again")
+    counted = bench.allocated([out], cache)
+    own = (out / "own").stat().st_blocks * 512
+    assert counted == own + out.stat().st_blocks * 512  # the folder, and `own` once
+    assert bench.allocated([out]) == counted + (cache / "blob").stat().st_blocks * 512
 
 
 def test_report_is_written_atomically(tmp_path) -> None:

@@ -9,12 +9,14 @@ gpustack/gpustack:v0.7.1, -cpu and -cuda12.8 for amd64 and arm64 that carry the 
 from __future__ import annotations
 
 import json
-import tarfile
+import os
 
 import pytest
+from support.disk import extra_disk
 from support.gpustack_images import seed_gpustack
 from support.registry_fixture import gpustack_tags, hub_registry
 
+from gpustack_offline.bundle import assemble
 from gpustack_offline.cli import commands
 from gpustack_offline.core import docker as containers
 from gpustack_offline.core.errors import VerifyError
@@ -58,9 +60,8 @@ def test_a_docker_bundle_loads_runs_offline_and_runs_again_from_a_site_registry(
     assert image["reference"] == f"docker.io/{REF}" and image["platform"] == "linux/amd64"
     assert image["digest"] == pinned.manifest  # the pinned bytes, not whatever the tag is now
     assert "IMAGES=gpustack/gpustack:v0.7.1-cpu" in (result.directory / "bundle.env").read_text()
-    with tarfile.open(result.directory / "images" / "images.tar") as tf:
-        names = set(tf.getnames())
-    assert {"oci-layout", "index.json", "manifest.json"} <= names  # OCI layout and docker load
+    names = {p.name for p in (result.directory / "images").iterdir()}
+    assert {"oci-layout", "index.json", "manifest.json", "blobs"} <= names  # OCI and docker load
 
     report = commands.verify_cell(ctx, cell)
     assert report.ok
@@ -74,6 +75,44 @@ def test_a_docker_bundle_loads_runs_offline_and_runs_again_from_a_site_registry(
     # upstream's run line reaches for the catalog and update hosts; with docker.env, nothing
     assert {"huggingface.co", "update-service.gpustack.ai"} <= set(report.upstream["hosts"])
     assert report.egress == {"hosts_attempted": 0, "hosts": []}
+
+
+def _like(ctx, root, **cli):
+    """`ctx` (same pins, mirror, cache) with other options."""
+    same = {
+        "images_pins_dir": ctx.opts.images_pins_dir,
+        "registry_mirror": ctx.opts.registry_mirror,
+    }
+    return commands.Context.load(root, cli={**same, "progress": False, **cli})
+
+
+def test_a_docker_bundle_is_on_disk_once_beyond_the_cache(ctx, hub, root, tmp_path):
+    """Peak extra disk of a build (nothing is deleted after the tar, so the end is the peak):
+    the images folder is hard links into the blob store, and the tar the one copy."""
+    cell = ctx.matrix.cell(CELL)
+    commands.lock(ctx, [cell])
+    (result,) = commands.build(_like(ctx, root, dist_dir=str(tmp_path / "dist")), [cell])
+    extra = extra_disk([result.directory, result.tar], ctx.cache)
+    ratio = extra / result.tar.stat().st_size
+    print(f"\npeak extra disk {extra} bytes, bundle tar {result.tar.stat().st_size}: {ratio:.3f}x")
+    assert ratio <= 1.1
+    blobs = list((result.directory / "images" / "blobs" / "sha256").iterdir())
+    stored = [b for b in blobs if ctx.store().path(b.name).is_file()]
+    assert stored and all(os.path.samefile(b, ctx.store().path(b.name)) for b in stored)
+
+    # volumes only: no whole tar; the volumes are the one copy and join to the very same tar
+    volumes_only = _like(ctx, root, dist_dir=str(tmp_path / "volumes"), write="volumes", split="1M")
+    (again,) = commands.build(volumes_only, [cell])
+    assert not again.tar.exists()
+    parts = sorted(again.tar.parent.glob(f"{CELL}.tar.[0-9]*"))
+    joined = tmp_path / "joined.tar"
+    with joined.open("wb") as out:
+        for part in parts:
+            out.write(part.read_bytes())
+    assemble.write_tar(again.directory, tmp_path / "direct" / f"{CELL}.tar")
+    assert joined.read_bytes() == (tmp_path / "direct" / f"{CELL}.tar").read_bytes()
+    extra = extra_disk([again.directory, *parts], ctx.cache)
+    assert extra <= 1.1 * sum(p.stat().st_size for p in parts)
 
 
 def test_verification_refuses_an_image_already_in_the_engine(ctx, hub):

@@ -1,5 +1,6 @@
-"""Image choice as data (tag rules, pin files) and the export tar, checked with real tools:
-`docker load` (20.10) + `docker run`, `skopeo copy`/`skopeo inspect` (1.9). Podman is not
+"""Image choice as data (tag rules, pin files) and the export folder, checked with real tools:
+`docker load` (20.10) of the folder streamed as a tar + `docker run`, `skopeo copy`/`skopeo
+inspect` (1.9) of `oci-archive:` (the folder tarred) and `oci:` (the folder itself). Podman is not
 installed on the build host, so it is not exercised.
 """
 
@@ -9,8 +10,11 @@ import contextlib
 import difflib
 import hashlib
 import json
+import os
 import random
+import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -42,12 +46,14 @@ from gpustack_offline.stages.images import (
     image_platforms,
     image_reference,
     image_tag,
+    layout_members,
     list_export,
     pin_path,
     pinned_image,
     pull_pinned,
     read_pins,
     refresh_pins,
+    write_layout_tar,
     write_pins,
 )
 from gpustack_offline.stages.registry import Registry
@@ -153,19 +159,23 @@ def _stored(store: BlobStore) -> list:
 
 
 def _members(path: Path) -> dict[str, bytes]:
+    """Every file of an export folder, or of a tar (its folders have no bytes), by name."""
+    if path.is_dir():
+        return {m: (path / m).read_bytes() for m in layout_members(path) if (path / m).is_file()}
     with tarfile.open(path) as tf:
         out = {}
         for member in tf.getmembers():
             assert (member.mtime, member.uid, member.gid, member.uname) == (0, 0, 0, "")
             data = tf.extractfile(member) if member.isfile() else None
-            out[member.name] = data.read() if data else b""
+            if data is not None:
+                out[member.name] = data.read()
         return out
 
 
 def test_the_export_is_an_oci_layout_and_a_docker_archive_of_the_same_blobs(tmp_path):
     store = BlobStore(tmp_path / "cache")
     images = _stored(store)
-    dest = tmp_path / "images.tar"
+    dest = tmp_path / "images"
     exported = export_images(images, store, dest)
 
     assert exported == [
@@ -174,11 +184,14 @@ def test_the_export_is_an_oci_layout_and_a_docker_archive_of_the_same_blobs(tmp_
             [(img.reference.tag, img) for img in images], key=lambda x: (x[0], str(x[1].platform))
         )
     ]
-    with tarfile.open(dest) as tf:
+    write_layout_tar(dest, tmp_path / "images.tar")
+    with tarfile.open(tmp_path / "images.tar") as tf:
         names = tf.getnames()
     assert names[:5] == ["oci-layout", "index.json", "manifest.json", "blobs", "blobs/sha256"]
     assert names[5:] == sorted(names[5:]) and len(names) == len(set(names))
+    assert names == layout_members(dest)
     members = _members(dest)
+    assert members == _members(tmp_path / "images.tar")  # the folder and its tar, same bytes
     blobs = {n.split("/")[-1]: d for n, d in members.items() if n.startswith("blobs/sha256/")}
     assert all(hashlib.sha256(d).hexdigest() == h for h, d in blobs.items())
     wanted = {d.hex for i in images for d in i.blobs}
@@ -216,9 +229,9 @@ def test_a_docker_schema2_image_gets_an_oci_twin_over_the_same_blobs(tmp_path):
     store = BlobStore(tmp_path / "cache")
     image = _stored(store)[0]  # v0.7.1, from a Docker manifest list
     assert image.manifest.media_type == "application/vnd.docker.distribution.manifest.v2+json"
-    (exported,) = export_images([image], store, tmp_path / "x.tar")
+    (exported,) = export_images([image], store, tmp_path / "x")
     assert exported.digest == image.manifest.digest  # upstream's, as pinned
-    members = _members(tmp_path / "x.tar")
+    members = _members(tmp_path / "x")
     (entry,) = json.loads(members["index.json"])["manifests"]
     assert entry["mediaType"] == "application/vnd.oci.image.manifest.v1+json"
     assert (
@@ -232,20 +245,52 @@ def test_a_docker_schema2_image_gets_an_oci_twin_over_the_same_blobs(tmp_path):
         "application/vnd.oci.image.layer.v1.tar+gzip"
     }
     assert twin["config"]["mediaType"] == "application/vnd.oci.image.config.v1+json"
-    assert list_export(tmp_path / "x.tar") == [exported]
+    assert list_export(tmp_path / "x") == [exported]
 
 
 def test_the_export_is_byte_for_byte_reproducible(tmp_path):
     store = BlobStore(tmp_path / "cache")
     images = _stored(store)
-    export_images(images, store, tmp_path / "a.tar")
+    export_images(images, store, tmp_path / "a")
     shuffled = list(images)
     random.Random(7).shuffle(shuffled)
-    export_images(shuffled + images[:1], store, tmp_path / "b.tar")
+    export_images(shuffled + images[:1], store, tmp_path / "b")
+    assert _members(tmp_path / "a") == _members(tmp_path / "b")
+    write_layout_tar(tmp_path / "a", tmp_path / "a.tar")
+    write_layout_tar(tmp_path / "b", tmp_path / "b.tar")
     assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
 
 
-def test_a_damaged_cached_blob_stops_the_export_and_leaves_no_tar(tmp_path):
+def test_every_exported_blob_is_a_hard_link_into_the_store(tmp_path):
+    store = BlobStore(tmp_path / "cache")
+    images = _stored(store)
+    export_images(images, store, tmp_path / "images")
+    blobs = sorted((tmp_path / "images" / "blobs" / "sha256").iterdir())
+    stored = [b for b in blobs if store.path(b.name).is_file()]
+    assert {d.hex for i in images for d in i.blobs} == {b.name for b in stored}
+    for blob in stored:  # the same inode: no byte of it is on disk twice
+        assert os.path.samefile(blob, store.path(blob.name))
+    twins = [b for b in blobs if b not in stored]  # generated OCI manifests: small, written
+    assert twins and all(b.stat().st_nlink == 1 and b.stat().st_size < 4096 for b in twins)
+
+
+def test_a_store_on_another_file_system_is_copied_with_a_warning(tmp_path, caplog):
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.fail("this test needs /dev/shm on a file system of its own (tmpfs)")
+    with tempfile.TemporaryDirectory(dir=shm) as elsewhere:
+        store = BlobStore(Path(elsewhere) / "cache")
+        images = _stored(store)
+        with caplog.at_level("WARNING", logger="gpustack_offline.stages.images"):
+            export_images(images, store, tmp_path / "images")
+        for blob in (tmp_path / "images" / "blobs" / "sha256").iterdir():
+            assert blob.stat().st_nlink == 1  # a copy, not a link
+            if store.path(blob.name).is_file():
+                assert blob.read_bytes() == store.path(blob.name).read_bytes()
+    assert "copied, not hard-linked" in caplog.text and "one file system" in caplog.text
+
+
+def test_a_damaged_cached_blob_stops_the_export_and_leaves_no_folder(tmp_path):
     store = BlobStore(tmp_path / "cache")
     images = _stored(store)
     layer = store.path(images[0].layers[-1].hex)
@@ -253,8 +298,8 @@ def test_a_damaged_cached_blob_stops_the_export_and_leaves_no_tar(tmp_path):
     data[-1] ^= 0x01
     layer.write_bytes(bytes(data))
     with pytest.raises(IntegrityError, match="does not match its digest"):
-        export_images(images, store, tmp_path / "images.tar")
-    assert list(tmp_path.glob("*.tar*")) == [] and not list(tmp_path.glob(".images.tar*"))
+        export_images(images, store, tmp_path / "images")
+    assert not (tmp_path / "images").exists() and not list(tmp_path.glob(".images*"))
 
 
 def test_layers_docker_20_10_cannot_load_are_refused(tmp_path):
@@ -265,16 +310,16 @@ def test_layers_docker_20_10_cannot_load_are_refused(tmp_path):
     )
     image = store_image(store, "x/y:z", zstd)
     with pytest.raises(ImageError, match=r"\+zstd"):
-        export_images([image], store, tmp_path / "x.tar")
+        export_images([image], store, tmp_path / "x")
 
 
 def test_a_digest_only_reference_loads_untagged(tmp_path):
     store = BlobStore(tmp_path / "cache")
     one = single_image("by-digest")
     image = store_image(store, f"x/y@{one.manifest.digest}", one)
-    (exported,) = export_images([image], store, tmp_path / "x.tar")
+    (exported,) = export_images([image], store, tmp_path / "x")
     assert exported.reference == f"docker.io/x/y@{one.manifest.digest}"
-    members = _members(tmp_path / "x.tar")
+    members = _members(tmp_path / "x")
     assert json.loads(members["manifest.json"])[0]["RepoTags"] == []
     (entry,) = json.loads(members["index.json"])["manifests"]
     assert "org.opencontainers.image.ref.name" not in entry["annotations"]
@@ -389,13 +434,26 @@ def _absent(engine, name: str) -> bool:
     return False
 
 
+def _stream_load(folder: Path) -> str:
+    """`tar -C FOLDER -cf - . | docker load`, install.sh's line; what docker load said."""
+    tar = subprocess.Popen(["tar", "-C", folder, "-cf", "-", "."], stdout=subprocess.PIPE)
+    assert tar.stdout is not None
+    with tar:
+        load = subprocess.run(
+            ["docker", "load"], stdin=tar.stdout, capture_output=True, text=True, timeout=600
+        )
+        tar.stdout.close()
+    assert tar.returncode == 0 and load.returncode == 0, load.stderr
+    return load.stdout
+
+
 @pytest.mark.integration
 def test_docker_loads_the_export_and_runs_the_image_offline(hub, runnable_image, tmp_path):
     store = BlobStore(tmp_path / "cache")
     runnable = Registry(store, env=NO_CONFIG).pull(hub.ref("fixture/runnable:v1"), "linux/amd64")
     images = [runnable, *_pull_tags(hub, store)]
-    tar = tmp_path / "images.tar"
-    export_images(images, store, tar)
+    folder = tmp_path / "images"
+    export_images(images, store, folder)
 
     engine = containers.client()
     names = [f"{i.reference.familiar_name}:{i.reference.tag}" for i in images]
@@ -403,7 +461,7 @@ def test_docker_loads_the_export_and_runs_the_image_offline(hub, runnable_image,
     _remove_images(engine, ids)  # left by an interrupted run: fixture digests are fixed
     assert all(_absent(engine, n) for n in names + ids)
     try:
-        loaded = run(["docker", "load", "-i", tar], what="docker load of the export").stdout
+        loaded = _stream_load(folder)  # as install.sh does: the folder's tar is never written
         for name, image_id in zip(names, ids, strict=True):
             assert f"Loaded image: {name}" in loaded
             assert engine.images.get(name).id == image_id
@@ -424,11 +482,13 @@ def test_skopeo_copies_the_export_into_the_site_registry_with_blob_digests_uncha
 ):
     store = BlobStore(tmp_path / "cache")
     images = _pull_tags(hub, store)
-    tar = tmp_path / "images.tar"
-    export_images(images, store, tar)
+    folder = tmp_path / "images"
+    export_images(images, store, folder)
+    tar = tmp_path / "images.tar"  # the folder tarred by hand, as a site might carry it
+    run(["tar", "-C", folder, "-cf", tar, "."], what="tar of the export folder")
     oci_view = {
         m["annotations"]["org.opencontainers.image.ref.name"]: m["digest"]
-        for m in json.loads(_members(tar)["index.json"])["manifests"]
+        for m in json.loads(_members(folder)["index.json"])["manifests"]
     }
     for image in images:
         tag = image.reference.tag
@@ -439,6 +499,10 @@ def test_skopeo_copies_the_export_into_the_site_registry_with_blob_digests_uncha
             run(["skopeo", "inspect", f"oci-archive:{tar}:{tag}"], what="skopeo inspect").stdout
         )
         assert local["Digest"] == oci_view[tag]
+        in_place = json.loads(
+            run(["skopeo", "inspect", f"oci:{folder}:{tag}"], what="skopeo inspect").stdout
+        )
+        assert in_place["Digest"] == oci_view[tag]  # the folder itself is a layout too
         dest = f"docker://{site_registry.host}/mirror/gpustack:{tag}"
         run(
             ["skopeo", "copy", "--dest-tls-verify=false", f"oci-archive:{tar}:{tag}", dest],
@@ -465,18 +529,21 @@ def test_skopeo_copies_the_export_into_the_site_registry_with_blob_digests_uncha
 def test_images_exported_together_store_each_shared_layer_once(hub, tmp_path):
     store = BlobStore(tmp_path / "cache")
     images = _pull_tags(hub, store)
-    together = tmp_path / "together.tar"
+    together = tmp_path / "together"
     export_images(images, store, together)
     singles = []
     for n, image in enumerate(images):
-        singles.append(tmp_path / f"single-{n}.tar")
+        singles.append(tmp_path / f"single-{n}")
         export_images([image], store, singles[-1])
-    size_together = together.stat().st_size
-    size_singles = sum(p.stat().st_size for p in singles)
+
+    def size(folder: Path) -> int:
+        return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+    size_together = size(together)
+    size_singles = sum(size(p) for p in singles)
     base = images[0].layers[0]
     assert all(i.layers[0] == base for i in images)
     assert size_together < size_singles - 2 * base.size
-    with tarfile.open(together) as tf:
-        names = tf.getnames()
+    names = layout_members(together)
     assert names.count(f"blobs/sha256/{base.hex}") == 1
-    print(f"3 tags in one tar: {size_together} bytes; 3 single tars: {size_singles} bytes")
+    print(f"3 tags in one export: {size_together} bytes; 3 single ones: {size_singles} bytes")

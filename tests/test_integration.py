@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from support.disk import extra_disk
 
 from gpustack_offline.cli import commands
 from gpustack_offline.core import docker as containers
@@ -150,6 +151,17 @@ def test_an_unchanged_cell_is_checked_not_rebuilt_and_a_damaged_one_is_rebuilt(p
     )
     (third,) = commands.build(pip_ctx, [cell])
     assert third.stages == "rebuilt: tool"
+
+
+def test_a_pip_bundle_is_on_disk_once_beyond_the_cache(pip_ctx, built):
+    """Peak extra disk of a build (its end: nothing is deleted after the tar): the wheels and
+    the tools archive are hard links into the cache, the tar the one copy."""
+    folder = built(CELLS[0])
+    tar = folder.with_name(f"{CELLS[0]}.tar")
+    extra = extra_disk([folder, tar], pip_ctx.cache)
+    ratio = extra / tar.stat().st_size
+    print(f"\npeak extra disk {extra} bytes, bundle tar {tar.stat().st_size}: {ratio:.3f}x")
+    assert ratio <= 1.1
 
 
 def test_verification_names_a_damaged_file_and_fails(pip_ctx, built, tmp_path):

@@ -148,7 +148,9 @@ class Builds:
 
     def __init__(self, root: Path, log: Path) -> None:
         self.root, self.log = root, log
-        server_env = {**clean_env(), "PYTHONPATH": str(Path(__file__).parent)}
+        # the caller's PYTHONPATH kept after tests/: a checkout run against its own src/
+        path = [str(Path(__file__).parent), *filter(None, [os.environ.get("PYTHONPATH")])]
+        server_env = {**clean_env(), "PYTHONPATH": os.pathsep.join(path)}
         self.server = subprocess.Popen(
             [sys.executable, "-c", "from test_kill import serve_builds; serve_builds()"],
             cwd=root, env=server_env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -239,13 +241,13 @@ class Build:
 
     def names(self) -> set[str]:
         """What is in the blob store, dist/ (but the bundle's final names), and the staged
-        bundle's images/ right now."""
+        bundle folder right now (where the images' export folder is staged)."""
         found: set[str] = set()
-        for folder in (self.blobs, self.dist, *self.dist.glob(f".{CELL}.*.part/images")):
+        for folder in (self.blobs, self.dist, *self.dist.glob(f".{CELL}.*.part")):
             try:
                 with os.scandir(folder) as entries:
                     found.update(f"{folder}/{e.name}" for e in entries if e.name not in FINAL)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):  # gone, or the tar's temp file
                 pass
         return found
 
@@ -398,7 +400,7 @@ def phase(build: Build) -> str:
     if any(p.name.endswith(".part") or p.name.startswith(".new.") for p in build.blobs.glob(".*")):
         return "mid-download"
     stages = list(build.dist.glob(f".{CELL}.*.part"))
-    if any(s.is_dir() and list((s / "images").glob(".images.tar.*.part")) for s in stages):
+    if any(s.is_dir() and list(s.glob(".images.*.part")) for s in stages):
         return "mid-export"
     if any(s.is_dir() for s in stages):
         return "mid-assemble"
@@ -443,7 +445,7 @@ def check_dist(build: Build, *, finished: bool) -> None:
         assert not tar.exists(), "a tar without its folder"
         return
     listed = sums_check(folder)
-    assert [i.platform for i in list_export(folder / "images" / "images.tar")] == ["linux/amd64"]
+    assert [i.platform for i in list_export(folder / "images")] == ["linux/amd64"]
     if not tar.exists():
         return
     packed = {}

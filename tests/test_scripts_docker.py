@@ -1,7 +1,7 @@
 """The target side of the Docker install method: scripts/install.sh and scripts/preflight.sh on a
 docker bundle, run for real with bash against this host's Docker Engine.
 
-The bundle carries a real `images/images.tar`, written by `images.export_images` from an image
+The bundle carries a real `images/` export folder, written by `images.export_images` from an image
 pulled off the loopback hub: the runnable Debian fixture image with a label of its own, so its
 image ID is this module's alone and removing it never disturbs another test's copy. It is named
 in Docker Hub short form, as upstream's `gpustack/gpustack:v0.7.1-cpu` is. The site registry is
@@ -42,12 +42,13 @@ from test_scripts import (
 )
 
 from gpustack_offline.core.downloads import BlobStore
-from gpustack_offline.stages.images import export_images
+from gpustack_offline.stages.images import export_images, write_layout_tar
 from gpustack_offline.stages.registry import Reference, Registry
 
 # The loaded name: Docker Hub short form, unique to this module.
 IMAGE = "gpustack-offline-test/runnable:docker-bundle"
-IMAGE_ARCHIVE = "images/images.tar"
+IMAGE_ARCHIVE = "images"
+OLD_IMAGE_ARCHIVE = "images/images.tar"  # what bundles held before the folder
 HELLO = "hello from the gpustack-offline fixture image"
 NO_CONFIG = {"DOCKER_CONFIG": "/nonexistent/gpustack-offline-tests"}
 
@@ -63,7 +64,7 @@ class Archive:
 
 @pytest.fixture(scope="module")
 def archive(hub: Hub, runnable_image, tmp_path_factory: pytest.TempPathFactory) -> Archive:
-    """images.tar holding IMAGE for linux/amd64, made the way a build makes it."""
+    """The export folder holding IMAGE for linux/amd64, made the way a build makes it."""
     variant = runnable("gpustack-offline-test/runnable")  # same layers, its own config
     hub.push("fixture/runnable", "docker-bundle", [variant], index=False)
     root = tmp_path_factory.mktemp("docker-archive")
@@ -72,21 +73,34 @@ def archive(hub: Hub, runnable_image, tmp_path_factory: pytest.TempPathFactory) 
         hub.ref("fixture/runnable:docker-bundle"), "linux/amd64"
     )
     image = dataclasses.replace(pulled, reference=Reference.parse(IMAGE))
-    export_images([image], store, root / "images.tar")
-    return Archive(root / "images.tar", f"sha256:{image.config.hex}")
+    export_images([image], store, root / "images")
+    return Archive(root / "images", f"sha256:{image.config.hex}")
 
 
-def make_docker_bundle(where: Path, archive: Path, images: str = IMAGE, **overrides: str) -> Path:
-    """A docker bundle as the build lays it out: the archive, bundle.env with INSTALL_METHOD,
-    IMAGE_ARCHIVE and IMAGES, the scripts, the READMEs and SHA256SUMS; no wheels."""
-    env = bundle_env(**{"INSTALL_METHOD": "docker", **overrides})
-    env.update(IMAGE_ARCHIVE=IMAGE_ARCHIVE, IMAGES=images)
-    bundle = where / "bundle"
-    (bundle / "images").mkdir(parents=True)
+def _link(src: Path, dst: Path) -> None:
+    """Same bytes, no copy; never written to (a test that alters a file replaces it)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
     try:
-        os.link(archive, bundle / IMAGE_ARCHIVE)  # same bytes, no copy; never written to
+        os.link(src, dst)
     except OSError:
-        shutil.copyfile(archive, bundle / IMAGE_ARCHIVE)
+        shutil.copyfile(src, dst)
+
+
+def make_docker_bundle(
+    where: Path, archive: Path, images: str = IMAGE, name: str = IMAGE_ARCHIVE, **overrides: str
+) -> Path:
+    """A docker bundle as the build lays it out: the export folder (or, with `name` =
+    OLD_IMAGE_ARCHIVE, an older bundle's tar), bundle.env with INSTALL_METHOD, IMAGE_ARCHIVE and
+    IMAGES, the scripts, the READMEs and SHA256SUMS; no wheels."""
+    env = bundle_env(**{"INSTALL_METHOD": "docker", **overrides})
+    env.update(IMAGE_ARCHIVE=name, IMAGES=images)
+    bundle = where / "bundle"
+    if archive.is_dir():
+        for path in sorted(archive.rglob("*")):
+            if path.is_file():
+                _link(path, bundle / name / path.relative_to(archive))
+    else:
+        _link(archive, bundle / name)
     # As the build writes it: plain KEY=value lines (IMAGES is comma-separated).
     (bundle / "bundle.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
     (bundle / "manifest.json").write_text(json.dumps({"cell": env["BUNDLE_CELL"]}) + "\n")
@@ -101,8 +115,9 @@ def make_docker_bundle(where: Path, archive: Path, images: str = IMAGE, **overri
 @pytest.fixture()
 def dummy_archive(tmp_path: Path) -> Path:
     """For tests that never reach `docker load`."""
-    path = tmp_path / "dummy.tar"
-    path.write_bytes(b"not loaded by these tests\n")
+    path = tmp_path / "dummy"
+    path.mkdir()
+    (path / "manifest.json").write_bytes(b"not loaded by these tests\n")
     return path
 
 
@@ -209,6 +224,36 @@ def test_install_loads_the_image_and_it_runs_with_no_network(
 
 
 @pytest.mark.integration
+def test_install_streams_the_folder_into_docker_load_and_writes_no_tar(
+    tmp_path: Path, engine: Archive
+) -> None:
+    bundle = make_docker_bundle(tmp_path, engine.path)
+    before = {p.relative_to(tmp_path) for p in tmp_path.rglob("*")}
+
+    proc = install(bundle, "--skip-preflight")
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"Loaded image: {IMAGE}" in proc.stdout
+    assert image_id(IMAGE) == engine.image_id
+    made = {p.relative_to(tmp_path) for p in tmp_path.rglob("*")} - before
+    assert not [p for p in made if p.suffix == ".tar"], made  # streamed, never on disk
+
+
+@pytest.mark.integration
+def test_an_older_bundle_with_one_image_tar_still_installs(tmp_path: Path, engine: Archive) -> None:
+    tar = tmp_path / "old" / "images.tar"
+    tar.parent.mkdir()
+    write_layout_tar(engine.path, tar)
+    bundle = make_docker_bundle(tmp_path, tar, name=OLD_IMAGE_ARCHIVE)
+
+    proc = install(bundle, "--skip-preflight")
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"loading {OLD_IMAGE_ARCHIVE} into Docker" in proc.stdout
+    assert image_id(IMAGE) == engine.image_id
+
+
+@pytest.mark.integration
 def test_install_pushes_to_the_site_registry_and_the_image_pulls_back_the_same(
     tmp_path: Path, engine: Archive, site_registry: DistributionRegistry
 ) -> None:
@@ -262,16 +307,18 @@ def test_a_damaged_image_archive_is_refused_before_anything_is_loaded(
     tmp_path: Path, engine: Archive
 ) -> None:
     bundle = make_docker_bundle(tmp_path, engine.path)
-    tar = bundle / IMAGE_ARCHIVE
-    data = bytearray(tar.read_bytes())
+    manifest = json.loads((bundle / IMAGE_ARCHIVE / "manifest.json").read_text())
+    layer = bundle / IMAGE_ARCHIVE / manifest[0]["Layers"][-1]
+    data = bytearray(layer.read_bytes())
     data[len(data) // 2] ^= 0xFF
-    tar.unlink()  # a hard link to the module's archive: replace, never write through it
-    tar.write_bytes(bytes(data))
+    layer.unlink()  # a hard link to the module's export: replace, never write through it
+    layer.write_bytes(bytes(data))
 
     proc = install(bundle)
 
     assert proc.returncode == 3, proc.stdout + proc.stderr
-    assert f"install.sh: altered (checksum mismatch): {IMAGE_ARCHIVE}" in proc.stderr
+    altered = layer.relative_to(bundle)
+    assert f"install.sh: altered (checksum mismatch): {altered}" in proc.stderr
     assert "re-copy the whole bundle" in error_line(proc)
     assert "loading" not in proc.stdout and "preflight" not in proc.stdout
     assert image_id(IMAGE) is None
@@ -285,7 +332,7 @@ def test_an_image_the_archive_lacks_fails_the_install(tmp_path: Path, engine: Ar
 
     assert proc.returncode == 5, proc.stdout + proc.stderr
     assert error_line(proc).startswith(
-        "install.sh: error: gpustack/gpustack:nope is not in Docker after loading images/images.tar"
+        "install.sh: error: gpustack/gpustack:nope is not in Docker after loading images"
     )
     assert "rebuild the bundle" in error_line(proc)
 
@@ -525,7 +572,7 @@ def test_the_readmes_describe_the_docker_method(tmp_path: Path, dummy_archive: P
     for name in ("README.md", "README.zh-CN.md"):
         text = (bundle / name).read_text("utf-8")
         assert "{{" not in text
-        for needle in ("images/images.tar", "--registry", "docker load", "--pull never",
+        for needle in ("images/", "--registry", "docker load", "--pull never",
                        "gpustack-data:/var/lib/gpustack", "--gpus all"):  # fmt: skip
             assert needle in text, (name, needle)
     assert sha256_file(bundle / "README.md") != sha256_file(bundle / "README.zh-CN.md")

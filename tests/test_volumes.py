@@ -23,9 +23,10 @@ from support.bundles import make_bundle
 
 from gpustack_offline.bundle import volumes
 from gpustack_offline.bundle.assemble import write_tar
-from gpustack_offline.bundle.volumes import VolumeError, parse_size, split
+from gpustack_offline.bundle.volumes import VolumeError, outputs, parse_size, split, split_folder
 from gpustack_offline.cli import commands
 from gpustack_offline.core import docker as containers
+from gpustack_offline.core.errors import OptionError
 
 ROOT = Path(__file__).resolve().parent.parent
 JOIN = ROOT / "scripts" / "join.sh"
@@ -199,6 +200,74 @@ def test_splitting_again_keeps_good_volumes_and_mends_or_drops_the_rest(
     on_disk = sorted(p.name for p in tmp_path.glob(f"{CELL}.tar.*"))
     assert on_disk == [p.name for p in bigger[:-2]]
     assert join("--check-only", bigger[-1]).returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Volumes only: streamed from the bundle folder, no whole tar
+
+
+@pytest.mark.parametrize("size", [1_000_000, 1_048_576])
+def test_volumes_streamed_from_the_folder_join_to_the_tar_byte_for_byte_and_no_tar_is_written(
+    size: int, bundle_tar: Path, tmp_path: Path
+) -> None:
+    folder = bundle_tar.with_name(CELL)
+    media = tmp_path / "media"
+    written = split_folder(folder, tmp_path / f"{CELL}.tar", size, media)
+
+    assert not (tmp_path / f"{CELL}.tar").exists() and not list(media.glob("*.tar"))
+    assert [p.name for p in written[-2:]] == [f"{CELL}.join.sh", f"{CELL}.volumes"]
+    assert all(p.stat().st_size <= size for p in written[:-2])
+    # the same bytes as the tar a build writes, and the same description as split() gives it
+    assert b"".join(p.read_bytes() for p in written[:-2]) == bundle_tar.read_bytes()
+    from_tar = split(bundle_tar, size, tmp_path / "from-tar")
+    assert manifest_lines(written[-1]) == manifest_lines(from_tar[-1])
+    assert join("--check-only", written[-1]).returncode == 0
+    assert leftovers(tmp_path) == []
+
+    again = split_folder(folder, tmp_path / f"{CELL}.tar", size, media)  # nothing to rewrite
+    assert [p.stat().st_mtime_ns for p in again[:-2]] == [
+        p.stat().st_mtime_ns for p in written[:-2]
+    ]
+
+
+def test_a_file_that_shrinks_while_the_folder_is_streamed_fails_and_keeps_no_half_volume(
+    bundle_tar: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / CELL
+    shutil.copytree(bundle_tar.with_name(CELL), folder)
+    entries = volumes.tarball.members(folder)  # counted, then the file shrinks
+    biggest = max(folder.rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)
+    biggest.write_bytes(biggest.read_bytes()[:1000])
+
+    def feed(sink):
+        volumes.tarball.write(entries, sink)
+
+    with pytest.raises(OSError, match="unexpected end of data"):
+        volumes._split(f"{CELL}.tar", volumes.tarball.size(entries), feed, 1_000_000,
+                       tmp_path / "media", JOIN)  # fmt: skip
+    assert leftovers(tmp_path) == [] and not (tmp_path / "media" / f"{CELL}.volumes").exists()
+
+
+@pytest.mark.parametrize(
+    ("write", "split_", "tar", "size"),
+    [("", "", True, None), ("", "4G", True, 4 * 10**9), ("tar", "", True, None),
+     ("both", "1M", True, 10**6), ("volumes", "fat32", False, volumes.FAT32_MAX),
+     ("Volumes", "1M", False, 10**6)],
+)  # fmt: skip
+def test_the_write_option_chooses_tar_volumes_or_both(
+    write: str, split_: str, tar: bool, size: int | None
+) -> None:
+    assert outputs(write, split_) == volumes.Outputs(tar, size)
+
+
+@pytest.mark.parametrize(
+    ("write", "split_", "message"),
+    [("volume", "4G", "is not one of tar, volumes, both"), ("volumes", "", "needs a volume size"),
+     ("both", "", "needs a volume size"), ("tar", "4G", "write=tar writes none")],
+)  # fmt: skip
+def test_the_write_option_refuses_what_it_cannot_do(write: str, split_: str, message: str) -> None:
+    with pytest.raises(OptionError, match=message):
+        outputs(write, split_)
 
 
 # ---------------------------------------------------------------------------------------------

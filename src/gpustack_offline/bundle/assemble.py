@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import os
-import tarfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 from packaging.utils import canonicalize_name
 
 from gpustack_offline import __version__
-from gpustack_offline.bundle import provenance, sbom
+from gpustack_offline.bundle import provenance, sbom, tarball
 from gpustack_offline.core.files import (
     atomic_path,
     link_or_copy,
@@ -32,7 +31,10 @@ from gpustack_offline.stages.locks import Lock
 from gpustack_offline.stages.wheels import Wheel, requirements_txt, simple_index
 
 SCHEMA_VERSION = 1
-IMAGE_ARCHIVE = "images/images.tar"
+# The images' export folder (`stages.images.export_images`): an OCI layout whose blobs are hard
+# links into the cache; `install.sh` streams it into `docker load` as a tar. Bundles before it
+# named a tar, `images/images.tar`, under the same key; the site scripts read both.
+IMAGE_ARCHIVE = "images"
 README_TEMPLATES = ("README.md", "README.zh-CN.md")
 
 
@@ -106,15 +108,15 @@ def assemble(
     images: Sequence[images_.ExportedImage] = (),
     inputs: Sequence[Path] = (),
 ) -> dict[str, Any]:
-    """Write the bundle's files into `stage` (an image archive is already there); return the
-    manifest."""
+    """Write the bundle's files into `stage` (the images folder, if any, is already there);
+    return the manifest."""
     wheels = list(wheels)
     files: list[dict[str, Any]] = []
 
-    def add(rel: str, kind: str, origin: str) -> None:
+    def add(rel: str, kind: str, origin: str, sha256: str | None = None) -> None:
         path = stage / rel
         files.append(
-            {"path": rel, "sha256": sha256_file(path), "size": path.stat().st_size,
+            {"path": rel, "sha256": sha256 or sha256_file(path), "size": path.stat().st_size,
              "kind": kind, "origin": origin}
         )  # fmt: skip
 
@@ -129,7 +131,7 @@ def assemble(
         link_or_copy(tools_archive.path, stage / tools.BUNDLE_PATH)
         add(tools.BUNDLE_PATH, "tools", f"gpustack {cell.version} download-tools")
     if images:
-        add(IMAGE_ARCHIVE, "images", "registry pull (see images)")
+        _add_images(stage, add)
     installer = lock.installer_names() if lock else set()
     installer_wheel = next(
         (f"wheels/{w.filename}" for w in wheels if canonicalize_name(w.name) in installer), ""
@@ -181,18 +183,28 @@ def assemble(
     return manifest
 
 
+def _add_images(stage: Path, add: Callable[[str, str, str, str | None], None]) -> None:
+    """Every file of the images folder, `index.json` as the one of kind `images` (the SBOM's
+    entry point). A blob's sha256 is its name: `export_images` hashed each against it when it
+    linked it, so the sums do not read the (large) blobs a second time."""
+    folder = stage / IMAGE_ARCHIVE
+    origin = "registry pull (see images)"
+    for member in images_.layout_members(folder):
+        rel = f"{IMAGE_ARCHIVE}/{member}"
+        if (folder / member).is_dir():
+            continue
+        if member.startswith(f"{images_.BLOBS}/"):
+            add(rel, "image-blob", origin, member.rsplit("/", 1)[-1])
+        else:
+            add(rel, "images" if member == "index.json" else "image-layout", origin, None)
+
+
 def write_tar(directory: Path, final: Path) -> None:
-    """A plain tar of the bundle folder (wheels are compressed already), files in sorted order."""
-    with atomic_path(final) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
-        for path in sorted(directory.rglob("*")):
-            info = tf.gettarinfo(path, arcname=f"{directory.name}/{path.relative_to(directory)}")
-            info.uid = info.gid = 0
-            info.uname = info.gname = "root"
-            if path.is_file():
-                with path.open("rb") as fh:
-                    tf.addfile(info, fh)
-            else:
-                tf.addfile(info)
+    """A plain tar of the bundle folder (wheels are compressed already), files in sorted order,
+    streamed from the folder (`bundle.tarball`): the one copy of the bundle's bytes beyond the
+    cache, written under a temporary name and renamed when whole."""
+    with atomic_path(final) as tmp, tmp.open("wb") as out:
+        tarball.write(tarball.members(directory), out)
 
 
 def clear_previous(final_dir: Path, tar: Path) -> None:

@@ -50,7 +50,7 @@ from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from gpustack_offline.bundle.errors import SbomError
 from gpustack_offline.bundle.provenance import tool_url
 from gpustack_offline.core.files import write_text
-from gpustack_offline.stages.images import UPSTREAM_DIGEST
+from gpustack_offline.stages.images import UPSTREAM_DIGEST, read_layout_file
 from gpustack_offline.stages.registry import Reference
 
 try:  # the factory's home since cyclonedx-python-lib 11; the old path warns
@@ -426,11 +426,13 @@ def _tools(tools: Mapping[str, Any], files: Mapping[str, Any]) -> Component:
 def _images(
     stage: Path, images: Iterable[Mapping[str, Any]], files: Mapping[str, Any]
 ) -> Component:
-    """The image archive as a file component holding one container component per image, each
-    with its layers (from the archive's own manifests) as file sub-components."""
+    """The images' entry file (the export's `index.json`, which names every manifest and so
+    every blob by digest; an older bundle's archive tar) as a file component holding one
+    container component per image, each with its layers (from the export's own manifests) as
+    file sub-components."""
     archive = next((p for p, f in files.items() if f.get("kind") == "images"), None)
     if archive is None:
-        raise SbomError("the manifest lists images but no file of kind 'images' (the archive)")
+        raise SbomError("the manifest lists images but no file of kind 'images' (index.json)")
     layers = image_layers(stage / archive)
     containers = []
     for image in sorted(images, key=lambda i: (str(i["reference"]), str(i["platform"]))):
@@ -482,27 +484,28 @@ def _images(
 
 
 def image_layers(archive: Path) -> dict[str, list[dict[str, Any]]]:
-    """Layers of each image in an export tar, by the image's upstream manifest digest.
+    """Layers of each image in an export, by the image's upstream manifest digest: `archive` is
+    the export folder's `index.json` (or the folder), or an older bundle's export tar.
 
     Reads `index.json` and the manifests it names; the layer blobs themselves are not read."""
+    source = archive.parent if archive.name == "index.json" else archive
     try:
-        with tarfile.open(archive) as tf:
 
-            def member_json(name: str) -> Any:
-                fh = tf.extractfile(name)
-                if fh is None:
-                    raise KeyError(name)
-                return json.load(fh)
+        def member_json(name: str) -> Any:
+            data = read_layout_file(source, name)
+            if data is None:
+                raise KeyError(name)
+            return json.loads(data)
 
-            index = member_json("index.json")
-            out = {}
-            for entry in index.get("manifests", []):
-                upstream = (entry.get("annotations") or {}).get(UPSTREAM_DIGEST) or entry["digest"]
-                manifest = member_json(f"blobs/sha256/{entry['digest'].removeprefix('sha256:')}")
-                out[str(upstream)] = [
-                    {"digest": d["digest"], "size": d["size"], "mediaType": d["mediaType"]}
-                    for d in manifest.get("layers", [])
-                ]
+        index = member_json("index.json")
+        out = {}
+        for entry in index.get("manifests", []):
+            upstream = (entry.get("annotations") or {}).get(UPSTREAM_DIGEST) or entry["digest"]
+            manifest = member_json(f"blobs/sha256/{entry['digest'].removeprefix('sha256:')}")
+            out[str(upstream)] = [
+                {"digest": d["digest"], "size": d["size"], "mediaType": d["mediaType"]}
+                for d in manifest.get("layers", [])
+            ]
     except (OSError, tarfile.TarError, KeyError, ValueError) as exc:
-        raise SbomError(f"{archive}: cannot read the image archive's manifests ({exc})") from exc
+        raise SbomError(f"{archive}: cannot read the image export's manifests ({exc})") from exc
     return out

@@ -75,8 +75,10 @@ def lock(ctx: Context, cells: Sequence[Cell]) -> list[Path]:
 def build(ctx: Context, cells: Sequence[Cell]) -> list[Result]:
     """Build every selected cell; report each failure and go on, then fail if any failed.
 
-    With the `split` option, each tar is also cut into volumes for transfer media."""
-    size = volumes.parse_size(ctx.opts.split) if ctx.opts.split else None  # a bad size fails first
+    With the `split` option, each bundle is also cut into volumes for transfer media; with
+    `write=volumes`, only into volumes, streamed from the folder (no whole tar)."""
+    out = volumes.outputs(ctx.opts.write, ctx.opts.split)  # a bad size or choice fails first
+    size = out.volume_size
     results: list[Result] = []
     failures: list[tuple[str, BundleError]] = []
     for cell in cells:
@@ -84,7 +86,11 @@ def build(ctx: Context, cells: Sequence[Cell]) -> list[Result]:
         try:
             result = _recipes().build(ctx, cell)
             if size:
-                written = volumes.split(result.tar, size)
+                written = (
+                    volumes.split(result.tar, size)
+                    if out.tar
+                    else volumes.split_folder(result.directory, result.tar, size)
+                )
                 console.print(f"  {len(written) - 2} volumes, joined by {_shown(written[-1])}")
             results.append(result)
         except BundleError as exc:
@@ -114,7 +120,7 @@ def summary(results: Sequence[Result]) -> Table:
             f"{r.seconds:.1f}",
             r.lock_state,
             r.stages,
-            _shown(r.tar),
+            _shown(r.tar if r.tar.exists() else r.directory),
         )
     return table
 

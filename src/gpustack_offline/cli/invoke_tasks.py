@@ -118,16 +118,20 @@ def matrix(c, selection, json=False, all=False):  # type: ignore[no-untyped-def]
     help={**_AXIS_HELP, "frozen": "refuse to build a cell whose lock is missing or stale",
           "jobs": "parallel downloads", "dist": "output folder (default dist/)",
           "split": "also cut dist/<cell>.tar into volumes of SIZE for transfer media: 4G "
-                   "(decimal, fits FAT32), 4GiB (binary), fat32 (4 GiB-1)"},
+                   "(decimal, fits FAT32), 4GiB (binary), fat32 (4 GiB-1)",
+          "write": "what to write beside dist/<cell>/: tar, volumes (needs --split; streamed "
+                   "from the folder, no whole tar) or both (default: the tar, and volumes "
+                   "when --split is given)"},
 )  # fmt: skip
 @_wired
 @_selecting
-def bundle(c, selection, frozen=False, jobs=None, dist=None, split=None):  # type: ignore[no-untyped-def]
+def bundle(c, selection, frozen=False, jobs=None, dist=None, split=None, write=None):  # type: ignore[no-untyped-def]
     """Build the bundle of every selected cell into dist/<cell-id>/ and dist/<cell-id>.tar."""
     from gpustack_offline.cli import commands
 
     # a flag that is not given leaves the option to pyproject and the environment
-    cli = {"frozen": frozen or None, "jobs": jobs, "dist_dir": dist, "split": split}
+    cli = {"frozen": frozen or None, "jobs": jobs, "dist_dir": dist, "split": split,
+           "write": write}  # fmt: skip
     ctx = commands.Context.load(_root(c), cli=cli)
     commands.build(ctx, _select(ctx, selection))
 

@@ -177,14 +177,18 @@ def remove_temps(final: Path) -> None:
             Path(entry.path).unlink(missing_ok=True)
 
 
-def link_or_copy(src: Path, dst: Path) -> None:
-    """Hard-link a cached file into a bundle (same bytes, no extra disk); copy across devices."""
+def link_or_copy(src: Path, dst: Path) -> bool:
+    """Hard-link a cached file into a bundle (same bytes, no extra disk); copy across devices.
+    True when linked. The link shares the cache's bytes: replace such a file, never write
+    into it."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.unlink(missing_ok=True)
     try:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
+        return False
+    return True
 
 
 @contextlib.contextmanager

@@ -58,6 +58,9 @@ class Options:
     verify_key: str = ""
     # transfer media: split each bundle tar into volumes of this size ("" = one tar), e.g. 4G
     split: str = ""
+    # what is written beside dist/<cell>/: tar, volumes (streamed from the folder, no whole
+    # tar: the bundle once on disk) or both; "" = the tar, plus volumes when split is given
+    write: str = ""
     jobs: int = 4
     frozen: bool = False
     verify_timeout: int = 900

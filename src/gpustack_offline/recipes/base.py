@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from gpustack_offline.bundle import assemble, reuse
+from gpustack_offline.bundle import assemble, reuse, volumes
 from gpustack_offline.bundle.assemble import IMAGE_ARCHIVE, Result
 from gpustack_offline.bundle.signing import sign
 from gpustack_offline.core.cache import in_use
@@ -120,7 +120,8 @@ def _build(ctx: Context, cell: Cell, recipe: Recipe) -> Result:
         )  # fmt: skip
         if ctx.layout.signing_key:
             sign(stage, ctx.layout.signing_key, ctx.opts.signing_passphrase_env or None)
-    assemble.write_tar(final, tar)
+    if volumes.outputs(ctx.opts.write, ctx.opts.split).tar:  # else volumes only: no whole tar
+        assemble.write_tar(final, tar)
     # the key again: a lock the gather made or refreshed is an input of what was built
     reuse.write_record(record, _key(ctx, cell, recipe), tar)
     stages = "rebuilt: " + ", ".join(moved)

@@ -1,5 +1,5 @@
 """GPUStack's Docker images as data: which tag a cell needs, which digest that tag meant, and
-one archive that both `docker load` and OCI tools read.
+one export folder that both `docker load` (streamed as a tar) and OCI tools read.
 
 A tag can be pushed again upstream at any time, so a build never trusts a tag alone:
 `bundles/images/gpustack-<version>.toml` records, per tag and platform, the index digest and the
@@ -7,27 +7,35 @@ platform manifest digest, written by `refresh_pins` on the online side and revie
 build resolves a cell's image through that file and pulls by digest; a tag that moved upstream
 is a diff in the pin file, never a silent change in a bundle.
 
-The export is one tar that is at the same time an OCI image layout (`oci-layout`, `index.json`,
-`blobs/sha256/<hex>`) and a `docker load` archive (`manifest.json` whose `Config` and `Layers`
-name the same blob files). Layers stay exactly as the registry served them (compressed, same
-digests), each blob is stored once however many images share it, and the tar is deterministic.
+The export is one folder that is at the same time an OCI image layout (`oci-layout`,
+`index.json`, `blobs/sha256/<hex>`) and, tarred, a `docker load` archive (`manifest.json` whose
+`Config` and `Layers` name the same blob files). Layers stay exactly as the registry served them
+(compressed, same digests), each blob is there once however many images share it, and each is a
+hard link into the blob store, so the images take no disk beyond the cache until the bundle's
+own tar is written (the one copy).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
+import logging
 import re
 import tarfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from gpustack_offline.core.downloads import BlobStore
 from gpustack_offline.core.errors import IntegrityError
-from gpustack_offline.core.files import atomic_path, write_text
+from gpustack_offline.core.files import (
+    atomic_dir,
+    atomic_path,
+    link_or_copy,
+    sha256_file,
+    write_text,
+)
 from gpustack_offline.core.tomlfile import read_toml
 from gpustack_offline.stages.errors import ImageError
 from gpustack_offline.stages.registry import (
@@ -74,7 +82,11 @@ UPSTREAM_DIGEST = "gpustack-offline.upstream-manifest-digest"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 DOCKER_GZIP_LAYER = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 OCI_GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+BLOBS = "blobs/sha256"  # where an export keeps its blobs, each named by its sha256
+_SMALL = ("oci-layout", "index.json", "manifest.json")
 _OCI_LAYER = {DOCKER_GZIP_LAYER: OCI_GZIP_LAYER}
+
+log = logging.getLogger(__name__)
 
 
 # --- tags ---------------------------------------------------------------------------------------
@@ -334,19 +346,6 @@ class ExportedImage(NamedTuple):
     platform: str  # linux/amd64
 
 
-class _HashingReader:
-    """Reads a stored blob into the tar while hashing it: a damaged cache file is caught here."""
-
-    def __init__(self, fh: IO[bytes]) -> None:
-        self.fh = fh
-        self.digest = hashlib.sha256()
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.fh.read(size)
-        self.digest.update(data)
-        return data
-
-
 def _export_name(ref: Reference) -> Reference:
     """The name an image carries in the tar: with its tag, or by digest when it has none."""
     return ref.without_digest() if ref.tag else ref
@@ -411,13 +410,17 @@ def _read_checked(store: BlobStore, desc: Descriptor) -> bytes:
 
 
 def export_images(images: Sequence[Image], store: BlobStore, dest: Path) -> list[ExportedImage]:
-    """Write one tar that is an OCI layout and a `docker load` archive of all `images`.
+    """Write the folder `dest`: an OCI layout and a `docker load` archive, once tarred, of all
+    `images`, whose blobs are hard links into the store (one copy on disk).
 
-    Each blob is written once, straight from the store and re-hashed on the way; the same
-    inputs give the same bytes. `index.json` names each image by tag (`ref.name`, what
-    `skopeo copy oci-archive:TAR:TAG` looks for) and full name (`io.containerd.image.name`);
-    `manifest.json` gives `docker load` the same config and layer files. Returns (reference,
-    upstream manifest digest, platform) per image."""
+    Each blob is linked once, however many images share it, and re-hashed against its name on
+    the way, so a damaged cache file stops the export (the bundle's sums then take the digest
+    from the name instead of hashing the blob again). A store on another file system than
+    `dest` makes copies instead, with a warning: the bundle then costs its size twice. The
+    folder appears under its final name only when complete. `index.json` names each image by
+    tag (`ref.name`, what `skopeo copy oci-archive:TAR:TAG` looks for) and full name
+    (`io.containerd.image.name`); `manifest.json` gives `docker load` the same config and layer
+    files. Returns (reference, upstream manifest digest, platform) per image."""
     unique: dict[tuple[str, str], Image] = {}
     for image in images:
         _check_exportable(image)
@@ -463,9 +466,9 @@ def export_images(images: Sequence[Image], store: BlobStore, dest: Path) -> list
         tag = _repo_tag(name)
         docker_manifest.append(
             {
-                "Config": f"blobs/sha256/{image.config.hex}",
+                "Config": f"{BLOBS}/{image.config.hex}",
                 "RepoTags": [tag] if tag else [],
-                "Layers": [f"blobs/sha256/{layer.hex}" for layer in image.layers],
+                "Layers": [f"{BLOBS}/{layer.hex}" for layer in image.layers],
             }
         )
         result.append(ExportedImage(str(name), image.manifest.digest, str(image.platform)))
@@ -476,45 +479,87 @@ def export_images(images: Sequence[Image], store: BlobStore, dest: Path) -> list
         "index.json": index,
         "manifest.json": docker_manifest,
     }
-    with atomic_path(dest) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
+    copied = 0
+    with atomic_dir(dest) as tmp:
         for member, content in small.items():
-            data = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
-            tf.addfile(_info(member, len(data)), io.BytesIO(data))
-        tf.addfile(_info("blobs", directory=True))
-        tf.addfile(_info("blobs/sha256", directory=True))
-        for hex_digest in sorted(set(blobs) | set(generated)):
-            member = f"blobs/sha256/{hex_digest}"
+            (tmp / member).write_bytes(_json_bytes(content))
+        (tmp / BLOBS).mkdir(parents=True)
+        for hex_digest, data in generated.items():
+            (tmp / BLOBS / hex_digest).write_bytes(data)
+        for hex_digest, desc in sorted(blobs.items()):
             if hex_digest in generated:
-                tf.addfile(
-                    _info(member, len(generated[hex_digest])), io.BytesIO(generated[hex_digest])
-                )
                 continue
-            desc = blobs[hex_digest]
-            path = store.path(hex_digest)
-            with path.open("rb") as fh:
-                actual = path.stat().st_size
-                if actual != desc.size:
-                    raise IntegrityError(
-                        f"cached blob {path} has {actual} bytes, not {desc.size}; delete it and "
-                        "pull again"
-                    )
-                reader = _HashingReader(fh)
-                tf.addfile(_info(member, desc.size), reader)  # type: ignore[arg-type]
-            if reader.digest.hexdigest() != hex_digest:
-                raise IntegrityError(
-                    f"cached blob {path} does not match its digest; delete it and pull again "
-                    "(the tar was not written)"
-                )
+            source, target = store.path(hex_digest), tmp / BLOBS / hex_digest
+            copied += 0 if link_or_copy(source, target) else desc.size
+            _check_blob(target, source, desc)
+    if copied:
+        log.warning(
+            "%s: %d MB of image blobs were copied, not hard-linked, from %s (another file "
+            "system): the bundle's images are on disk twice; put the cache-dir and dist-dir "
+            "on one file system to keep one copy",
+            dest, copied // 10**6, store.root,
+        )  # fmt: skip
     return result
 
 
-def list_export(path: Path) -> list[ExportedImage]:
-    """The images an export tar holds, read from its `index.json`."""
+def _json_bytes(content: Any) -> bytes:
+    return json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _check_blob(target: Path, source: Path, desc: Descriptor) -> None:
+    """The blob as linked into the export has the size and digest it is named by."""
+    actual = target.stat().st_size
+    if actual != desc.size:
+        raise IntegrityError(
+            f"cached blob {source} has {actual} bytes, not {desc.size}; delete it and pull "
+            "again (the images were not exported)"
+        )
+    if sha256_file(target) != desc.hex:
+        raise IntegrityError(
+            f"cached blob {source} does not match its digest; delete it and pull again "
+            "(the images were not exported)"
+        )
+
+
+def layout_members(folder: Path) -> list[str]:
+    """The paths of an export folder in the order its tar lists them: the three small files,
+    the blob folders, then the blobs by digest (what `write_layout_tar` writes)."""
+    blobs = sorted(p.name for p in (folder / BLOBS).iterdir())
+    return [*_SMALL, "blobs", BLOBS, *(f"{BLOBS}/{b}" for b in blobs)]
+
+
+def write_layout_tar(folder: Path, dest: Path) -> None:
+    """One deterministic tar of an export folder (mtime 0, owner 0), for tools that want a
+    single file: `docker load -i`, `skopeo copy oci-archive:`. A bundle never holds it."""
+    with atomic_path(dest) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tf:
+        for member in layout_members(folder):
+            path = folder / member
+            if path.is_dir():
+                tf.addfile(_info(member, directory=True))
+                continue
+            with path.open("rb") as fh:
+                tf.addfile(_info(member, path.stat().st_size), fh)
+
+
+def read_layout_file(path: Path, member: str) -> bytes | None:
+    """A file of an export: from the folder, or from an export tar (bundles before the folder)."""
+    if path.is_dir():
+        file = path / member
+        return file.read_bytes() if file.is_file() else None
     with tarfile.open(path) as tf:
-        member = tf.extractfile("index.json")
-        if member is None:
-            raise ImageError(f"{path} has no index.json; it is not an image export")
-        index = json.load(member)
+        try:
+            fh = tf.extractfile(member)
+        except KeyError:
+            return None
+        return fh.read() if fh is not None else None
+
+
+def list_export(path: Path) -> list[ExportedImage]:
+    """The images an export folder (or an older bundle's export tar) holds, from `index.json`."""
+    data = read_layout_file(path, "index.json")
+    if data is None:
+        raise ImageError(f"{path} has no index.json; it is not an image export")
+    index = json.loads(data)
     out = []
     for entry in index.get("manifests", []):
         annotations = entry.get("annotations") or {}
