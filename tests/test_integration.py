@@ -70,6 +70,11 @@ def check_manifest(cell, bundle_dir: Path) -> None:
     native = [f["path"] for f in wheels if not f["path"].endswith("-none-any.whl")]
     assert native and all(cell.machine in p for p in native), native
 
+    # what upstream's start command loads, read from the release's own code, for install.sh
+    loaded = (bundle_dir / "start-modules.txt").read_text().split()
+    assert {"gpustack/cmd/start.py", "gpustack/server/server.py", "fastapi/routing.py"} <= set(
+        loaded
+    ), loaded[:20]
     tools_file = next(f for f in manifest["files"] if f["kind"] == "tools")
     assert tools_file["sha256"] == manifest["tools"]["sha256"]
     assert manifest["tools"]["llama_box_dir"].endswith(

@@ -36,6 +36,7 @@ SCHEMA_VERSION = 1
 # named a tar, `images/images.tar`, under the same key; the site scripts read both.
 IMAGE_ARCHIVE = "images"
 README_TEMPLATES = ("README.md", "README.zh-CN.md")
+START_MODULES = "start-modules.txt"
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,7 @@ def bundle_env(
     tools_archive: str = "",
     images: Sequence[images_.ExportedImage] = (),
     installer_wheel: str = "",
+    start_modules: str = "",
 ) -> dict[str, str]:
     return {
         "BUNDLE_CELL": cell.id,
@@ -72,6 +74,8 @@ def bundle_env(
         "TOOLS_ARCHIVE": tools_archive,
         # the uv wheel install.sh installs the wheelhouse with (pip when empty or --installer pip)
         "INSTALLER_WHEEL": installer_wheel,
+        # what `gpustack start` loads, one path under site-packages per line: compiled by install.sh
+        "START_MODULES": start_modules,
         "IMAGE_ARCHIVE": IMAGE_ARCHIVE if images else "",
         # comma-separated: bundle.env is read by sh and PowerShell, so no value has a space
         "IMAGES": ",".join(_familiar(i.reference) for i in images),
@@ -107,6 +111,7 @@ def assemble(
     tools_archive: tools.Archive | None = None,
     images: Sequence[images_.ExportedImage] = (),
     inputs: Sequence[Path] = (),
+    start_modules: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Write the bundle's files into `stage` (the images folder, if any, is already there);
     return the manifest."""
@@ -136,8 +141,13 @@ def assemble(
     installer_wheel = next(
         (f"wheels/{w.filename}" for w in wheels if canonicalize_name(w.name) in installer), ""
     )
-    env = bundle_env(cell, tools.BUNDLE_PATH if tools_archive else "", images, installer_wheel)
+    modules_file = START_MODULES if start_modules else ""
+    env = bundle_env(
+        cell, tools.BUNDLE_PATH if tools_archive else "", images, installer_wheel, modules_file
+    )
     texts = {"bundle.env": "".join(f"{k}={v}\n" for k, v in env.items())}
+    if start_modules:
+        texts[START_MODULES] = "".join(f"{name}\n" for name in start_modules)
     if lock is not None:
         texts["requirements.txt"] = requirements_txt(cell, wheels, installer)
         texts["lock/pylock.toml"] = lock.path.read_text()

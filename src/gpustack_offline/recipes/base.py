@@ -39,6 +39,7 @@ class Parts:
     tools: Archive | None = None
     images: Sequence[images.Image] = ()
     store: BlobStore | None = None  # where the images' blobs are
+    start_modules: Sequence[str] = ()  # what `gpustack start` loads, for the site to compile
 
 
 @dataclass(frozen=True)
@@ -116,7 +117,7 @@ def _build(ctx: Context, cell: Cell, recipe: Recipe) -> Result:
         )
         manifest = assemble.assemble(
             cell, parts.wheels, parts.lock, stage, ctx.root, parts.tools,
-            images=exported, inputs=recipe.inputs(ctx, cell),
+            images=exported, inputs=recipe.inputs(ctx, cell), start_modules=parts.start_modules,
         )  # fmt: skip
         if ctx.layout.signing_key:
             sign(stage, ctx.layout.signing_key, ctx.opts.signing_passphrase_env or None)

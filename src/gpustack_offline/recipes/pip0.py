@@ -49,7 +49,13 @@ class Pip0:
             cell, layout.cache, layout.tools_locks, overrides, opts.index_url,
             opts.tools_base_url, opts.frozen, ctx.retry,
         )  # fmt: skip
-        return Parts(state, lock, wheels, archive)
+        # the installer byte-compiles what the start loads; only the uv path uses the list
+        modules = (
+            tools.start_modules(cell, overrides, layout.cache, opts.index_url)
+            if cell.installer
+            else []
+        )
+        return Parts(state, lock, wheels, archive, start_modules=modules)
 
     def verify(self, ctx: Context, cell: Cell, report: Report) -> Report:
         allowlist = egress.load_allowlist(ctx.layout.egress_allowlist, cell.id)

@@ -422,6 +422,22 @@ def tool_venv(cell: Cell, overrides: list[Override], cache: Path, index_url: str
     return python
 
 
+def start_modules(cell: Cell, overrides: list[Override], cache: Path, index_url: str) -> list[str]:
+    """The Python files (relative to site-packages) that the cell's GPUStack loads for `gpustack
+    start`, read from the release's own code in the tool venv once and kept beside it."""
+    python = tool_venv(cell, overrides, cache, index_url)
+    kept = python.parent.parent.with_name(python.parent.parent.name + ".start-modules.json")
+    if not kept.is_file():
+        out = run(
+            [python, payload.path("start_modules.py")],
+            env=download_env(cell, os.environ),
+            what=f"listing what GPUStack {cell.version}'s start loads",
+        ).stdout
+        write_text(kept, out.strip().splitlines()[-1] + "\n")
+    names: list[str] = json.loads(kept.read_text())
+    return names
+
+
 def venv_lock(python: Path) -> Path:
     """The flock file of the tool venv whose interpreter is `python`, beside the venv."""
     venv = python.parent.parent
