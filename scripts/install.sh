@@ -76,6 +76,16 @@ die() {
 
 say() { printf '%s: %s\n' "$PROG" "$*"; }
 
+# now_us: microseconds since the epoch (bash 5's EPOCHREALTIME), empty on an older bash;
+# took START: " in S.s" since START, or nothing when either is unknown.
+now_us() { local t=${EPOCHREALTIME:-}; printf '%s' "${t/./}"; }
+took() {
+  local now
+  now=$(now_us)
+  [[ -n $1 && -n $now ]] || return 0
+  printf ' in %d.%d s' $(((now - $1) / 1000000)) $(((now - $1) / 100000 % 10))
+}
+
 # Absolute form of a path given relative to the caller's directory (we cd into the bundle later).
 absolute() {
   case $1 in
@@ -357,12 +367,16 @@ install_release() {
   trap 'exit 143' TERM
 
   # uv installs into a venv without pip of its own (GPUStack runs none); pip needs one
+  local started
+  started=$(now_us)
   if [[ $INSTALLER != pip ]] && unpack_uv; then
     make_venv --without-pip
     install_with_uv
+    say "installed with uv$(took "$started")"
   else
     make_venv
     install_with_pip
+    say "installed with pip$(took "$started")"
   fi
 
   "$REL/bin/gpustack" version ||

@@ -22,6 +22,7 @@ so the cold build downloads its wheels and the tool venv from PyPI and its tools
 from __future__ import annotations
 
 import dataclasses
+import re
 import shutil
 import subprocess
 import sys
@@ -60,6 +61,7 @@ class PipRow:
     bundle_bytes: int
     pip_install_s: float
     uv_install_s: float
+    uv_step_s: float  # install.sh's own figure for its install step (venv, uv, bytecode)
     pip_script_s: float | None  # install.sh --installer pip; None where not measured
 
     @property
@@ -69,6 +71,13 @@ class PipRow:
     @property
     def uv_ratio(self) -> float:
         return self.uv_install_s / self.pip_install_s
+
+    @property
+    def step_ratio(self) -> float:
+        return self.uv_step_s / self.pip_install_s
+
+
+STEP = re.compile(r"^install\.sh: installed with uv in (\d+\.\d) s$", re.M)
 
 
 def _timed(action: Callable[[], object]) -> float:
@@ -107,9 +116,11 @@ def _context(root: Path, work: Path, mirror: ReleaseMirror, locks: Path, dead: b
     return commands.Context.load(root, cli=cli)
 
 
-def install_times(cell: Cell, bundle: Path, cache: Path, with_pip_script: bool) -> list[float]:
+def install_times(
+    cell: Cell, bundle: Path, cache: Path, with_pip_script: bool
+) -> tuple[list[float], float]:
     """In one clean container of the target, with no network: pip alone, install.sh with uv,
-    install.sh with pip (if asked)."""
+    install.sh with pip (if asked); and install.sh's own figure for its uv install step."""
     pip = (
         "python3 -m venv /tmp/plain && PIP_CONFIG_FILE=/dev/null /tmp/plain/bin/python -m pip "
         "--isolated install -q --no-index --find-links /bundle/wheels --require-hashes "
@@ -124,7 +135,7 @@ def install_times(cell: Cell, bundle: Path, cache: Path, with_pip_script: bool) 
             ["/bundle/install.sh", "--prefix", "/opt/pip", "--installer", "pip", "--skip-preflight"]
         )
     image = base_image(cell.arch, cache)
-    times = []
+    times, outputs = [], []
     with container(image, mounts={bundle.resolve(): "/bundle"}, read_only=["/bundle"]) as box:
         for argv in runs:
             started = time.monotonic()
@@ -132,7 +143,11 @@ def install_times(cell: Cell, bundle: Path, cache: Path, with_pip_script: bool) 
             if code != 0:
                 raise BundleError(f"{' '.join(argv)} failed in {image}:\n{output[-2000:]}")
             times.append(round(time.monotonic() - started, 1))
-    return times
+            outputs.append(output)
+    step = STEP.search(outputs[1])
+    if step is None:
+        raise BundleError(f"install.sh did not say how long its uv install took:\n{outputs[1]}")
+    return times, float(step.group(1))
 
 
 def measure(root: Path, work: Path, progress: Callable[[str], None]) -> list[PipRow]:
@@ -160,20 +175,21 @@ def measure(root: Path, work: Path, progress: Callable[[str], None]) -> list[Pip
             warm_s = round(time.monotonic() - started, 2)
             bundle = ctx.layout.bundle(cell_id)
             progress(f"{cell_id}: installs in a clean {cell.arch} container")
-            times = install_times(cell, bundle, images_cache, with_pip_script=index == 0)
+            times, step = install_times(cell, bundle, images_cache, with_pip_script=index == 0)
             rows.append(
                 PipRow(
-                    cell_id,
-                    naive_s,
-                    _size(area / "naive"),
-                    cold_s,
-                    warm_s,
-                    warm.stages,
-                    ctx.layout.tar(cell_id).stat().st_size,
-                    times[0],
-                    times[1],
-                    times[2] if len(times) > 2 else None,
-                )  # fmt: skip
+                    cell=cell_id,
+                    naive_download_s=naive_s,
+                    naive_bytes=_size(area / "naive"),
+                    cold_s=cold_s,
+                    warm_s=warm_s,
+                    warm_stages=warm.stages,
+                    bundle_bytes=ctx.layout.tar(cell_id).stat().st_size,
+                    pip_install_s=times[0],
+                    uv_install_s=times[1],
+                    uv_step_s=step,
+                    pip_script_s=times[2] if len(times) > 2 else None,
+                )
             )
     return rows
 
@@ -184,16 +200,17 @@ def _mb(size: int) -> str:
 
 def table(rows: Sequence[PipRow]) -> str:
     lines = [
-        "| cell | upstream pip download | ours cold | ours warm | warm ÷ cold "
-        "| pip install | install.sh (uv) | uv ÷ pip | install.sh --installer pip |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|",
+        "| cell | upstream pip download | ours cold | ours warm | warm ÷ cold | pip install "
+        "| uv install step | step ÷ pip | install.sh (uv) | ÷ pip | install.sh --installer pip |",
+        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
     for r in rows:
         script = f"{r.pip_script_s:.1f} s" if r.pip_script_s is not None else "not measured"
         lines.append(
             f"| {r.cell} | {r.naive_download_s:.1f} s ({_mb(r.naive_bytes)}) "
             f"| {r.cold_s:.1f} s | {r.warm_s:.2f} s | {r.warm_ratio:.3f}× "
-            f"| {r.pip_install_s:.1f} s | {r.uv_install_s:.1f} s | {r.uv_ratio:.2f}× | {script} |"
+            f"| {r.pip_install_s:.1f} s | {r.uv_step_s:.1f} s | {r.step_ratio:.2f}× "
+            f"| {r.uv_install_s:.1f} s | {r.uv_ratio:.2f}× | {script} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -215,9 +232,13 @@ def section(rows: Sequence[PipRow]) -> str:
 - **pip install**: `pip install --no-index --find-links wheels --require-hashes --no-deps -r
   requirements.txt` into a fresh venv, in the same clean container of the target as the next
   columns (arm64 under qemu); it byte-compiles every module, as pip does by default.
-- **install.sh (uv)**: the whole site install with its defaults: sums, the venv, uv installing
-  the same wheels, the bytecode of what `gpustack start` loads, `gpustack version`, the tools
-  archive loaded and `current` switched. **uv ÷ pip** divides it by the pip column.
+- **uv install step**: install.sh's own figure for the step that replaces that pip command
+  (`installed with uv in S s`): the venv, uv installing the same wheels, and the bytecode of what
+  `gpustack start` loads (the rest compiles on first import; pip compiles everything up front).
+  **step ÷ pip** divides it by the pip column.
+- **install.sh (uv)**: the whole site install with its defaults: sums, preflight skipped, the
+  step above, `gpustack version`, the tools archive loaded and `current` switched, as a wall
+  time; **÷ pip** divides it by the pip column.
 - **install.sh --installer pip**: the same with pip (amd64 only: under qemu it would add the
   pip column's time again).
 - Bundle tars: {", ".join(f"{r.cell} {_mb(r.bundle_bytes)}" for r in rows)}.

@@ -857,6 +857,7 @@ def test_install_installs_with_the_bundled_uv_and_byte_compiles(
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert_installed(prefix, bundle)
     assert f"install.sh: installer: uv {uv_wheel.name.split('-')[1]}" in proc.stdout
+    assert re.search(r"^install\.sh: installed with uv in \d+\.\d s$", proc.stdout, re.M)
     assert "from the bundled wheels with uv" in proc.stdout
     # what the build listed as loaded by `gpustack start` was compiled, and only that
     assert compiled(prefix) == ["gpustack/__init__", "gpustack/cmd/start"]
@@ -879,6 +880,7 @@ def test_install_with_installer_pip_uses_pip(
     assert_installed(prefix, bundle)
     assert "from the bundled wheels with pip" in proc.stdout
     assert "installer: uv" not in proc.stdout
+    assert re.search(r"^install\.sh: installed with pip in \d+\.\d s$", proc.stdout, re.M)
 
 
 @pytest.mark.target
