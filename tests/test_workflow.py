@@ -1,5 +1,7 @@
-"""The release workflow and its index: actionlint passes the workflow, the job matrix it computes
-is the project's matrix, and the release index describes finished bundles byte for byte."""
+"""The workflows and the release index: actionlint passes both workflows, every action is pinned
+by commit, the job matrix the release computes is the project's matrix, the release refuses
+unpinned cells before any bundle job, the refresh workflow runs `invoke lock` and describes what
+moved, and the release index describes finished bundles byte for byte."""
 
 from __future__ import annotations
 
@@ -21,7 +23,12 @@ from gpustack_offline.cli import commands
 
 ROOT = Path(__file__).resolve().parents[1]
 INVOKE = Path(sys.executable).with_name("invoke")
-WORKFLOW = ROOT / ".github/workflows/release.yml"
+WORKFLOWS = ROOT / ".github/workflows"
+WORKFLOW = WORKFLOWS / "release.yml"
+REFRESH = WORKFLOWS / "refresh-pins.yml"
+_PINNED = re.compile(r"[\w.-]+/[\w.-]+(/[\w./-]+)?@[0-9a-f]{40}")
+_USES_LINE = re.compile(r"^\s*(?:-\s+)?uses:\s*(?P<ref>\S+)(?P<rest>.*)$")
+_TAG_COMMENT = re.compile(r"\s+# v\d+(\.\d+)*\s*")
 _INPUT_REF = re.compile(r"\$\{\{\s*inputs\.([A-Za-z_][\w-]*)\s*\}\}")
 # `matrix.<field>` in expressions, but not `needs.matrix.outputs` (the job named matrix)
 _MATRIX_FIELD = re.compile(r"(?<![\w.-])matrix\.([A-Za-z_][\w-]*)")
@@ -45,16 +52,26 @@ def _actionlint(path: Path) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def workflow() -> dict[str, Any]:
+def _load(path: Path) -> dict[str, Any]:
     try:
         import yaml
     except ImportError:
         pytest.fail("PyYAML is not installed: pip install -e '.[test]'")
-    data = yaml.safe_load(WORKFLOW.read_text())
-    assert isinstance(data, dict), f"{WORKFLOW} is not a mapping"
-    data["on"] = data.pop(True, data.get("on"))  # YAML 1.1 reads the key `on` as true
+    data = yaml.safe_load(path.read_text())
+    assert isinstance(data, dict), f"{path} is not a mapping"
+    if True in data or "on" in data:
+        data["on"] = data.pop(True, data.get("on"))  # YAML 1.1 reads the key `on` as true
     return data
+
+
+@pytest.fixture(scope="module")
+def workflow() -> dict[str, Any]:
+    return _load(WORKFLOW)
+
+
+@pytest.fixture(scope="module")
+def refresh() -> dict[str, Any]:
+    return _load(REFRESH)
 
 
 def _step(job: dict[str, Any], step_id: str) -> dict[str, Any]:
@@ -66,9 +83,67 @@ def _step(job: dict[str, Any], step_id: str) -> dict[str, Any]:
 # ---- actionlint --------------------------------------------------------------------------------
 
 
-def test_actionlint_passes_the_release_workflow() -> None:
-    result = _actionlint(WORKFLOW)
+@pytest.mark.parametrize("path", [WORKFLOW, REFRESH], ids=lambda p: p.name)
+def test_actionlint_passes_the_workflow(path: Path) -> None:
+    result = _actionlint(path)
     assert result.returncode == 0, f"actionlint found problems:\n{result.stdout}{result.stderr}"
+
+
+def test_actionlint_checks_both_workflows() -> None:
+    assert sorted(WORKFLOWS.glob("*.y*ml")) == sorted([WORKFLOW, REFRESH])
+
+
+# ---- actions pinned by commit, moved by Dependabot ----------------------------------------------
+
+
+def _unpinned_uses(text: str) -> list[str]:
+    """Each `uses:` line that is not `owner/repo@<40 hex> # vX.Y.Z`."""
+    bad = []
+    for line in text.splitlines():
+        match = _USES_LINE.match(line)
+        if match and not (
+            _PINNED.fullmatch(match["ref"]) and _TAG_COMMENT.fullmatch(match["rest"])
+        ):
+            bad.append(line.strip())
+    return bad
+
+
+def _steps_uses(data: dict[str, Any]) -> list[str]:
+    return [s["uses"] for job in data["jobs"].values() for s in job.get("steps", []) if "uses" in s]
+
+
+@pytest.mark.parametrize("path", [WORKFLOW, REFRESH], ids=lambda p: p.name)
+def test_every_action_is_pinned_by_commit_sha_with_its_tag(path: Path) -> None:
+    text = path.read_text()
+    uses = _steps_uses(_load(path))
+    assert uses, f"{path.name} uses no action"
+    assert all(_PINNED.fullmatch(u) for u in uses), uses
+    assert text.count("uses:") == len(uses)  # every `uses:` line is a step's, read by YAML too
+    assert _unpinned_uses(text) == []
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "      - uses: actions/checkout@v7",
+        "      - uses: actions/checkout@3d3c42e5aac5ba805825da76410c181273ba90b1",
+        "      - uses: actions/checkout@3d3c42e5aac5ba805825da76410c181273ba90b1 # main",
+        "        uses: actions/cache@27d5ce7f107fe9357f9df03efb73ab90386fcca # v5.0.5",
+    ],
+    ids=["tag", "no-comment", "not-a-tag", "short-sha"],
+)
+def test_the_pin_check_refuses_a_loose_pin(line: str) -> None:
+    assert _unpinned_uses(line) == [line.strip()]
+
+
+def test_dependabot_moves_the_actions_pins_weekly() -> None:
+    data = _load(ROOT / ".github/dependabot.yml")
+    assert data["version"] == 2
+    by_ecosystem = {u["package-ecosystem"]: u for u in data["updates"]}
+    actions = by_ecosystem["github-actions"]
+    assert actions["directory"] == "/"
+    assert actions["schedule"]["interval"] == "weekly"
+    assert by_ecosystem["pip"]["directory"] == "/"  # pyproject.toml's dependencies
 
 
 @pytest.mark.parametrize(
@@ -90,6 +165,157 @@ def test_actionlint_fails_a_broken_copy(tmp_path: Path, old: str, new: str, expe
     result = _actionlint(broken)
     assert result.returncode != 0
     assert expected in result.stdout, result.stdout
+
+
+# ---- the refresh workflow ----------------------------------------------------------------------
+
+
+def _run_step(
+    step: dict[str, Any], env: dict[str, str], tmp_path: Path, invoke: Path | None = None
+) -> tuple[subprocess.CompletedProcess[str], dict[str, str]]:
+    """A step's script as Actions runs it (bash -eo pipefail) with `env` for its expressions,
+    `.venv/bin/invoke` replaced by `invoke` (the project's own by default)."""
+    script = tmp_path / "step.sh"
+    script.write_text(step["run"].replace(".venv/bin/invoke", str(invoke or INVOKE)))
+    output = tmp_path / "github_output"
+    output.write_text("")
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("GITHUB_", "RUNNER_"))}
+    full.update(GITHUB_OUTPUT=str(output), GITHUB_STEP_SUMMARY=str(tmp_path / "summary.md"),
+                RUNNER_TEMP=str(tmp_path), **env)  # fmt: skip
+    result = subprocess.run(
+        ["bash", "--noprofile", "--norc", "-eo", "pipefail", str(script)],
+        cwd=ROOT, env=full, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    outputs = dict(line.split("=", 1) for line in output.read_text().splitlines() if "=" in line)
+    return result, outputs
+
+
+def test_the_refresh_workflow_runs_weekly_and_by_hand_with_minimal_permissions(
+    refresh: dict[str, Any],
+) -> None:
+    assert refresh["on"]["schedule"][0]["cron"]
+    assert set(refresh["on"]["workflow_dispatch"]["inputs"]) == {"cell", "tools"}
+    assert refresh["permissions"] == {}
+    (job,) = refresh["jobs"].values()
+    assert job["permissions"] == {"contents": "write", "pull-requests": "write"}
+
+
+def test_the_refresh_workflow_opens_a_pull_request_of_the_pin_files(
+    refresh: dict[str, Any],
+) -> None:
+    (job,) = refresh["jobs"].values()
+    steps = job["steps"]
+    (pr,) = [s for s in steps if s.get("uses", "").startswith("peter-evans/create-pull-request@")]
+    assert steps.index(pr) > steps.index(_step(job, "body")) > steps.index(_step(job, "lock"))
+    assert pr["with"]["body-path"] == "${{ steps.body.outputs.path }}"
+    assert set(pr["with"]["add-paths"].split()) == {
+        "bundles/locks", "bundles/tools", "bundles/images", "bundles/runners"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("cell", "tools", "expected"),
+    [
+        ("", "true", ["lock", "--cell", "*", "--tools"]),  # the weekly run: every cell
+        ("v0.7.1-* v2.3.0-linux-*", "false", ["lock", "--cell", "v0.7.1-*", "--cell",
+                                              "v2.3.0-linux-*"]),
+    ],
+    ids=["schedule", "by-hand"],
+)  # fmt: skip
+def test_the_refresh_workflow_runs_invoke_lock_over_the_selection(
+    refresh: dict[str, Any], tmp_path: Path, cell: str, tools: str, expected: list[str]
+) -> None:
+    (job,) = refresh["jobs"].values()
+    step = _step(job, "lock")
+    assert step["env"]["CELL_INPUT"] == "${{ inputs.cell }}"
+    assert "github.event_name == 'schedule'" in step["env"]["TOOLS_INPUT"]
+    fake = tmp_path / "invoke"  # records its arguments instead of locking online
+    fake.write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$RUNNER_TEMP/args"\n'
+                    'echo "locking x" >&2\n')  # fmt: skip
+    fake.chmod(0o755)
+    result, _ = _run_step(step, {"CELL_INPUT": cell, "TOOLS_INPUT": tools}, tmp_path, fake)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "args").read_text().splitlines() == expected
+    assert (tmp_path / "lock.log").read_text() == "locking x\n"  # what the body step reads
+
+
+def test_the_pull_request_lists_what_moved_per_cell(
+    refresh: dict[str, Any], tmp_path: Path
+) -> None:
+    (job,) = refresh["jobs"].values()
+    digest = "sha256:" + "a" * 64
+    (tmp_path / "lock.log").write_text(
+        f"locking {CELLS[0]}\n"
+        "  moved: gpustack: 0.7.0 -> 0.7.1\n"
+        f"  moved: tools gpustack/llama-box/releases/download/v0.0.1/x.zip: (none) -> {digest}\n"
+        f"locking {CELLS[1]}\n"
+        "locking v2.3.0-linux-amd64-cuda12.8-py3.11-vllm-docker\n"
+        f"  moved: v2.3.0 linux/amd64: (none) -> {digest}\n"
+    )
+    result, outputs = _run_step(_step(job, "body"), {"RUN_URL": "https://run"}, tmp_path)
+    assert result.returncode == 0, result.stderr
+    body = Path(outputs["path"]).read_text()
+    assert "## What moved" in body
+    assert f"### `{CELLS[0]}`\n\n- `gpustack: 0.7.0 -> 0.7.1`\n- `tools gpustack/" in body
+    assert f"### `{CELLS[1]}`" not in body  # nothing moved for it
+    assert f"- `v2.3.0 linux/amd64: (none) -> {digest}`" in body
+    assert (tmp_path / "summary.md").read_text() == body
+
+    (tmp_path / "lock.log").write_text(f"locking {CELLS[0]}\n")
+    result, outputs = _run_step(_step(job, "body"), {"RUN_URL": "https://run"}, tmp_path)
+    assert "Nothing moved" in Path(outputs["path"]).read_text()
+
+
+# ---- the release refuses unpinned cells before any bundle job -----------------------------------
+
+
+def test_the_pin_check_runs_in_the_first_job_after_the_matrix(workflow: dict[str, Any]) -> None:
+    job = workflow["jobs"]["matrix"]
+    steps = job["steps"]
+    check = _step(job, "pins")
+    assert steps.index(check) > steps.index(_step(job, "cells"))
+    assert check["env"]["MATRIX"] == "${{ steps.cells.outputs.matrix }}"
+    assert ".venv/bin/invoke lock.check" in check["run"]
+    for name, other in workflow["jobs"].items():  # every other job waits for the first
+        if name != "matrix":
+            assert "pins" not in json.dumps(other.get("steps", []))
+    assert workflow["jobs"]["bundle"]["needs"] == "matrix"
+
+
+@pytest.mark.parametrize("pinned", [True, False], ids=["pinned", "unpinned"])
+def test_the_release_refuses_an_unpinned_cell_naming_the_refresh_workflow(
+    workflow: dict[str, Any], tmp_path: Path, pinned: bool
+) -> None:
+    """The `pins` step's own script, over a matrix of two cells, against pin folders here: one
+    cell has its lock and tools sums, the other has them only when `pinned`."""
+    from gpustack_offline.stages import tools
+    from gpustack_offline.stages.locks import inputs_for, load_overrides, lock_path
+
+    ctx = commands.Context.load(ROOT)
+    cells = [ctx.matrix.cell(c) for c in CELLS]
+    locks, sums = tmp_path / "locks", tmp_path / "tools"
+    overrides = load_overrides(ctx.layout.overrides)
+    for cell in cells if pinned else cells[:1]:
+        path = lock_path(locks, cell)
+        path.parent.mkdir(parents=True)
+        digest = inputs_for(cell, overrides, ctx.opts.index_url).digest()
+        path.write_text(f'[tool.gpustack-offline]\ncell = "{cell.id}"\n'
+                        f'inputs-digest = "{digest}"\n')  # fmt: skip
+    recorded = tools.ToolsLock(tools.lock_path(sums, "0.7.1"), frozen=False)
+    recorded.record(tools.Asset("gpustack/llama-box/releases/download/v0.0.1/x.zip", "a" * 64, 1))
+    recorded.save("0.7.1")
+    env = {
+        "MATRIX": json.dumps(ctx.matrix.ci_matrix(cells)),
+        "GPUSTACK_OFFLINE_LOCKS_DIR": str(locks),
+        "GPUSTACK_OFFLINE_TOOLS_LOCKS_DIR": str(sums),
+    }
+    result, _ = _run_step(_step(workflow["jobs"]["matrix"], "pins"), env, tmp_path)
+    if pinned:
+        assert result.returncode == 0, result.stderr
+        return
+    assert result.returncode == 2
+    (error,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert f"1 of 2 cells have no committed, current pins for a frozen build: {CELLS[1]}." in error
+    assert "refresh-pins.yml" in error and CELLS[0] not in error
 
 
 # ---- the job matrix is the project's matrix -----------------------------------------------------

@@ -38,10 +38,14 @@ def _recipes() -> ModuleType:
     return recipes
 
 
-__all__ = ["Context", "build", "lock", "verify_cell"]  # Context: where the wiring takes it
+# Context: where the wiring takes it
+__all__ = ["Context", "build", "check_pins", "lock", "verify_cell"]
 
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 log = logging.getLogger("gpustack_offline")
+# The workflow that runs `invoke lock --tools` online and proposes the result as a pull request;
+# what a release refused for want of a pin names it.
+REFRESH_WORKFLOW = ".github/workflows/refresh-pins.yml"
 
 
 def matrix_table(ctx: Context, cells: Sequence[Cell], as_json: bool) -> str:
@@ -59,17 +63,40 @@ def matrix_table(ctx: Context, cells: Sequence[Cell], as_json: bool) -> str:
     return captured.get()
 
 
-def lock(ctx: Context, cells: Sequence[Cell]) -> list[Path]:
-    """Resolve pip cells into their locks; pin docker cells' image tags to today's digests
-    (for GPUStack 2.x after reading upstream's runner list again). Prints what moved."""
+def lock(ctx: Context, cells: Sequence[Cell], tools: bool = False) -> list[Path]:
+    """Resolve pip cells into their locks (with `tools`, also record the sums of the assets
+    upstream's download-tools fetches for them); pin docker cells' image tags to today's digests
+    (for GPUStack 2.x after reading upstream's runner list again). Prints what moved, one
+    unwrapped `  moved: ` line each, which the refresh workflow collects for its pull request."""
     paths = []
     for cell in cells:
-        console.print(f"locking {cell.id}")
-        locked = _recipes().for_cell(cell).lock(ctx, cell)
+        console.print(f"locking {cell.id}", markup=False, soft_wrap=True)
+        locked = _recipes().lock(ctx, cell, tools)
         for change in locked.moved:
-            console.print(f"  moved: {change}")
+            console.print(f"  moved: {change}", markup=False, soft_wrap=True)
         paths.append(locked.path)
     return paths
+
+
+def check_pins(ctx: Context, cells: Sequence[Cell]) -> None:
+    """Refuse, before anything is built, cells that a frozen build would refuse for want of a
+    committed, current lock, tools sums or image pins: each cell's reasons, then one error
+    naming the cells and the workflow that writes the pins."""
+    missing = {}
+    for cell in cells:
+        problems = _recipes().unpinned(ctx, cell)
+        if problems:
+            missing[cell.id] = problems
+            for problem in problems:
+                console.print(f"{cell.id}: {problem}", style="red", markup=False, soft_wrap=True)
+    if missing:
+        raise BundleError(
+            f"{len(missing)} of {len(cells)} cells have no committed, current pins for a frozen "
+            f"build: {', '.join(missing)}. Fix: run the {REFRESH_WORKFLOW} workflow (Actions → "
+            "refresh-pins → Run workflow; it runs `invoke lock --tools` online), merge its pull "
+            "request, then release again"
+        )
+    console.print(f"{len(cells)} cells: lock, tools sums and image pins committed and current")
 
 
 def build(ctx: Context, cells: Sequence[Cell]) -> list[Result]:

@@ -136,16 +136,31 @@ def bundle(c, selection, frozen=False, jobs=None, dist=None, split=None, write=N
     commands.build(ctx, _select(ctx, selection))
 
 
-@task(iterable=["cell"], help=_AXIS_HELP)
+@task(
+    iterable=["cell"],
+    help={**_AXIS_HELP, "tools": "pip cells: also run upstream's download-tools for the target "
+          "and record its assets' sums in bundles/tools/ (downloads the tools)"},
+)  # fmt: skip
 @_wired
 @_selecting
-def refresh(c, selection):  # type: ignore[no-untyped-def]
+def refresh(c, selection, tools=False):  # type: ignore[no-untyped-def]
     """Resolve the selected cells again and rewrite their locks under bundles/locks/."""
     from gpustack_offline.cli import commands
 
     ctx = commands.Context.load(_root(c))
-    for path in commands.lock(ctx, _select(ctx, selection)):
+    for path in dict.fromkeys(commands.lock(ctx, _select(ctx, selection), tools=tools)):
         print(path)
+
+
+@task(iterable=["cell"], help=_AXIS_HELP)
+@_wired
+@_selecting
+def check(c, selection):  # type: ignore[no-untyped-def]
+    """Refuse the selected cells whose lock, tools sums or image pins are missing or stale."""
+    from gpustack_offline.cli import commands
+
+    ctx = commands.Context.load(_root(c))
+    commands.check_pins(ctx, _select(ctx, selection))
 
 
 @task(iterable=["arch"], help={"arch": "amd64 and/or arm64 (default: both)"})
@@ -189,9 +204,11 @@ def compare(c, a, b):  # type: ignore[no-untyped-def]
 
 
 def namespace() -> Collection:
-    """`invoke matrix`, `invoke bundle`, `invoke lock [--cell …]`, `invoke images.base`."""
+    """`invoke matrix`, `invoke bundle`, `invoke lock [--cell …]`, `invoke lock.check`,
+    `invoke images.base`."""
     locks = Collection("lock")
     locks.add_task(refresh, default=True)
+    locks.add_task(check)
     ns = Collection(matrix, bundle, release_index, compare)
     ns.add_collection(locks)
     ns.add_collection(Collection("images", base))

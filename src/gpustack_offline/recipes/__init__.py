@@ -9,7 +9,7 @@ from gpustack_offline.core.context import Context
 from gpustack_offline.core.errors import CellError
 from gpustack_offline.core.matrix import Cell
 from gpustack_offline.recipes import base, docker0, docker2, pip0
-from gpustack_offline.recipes.base import Recipe
+from gpustack_offline.recipes.base import Locked, Recipe
 from gpustack_offline.verify.common import Report
 
 # (install method, GPUStack major series) -> recipe
@@ -28,6 +28,21 @@ def for_cell(cell: Cell) -> Recipe:
             f"{cell.id}: no recipe builds {cell.method} cells of GPUStack {cell.series}.x; "
             "add one under src/gpustack_offline/recipes/ (see docs/design.md)"
         ) from None
+
+
+def lock(ctx: Context, cell: Cell, tools: bool = False) -> Locked:
+    """Lock or pin the cell as its kind does; with `tools`, a pip cell's tools sums too."""
+    recipe = for_cell(cell)
+    locked = recipe.lock(ctx, cell)
+    if tools and isinstance(recipe, pip0.Pip0):
+        sums = recipe.lock_tools(ctx, cell)
+        locked = Locked(locked.path, [*locked.moved, *sums.moved])
+    return locked
+
+
+def unpinned(ctx: Context, cell: Cell) -> list[str]:
+    """What a frozen build of the cell would refuse for want of a pin (empty: nothing)."""
+    return for_cell(cell).unpinned(ctx, cell)
 
 
 def build(ctx: Context, cell: Cell) -> Result:

@@ -61,6 +61,11 @@ class Recipe(Protocol):
         """The data files a build of the cell reads, for its provenance (those that exist)."""
         ...
 
+    def unpinned(self, ctx: Context, cell: Cell) -> list[str]:
+        """What a frozen build of the cell would refuse for want of a committed, current pin
+        (lock, tools sums, image digests), one line each; offline, nothing is written."""
+        ...
+
     def gather(self, ctx: Context, cell: Cell) -> Parts:
         """Fetch and build every part of the bundle into the cache."""
         ...
@@ -152,6 +157,20 @@ def pin_images(ctx: Context, cell: Cell, wanted: dict[Reference, list[str]]) -> 
     client = Registry(ctx.store(), mirror=ctx.opts.registry_mirror or None)
     moved = images.refresh_references(client, ctx.layout.image_pins, cell.version, wanted)
     return Locked(images.pin_path(ctx.layout.image_pins, cell.version), [str(m) for m in moved])
+
+
+def unpinned_images(ctx: Context, cell: Cell, wanted: dict[Reference, list[str]]) -> list[str]:
+    """Each image reference and platform of the cell that its pin files do not pin, as
+    `gather_images` would refuse it (a missing pin file once, however many images it holds)."""
+    problems: dict[str, None] = {}
+    for ref, platforms in wanted.items():
+        try:
+            pins = images.read_pins(images.pin_path(ctx.layout.image_pins, cell.version, ref.name))
+            for platform in platforms:
+                images.pinned_reference(pins, ref, platform)
+        except BundleError as exc:
+            problems[str(exc)] = None
+    return list(problems)
 
 
 def gather_images(ctx: Context, cell: Cell, wanted: dict[Reference, list[str]]) -> Parts:

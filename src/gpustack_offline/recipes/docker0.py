@@ -10,7 +10,14 @@ from gpustack_offline.core.context import Context
 from gpustack_offline.core.docker import base_image
 from gpustack_offline.core.matrix import Cell
 from gpustack_offline.recipes import pip0
-from gpustack_offline.recipes.base import Locked, Parts, gather_images, image_inputs, pin_images
+from gpustack_offline.recipes.base import (
+    Locked,
+    Parts,
+    gather_images,
+    image_inputs,
+    pin_images,
+    unpinned_images,
+)
 from gpustack_offline.stages import images
 from gpustack_offline.stages.registry import Reference
 from gpustack_offline.verify import egress
@@ -31,6 +38,9 @@ class Docker0:
 
     def inputs(self, ctx: Context, cell: Cell) -> list[Path]:
         return image_inputs(ctx, cell)
+
+    def unpinned(self, ctx: Context, cell: Cell) -> list[str]:
+        return unpinned_images(ctx, cell, references(cell))
 
     def gather(self, ctx: Context, cell: Cell) -> Parts:
         return gather_images(ctx, cell, references(cell))

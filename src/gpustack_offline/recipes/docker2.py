@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gpustack_offline.core.context import Context
+from gpustack_offline.core.errors import BundleError
 from gpustack_offline.core.matrix import Cell
 from gpustack_offline.recipes.base import (
     Locked,
@@ -16,6 +17,7 @@ from gpustack_offline.recipes.base import (
     gather_images,
     image_inputs,
     pin_images,
+    unpinned_images,
 )
 from gpustack_offline.stages import runners
 from gpustack_offline.stages.registry import Reference
@@ -43,6 +45,13 @@ class Docker2:
         """The image pins, and upstream's runner list, which chose the images."""
         data = runners.data_path(ctx.layout.runners, cell.version)
         return [*image_inputs(ctx, cell), *existing([data])]
+
+    def unpinned(self, ctx: Context, cell: Cell) -> list[str]:
+        try:  # upstream's runner list, written by `invoke lock`, names the images
+            wanted = references(ctx, cell)
+        except BundleError as exc:
+            return [str(exc)]
+        return unpinned_images(ctx, cell, wanted)
 
     def gather(self, ctx: Context, cell: Cell) -> Parts:
         return gather_images(ctx, cell, references(ctx, cell))

@@ -7,10 +7,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from gpustack_offline.core.context import Context
+from gpustack_offline.core.errors import BundleError
 from gpustack_offline.core.matrix import Cell
 from gpustack_offline.recipes.base import Locked, Parts, existing
 from gpustack_offline.stages import tools
-from gpustack_offline.stages.locks import ensure_lock, inputs_for, load_overrides, make_lock
+from gpustack_offline.stages.locks import (
+    ensure_lock,
+    inputs_for,
+    load_overrides,
+    make_lock,
+    package_changes,
+    read_lock,
+)
 from gpustack_offline.stages.locks import lock_path as pip_lock_path
 from gpustack_offline.stages.wheels import wheelhouse
 from gpustack_offline.verify import egress
@@ -24,7 +32,49 @@ class Pip0:
     def lock(self, ctx: Context, cell: Cell) -> Locked:
         overrides = load_overrides(ctx.layout.overrides)
         inputs = inputs_for(cell, overrides, ctx.opts.index_url)
-        return Locked(make_lock(cell, inputs, ctx.layout.locks, ctx.layout.cache))
+        path = pip_lock_path(ctx.layout.locks, cell)
+        old = read_lock(path) if path.is_file() else None
+        made = make_lock(cell, inputs, ctx.layout.locks, ctx.layout.cache)
+        return Locked(made, package_changes(old, read_lock(made)))
+
+    def lock_tools(self, ctx: Context, cell: Cell) -> Locked:
+        """Record the sums of every asset upstream's download-tools fetches for the cell's
+        target in its version's tools lock (online: it makes the cell's tools archive, as a
+        build does); what was recorded anew is what moved."""
+        layout, opts = ctx.layout, ctx.opts
+        path = tools.lock_path(layout.tools_locks, cell.version)
+        before = tools.ToolsLock(path, frozen=False).entries
+        tools.build(
+            cell, layout.cache, layout.tools_locks, load_overrides(layout.overrides),
+            opts.index_url, opts.tools_base_url, False, ctx.retry,
+        )  # fmt: skip
+        after = tools.ToolsLock(path, frozen=False).entries
+        return Locked(path, [f"tools {c}" for c in tools.sum_changes(before, after)])
+
+    def unpinned(self, ctx: Context, cell: Cell) -> list[str]:
+        """No lock, a stale lock (as a frozen build finds them), or no tools sums at all for
+        the version. Which assets download-tools asks for is known only by running it, so a
+        version's sums file that lacks one of this target's assets passes here and the frozen
+        build names the asset."""
+        layout = ctx.layout
+        problems = []
+        inputs = inputs_for(cell, load_overrides(layout.overrides), ctx.opts.index_url)
+        try:
+            ensure_lock(cell, inputs, layout.locks, layout.cache, frozen=True)
+        except BundleError as exc:
+            problems.append(str(exc))
+        sums = tools.lock_path(layout.tools_locks, cell.version)
+        try:
+            recorded = tools.ToolsLock(sums, frozen=True).entries
+        except BundleError as exc:
+            problems.append(str(exc))
+        else:
+            if not recorded:
+                problems.append(
+                    f"no tools sums for GPUStack {cell.version} at {sums}; record them with "
+                    f"`invoke lock --tools --cell {cell.id}` and commit the file"
+                )
+        return problems
 
     def inputs(self, ctx: Context, cell: Cell) -> list[Path]:
         """The matrix, the cell's lock, the overrides and the tools lock of its version."""

@@ -185,6 +185,25 @@ def read_lock(path: Path) -> Lock:
     )
 
 
+def package_changes(old: Lock | None, new: Lock) -> list[str]:
+    """What moved between two locks of a cell, one line per package: `name: 1.0 -> 1.1`,
+    `(none)` for a package added or dropped (a name with several versions, one per marker,
+    lists them all)."""
+
+    def versions(lock: Lock | None) -> dict[str, str]:
+        found: dict[str, set[str]] = {}
+        for package in lock.packages if lock else ():
+            found.setdefault(canonicalize_name(package.name), set()).add(package.version)
+        return {name: ", ".join(sorted(v)) for name, v in found.items()}
+
+    before, after = versions(old), versions(new)
+    return [
+        f"{name}: {before.get(name, '(none)')} -> {after.get(name, '(none)')}"
+        for name in sorted(before.keys() | after.keys())
+        if before.get(name) != after.get(name)
+    ]
+
+
 def _toml_list(values: Sequence[str]) -> str:
     return "[" + ", ".join(json.dumps(v) for v in values) + "]"
 

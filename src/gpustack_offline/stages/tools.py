@@ -205,6 +205,22 @@ def lock_path(locks_dir: Path, version: str) -> Path:
     return locks_dir / f"gpustack-{version}.toml"
 
 
+def sum_changes(
+    before: Mapping[str, tuple[str, int]], after: Mapping[str, tuple[str, int]]
+) -> list[str]:
+    """What moved between two readings of a tools lock, one line per asset:
+    `<path>: (none) -> sha256:<hex>` for an asset recorded anew."""
+
+    def shown(entry: tuple[str, int] | None) -> str:
+        return f"sha256:{entry[0]}" if entry else "(none)"
+
+    return [
+        f"{name}: {shown(before.get(name))} -> {shown(after.get(name))}"
+        for name in sorted(before.keys() | after.keys())
+        if before.get(name) != after.get(name)
+    ]
+
+
 # --- what a file is -------------------------------------------------------------------------
 
 
