@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from bench import _mb
 from support.release_mirror import ReleaseMirror, build_assets, write_fixture_locks
 
 from gpustack_offline.cli import commands
@@ -192,10 +193,6 @@ def measure(root: Path, work: Path, progress: Callable[[str], None]) -> list[Pip
                 )
             )
     return rows
-
-
-def _mb(size: int) -> str:
-    return f"{size / 1e6:,.1f} MB"
 
 
 def table(rows: Sequence[PipRow]) -> str:
