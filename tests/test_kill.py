@@ -68,7 +68,8 @@ KILLS = 20
 INVOKE = Path(sys.executable).with_name("invoke")
 HEX = re.compile(r"[0-9a-f]{64}")
 # the bundle's final names: present from the start in a rebuild, so not events of the trace
-FINAL = {CELL, f"{CELL}.tar", f".{CELL}.old"}
+RECORD = f".{CELL}.build.json"  # what the finished bundle was built from (bundle/reuse.py)
+FINAL = {CELL, f"{CELL}.tar", f".{CELL}.old", RECORD}
 TAR_TEMP = re.compile(rf"/\.{re.escape(CELL)}\.tar\.\*\.part$")  # a key (see key())
 # mkstemp/mkdtemp's eight random characters in a temporary name (core.files.atomic_path)
 TEMP_TOKEN = re.compile(r"\.[a-z0-9_]{8}\.part(?=/|$)")
@@ -527,7 +528,7 @@ def kill_and_rerun(
     tally.reused += len(complete)
     check_dist(build, finished=True)
     left = sorted(p.name for p in build.dist.iterdir())
-    assert left == sorted([CELL, f"{CELL}.tar"]), f"left in dist/ after the rerun: {left}"
+    assert left == sorted([CELL, f"{CELL}.tar", RECORD]), f"left in dist/ after the rerun: {left}"
 
 
 def test_a_build_killed_at_20_points_never_leaves_a_damaged_file_and_resumes(
