@@ -46,7 +46,15 @@ def test_an_intact_bundle_with_the_same_inputs_is_unchanged(tmp_path, inputs, ro
 
 @pytest.mark.parametrize(
     "damage",
-    ["altered byte", "extra file", "missing file", "tar rewritten", "tar gone", "no sums"],
+    [
+        "altered byte",
+        "extra file",
+        "missing file",
+        "tar rewritten",
+        "tar gone",
+        "no sums",
+        "malformed sums line",
+    ],
 )
 def test_a_damaged_bundle_is_not_unchanged(tmp_path, inputs, root, damage):
     folder, tar = finished(tmp_path)
@@ -63,6 +71,9 @@ def test_a_damaged_bundle_is_not_unchanged(tmp_path, inputs, root, damage):
         os.utime(tar, ns=(1, 1))
     elif damage == "tar gone":
         tar.unlink()
+    elif damage == "malformed sums line":
+        with (folder / "SHA256SUMS").open("a") as sums:
+            sums.write("not a sums line\n")
     else:
         (folder / "SHA256SUMS").unlink()
 

@@ -51,8 +51,8 @@ def _asset(path: Path, name: str | None = None) -> dict[str, Any]:
     return {"name": name or path.name, "size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def _read_sums(path: Path) -> dict[str, str]:
-    """`sha256sum` lines (`<hex>  <path>`) as path -> hex."""
+def read_sums(path: Path) -> dict[str, str]:
+    """`sha256sum` lines (`<hex>  <path>`) as path -> hex; lines of another form are left out."""
     sums = {}
     for line in path.read_text().splitlines():
         digest, sep, name = line.partition("  ")
@@ -118,7 +118,7 @@ def bundle_entry(dist: Path, cell_id: str) -> dict[str, Any]:
         required = dist / ASSET_SOURCES[kind].format(cell=cell_id)
         if not required.is_file():
             raise ReleaseError(f"{cell_id}: {required} is missing; {fix}")
-    sums = _read_sums(folder / "SHA256SUMS")
+    sums = read_sums(folder / "SHA256SUMS")
     manifest_sha256 = sha256_file(manifest_path)
     if sums.get("manifest.json") != manifest_sha256:
         raise ReleaseError(

@@ -18,6 +18,7 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from gpustack_offline.bundle.release import read_sums
 from gpustack_offline.core.files import sha256_file, write_text
 
 RECORD_SCHEMA = 1
@@ -82,12 +83,9 @@ def check_folder(folder: Path) -> int | None:
     sums = folder / "SHA256SUMS"
     if not sums.is_file():
         return None
-    listed = {}
-    for line in sums.read_text().splitlines():
-        digest, sep, name = line.partition("  ")
-        if not sep:
-            return None
-        listed[name] = digest
+    listed = read_sums(sums)
+    if len(listed) != len(sums.read_text().splitlines()):
+        return None  # a line of another form: not a file this tool wrote
     present = {
         str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() or p.is_symlink()
     }
