@@ -35,7 +35,7 @@ RAY_USAGE_STATS_ENABLED=0'
 usage() {
   cat <<EOF
 Usage: $PROG [--verify-key KEY] [--prefix DIR] [--python PATH] [--installer uv|pip] [--skip-preflight] [--help]  (pip bundles)
-       $PROG [--verify-key KEY] [--prefix DIR] [--registry HOST[:PORT][/PREFIX]] [--skip-preflight] (docker bundles)
+       $PROG [--verify-key KEY] [--prefix DIR] [--registry HOST[:PORT][/PREFIX] [--namespace NS]] [--skip-preflight] (docker bundles)
 
 A pip bundle (INSTALL_METHOD=pip in bundle.env) installs GPUStack into DIR/releases/<release>
 with the uv the bundle carries (INSTALLER_WHEEL; pip where uv cannot run), loads the bundle's tools
@@ -44,7 +44,9 @@ archive (llama-box, gguf-parser, fastfetch) into it if it has one, then points D
 A docker bundle (INSTALL_METHOD=docker) loads GPUStack's image(s) into Docker with docker load;
 with --registry it also tags and pushes them to that registry, keeping upstream's repository
 names (REGISTRY/gpustack/gpustack:TAG). It writes DIR/docker.env, the air-gapped settings for
-the container, and prints the docker run line to start GPUStack with it.
+the container, and prints the docker run line to start GPUStack with it. For GPUStack 2.x it
+also writes DIR/server.args, the start flags that make the server and workers ask the site
+registry for every image (one per line), and DIR/registry.env for a namespace other than gpustack.
 
   --prefix DIR       install prefix (default: /opt/gpustack); for docker bundles, where
                      docker.env goes
@@ -54,7 +56,13 @@ the container, and prints the docker run line to start GPUStack with it.
                      hashed wheels, slower; without this option pip is used where uv cannot run;
                      pip bundles only
   --registry REG     the site's registry, HOST[:PORT][/PREFIX] without http://, such as
-                     registry.example.internal:5000/mirror; docker bundles only
+                     registry.example.internal:5000/mirror; docker bundles only. Images go to
+                     REG/gpustack/NAME:TAG; a PREFIX whose last level is gpustack is that
+                     namespace itself (REG host/team/gpustack: host/team/gpustack/NAME:TAG)
+  --namespace NS     with --registry: push under REG/NS/NAME:TAG instead of the gpustack
+                     namespace (GPUStack 2.x then needs --image-repo, --benchmark-image-repo
+                     and GPUSTACK_RUNTIME_DEPLOY_DEFAULT_CONTAINER_NAMESPACE, which are printed
+                     and written for you)
   --verify-key KEY   before anything else, check SHA256SUMS.sig against KEY, the release's
                      public key file (gpg --export, binary or armored), with gpgv
   --skip-preflight   do not run preflight.sh before installing
@@ -96,6 +104,7 @@ absolute() {
 
 parse_args() {
   PREFIX=/opt/gpustack PY="" SKIP_PREFLIGHT=0 REGISTRY="" HAS_REGISTRY=0 VERIFY_KEY="" INSTALLER=""
+  NAMESPACE=""
   # Which pip-only options were given, to refuse them for a docker bundle.
   PIP_OPTIONS=()
   while (($# > 0)); do
@@ -108,6 +117,8 @@ parse_args() {
       --installer=*) INSTALLER=${1#*=}; PIP_OPTIONS+=(--installer); shift ;;
       --registry) (($# >= 2)) || die 2 "--registry needs HOST[:PORT][/PREFIX]; see --help"; REGISTRY=$2; HAS_REGISTRY=1; shift 2 ;;
       --registry=*) REGISTRY=${1#*=}; HAS_REGISTRY=1; shift ;;
+      --namespace) (($# >= 2)) || die 2 "--namespace needs a name such as gpustack-ai; see --help"; NAMESPACE=$2; shift 2 ;;
+      --namespace=*) NAMESPACE=${1#*=}; shift ;;
       --verify-key) (($# >= 2)) || die 2 "--verify-key needs a public key file; see --help"; VERIFY_KEY=$(absolute "$2"); shift 2 ;;
       --verify-key=*) VERIFY_KEY=$(absolute "${1#*=}"); shift ;;
       --skip-preflight) SKIP_PREFLIGHT=1; shift ;;
@@ -125,7 +136,11 @@ parse_args() {
   [[ -n $PREFIX ]] || die 2 "--prefix / is not allowed; pick a directory such as /opt/gpustack"
   # A bare name (python3.11) is looked up on PATH; a path with a slash is made absolute.
   [[ $PY != */* ]] || PY=$(absolute "$PY")
-  if ((HAS_REGISTRY)); then check_registry_syntax; fi
+  if ((HAS_REGISTRY)); then
+    check_registry_syntax
+  elif [[ -n $NAMESPACE ]]; then
+    die 2 "--namespace applies with --registry only; give --registry HOST[:PORT][/PREFIX] too"
+  fi
 }
 
 # HOST[:PORT][/PREFIX], as the first part of an image name: Docker reads the part before the
@@ -145,6 +160,16 @@ check_registry_syntax() {
     [[ ${REGISTRY#*/} =~ $path ]] ||
       die 2 "--registry $REGISTRY: the prefix '${REGISTRY#*/}' must be lowercase path components (letters, digits, . _ -) separated by /"
   fi
+  if [[ -n $NAMESPACE ]]; then
+    [[ $NAMESPACE =~ ^[a-z0-9]+(([._]|__|-+)[a-z0-9]+)*$ ]] ||
+      die 2 "--namespace $NAMESPACE: give one lowercase path component (letters, digits, . _ -), such as gpustack-ai"
+  elif [[ $REGISTRY == */gpustack ]]; then
+    # GPUStack 2.x's rule (docs/cli-reference/start.md): gpustack is the last namespace level,
+    # and --system-default-container-registry names the path above it.
+    REGISTRY=${REGISTRY%/gpustack}
+    NAMESPACE=gpustack
+  fi
+  NAMESPACE=${NAMESPACE:-gpustack}
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -565,9 +590,13 @@ repository_path() {
   printf '%s' "$ref"
 }
 
-# The name REF gets in the site's registry: REGISTRY/gpustack/gpustack:v0.7.1-cpu.
+# The name REF gets in the site's registry: REGISTRY/gpustack/gpustack:v0.7.1-cpu, with
+# NAMESPACE in the place of upstream's gpustack.
 registry_ref() {
-  printf '%s/%s' "$REGISTRY" "$(repository_path "$1")"
+  local path
+  path=$(repository_path "$1")
+  if [[ $path == gpustack/* ]]; then path=$NAMESPACE/${path#gpustack/}; fi
+  printf '%s/%s' "$REGISTRY" "$path"
 }
 
 load_images() {
@@ -718,16 +747,56 @@ print_run_line() {
   done
 }
 
+# The start flags of GPUStack 2.x for the site registry (docs/cli-reference/start.md of 2.2.3 and
+# 2.3.0): --system-default-container-registry prefixes every image the server and worker name
+# (gpustack/utils/config.py: apply_registry_override_to_image). Under another namespace than
+# gpustack, the server image and the benchmark image are named with --image-repo and
+# --benchmark-image-repo, and the runners, pause and health images through gpustack_runtime's
+# GPUSTACK_RUNTIME_DEPLOY_DEFAULT_CONTAINER_NAMESPACE (registry.env).
+registry_flags() {
+  local ref path
+  REG_FLAGS=(--system-default-container-registry "$REGISTRY")
+  [[ $NAMESPACE != gpustack ]] || return 0
+  REG_FLAGS+=(--image-repo "$NAMESPACE/gpustack")
+  for ref in "${IMAGE_REFS[@]}"; do
+    path=$(repository_path "$ref")
+    if [[ $path == gpustack/benchmark-runner:* ]]; then
+      REG_FLAGS+=(--benchmark-image-repo "$NAMESPACE/${path#gpustack/}")
+    fi
+  done
+}
+
+# DIR/server.args (one argument a line, as upstream's entrypoint saves them) and, for another
+# namespace, DIR/registry.env; rewritten on every install with --registry.
+write_registry_files() {
+  local args=$PREFIX/server.args renv=$PREFIX/registry.env
+  registry_flags
+  { printf '%s\n' "${REG_FLAGS[@]}" >"$args.tmp" && mv -f -- "$args.tmp" "$args"; } ||
+    die 6 "could not write $args; check permissions on $PREFIX"
+  say "wrote $args"
+  if [[ $NAMESPACE == gpustack ]]; then
+    rm -f -- "$renv"
+    return
+  fi
+  { printf 'GPUSTACK_RUNTIME_DEPLOY_DEFAULT_CONTAINER_NAMESPACE=%s\n' "$NAMESPACE" >"$renv.tmp" &&
+    mv -f -- "$renv.tmp" "$renv"; } || die 6 "could not write $renv; check permissions on $PREFIX"
+  say "wrote $renv"
+}
+
 # GPUStack 2.x (README of the 2.2.3 and 2.3.0 wheels): the server, and a worker on each GPU host
-# that starts the runner containers through the Docker socket. With --registry, both get
-# --system-default-container-registry, so every image they ask for (runners, pause, health)
-# comes from the site's registry under upstream's names.
+# that starts the runner containers through the Docker socket. With --registry, both get the
+# flags of registry_flags, so every image they ask for (runners, pause, health, benchmark) comes
+# from the site's registry.
 print_docker2_next_steps() {
-  local image reg_flag=() runtime=()
+  local image reg_flag=() runtime=() env_files=("--env-file $DOCKER_ENV") i
   image=$(server_image)
   if ((HAS_REGISTRY)); then
     image=$(registry_ref "$image")
-    reg_flag=("--system-default-container-registry $REGISTRY")
+    registry_flags
+    for ((i = 0; i < ${#REG_FLAGS[@]}; i += 2)); do
+      reg_flag+=("${REG_FLAGS[i]} ${REG_FLAGS[i + 1]}")
+    done
+    if [[ $NAMESPACE != gpustack ]]; then env_files+=("--env-file $PREFIX/registry.env"); fi
   fi
   case $TARGET_DEVICE in
     cuda*) runtime=("--runtime nvidia") ;;
@@ -744,11 +813,11 @@ print_docker2_next_steps() {
   fi
   printf '\nNext steps:\n  Start the GPUStack server:\n'
   print_run_line "docker run -d --name gpustack" "--restart unless-stopped" "-p 80:80" \
-    "--volume gpustack-data:/var/lib/gpustack" "--env-file $DOCKER_ENV" "$image" "${reg_flag[@]}"
+    "--volume gpustack-data:/var/lib/gpustack" "${env_files[@]}" "$image" "${reg_flag[@]}"
   printf '  On each GPU host, a worker (its token: docker exec gpustack cat /var/lib/gpustack/token):\n'
   print_run_line "docker run -d --name gpustack-worker" "--restart=unless-stopped" "--privileged" \
     "--network=host" "--volume /var/run/docker.sock:/var/run/docker.sock" \
-    "--volume gpustack-data:/var/lib/gpustack" "${runtime[@]}" "--env-file $DOCKER_ENV" "$image" \
+    "--volume gpustack-data:/var/lib/gpustack" "${runtime[@]}" "${env_files[@]}" "$image" \
     "--server-url http://SERVER_IP" "--token TOKEN" "--advertise-address HOST_IP" "${reg_flag[@]}"
   printf '  Then: docker logs -f gpustack; the admin password: docker exec -it gpustack cat /var/lib/gpustack/initial_admin_password\n'
 }
@@ -760,7 +829,12 @@ install_docker() {
   check_loaded
   if ((HAS_REGISTRY)); then push_images; fi
   write_docker_env
-  if [[ $GPUSTACK_VERSION == 2.* ]]; then print_docker2_next_steps; else print_docker_next_steps; fi
+  if [[ $GPUSTACK_VERSION == 2.* ]]; then
+    if ((HAS_REGISTRY)); then write_registry_files; fi
+    print_docker2_next_steps
+  else
+    print_docker_next_steps
+  fi
 }
 
 # ---------------------------------------------------------------------------------------------

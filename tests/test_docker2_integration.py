@@ -67,6 +67,7 @@ def test_a_2x_bundle_carries_upstreams_images_and_every_worker_reference_resolve
             "docker.io/gpustack/runner:cuda12.9-sglang0.5.18",
             "docker.io/gpustack/runtime:pause",
             "docker.io/gpustack/runtime:health",
+            "docker.io/gpustack/benchmark-runner:v0.0.9",
         ]
     )
     assert {i["platform"] for i in manifest["images"]} == {"linux/amd64"}
@@ -76,7 +77,7 @@ def test_a_2x_bundle_carries_upstreams_images_and_every_worker_reference_resolve
     assert len(layers) > len(set(layers))  # shared ones...
     assert all((result.directory / "images" / layer).is_file() for layer in layers)  # ...once
     index = json.loads((result.directory / "images" / "index.json").read_text())
-    assert len(index["manifests"]) == 5
+    assert len(index["manifests"]) == 6
     sbom = json.loads((result.directory / "sbom.cdx.json").read_text())
     assert {c["name"] for c in _walk(sbom["components"]) if c["type"] == "container"} >= {
         "docker.io/gpustack/runner",
@@ -88,7 +89,7 @@ def test_a_2x_bundle_carries_upstreams_images_and_every_worker_reference_resolve
     names = [s.name for s in report.steps]
     assert names == ["absent", "install", "registry-references", "pull", "healthz-server"]
     resolved = report.steps[2].output.splitlines()
-    assert len(resolved) == 5 and all("(linux/amd64)" in line for line in resolved)
+    assert len(resolved) == 6 and all("(linux/amd64)" in line for line in resolved)
     assert all("/site/mirror/gpustack/" in line for line in resolved)  # under the prefix
     assert any("/gpustack/runtime:pause -> sha256:" in line for line in resolved)
     install_output = report.steps[1].output

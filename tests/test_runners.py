@@ -93,6 +93,7 @@ def test_default_cuda_selection_on_amd64_from_committed_data(v23: runners.Runner
         "docker.io/gpustack/runner:cuda12.9-vllm0.32.0",
         "docker.io/gpustack/runtime:pause",
         "docker.io/gpustack/runtime:health",
+        "docker.io/gpustack/benchmark-runner:v0.0.9",
     ]
     assert {i.platform for i in picked.images} == {"linux/amd64"}
     newest = runners.select(v23, "amd64", "cuda", None, ["vllm"])
@@ -163,6 +164,7 @@ def test_worker_references_prefix_the_registry(v23: runners.RunnerData) -> None:
         "registry.local:5000/gpustack/runner:cuda12.9-vllm0.32.0",
         "registry.local:5000/gpustack/runtime:pause",
         "registry.local:5000/gpustack/runtime:health",
+        "registry.local:5000/gpustack/benchmark-runner:v0.0.9",
     ]
     with_path = runners.worker_references(picked, " mirror.site/team/ ")
     assert with_path[2] == "mirror.site/team/gpustack/runtime:pause"
@@ -180,11 +182,35 @@ def test_registry_override_keeps_an_image_that_names_its_registry() -> None:
     assert runners.apply_registry_override("gpustack/runtime:pause", "") == "gpustack/runtime:pause"
 
 
-def test_benchmark_image_only_when_asked(v23: runners.RunnerData) -> None:
+def test_a_docker_site_gets_the_benchmark_image_and_only_k8s_asks_for_the_rest(
+    v23: runners.RunnerData,
+) -> None:
     plain = runners.select(v23, "amd64", "cuda", "12.9", ["vllm"])
-    bench = runners.select(v23, "amd64", "cuda", "12.9", ["vllm"], benchmark=True)
-    assert "docker.io/gpustack/benchmark-runner:v0.0.9" not in plain.references
-    assert "docker.io/gpustack/benchmark-runner:v0.0.9" in bench.references
+    k8s = runners.select(v23, "amd64", "cuda", "12.9", ["vllm"], k8s=True)
+    assert [i.role for i in plain.images] == ["server", "runner", "pause", "health", "benchmark"]
+    assert "docker.io/gpustack/benchmark-runner:v0.0.9" in plain.references
+    extra = [i for i in k8s.images if i not in plain.images]
+    assert {i.role for i in extra} == {"k8s"}
+    assert "docker.io/gpustack/gpustack-operator:v0.9.2" in {i.reference for i in extra}
+    assert {i.platform for i in extra} == {"linux/amd64"}
+    via_cell = runners.cell_selection(
+        Path(v23.path).parent, "2.3.0", "amd64", "cuda12.9", ["vllm", "k8s"]
+    )
+    assert via_cell == k8s
+
+
+def test_a_namespace_moves_every_image_the_server_and_worker_name(
+    v23: runners.RunnerData,
+) -> None:
+    selection = runners.select(v23, "amd64", "cuda", "12.9", ["vllm"])
+    refs = runners.worker_references(selection, "r.example:5000/site", "gpustack-ai")
+    assert refs == [
+        "r.example:5000/site/gpustack-ai/gpustack:v2.3.0",
+        "r.example:5000/site/gpustack-ai/runner:cuda12.9-vllm0.32.0",
+        "r.example:5000/site/gpustack-ai/runtime:pause",
+        "r.example:5000/site/gpustack-ai/runtime:health",
+        "r.example:5000/site/gpustack-ai/benchmark-runner:v0.0.9",
+    ]
 
 
 @pytest.mark.parametrize(

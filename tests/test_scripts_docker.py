@@ -77,6 +77,25 @@ def archive(hub: Hub, runnable_image, tmp_path_factory: pytest.TempPathFactory) 
     return Archive(root / "images", f"sha256:{image.config.hex}")
 
 
+SERVER_2X = "gpustack/gpustack:v2.3.0"
+BENCHMARK_2X = "gpustack/benchmark-runner:v0.0.9"
+
+
+@pytest.fixture(scope="module")
+def archive_2x(archive: Archive, tmp_path_factory: pytest.TempPathFactory) -> Archive:
+    """The same image under two of upstream's 2.x names, the server and the benchmark runner,
+    in one export folder, so a namespace change shows on both."""
+    root = tmp_path_factory.mktemp("docker-archive-2x")
+    manifest = json.loads((archive.path / "manifest.json").read_text())
+    manifest.append({**manifest[0], "RepoTags": [BENCHMARK_2X]})
+    manifest[0] = {**manifest[0], "RepoTags": [SERVER_2X]}
+    for path in sorted(archive.path.rglob("*")):
+        if path.is_file() and path.name != "manifest.json":
+            _link(path, root / "images" / path.relative_to(archive.path))
+    (root / "images" / "manifest.json").write_text(json.dumps(manifest))
+    return Archive(root / "images", archive.image_id)
+
+
 def _link(src: Path, dst: Path) -> None:
     """Same bytes, no copy; never written to (a test that alters a file replaces it)."""
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -430,6 +449,84 @@ def test_a_2x_bundle_prints_the_server_and_worker_lines_with_the_site_registry(
         assert f"{registry}/{IMAGE}" in out
     finally:
         remove_image(f"{registry}/{IMAGE}")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("given", "registry", "namespace"),
+    [
+        ("{host}/team/gpustack", "{host}/team", "gpustack"),  # gpustack is the last level
+        ("{host}/mirror --namespace gpustack-ai", "{host}/mirror", "gpustack-ai"),
+    ],
+)
+def test_a_2x_registry_path_gets_the_flags_its_namespace_needs(
+    tmp_path: Path,
+    archive_2x: Archive,
+    site_registry: DistributionRegistry,
+    given: str,
+    registry: str,
+    namespace: str,
+) -> None:
+    """GPUStack 2.x's namespace rule (docs/cli-reference/start.md): images stay under a last
+    namespace level `gpustack`, and --system-default-container-registry names the path above;
+    under another namespace, --image-repo, --benchmark-image-repo and the runtime's namespace
+    variable name it. Each pushed image answers at the name those flags make."""
+    host = site_registry.host
+    given, registry = given.format(host=host), registry.format(host=host)
+    bundle = make_docker_bundle(
+        tmp_path, archive_2x.path, images=f"{SERVER_2X},{BENCHMARK_2X}",
+        GPUSTACK_VERSION="2.3.0", TARGET_DEVICE="cuda12.9", CUDA_FLOOR="12.9",
+        TARGET_EXTRAS="vllm",
+    )  # fmt: skip
+    remove_image(archive_2x.image_id)
+    pushed = [
+        f"{registry}/{namespace}/{name.removeprefix('gpustack/')}"
+        for name in (SERVER_2X, BENCHMARK_2X)
+    ]
+    try:
+        proc = install(bundle, "--skip-preflight", "--registry", *given.split())
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        for ref in pushed:
+            repository, tag = ref.removeprefix(f"{host}/").split(":")
+            answer = requests.head(
+                f"{site_registry.url}/v2/{repository}/manifests/{tag}",
+                headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
+                timeout=10,
+            )
+            assert answer.status_code == 200, ref
+        args = (prefix_of(bundle) / "server.args").read_text().splitlines()
+        want = ["--system-default-container-registry", registry]
+        if namespace != "gpustack":
+            want += ["--image-repo", f"{namespace}/gpustack"]
+            want += ["--benchmark-image-repo", f"{namespace}/benchmark-runner:v0.0.9"]
+        assert args == want
+        renv = prefix_of(bundle) / "registry.env"
+        if namespace == "gpustack":
+            assert not renv.exists()
+        else:
+            assert renv.read_text() == (
+                f"GPUSTACK_RUNTIME_DEPLOY_DEFAULT_CONTAINER_NAMESPACE={namespace}\n"
+            )
+        server_line = run_line(proc.stdout)
+        assert server_line[server_line.index(pushed[0]) + 1 :] == want
+        if namespace != "gpustack":
+            assert f"--env-file {renv}" in " ".join(server_line)
+    finally:
+        for ref in pushed:
+            remove_image(ref)
+        remove_image(archive_2x.image_id)
+
+
+def test_a_namespace_without_a_registry_is_a_usage_error(
+    tmp_path: Path, dummy_archive: Path
+) -> None:
+    bundle = make_docker_bundle(tmp_path, dummy_archive, GPUSTACK_VERSION="2.3.0")
+    proc = install(bundle, "--namespace", "gpustack-ai")
+    assert proc.returncode == 2
+    assert error_line(proc) == (
+        "install.sh: error: --namespace applies with --registry only; give --registry "
+        "HOST[:PORT][/PREFIX] too"
+    )
 
 
 def path_without_docker(where: Path) -> Path:

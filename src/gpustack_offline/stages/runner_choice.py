@@ -26,7 +26,14 @@ from pathlib import Path
 from typing import Any
 
 from gpustack_offline.stages.errors import NoRunnerError
-from gpustack_offline.stages.runner_data import ARCHES, Runner, RunnerData, load, version_sort_key
+from gpustack_offline.stages.runner_data import (
+    ARCHES,
+    K8S,
+    Runner,
+    RunnerData,
+    load,
+    version_sort_key,
+)
 
 
 @dataclass(frozen=True)
@@ -227,10 +234,11 @@ def select(
     backend_version: str | None,
     services: Sequence[str],
     variant: str | None = None,
-    benchmark: bool = False,
+    k8s: bool = False,
 ) -> Selection:
-    """The images a worker of `arch` with `backend` (and `backend_version`, e.g. `12.9`; None: the
-    newest) needs for `services`, plus the server, pause and health images.
+    """The images a Docker-mode site of `arch` with `backend` (and `backend_version`, e.g.
+    `12.9`; None: the newest) needs for `services`: the runners, the server, pause, health and
+    benchmark images; with `k8s`, also every image only a Kubernetes install names.
 
     A service is `vllm` (the newest version not deprecated) or `vllm==0.11.0`. For CANN the
     variant defaults to upstream's `910b`; elsewhere to the first by name (`""`).
@@ -264,7 +272,7 @@ def select(
     others = [
         ImageRef(i.image, platform, i.role)
         for i in data.images
-        if i.role != "pause" and (i.role != "benchmark" or benchmark)
+        if i.role != "pause" and (i.role != K8S or k8s)
     ]
     return Selection(
         version=data.version,
@@ -330,17 +338,25 @@ def apply_registry_override(image: str, registry: str) -> str:
     return image
 
 
-def worker_references(selection: Selection, registry: str) -> list[str]:
-    """Every reference the server and worker ask Docker for when started with
-    `--system-default-container-registry <registry>`: the worker image of the registration command
-    (`gpustack/config/config.py:get_image_name`, `<registry>/gpustack/gpustack:<tag>`), runners
-    (`gpustack/worker/backends/base.py:_get_configured_image`), pause and health
-    (`gpustack/utils/runtime.py:transform_workload_plan`), each through
-    `apply_registry_override_to_image`; `gpustack_runtime`'s `adjust_image_with_envs` then keeps
-    them as they are (no `GPUSTACK_RUNTIME_DEPLOY_DEFAULT_CONTAINER_NAMESPACE`)."""
+def worker_references(selection: Selection, registry: str, namespace: str = "gpustack") -> list[str]:
+    """Every reference the server and worker ask Docker for when started with the flags
+    `install.sh --registry <registry> [--namespace <namespace>]` prints:
+    `--system-default-container-registry <registry>` and, for a namespace other than gpustack,
+    `--image-repo <ns>/gpustack`, `--benchmark-image-repo <ns>/benchmark-runner:<tag>` and
+    `GPUSTACK_RUNTIME_DEPLOY_DEFAULT_CONTAINER_NAMESPACE=<ns>`.
+
+    The worker image of the registration command (`gpustack/config/config.py:get_image_name`,
+    `<registry>/<image_repo>:<tag>`), the benchmark (`benchmark_image_repo`, used as given), the
+    runners (`gpustack/worker/backends/base.py:_get_configured_image`), pause and health
+    (`gpustack/utils/runtime.py:transform_workload_plan`) each go through
+    `apply_registry_override_to_image`; `gpustack_runtime`'s `adjust_image_with_envs` then puts
+    the namespace in the place of `gpustack` for every container the deployer starts."""
     out: list[str] = []
     for ref in selection.images:
-        name = apply_registry_override(ref.name, registry)
+        name = ref.name
+        if namespace != "gpustack" and name.startswith("gpustack/"):
+            name = f"{namespace}/{name.removeprefix('gpustack/')}"
+        name = apply_registry_override(name, registry)
         if name not in out:
             out.append(name)
     return out
@@ -365,7 +381,8 @@ _SERVICE_PIN = re.compile(r"([a-z][a-z_-]*?)([0-9][0-9a-z.]*)")
 def cell_selection(data_dir: Path, version: str, arch: str, device: str,
                    services: Sequence[str]) -> Selection:  # fmt: skip
     """The images of a 2.x cell: its device is the runner backend and version (`cuda12.9`), its
-    extras the services (`vllm`, or `vllm0.17.1` for that version)."""
+    extras the services (`vllm`, or `vllm0.17.1` for that version) and, as `k8s`, the images of
+    a Kubernetes install."""
     match = _DEVICE.fullmatch(device)
     if not match:
         raise NoRunnerError(
@@ -374,5 +391,7 @@ def cell_selection(data_dir: Path, version: str, arch: str, device: str,
     specs = [
         f"{pin.group(1)}=={pin.group(2)}" if (pin := _SERVICE_PIN.fullmatch(s)) else s
         for s in services
+        if s != K8S
     ]
-    return select(load(data_dir, version), arch, match.group(1), match.group(2), specs)
+    data = load(data_dir, version)
+    return select(data, arch, match.group(1), match.group(2), specs, k8s=K8S in services)

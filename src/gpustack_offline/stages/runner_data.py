@@ -21,18 +21,27 @@ worker will ask for. Which images those are is upstream's data, never ours:
 - Server image: `gpustack/gpustack:<__version__>` (`gpustack/__init__.py`, e.g. `v2.3.0`), named by
   `gpustack/config/config.py:get_image_name`, which the server also uses for the worker's
   registration command.
-- Benchmark image (only when a benchmark is run): `gpustack/benchmark-runner:<__benchmark_runner_
-  version__>` (`gpustack/__init__.py`, default of `benchmark_image_repo` in
-  `gpustack/schemas/config.py`).
+- Benchmark image (the worker starts it for every benchmark, `gpustack/worker/benchmark/
+  runner.py`): `gpustack/benchmark-runner:<__benchmark_runner_version__>` (`gpustack/__init__.py`,
+  default of `benchmark_image_repo` in `gpustack/schemas/config.py`).
+- Everything else upstream's `gpustack list-images` prints (`gpustack/cmd/images.py`:
+  `gpustack/higress-plugins`, the operator, `ssh-server`, `mirrored-higress-*`, `mirrored-kueue`,
+  `mirrored-csi-*` …, and what installed plugins add through `extra_image_list()`): no code of
+  the Docker-mode server or worker names them; the Helm chart and the operator of a Kubernetes
+  install do. They are kept with the role `k8s`, for cells that ask for them.
 
-`refresh` writes that data to `bundles/runners/gpustack-<version>.json` from the three wheels;
-`load` reads it back. Which runner a worker picks from it is `runner_choice`'s.
+`refresh` writes that data to `bundles/runners/gpustack-<version>.json`: the runner list and the
+helper images read out of the three wheels, and the whole image list taken by running upstream's
+own `gpustack list-images` in a venv with that release (the one `download-tools` runs in for
+0.x), which must name every Docker-mode image found in the code. `load` reads it back. Which
+runner a worker picks from it is `runner_choice`'s.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import zipfile
 from dataclasses import dataclass
@@ -48,14 +57,13 @@ from packaging.version import InvalidVersion, Version
 
 from gpustack_offline.core.downloads import BlobStore, Download, RetryPolicy, session
 from gpustack_offline.core.files import write_text
+from gpustack_offline.core.processes import run
 from gpustack_offline.stages.errors import RunnerDataError
+from gpustack_offline.stages.tools import gpustack_venv
 
 log = logging.getLogger("gpustack_offline")
 
-
-log = logging.getLogger("gpustack_offline")
-
-SCHEMA = 1
+SCHEMA = 2  # 2: images listed by `gpustack list-images`, Kubernetes-only ones as `k8s`
 ARCHES = ("amd64", "arm64")
 RUNNER_LIST = "gpustack_runner/runner.py.json"
 RUNTIME_ENVS = "gpustack_runtime/envs.py"
@@ -63,6 +71,14 @@ RUNTIME_IMAGES = "gpustack_runtime/cmds/images.py"
 GPUSTACK_INIT = "gpustack/__init__.py"
 GPUSTACK_RUNTIME_USE = "gpustack/utils/runtime.py"
 GPUSTACK_REGISTRY_OVERRIDE = "gpustack/utils/config.py"
+# Runs a console script of the venv by its entry point: the scripts' `#!` lines name the folder
+# the venv was made in, before it was moved to its final name.
+CONSOLE_SCRIPT = (
+    "import sys, importlib.metadata as m; name = sys.argv[1]; sys.argv = sys.argv[1:]; "
+    "sys.exit(m.entry_points(group='console_scripts', name=name)[name].load()())"
+)
+DOCKER_ROLES = ("server", "pause", "health", "benchmark")  # what a Docker-mode site runs
+K8S = "k8s"  # listed by `gpustack list-images`, named only by a Kubernetes install
 # Runtime images by role: (env variable whose default names the image).
 RUNTIME_IMAGE_ENVS = {
     "pause": "GPUSTACK_RUNTIME_DOCKER_PAUSE_IMAGE",
@@ -265,8 +281,10 @@ def extract(
     gpustack: tuple[Package, Path],
     runner: tuple[Package, Path],
     runtime: tuple[Package, Path],
+    image_list: list[dict[str, Any]],
 ) -> RunnerData:
-    """Read the runner list and the extra images out of the three wheels."""
+    """Read the runner list and the helper images out of the three wheels; `image_list` is what
+    the release's own `gpustack list-images --format json` printed."""
     (gs_pkg, gs_path), (rn_pkg, rn_path), (rt_pkg, rt_path) = gpustack, runner, runtime
     with (
         zipfile.ZipFile(gs_path) as gs,
@@ -302,13 +320,67 @@ def extract(
         )
     )
     tag = _attr(init, "__version__", f"{gs_pkg.wheel}:{GPUSTACK_INIT}")
+    server = f"gpustack/gpustack:{tag}"
+    images += _kubernetes_only(image_list, server, images, runners, gs_pkg)
     return RunnerData(
         version=gs_pkg.version,
         packages=(gs_pkg, rn_pkg, rt_pkg),
-        server=f"gpustack/gpustack:{tag}",
+        server=server,
         images=tuple(images),
         runners=tuple(runners),
     )
+
+
+def _kubernetes_only(
+    listed: list[dict[str, Any]],
+    server: str,
+    docker: list[ExtraImage],
+    runners: list[Runner],
+    package: Package,
+) -> list[ExtraImage]:
+    """What `gpustack list-images` names beyond the Docker-mode images and the runners; it must
+    name all of those, or this reading of upstream no longer matches upstream."""
+    where = f"`gpustack list-images` of {package.wheel}"
+    try:
+        names = [str(i["name"]) for i in listed]
+    except (TypeError, KeyError) as exc:
+        raise RunnerDataError(f"{where} printed no image list: {exc}") from exc
+    runner_images = {r.docker_image for r in runners}
+    missing = [i for i in [server, *(e.image for e in docker)] if i not in names]
+    unknown = [n for n in names if n.startswith("gpustack/runner:") and n not in runner_images]
+    if missing or unknown:
+        raise RunnerDataError(
+            f"{where} does not match the code read out of the wheels (missing: "
+            f"{', '.join(missing) or '-'}; runners not in {RUNNER_LIST}: "
+            f"{', '.join(unknown) or '-'}); upstream changed how it names its images, so "
+            "gpustack_offline/stages/runner_data.py must be updated"
+        )
+    known = {server, *(e.image for e in docker), *runner_images}
+    source = f"{package.wheel}: gpustack list-images"
+    return [ExtraImage(K8S, n, source) for n in dict.fromkeys(names) if n not in known]
+
+
+def list_images(python: Path, version: str) -> list[dict[str, Any]]:
+    """Run the release's own `gpustack list-images --format json` (no filter) with `python`'s
+    venv; no `GPUSTACK_*` variable of this host reaches it (`GPUSTACK_IMAGE_REPO` would rename
+    the server image)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSTACK_")}
+    out = run(
+        [python, "-c", CONSOLE_SCRIPT, "gpustack", "list-images", "--format", "json"],
+        env=env,
+        what=f"listing GPUStack {version}'s images with its own `gpustack list-images`",
+    ).stdout
+    start = out.find("\n[") + 1 if not out.startswith("[") else 0
+    try:
+        listed, _ = json.JSONDecoder().raw_decode(out[start:])
+    except ValueError as exc:
+        raise RunnerDataError(
+            f"`gpustack list-images` of GPUStack {version} printed no JSON list ({exc}): "
+            f"{out[-500:]}"
+        ) from exc
+    if not isinstance(listed, list):
+        raise RunnerDataError(f"`gpustack list-images` of GPUStack {version} printed {listed!r}")
+    return listed
 
 
 def render(data: RunnerData) -> str:
@@ -337,8 +409,9 @@ def refresh(
     index_url: str = "https://pypi.org/simple",
     policy: RetryPolicy | None = None,
 ) -> Path:
-    """Download the version's gpustack wheel and its pinned runner and runtime wheels; write
-    `<data_dir>/gpustack-<version>.json` (atomically) and return its path."""
+    """Download the version's gpustack wheel and its pinned runner and runtime wheels, run its
+    `gpustack list-images` in its tool venv; write `<data_dir>/gpustack-<version>.json`
+    (atomically) and return its path."""
     version = version.removeprefix("v")
     store, http = BlobStore(cache, policy), session()
     gpustack = _fetch_wheel("gpustack", version, index_url, store, http)
@@ -350,7 +423,8 @@ def refresh(
     runtime = _fetch_wheel(
         "gpustack-runtime", _pin(metadata, "gpustack-runtime", gpustack[0]), index_url, store, http
     )
-    data = extract(gpustack, runner, runtime)
+    python = gpustack_venv(version, [], cache, index_url)
+    data = extract(gpustack, runner, runtime, list_images(python, version))
     final = data_path(data_dir, version)
     write_text(final, render(data))
     log.info("wrote %s (%d runners)", final, len(data.runners))
@@ -382,8 +456,9 @@ def load(data_dir: Path, version: str) -> RunnerData:
             runners=tuple(Runner(**r) for r in doc["runners"]),
             path=path,
         )
-        if not data.runners or {i.role for i in data.images} < set(RUNTIME_IMAGE_ENVS):
-            raise ValueError("no runners or no pause/health image")
+        roles = {i.role for i in data.images}
+        if not data.runners or not set(DOCKER_ROLES) - {"server"} <= roles:
+            raise ValueError("no runners, or no pause, health or benchmark image")
     except (KeyError, TypeError, ValueError) as exc:
         raise RunnerDataError(f"{path} is malformed ({exc}); {fix}") from exc
     return data

@@ -419,22 +419,29 @@ class AssetProxy:
 
 
 def tool_venv(cell: Cell, overrides: list[Override], cache: Path, index_url: str) -> Path:
-    """A venv for the build host with the cell's GPUStack, made once and cached; its python.
+    """The cell's GPUStack (with the overrides' extra requirements) in a venv for the build
+    host, made once and cached; its python."""
+    extra = [r for o in matching(overrides, cell) for r in o.extra_requirements]
+    return gpustack_venv(cell.version, extra, cache, index_url)
+
+
+def gpustack_venv(version: str, extra: list[str], cache: Path, index_url: str) -> Path:
+    """GPUStack `version` and `extra` requirements in a venv for the build host, made once and
+    cached; its python. Upstream's own commands (`download-tools`, `list-images`) run in it.
 
     The index URL reaches uv through `UV_INDEX_URL`, never its argument list: a password in it
     would show in `ps`, /proc and the logged command. The cache key leaves the password out
     too, so rotating it does not rebuild the venv."""
-    extra = [r for o in matching(overrides, cell) for r in o.extra_requirements]
-    spec = [f"gpustack=={cell.version}", *sorted(set(extra))]
+    spec = [f"gpustack=={version}", *sorted(set(extra))]
     identity = [spec, sys.version, without_credentials(index_url)]
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
-    final = cache / "tools" / "venv" / f"gpustack-{cell.version}-{key}"
+    final = cache / "tools" / "venv" / f"gpustack-{version}-{key}"
     python = final / "bin" / "python"
     if python.exists():
         return python
-    with _waiting(venv_lock(python), f"the GPUStack {cell.version} tool venv"):
+    with _waiting(venv_lock(python), f"the GPUStack {version} tool venv"):
         if not python.exists():  # another build may have made it while this one waited
-            _make_venv(cell, spec, cache, index_url, final)
+            _make_venv(version, spec, cache, index_url, final)
     return python
 
 
@@ -472,19 +479,19 @@ def _waiting(lock_file: Path, what: str) -> Iterator[None]:
         yield
 
 
-def _make_venv(cell: Cell, spec: list[str], cache: Path, index_url: str, final: Path) -> None:
+def _make_venv(version: str, spec: list[str], cache: Path, index_url: str, final: Path) -> None:
     env = {**os.environ, "UV_CACHE_DIR": str(cache / "uv")}
     with atomic_dir(final) as stage:
         run(
             [sys.executable, "-m", "uv", "venv", "--quiet", "--python", sys.executable, stage],
-            env=env, what=f"creating the GPUStack {cell.version} tool venv",
+            env=env, what=f"creating the GPUStack {version} tool venv",
         )  # fmt: skip
         run(
             [sys.executable, "-m", "uv", "pip", "install", "--quiet", "--python",
              stage / "bin" / "python", *spec],
             env={**env, "UV_INDEX_URL": index_url},
-            what=f"installing GPUStack {cell.version} into its tool venv",
-            fix="the tool venv runs upstream's download-tools on this host; check the index URL",
+            what=f"installing GPUStack {version} into its tool venv",
+            fix="the tool venv runs upstream's own commands on this host; check the index URL",
         )  # fmt: skip
 
 
