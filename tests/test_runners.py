@@ -306,3 +306,71 @@ def test_wheel_from_an_html_index_is_hash_checked(tmp_path: Path) -> None:
             )
     finally:
         server.shutdown()
+
+
+# ---- the matrix's 2.x cells and the worker's choice ---------------------------------------------
+
+
+def test_a_cann_variant_cell_gets_upstreams_runner_for_that_chip(data_dir: Path) -> None:
+    doc = json.loads((data_dir / "gpustack-2.3.0.json").read_text())
+    want = max(
+        (
+            r
+            for r in doc["runners"]
+            if (r["backend"], r["backend_version"], r["backend_variant"], r["service"])
+            == ("cann", "8.2", "310p", "vllm")
+            and r["platform"] == "linux/arm64"
+            and not r["deprecated"]
+        ),
+        key=lambda r: runner_data.version_sort_key(r["service_version"]),
+    )["docker_image"]
+    selection = runners.cell_selection(data_dir, "2.3.0", "arm64", "cann8.2-310p", ["vllm"])
+    assert [i.name for i in selection.runners] == [want]
+    assert want.startswith("gpustack/runner:cann8.2-310p-vllm")
+    default = runners.select(runners.load(data_dir, "2.3.0"), "arm64", "cann", "8.2", ["vllm"])
+    assert default.runners[0].name.startswith("gpustack/runner:cann8.2-910b-")  # upstream's default
+
+
+def test_a_device_that_is_no_runner_tag_is_refused(data_dir: Path) -> None:
+    with pytest.raises(NoRunnerError, match="cann8.2-910b"):
+        runners.cell_selection(data_dir, "2.3.0", "amd64", "910b", ["vllm"])
+    with pytest.raises(NoRunnerError, match="no runner for cann8.2 vllm"):
+        runners.cell_selection(data_dir, "2.3.0", "amd64", "cann8.2", ["vllm"])  # no variant
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_every_2x_cell_of_the_matrix_selects_runners_the_worker_picks_at_its_floor(
+    matrix, data_dir: Path, version: str
+) -> None:
+    """The matrix (core) and the worker's choice (stages) agree: each cell's device has a runner
+    for each service; a worker on a host at the floor picks it, at the ceiling another one for
+    some service, and with no version detected the newest."""
+    data = runners.load(data_dir, version)
+    for cell in matrix.cells:
+        if cell.version != version:
+            continue
+        device = cell.runner_device
+        assert device is not None
+        services = [s for s in cell.extra_names if s != "k8s"]
+        selection = runners.select(
+            data, cell.arch, device.backend, device.version, services, device.variant
+        )
+        assert all(i.name.startswith(f"gpustack/runner:{cell.device}-") for i in selection.runners)
+
+        def picked(host: str | None) -> set[str | None]:
+            return {
+                runners.backend_version_for_host(
+                    data, cell.arch, device.backend, s, host, device.variant
+                )
+                for s in services
+            }
+
+        assert picked(device.version) == {device.version}, cell.id
+        if cell.ceiling is not None:
+            assert picked(cell.ceiling) - {device.version}, cell.id
+        assert cell.newest in picked(None), cell.id
+    sample = next(c for c in matrix.cells if c.version == version and "-" in c.device)
+    via_cell = runners.cell_selection(
+        data_dir, version, sample.arch, sample.device, sample.extra_names
+    )
+    assert via_cell.runners[0].name.startswith(f"gpustack/runner:{sample.device}-")

@@ -30,7 +30,7 @@ class Context:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         opts = resolve(root, env=env, cli=cli)
         layout = Layout.resolve(opts, root)
-        return cls(opts, layout, Matrix.load(layout.matrix))
+        return cls(opts, layout, Matrix.load(layout.matrix, layout.runners))
 
     def select(self, cells: Sequence[str] = (), **axes: str | None) -> list[Cell]:
         return self.matrix.select(list(cells), **{a: v for a, v in axes.items() if a in AXES})

@@ -3,6 +3,11 @@
 The data lives in `bundles/matrix.toml`; this module only reads it. A cell id names every axis
 (`v0.7.1-linux-arm64-cpu-py3.11-base-pip`), so one glob selects cells the way cibuildwheel's
 build identifiers do, and axis flags narrow a selection without knowing the id format.
+
+The devices of a GPUStack 2.x version (`devices = "runners"` in its [versions] table) are not in
+matrix.toml: they are read from upstream's runner data for that version (`core.devices`), and so
+are the arches and services each one exists for; those limits refuse cells like rules do, with
+a reason that names the runner data file.
 """
 
 from __future__ import annotations
@@ -17,16 +22,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpustack_offline.core.devices import (
+    Device,
+    Offers,
+    Vendor,
+    runner_data_path,
+    vendors,
+)
 from gpustack_offline.core.errors import CellError
 from gpustack_offline.core.tomlfile import read_toml_text
 
 AXES = ("version", "os", "arch", "device", "python", "extras", "method")
 _ID_RE = re.compile(
-    r"^v(?P<version>[0-9][0-9a-z.]*)-(?P<os>[a-z]+)-(?P<arch>[a-z0-9]+)-(?P<device>[a-z0-9.]+)"
+    r"^v(?P<version>[0-9][0-9a-z.]*)-(?P<os>[a-z]+)-(?P<arch>[a-z0-9]+)"
+    r"-(?P<device>[a-z0-9.]+(?:-[a-z0-9]+)?)"
     r"-py(?P<python>[0-9]+\.[0-9]+)-(?P<extras>[a-z0-9.+]+)-(?P<method>[a-z]+)$"
 )
 _ARCH_MACHINE = {"amd64": "x86_64", "arm64": "aarch64"}
 SCHEMA = 1  # the layout of matrix.toml this module reads
+RUNNERS = "runners"  # [versions.X] devices = "runners": the devices come from the runner data
 
 
 @dataclass(frozen=True, order=True)
@@ -47,6 +61,13 @@ class Cell:
     uv_platform: str = field(default="", compare=False)
     installer: str = field(default="", compare=False)  # a requirement, e.g. "uv==0.13.9"
     extra_names: tuple[str, ...] = field(default=(), compare=False)
+    # GPUStack 2.x: the device as a runner backend, version (the host's floor) and variant; the
+    # backend version from which on the worker asks for another runner (None: this is the
+    # newest), the one it asks for when it detects no version; what a host of the backend needs.
+    runner_device: Device | None = field(default=None, compare=False)
+    ceiling: str | None = field(default=None, compare=False)
+    newest: str | None = field(default=None, compare=False)
+    vendor: Vendor | None = field(default=None, compare=False, repr=False)
 
     @property
     def id(self) -> str:
@@ -85,9 +106,17 @@ class Cell:
             **self.axes,
             "cuda": self.cuda,
             "rocm": self.rocm,
+            "backend": self.runner_device.backend if self.runner_device else None,
             "glibc": self.glibc,
             "requirement": self.requirement,
         }
+
+    def worker_options(self) -> tuple[str, ...]:
+        """The `docker run` options a GPUStack 2.x worker of this device needs, as upstream's
+        Add Worker command gives them (empty for other cells)."""
+        if self.vendor is None or self.runner_device is None:
+            return ()
+        return self.vendor.run_options(self.version, self.runner_device.version)
 
 
 @dataclass(frozen=True)
@@ -102,10 +131,15 @@ class Rule:
 
 
 class Matrix:
-    """The matrix data of one `matrix.toml`, with validation and selection."""
+    """The matrix data of one `matrix.toml`, with validation and selection; `runners` is the
+    folder of upstream's runner data, which GPUStack 2.x versions read their devices from."""
 
     def __init__(
-        self, data: Mapping[str, Any], source: str = "matrix.toml", text: str = ""
+        self,
+        data: Mapping[str, Any],
+        source: str = "matrix.toml",
+        text: str = "",
+        runners: Path | None = None,
     ) -> None:
         self.source = source
         schema = data.get("schema", SCHEMA)
@@ -124,6 +158,7 @@ class Matrix:
             self._devices: dict[str, dict] = dict(data["devices"])
             self._extras: dict[str, list[str]] = dict(data["extras"])
             self._versions: dict[str, dict] = dict(data["versions"])
+            self.vendors: dict[str, Vendor] = vendors(dict(data.get("backends", {})), source)
         except (KeyError, TypeError) as exc:
             raise CellError(f"{source}: malformed matrix data, missing or wrong {exc}") from exc
         self.rules = []
@@ -141,12 +176,47 @@ class Matrix:
                     f"malformed, missing or wrong {exc}; each rule needs when, require and reason"
                 ) from exc
         self._check_data()
+        self._offers: dict[str, Offers] = {}
+        self._no_offers: dict[str, str] = {}  # version -> why it has no devices yet
+        self._read_runner_data(runners)
         self._cells = {c.id: c for c in self._enumerate()}
 
     @classmethod
-    def load(cls, path: Path) -> Matrix:
+    def load(cls, path: Path, runners: Path | None = None) -> Matrix:
+        """The matrix at `path`; 2.x devices from the runner data in `runners` (by default the
+        `runners` folder beside it, as in bundles/)."""
         data, text = read_toml_text(path, CellError, missing=f"matrix file {path} not found")
-        return cls(data, source=str(path), text=text)
+        return cls(data, source=str(path), text=text, runners=runners or path.parent / RUNNERS)
+
+    def _read_runner_data(self, folder: Path | None) -> None:
+        """Each 2.x version's devices from its runner data, put on the device axis."""
+        for version, table in self._versions.items():
+            if table.get("devices") is None:
+                continue
+            if table["devices"] != RUNNERS:
+                raise CellError(
+                    f"{self.source}: [versions.\"{version}\"] devices = {table['devices']!r}; "
+                    f"the one source of a version's devices is {RUNNERS!r} (its runner data)"
+                )
+            if folder is None:
+                raise CellError(
+                    f"{self.source}: GPUStack {version} reads its devices from the runner data, "
+                    "and no runner data folder was given (Matrix.load(path, runners=...))"
+                )
+            path = runner_data_path(folder, version)
+            if not path.is_file():
+                self._no_offers[version] = (
+                    f"GPUStack {version}'s devices are read from its runner data, and {path} does "
+                    "not exist yet: write it online with `python -c 'from pathlib import Path; "
+                    "from gpustack_offline.stages.runners import refresh; "
+                    f'refresh("{version}", Path("{folder}"), Path(".cache"))\'`, review and '
+                    "commit it"
+                )
+                continue
+            offers = self._offers[version] = Offers.load(path, version)
+            for device in offers.devices:
+                if device.name not in self.axes["device"]:
+                    self.axes["device"].append(device.name)
 
     def _check_data(self) -> None:
         tables: tuple[tuple[str, Mapping[str, Any]], ...] = (
@@ -178,27 +248,92 @@ class Matrix:
 
     def _make(self, axes: Mapping[str, str]) -> Cell:
         os_data = self._os[axes["os"]]
+        names = tuple(self._extras[axes["extras"]])
+        common: dict[str, Any] = {
+            "glibc": os_data.get("glibc"),
+            "uv_platform": os_data.get("uv-platform", {}).get(axes["arch"], ""),
+            "installer": os_data.get("installer", "") if axes["method"] == "pip" else "",
+            "extra_names": names,
+        }
+        offers = self._offers.get(axes["version"])
+        if offers is None:
+            facts = self._devices[axes["device"]]
+            return Cell(**axes, cuda=facts.get("cuda"), rocm=facts.get("rocm"), **common)
+        device = Device.parse(axes["device"])
+        assert device is not None  # every device of the runner data spells back (Offers.load)
         return Cell(
             **axes,
-            cuda=self._devices[axes["device"]].get("cuda"),
-            rocm=self._devices[axes["device"]].get("rocm"),
-            glibc=os_data.get("glibc"),
-            uv_platform=os_data.get("uv-platform", {}).get(axes["arch"], ""),
-            installer=os_data.get("installer", "") if axes["method"] == "pip" else "",
-            extra_names=tuple(self._extras[axes["extras"]]),
+            cuda=device.version if device.backend == "cuda" else None,
+            rocm=device.version if device.backend == "rocm" else None,
+            runner_device=device,
+            ceiling=offers.ceiling(device, axes["arch"], names),
+            newest=offers.newest(device, axes["arch"], names),
+            vendor=self.vendors[device.backend],
+            **common,
         )
 
     def _enumerate(self) -> Iterable[Cell]:
-        for combo in itertools.product(*(self.axes[a] for a in AXES)):
-            axes = dict(zip(AXES, combo, strict=True))
-            if self.refusal(axes) is None:
-                yield self._make(axes)
+        """Every combination the rules and the runner data allow; a version's devices are its
+        runner data's (2.x) or those with a [devices] table (0.x)."""
+        others = [a for a in AXES if a not in ("version", "device")]
+        for version in self.axes["version"]:
+            if version in self._no_offers:
+                continue
+            offers = self._offers.get(version)
+            devices = (
+                [d.name for d in offers.devices]
+                if offers
+                else [d for d in self.axes["device"] if d in self._devices]
+            )
+            for device in devices:
+                for combo in itertools.product(*(self.axes[a] for a in others)):
+                    axes = {"version": version, "device": device, **dict(zip(others, combo))}
+                    if self.refusal(axes) is None:
+                        yield self._make(axes)
 
     def refusal(self, axes: Mapping[str, str]) -> str | None:
         """Why the matrix refuses this combination of axis values, or None if it is a cell."""
         for rule in self.rules:
             if rule.refuses(axes):
                 return rule.reason
+        version = axes["version"]
+        if version in self._no_offers:
+            return self._no_offers[version]
+        offers = self._offers.get(version)
+        if offers is None:
+            if axes["device"] not in self._devices:
+                return f"GPUStack {version} has no device {axes['device']!r} in [devices]"
+            return None
+        return self._runner_refusal(offers, axes)
+
+    def _runner_refusal(self, offers: Offers, axes: Mapping[str, str]) -> str | None:
+        """The limits of upstream's runner data, as rules with reasons naming its file."""
+        device = Device.parse(axes["device"])
+        where = f"upstream's runner data, {offers.path}"
+        if device is None or device not in offers.devices:
+            return (
+                f"GPUStack {offers.version}'s devices are the non-deprecated runner backends, "
+                f"versions and variants of {where}, and {axes['device']} is none of them"
+            )
+        if device.backend not in self.vendors:
+            return (
+                f"GPUStack {offers.version} has {device.backend} runners, but {self.source} has "
+                f"no [backends.{device.backend}] table: add what a host of it needs (its device "
+                "tool, version, container runtime, device nodes and run line, with sources)"
+            )
+        arches = offers.arches(device)
+        if axes["arch"] not in arches:
+            return (
+                f"GPUStack {offers.version} publishes {device.name} runners for "
+                f"{', '.join(f'linux/{a}' for a in arches)} only ({where})"
+            )
+        missing = offers.missing_service(device, axes["arch"], self._extras[axes["extras"]])
+        if missing is not None:
+            return (
+                f"GPUStack {offers.version} has no {missing} runner for {device.name} on "
+                f"linux/{axes['arch']} ({where}); its runners there serve "
+                f"{', '.join(offers.services(device, axes['arch']))}"
+            )
         return None
 
     @property

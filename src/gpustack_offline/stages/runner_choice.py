@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpustack_offline.core.devices import K8S, Device, parse_service
+from gpustack_offline.core.errors import CellError
 from gpustack_offline.stages.errors import NoRunnerError
 from gpustack_offline.stages.runner_data import (
     ARCHES,
-    K8S,
     Runner,
     RunnerData,
     load,
@@ -374,24 +375,28 @@ def describe(offers: Iterable[Offer]) -> list[str]:
 
 # --- cells ---------------------------------------------------------------------------------------
 
-_DEVICE = re.compile(r"([a-z]+)([0-9]+\.[0-9]+)")
-_SERVICE_PIN = re.compile(r"([a-z][a-z_-]*?)([0-9][0-9a-z.]*)")
-
 
 def cell_selection(data_dir: Path, version: str, arch: str, device: str,
                    services: Sequence[str]) -> Selection:  # fmt: skip
-    """The images of a 2.x cell: its device is the runner backend and version (`cuda12.9`), its
-    extras the services (`vllm`, or `vllm0.17.1` for that version) and, as `k8s`, the images of
-    a Kubernetes install."""
-    match = _DEVICE.fullmatch(device)
-    if not match:
+    """The images of a 2.x cell: its device is the runner backend, version and variant as the
+    runner tag spells them (`cuda12.9`, `cann8.2-910b`), its extras the services (`vllm`, or
+    `vllm0.17.1` for that version) and, as `k8s`, the images of a Kubernetes install."""
+    parsed = Device.parse(device)
+    if parsed is None:
         raise NoRunnerError(
-            f"device {device!r} is not a runner backend and version such as cuda12.9 or rocm7.0"
+            f"device {device!r} is not a runner backend, version and variant such as cuda12.9, "
+            "rocm7.0 or cann8.2-910b"
         )
-    specs = [
-        f"{pin.group(1)}=={pin.group(2)}" if (pin := _SERVICE_PIN.fullmatch(s)) else s
-        for s in services
-        if s != K8S
-    ]
+    specs = []
+    for name in services:
+        if name == K8S:
+            continue
+        try:
+            service, pin = parse_service(name)
+        except CellError as exc:
+            raise NoRunnerError(str(exc)) from None
+        specs.append(f"{service}=={pin}" if pin else service)
     data = load(data_dir, version)
-    return select(data, arch, match.group(1), match.group(2), specs, k8s=K8S in services)
+    return select(
+        data, arch, parsed.backend, parsed.version, specs, parsed.variant, k8s=K8S in services
+    )

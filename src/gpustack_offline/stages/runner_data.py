@@ -55,6 +55,7 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
+from gpustack_offline.core.devices import K8S, RUNNER_DATA_SCHEMA, runner_data_path
 from gpustack_offline.core.downloads import BlobStore, Download, RetryPolicy, session
 from gpustack_offline.core.files import write_text
 from gpustack_offline.core.processes import run
@@ -63,7 +64,9 @@ from gpustack_offline.stages.tools import gpustack_venv
 
 log = logging.getLogger("gpustack_offline")
 
-SCHEMA = 2  # 2: images listed by `gpustack list-images`, Kubernetes-only ones as `k8s`
+# 2: images listed by `gpustack list-images`, Kubernetes-only ones as `k8s` (the matrix reads the
+# devices out of the same files: core/devices.py)
+SCHEMA = RUNNER_DATA_SCHEMA
 ARCHES = ("amd64", "arm64")
 RUNNER_LIST = "gpustack_runner/runner.py.json"
 RUNTIME_ENVS = "gpustack_runtime/envs.py"
@@ -78,7 +81,7 @@ CONSOLE_SCRIPT = (
     "sys.exit(m.entry_points(group='console_scripts', name=name)[name].load()())"
 )
 DOCKER_ROLES = ("server", "pause", "health", "benchmark")  # what a Docker-mode site runs
-K8S = "k8s"  # listed by `gpustack list-images`, named only by a Kubernetes install
+# K8S (core.devices): listed by `gpustack list-images`, named only by a Kubernetes install
 # Runtime images by role: (env variable whose default names the image).
 RUNTIME_IMAGE_ENVS = {
     "pause": "GPUSTACK_RUNTIME_DOCKER_PAUSE_IMAGE",
@@ -147,7 +150,7 @@ def version_sort_key(version: str) -> tuple[int, Any]:
 
 
 def data_path(data_dir: Path, version: str) -> Path:
-    return data_dir / f"gpustack-{version.removeprefix('v')}.json"
+    return runner_data_path(data_dir, version)
 
 
 # --- refresh: upstream wheels -> bundles/runners/gpustack-<version>.json -------------------------

@@ -1,0 +1,289 @@
+"""GPUStack 2.x devices: read from upstream's runner data, never listed by hand, and what a host of
+each runner backend needs (its device tool, version, container runtime, device nodes, run line).
+
+A 2.x version's devices are the non-deprecated backend, backend version and variant triples of its
+runner data (`bundles/runners/gpustack-<version>.json`, written by `invoke lock` from the
+gpustack-runner wheel the version pins). A device is spelled as the runner image's tag names it:
+`<backend><backend version>[-<variant>]`, e.g. `cuda12.9`, `rocm7.0`, `dtk25.04`, `cann8.2-910b`
+(`gpustack/runner:cann8.2-910b-vllm0.11.0`), so the spelling turns back into the three fields the
+worker filters runners by (`gpustack/worker/backends/base.py:_resolve_image`).
+
+Which version of its backend a worker asks for is the newest not above the host's runtime
+version (`gpustack/utils/version.py:pick_runtime_version`; with none detected, the newest). So a
+cell's device is its floor (the host must have at least that version) and has a ceiling: the next
+backend version with a runner for the cell's services, from which on the worker asks for that one
+instead, which the bundle does not carry.
+
+What a host needs per backend is data too: the `[backends.<backend>]` tables of matrix.toml, each
+fact with its source (upstream's detector in the pinned gpustack-runtime wheel, its installation
+docs, the worker command of its UI).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpustack_offline.core.errors import CellError
+
+RUNNER_DATA_SCHEMA = 2  # the layout of bundles/runners/gpustack-<version>.json
+# An extras name that is no inference service: the images only a Kubernetes install names.
+K8S = "k8s"
+# How preflight.sh reads a host's version of each backend (a function `version_<name>` there).
+VERSION_READERS = ("nvidia-smi", "rocm", "cann", "dtk", "mx-smi", "ixsmi", "ppu-smi", "")
+
+_DEVICE = re.compile(
+    r"(?P<backend>[a-z]+)(?P<version>[0-9]+(?:\.[0-9]+)*)(?:-(?P<variant>[a-z0-9]+))?"
+)
+_SERVICE = re.compile(r"(?P<service>[a-z][a-z_-]*?)(?P<version>[0-9][0-9a-z.]*)?")
+
+
+def runner_data_path(folder: Path, version: str) -> Path:
+    """Where `invoke lock` writes a GPUStack 2.x version's runner data."""
+    return folder / f"gpustack-{version.removeprefix('v')}.json"
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """Numeric parts, for ordering backend versions (`8.2` < `8.10`, `25.04` < `26.04`)."""
+    return tuple(int(x) for x in re.findall(r"\d+", version))
+
+
+@dataclass(frozen=True, order=True)
+class Device:
+    """A runner backend, backend version and variant, as one axis value."""
+
+    backend: str
+    version: str
+    variant: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.backend}{self.version}{'-' + self.variant if self.variant else ''}"
+
+    @classmethod
+    def parse(cls, text: str) -> Device | None:
+        match = _DEVICE.fullmatch(text)
+        if not match:
+            return None
+        return cls(match["backend"], match["version"], match["variant"] or "")
+
+
+def parse_service(name: str) -> tuple[str, str | None]:
+    """An extras name of a 2.x cell: `vllm` (the newest service version not deprecated) or
+    `vllm0.17.1` (that version, deprecated or not)."""
+    match = _SERVICE.fullmatch(name)
+    if not match:
+        raise CellError(f"extras name {name!r} is not a service such as vllm or vllm0.17.1")
+    return match["service"], match["version"]
+
+
+# --- upstream's runner data ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Runner:
+    device: Device
+    arch: str
+    service: str
+    service_version: str
+    deprecated: bool
+
+
+class Offers:
+    """What one GPUStack version's runner data offers: devices, their arches and services."""
+
+    def __init__(self, version: str, path: Path, runners: Sequence[_Runner]) -> None:
+        self.version = version
+        self.path = path
+        self._runners = list(runners)
+        current = [r for r in self._runners if not r.deprecated]
+        self.devices: list[Device] = sorted(
+            {r.device for r in current},
+            key=lambda d: (d.backend, version_key(d.version), d.variant),
+        )
+        self._arches: dict[Device, list[str]] = {}
+        for r in current:
+            arches = self._arches.setdefault(r.device, [])
+            if r.arch not in arches:
+                arches.append(r.arch)
+        for arches in self._arches.values():
+            arches.sort()
+
+    @classmethod
+    def load(cls, path: Path, version: str) -> Offers:
+        fix = f"write it again with `invoke lock` for a GPUStack {version} cell"
+        try:
+            doc = json.loads(path.read_text())
+            if doc["schema"] != RUNNER_DATA_SCHEMA or doc["gpustack"] != version:
+                raise ValueError(f"schema {doc['schema']} for GPUStack {doc['gpustack']}")
+            runners = [_entry(e) for e in doc["runners"]]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CellError(f"{path}: not GPUStack {version}'s runner data ({exc}); {fix}") from exc
+        return cls(version, path, runners)
+
+    def arches(self, device: Device) -> list[str]:
+        return self._arches.get(device, [])
+
+    def services(self, device: Device, arch: str) -> list[str]:
+        return sorted(
+            {
+                r.service
+                for r in self._runners
+                if r.device == device and r.arch == arch and not r.deprecated
+            }
+        )
+
+    def candidates(self, device: Device, arch: str, service: str, pin: str | None) -> list[str]:
+        """The backend versions (of the device's backend and variant) a worker of `arch` picks
+        among for `service`: not deprecated, or with `pin`, that service version deprecated or not
+        (`_resolve_image`'s `with_deprecated`). Newest first."""
+        found = {
+            r.device.version
+            for r in self._runners
+            if r.device.backend == device.backend
+            and r.device.variant == device.variant
+            and r.arch == arch
+            and r.service == service
+            and (r.service_version == pin if pin else not r.deprecated)
+        }
+        return sorted(found, key=version_key, reverse=True)
+
+    def missing_service(self, device: Device, arch: str, names: Sequence[str]) -> str | None:
+        """The first of a cell's extras names with no runner for the device on `arch`, or None."""
+        for name in names:
+            if name == K8S:
+                continue
+            service, pin = parse_service(name)
+            if device.version not in self.candidates(device, arch, service, pin):
+                return name
+        return None
+
+    def ceiling(self, device: Device, arch: str, names: Sequence[str]) -> str | None:
+        """The lowest backend version above the device's from which on a worker picks another
+        runner for one of the cell's services; None when the device's is the newest for all."""
+        above = [
+            v
+            for name in names
+            if name != K8S
+            for v in self.candidates(device, arch, *parse_service(name))
+            if version_key(v) > version_key(device.version)
+        ]
+        return min(above, key=version_key) if above else None
+
+    def newest(self, device: Device, arch: str, names: Sequence[str]) -> str:
+        """The backend version a worker that detects none asks for (the newest, per service;
+        the newest of those across the cell's services)."""
+        found = [
+            self.candidates(device, arch, *parse_service(name))[0]
+            for name in names
+            if name != K8S and self.candidates(device, arch, *parse_service(name))
+        ]
+        return max(found, key=version_key) if found else device.version
+
+
+def _entry(e: Mapping[str, Any]) -> _Runner:
+    backend, version, variant = e["backend"], e["backend_version"], e["backend_variant"]
+    device = Device(backend, version, variant)
+    if Device.parse(device.name) != device:
+        raise ValueError(
+            f"runner {e.get('docker_image')} has backend {backend!r}, version {version!r}, "
+            f"variant {variant!r}, which no device name spells back; matrix.py must learn it"
+        )
+    platform = str(e["platform"])
+    if not platform.startswith("linux/"):
+        raise ValueError(f"runner {e.get('docker_image')} is for {platform}, not linux/<arch>")
+    return _Runner(
+        device,
+        platform.removeprefix("linux/"),
+        str(e["service"]),
+        str(e["service_version"]),
+        bool(e.get("deprecated", False)),
+    )
+
+
+# --- what a host of a backend needs --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """The worker's `docker run` options for the backend, for some GPUStack versions (all when
+    empty) and backend versions (all when empty)."""
+
+    options: tuple[str, ...]
+    gpustack: tuple[str, ...] = ()
+    versions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Vendor:
+    """A `[backends.<backend>]` table of matrix.toml: what preflight checks on a host of this
+    backend and what the worker's run line adds, each fact with its source."""
+
+    backend: str
+    toolkit: str  # how messages name the versioned thing: CUDA, CANN, ROCm, DTK …
+    tool: tuple[str, ...]  # the device tool as upstream's docs and UI run it
+    version: str  # preflight.sh's reader of the host's version (VERSION_READERS)
+    runtime: str  # Docker runtime the worker line names (--runtime), "" if none
+    devices: tuple[str, ...]  # device node globs, each must match on the host
+    paths: tuple[str, ...]  # host folders the worker line mounts, which must exist
+    run: tuple[RunOptions, ...]
+    sources: tuple[tuple[str, str], ...] = field(default=())
+
+    def run_options(self, gpustack: str, version: str) -> tuple[str, ...]:
+        for entry in self.run:
+            if (not entry.gpustack or gpustack in entry.gpustack) and (
+                not entry.versions or version in entry.versions
+            ):
+                return entry.options
+        return ()
+
+
+_VENDOR_KEYS = {"toolkit", "tool", "version", "runtime", "devices", "paths", "run", "sources"}
+
+
+def vendors(data: Mapping[str, Any], source: str) -> dict[str, Vendor]:
+    """The `[backends]` tables of matrix.toml, checked: a typo is an error, not a fact."""
+    out = {}
+    for backend, table in data.items():
+        where = f"{source}: [backends.{backend}]"
+        try:
+            unknown = set(table) - _VENDOR_KEYS
+            if unknown:
+                raise ValueError(f"unknown keys {sorted(unknown)} (known: {sorted(_VENDOR_KEYS)})")
+            reader = table.get("version", "")
+            if reader not in VERSION_READERS:
+                raise ValueError(f"version {reader!r} is none of {VERSION_READERS}")
+            runs = tuple(
+                RunOptions(
+                    tuple(_strings(r["options"])),
+                    tuple(_strings(r.get("gpustack", []))),
+                    tuple(_strings(r.get("versions", []))),
+                )
+                for r in table.get("run", [])
+            )
+            out[backend] = Vendor(
+                backend=backend,
+                toolkit=str(table["toolkit"]),
+                tool=tuple(_strings(table["tool"])),
+                version=reader,
+                runtime=str(table.get("runtime", "")),
+                devices=tuple(_strings(table.get("devices", []))),
+                paths=tuple(_strings(table.get("paths", []))),
+                run=runs,
+                sources=tuple(sorted((str(k), str(v)) for k, v in table["sources"].items())),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CellError(f"{where} is malformed: {exc!r}") from exc
+        if not out[backend].tool:
+            raise CellError(f"{where} names no device tool (tool = [...])")
+    return out
+
+
+def _strings(value: object) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"expected a list of strings, not {value!r}")
+    return value
