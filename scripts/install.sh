@@ -271,6 +271,7 @@ load_bundle_env() {
   [[ -f bundle.env ]] || die 3 "bundle.env not found in $BUNDLE; re-copy the whole bundle from the source media"
   # Optional keys: a value from the caller's environment must not stand in for a missing one.
   TOOLS_ARCHIVE="" INSTALL_METHOD="" IMAGE_ARCHIVE="" IMAGES="" INSTALLER_WHEEL="" START_MODULES=""
+  WORKER_OPTIONS=""
   # shellcheck source=/dev/null
   . ./bundle.env
   require_keys BUNDLE_CELL GPUSTACK_VERSION
@@ -285,6 +286,7 @@ load_bundle_env() {
     docker)
       require_keys TARGET_OS TARGET_ARCH TARGET_DEVICE IMAGE_ARCHIVE IMAGES
       check_image_files
+      check_worker_options_file
       ;;
     *) die 3 "bundle.env names the install method '$INSTALL_METHOD'; this install.sh knows pip and docker: re-copy the whole bundle from the source media" ;;
   esac
@@ -309,6 +311,16 @@ check_installer_file() {
     //* | */../*) die 3 "bundle.env has START_MODULES=$START_MODULES, not a path inside the bundle; re-copy the whole bundle from the source media" ;;
     *) [[ -f $START_MODULES ]] || die 3 "$START_MODULES named in bundle.env is not in $BUNDLE; re-copy the whole bundle from the source media" ;;
   esac
+}
+
+# GPUStack 2.x: the worker's docker run options for the device (one a line), printed in its line.
+check_worker_options_file() {
+  [[ -n $WORKER_OPTIONS ]] || return 0
+  case /$WORKER_OPTIONS/ in
+    //* | */../*) die 3 "bundle.env has WORKER_OPTIONS=$WORKER_OPTIONS, not a path inside the bundle; re-copy the whole bundle from the source media" ;;
+  esac
+  [[ -f $WORKER_OPTIONS ]] ||
+    die 3 "$WORKER_OPTIONS named in bundle.env is not in $BUNDLE; re-copy the whole bundle from the source media"
 }
 
 # The tools archive and its checker must be in the bundle before anything changes; what is
@@ -784,11 +796,13 @@ write_registry_files() {
 }
 
 # GPUStack 2.x (README of the 2.2.3 and 2.3.0 wheels): the server, and a worker on each GPU host
-# that starts the runner containers through the Docker socket. With --registry, both get the
-# flags of registry_flags, so every image they ask for (runners, pause, health, benchmark) comes
-# from the site's registry.
+# that starts the runner containers through the Docker socket. The worker line is the UI's Add
+# Worker command of that version (gpustack/ui in its wheel): the common options, then the
+# device's own (WORKER_OPTIONS: runtime, device env, driver and toolkit mounts) from the build
+# matrix's [backends] table. With --registry, both get the flags of registry_flags, so every
+# image they ask for (runners, pause, health, benchmark) comes from the site's registry.
 print_docker2_next_steps() {
-  local image reg_flag=() runtime=() env_files=("--env-file $DOCKER_ENV") i
+  local image reg_flag=() device=() env_files=("--env-file $DOCKER_ENV") i
   image=$(server_image)
   if ((HAS_REGISTRY)); then
     image=$(registry_ref "$image")
@@ -798,10 +812,9 @@ print_docker2_next_steps() {
     done
     if [[ $NAMESPACE != gpustack ]]; then env_files+=("--env-file $PREFIX/registry.env"); fi
   fi
-  case $TARGET_DEVICE in
-    cuda*) runtime=("--runtime nvidia") ;;
-    rocm*) runtime=("--device /dev/kfd" "--device /dev/dri" "--group-add video") ;;
-  esac
+  if [[ -n $WORKER_OPTIONS ]]; then
+    mapfile -t device <"$BUNDLE/$WORKER_OPTIONS"
+  fi
   printf '\nGPUStack %s is loaded into Docker (%s): the server and %d more image(s).\n' \
     "$GPUSTACK_VERSION" "$BUNDLE_CELL" "$((${#IMAGE_REFS[@]} - 1))"
   if ((HAS_REGISTRY)); then
@@ -814,10 +827,12 @@ print_docker2_next_steps() {
   printf '\nNext steps:\n  Start the GPUStack server:\n'
   print_run_line "docker run -d --name gpustack" "--restart unless-stopped" "-p 80:80" \
     "--volume gpustack-data:/var/lib/gpustack" "${env_files[@]}" "$image" "${reg_flag[@]}"
-  printf '  On each GPU host, a worker (its token: docker exec gpustack cat /var/lib/gpustack/token):\n'
-  print_run_line "docker run -d --name gpustack-worker" "--restart=unless-stopped" "--privileged" \
-    "--network=host" "--volume /var/run/docker.sock:/var/run/docker.sock" \
-    "--volume gpustack-data:/var/lib/gpustack" "${runtime[@]}" "${env_files[@]}" "$image" \
+  printf '  On each %s host, a worker (its token: docker exec gpustack cat /var/lib/gpustack/token;\n' "$TARGET_DEVICE"
+  printf '  run preflight.sh there first):\n'
+  print_run_line "docker run -d --name gpustack-worker" \
+    '-e "GPUSTACK_RUNTIME_DEPLOY_MIRRORED_NAME=gpustack-worker"' "--restart=unless-stopped" \
+    "--privileged" "--network=host" "--volume /var/run/docker.sock:/var/run/docker.sock" \
+    "--volume gpustack-data:/var/lib/gpustack" "${device[@]}" "${env_files[@]}" "$image" \
     "--server-url http://SERVER_IP" "--token TOKEN" "--advertise-address HOST_IP" "${reg_flag[@]}"
   printf '  Then: docker logs -f gpustack; the admin password: docker exec -it gpustack cat /var/lib/gpustack/initial_admin_password\n'
 }

@@ -6,7 +6,17 @@
 # glibc >= 2.29 for pip workers, NVIDIA driver CUDA version, nvcc, cuDNN for audio. Docker bundles
 # (INSTALL_METHOD=docker): CPU flags, a Docker daemon that answers and is new enough, room under
 # Docker's root dir for the image archive, and for CUDA the driver, Docker's NVIDIA runtime and
-# the cgroupfs cgroup driver. Nothing on the system is changed.
+# the cgroupfs cgroup driver.
+#
+# GPUStack 2.x bundles name their device's backend in bundle.env (DEVICE_*, from the build
+# matrix's [backends] tables and upstream's runner data): the vendor's device tool must answer; the
+# host's version of the backend (read as upstream's detector reads it) must be at least the
+# bundle's floor and below its ceiling, the version from which on the worker asks for runners this
+# bundle does not carry; the vendor's container runtime, device nodes and driver folders must be
+# there. Nothing on the system is changed.
+#
+# PREFLIGHT_HOST_ROOT=DIR looks for device nodes, driver folders and version files under DIR (the
+# host's / mounted into a container; the tests use it too).
 #
 # Exit status: 0 no check failed (warnings allowed), 1 a check failed, 2 usage error.
 set -uo pipefail
@@ -254,12 +264,16 @@ check_nvidia_driver() {
     if [[ -z $driver_cuda ]]; then
       add_check cuda-driver fail "cannot read 'CUDA Version' from nvidia-smi" \
         "make sure the NVIDIA driver is loaded (run nvidia-smi), then run preflight again"
+    elif version_ge "$driver_cuda" "$floor" && [[ -n ${DEVICE_CEILING:-} ]] &&
+      version_ge "$driver_cuda" "$DEVICE_CEILING"; then
+      add_check cuda-driver fail "nvidia-smi: the driver supports CUDA $driver_cuda; the worker asks for the newest cuda runner not above it, cuda$DEVICE_CEILING or newer, which this bundle ($TARGET_DEVICE: CUDA $floor or newer, below $DEVICE_CEILING) does not carry" \
+        "use the bundle built for the newest cuda device not above CUDA $driver_cuda (same version, arch and services), or a driver below CUDA $DEVICE_CEILING"
     elif version_ge "$driver_cuda" "$floor"; then
-      add_check cuda-driver ok "driver supports CUDA $driver_cuda (need >= $floor)"
+      add_check cuda-driver ok "driver supports CUDA $driver_cuda (need >= $floor${DEVICE_CEILING:+, < $DEVICE_CEILING})"
     else
       local fix="upgrade the NVIDIA driver to one that supports CUDA $floor or newer"
       [[ ${GPUSTACK_VERSION:-0} == 0.* ]] && version_ge "$floor" 12.5 && fix+=", or use the cuda12.4 bundle of the same cell"
-      add_check cuda-driver fail "driver supports CUDA $driver_cuda; this bundle needs >= $floor" "$fix"
+      add_check cuda-driver fail "nvidia-smi: the driver supports CUDA $driver_cuda, older than $floor, this bundle's floor" "$fix"
     fi
   fi
 }
@@ -461,34 +475,278 @@ check_nvidia_docker() {
   fi
 }
 
-# GPUStack 2.x on AMD GPUs (upstream: ROCm >= 7.0): the ROCm version the host runs, the GPU
-# device nodes the runner containers are given, and AMD's container runtime if Docker has one.
-check_rocm_docker() {
-  local floor=$ROCM_FLOOR info=/opt/rocm/.info/version have=""
-  if [[ -r $info ]]; then
-    have=$(grep -o '^[0-9]*\.[0-9]*' "$info" | head -n1)
-  elif command -v amd-smi >/dev/null 2>&1; then
-    have=$(amd-smi version 2>/dev/null | sed -n 's/.*ROCm version: *\([0-9]*\.[0-9]*\).*/\1/p' | head -n1)
+# ---------------------------------------------------------------------------------------------
+# GPUStack 2.x: the cell's device backend (bundle.env DEVICE_*)
+
+# PATH under the host root (PREFLIGHT_HOST_ROOT), for files and device nodes.
+host_path() {
+  printf '%s%s' "${PREFLIGHT_HOST_ROOT:-}" "$1"
+}
+
+# brief_version V: major.minor, as upstream's get_brief_version (8.2.RC1 -> 8.2, 25.04.3 -> 25.04).
+brief_version() {
+  local v=$1
+  [[ $v =~ ^([0-9]+)\.([0-9]+) ]] && { printf '%s.%s' "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]}"; return 0; }
+  [[ $v =~ ^[0-9]+$ ]] && { printf '%s' "$v"; return 0; }
+  return 1
+}
+
+# The host's version of the backend, as upstream's detector reads it: each reader sets
+# DEV_VERSION (major.minor) and DEV_SOURCE (where it was read), or DEV_SOURCE (where it looked)
+# and returns 1. DEV_TOOL_OUT holds the device tool's output.
+
+# AMD (gpustack_runtime/detector/amd.py): /opt/rocm/.info/version, else amd-smi version.
+version_rocm() {
+  local info v
+  info=$(host_path /opt/rocm/.info/version)
+  if [[ -r $info ]] && v=$(brief_version "$(head -n1 "$info")"); then
+    DEV_VERSION=$v DEV_SOURCE=$info
+    return 0
   fi
-  if [[ -z $have ]]; then
-    add_check rocm fail "cannot find the ROCm version ($info or amd-smi version); this is a $TARGET_DEVICE bundle" \
-      "install ROCm >= $floor (the amdgpu driver and ROCm user space) from your mirror"
-  elif version_ge "$have" "$floor"; then
-    add_check rocm ok "ROCm $have (need >= $floor)"
+  if command -v amd-smi >/dev/null 2>&1; then
+    # "AMDSMI Tool: 26.0.0+... | AMDSMI Library version: 26.0.0 | ROCm version: 7.0.1"
+    v=$(amd-smi version 2>/dev/null | sed -n 's/.*ROCm version: *\([0-9][0-9.]*\).*/\1/p' | head -n1)
+    if v=$(brief_version "$v"); then DEV_VERSION=$v DEV_SOURCE="amd-smi version"; return 0; fi
+  fi
+  DEV_SOURCE="$info or amd-smi version"
+  return 1
+}
+
+# Ascend (gpustack_runtime/detector/ascend.py _get_toolkit_version): the "Version=" line of
+# version.info under the toolkit the worker sees through its line's mount.
+version_cann() {
+  local home f v
+  home=$(host_path /usr/local/Ascend/ascend-toolkit/latest/runtime)
+  for f in "$home/version.info" "$home/share/info/runtime/version.info"; do
+    [[ -r $f ]] || continue
+    # Version=8.2.RC1
+    v=$(sed -n 's/^Version=\([^[:space:]]*\).*/\1/p' "$f" | head -n1)
+    if v=$(brief_version "$v"); then DEV_VERSION=$v DEV_SOURCE=$f; return 0; fi
+  done
+  DEV_SOURCE="$home/version.info"
+  return 1
+}
+
+# Hygon (gpustack_runtime/detector/hygon.py): $ROCM_PATH/.info/version with ROCM_PATH=/opt/dtk.
+version_dtk() {
+  local info v
+  info=$(host_path /opt/dtk/.info/version)
+  if [[ -r $info ]] && v=$(brief_version "$(head -n1 "$info")"); then
+    DEV_VERSION=$v DEV_SOURCE=$info
+    return 0
+  fi
+  DEV_SOURCE=$info
+  return 1
+}
+
+# tool_field LABEL: the value after "LABEL:" in the device tool's output (its header line).
+tool_field() {
+  sed -n "s/.*$1: *\\([^[:space:]|]*\\).*/\\1/p" <<<"$DEV_TOOL_OUT" | head -n1
+}
+
+# MetaX (detector/metax.py: mxSmlGetMacaVersion): "| MACA Version: 2.33.0.5   BIOS Version: ... |"
+version_mx_smi() {
+  local v
+  if v=$(brief_version "$(tool_field 'MACA Version')"); then
+    DEV_VERSION=$v DEV_SOURCE="mx-smi's MACA Version"
+    return 0
+  fi
+  DEV_SOURCE="mx-smi's MACA Version"
+  return 1
+}
+
+# Iluvatar: "|  IX-ML: 4.3.0       Driver Version: 4.3.0       CUDA Version: 10.2  |"
+version_ixsmi() {
+  local v
+  if v=$(brief_version "$(tool_field 'Driver Version')"); then
+    DEV_VERSION=$v DEV_SOURCE="ixsmi's Driver Version"
+    return 0
+  fi
+  DEV_SOURCE="ixsmi's Driver Version"
+  return 1
+}
+
+# T-Head (detector/thead.py: hgmlSystemGetHggcDriverVersion):
+# "| PPU-SMI 1.28          Driver Version: 2.1.0-dbda51  HGGC Version: 13.0          |"
+version_ppu_smi() {
+  local v
+  if v=$(brief_version "$(tool_field 'HGGC Version')"); then
+    DEV_VERSION=$v DEV_SOURCE="ppu-smi's HGGC Version"
+    return 0
+  fi
+  DEV_SOURCE="ppu-smi's HGGC Version"
+  return 1
+}
+
+# The device tool as upstream's docs and UI run it (npu-smi info, amd-smi static, hy-smi, ...).
+check_device_tool() {
+  local -a tool
+  local out
+  IFS=, read -ra tool <<<"$DEVICE_TOOL"
+  DEV_TOOL=${tool[0]} DEV_TOOL_OUT="" DEV_TOOL_OK=0
+  if ! command -v "$DEV_TOOL" >/dev/null 2>&1; then
+    add_check "$DEV_TOOL" fail "$DEV_TOOL not found; this is a $TARGET_DEVICE bundle" \
+      "install the $DEVICE_TOOLKIT driver of the vendor (it provides $DEV_TOOL) from your OS media or mirror, then run preflight again"
+    return
+  fi
+  if ! out=$("${tool[@]}" 2>&1); then
+    add_check "$DEV_TOOL" fail "${tool[*]} failed: $(grep -v '^[[:space:]]*$' <<<"$out" | head -n1)" \
+      "make sure the driver is loaded and matches its user-space tools (reboot after a driver upgrade), then run ${tool[*]}"
+    return
+  fi
+  DEV_TOOL_OUT=$out DEV_TOOL_OK=1
+  local driver
+  driver=$(tool_field 'Driver Version')
+  [[ -n $driver ]] || driver=$(sed -n 's/.*npu-smi [^ ]* *Version: *\([^[:space:]|]*\).*/\1/p' <<<"$out" | head -n1)
+  add_check "$DEV_TOOL" ok "${tool[*]} answers${driver:+ (driver $driver)}"
+}
+
+# The host's version against the bundle's floor and ceiling.
+check_device_version() {
+  local name=$DEVICE_BACKEND tk=$DEVICE_TOOLKIT floor=$DEVICE_FLOOR ceiling=$DEVICE_CEILING
+  local reader=${DEVICE_VERSION_READER//-/_} newest="$DEVICE_BACKEND$DEVICE_NEWEST${DEVICE_VARIANT:+-$DEVICE_VARIANT}"
+  local range="$floor or newer${ceiling:+, below $ceiling}"
+  if [[ -z $reader ]]; then
+    if [[ -n $ceiling ]]; then
+      add_check "$name" fail "upstream's detector reads no $tk version, so the worker asks for the newest $DEVICE_BACKEND runner ($newest), which this bundle ($TARGET_DEVICE) does not carry" \
+        "use the $newest bundle of the same version, arch and services"
+    else
+      add_check "$name" ok "not compared: upstream's detector reads no $tk version and the worker asks for the newest $DEVICE_BACKEND runner, this bundle's ($TARGET_DEVICE)"
+    fi
+    return
+  fi
+  DEV_VERSION="" DEV_SOURCE=""
+  if [[ $reader == mx_smi || $reader == ixsmi || $reader == ppu_smi ]] && ((!DEV_TOOL_OK)); then
+    add_check "$name" skip "no $DEV_TOOL output to read the $tk version from"
+    return
+  fi
+  if ! "version_$reader"; then
+    if [[ $DEVICE_BACKEND == cann && -z $ceiling ]]; then
+      add_check "$name" warn "no CANN toolkit at $DEV_SOURCE: the worker detects no CANN version and asks for the newest CANN runner, this bundle's ($TARGET_DEVICE); the floor $floor cannot be checked" \
+        "make sure the Ascend driver supports CANN $floor (Ascend's CANN and driver version table)"
+    elif [[ $DEVICE_BACKEND == cann ]]; then
+      add_check "$name" fail "no CANN toolkit at $DEV_SOURCE: the worker detects no CANN version and asks for the newest CANN runner ($newest), which this bundle ($TARGET_DEVICE) does not carry" \
+        "install CANN toolkit $range under /usr/local/Ascend/ascend-toolkit (the worker line mounts it), or use the $newest bundle"
+    else
+      add_check "$name" fail "cannot read the $tk version ($DEV_SOURCE); this is a $TARGET_DEVICE bundle" \
+        "install $tk $range from your mirror, then run preflight again"
+    fi
+    return
+  fi
+  if ! version_ge "$DEV_VERSION" "$floor"; then
+    add_check "$name" fail "$tk $DEV_VERSION ($DEV_SOURCE) is older than $floor, the floor of this bundle's $TARGET_DEVICE runners" \
+      "upgrade $tk to $range, or use the bundle of a $DEVICE_BACKEND device not above $DEV_VERSION"
+  elif [[ -n $ceiling ]] && version_ge "$DEV_VERSION" "$ceiling"; then
+    add_check "$name" fail "$tk $DEV_VERSION ($DEV_SOURCE): the worker asks for the newest $DEVICE_BACKEND runner not above it, $DEVICE_BACKEND$ceiling or newer, which this bundle ($TARGET_DEVICE: $tk $range) does not carry" \
+      "use the bundle built for the newest $DEVICE_BACKEND device not above $tk $DEV_VERSION (same version, arch and services), or a $tk below $ceiling"
   else
-    add_check rocm fail "ROCm $have is older than $floor, which this bundle's runners need" \
-      "upgrade ROCm to $floor or newer"
+    add_check "$name" ok "$tk $DEV_VERSION ($DEV_SOURCE; need >= $floor${ceiling:+, < $ceiling})"
   fi
-  if [[ -e /dev/kfd && -d /dev/dri ]]; then
-    add_check rocm-devices ok "/dev/kfd and /dev/dri present"
+}
+
+# npu_variant NAME: the CANN variant of an npu-smi chip name, as upstream's
+# get_ascend_cann_variant maps the SoC (910B3 -> 910b, 310P3 -> 310p, Ascend910 -> a3).
+npu_variant() {
+  local soc="Ascend${1#Ascend}"
+  case $soc in
+    Ascend910 | Ascend910_93*) echo a3 ;;
+    Ascend950* | Ascend910_95*) echo 950 ;;
+    Ascend310P* | AscendI2*) echo 310p ;;
+    Ascend310B*) echo 310b ;;
+    Ascend910B[0-9]* | AscendA2G[0-9]*) echo 910b ;;
+    Ascend910*) echo 910 ;;
+  esac
+}
+
+# Ascend: the worker asks for the runners of the NPUs' variant (910b when it cannot tell).
+check_npu_variant() {
+  local names name variant wrong="" seen=""
+  if ((!DEV_TOOL_OK)); then
+    add_check npu-variant skip "no npu-smi output"
+    return
+  fi
+  # "| 0     910B3               | OK            | 97.6   52   0    / 0 |": NPU id, then the name
+  names=$(awk -F'|' '{ split($2, w, " "); if (w[1] ~ /^[0-9]+$/ && w[2] != "" && w[2] !~ /^[0-9]+$/) print w[2] }' <<<"$DEV_TOOL_OUT" | sort -u)
+  if [[ -z $names ]]; then
+    add_check npu-variant warn "cannot read the NPU names from npu-smi info; the worker then asks for 910b runners" \
+      "check by hand that the NPUs are ${DEVICE_VARIANT} ones (npu-smi info)"
+    return
+  fi
+  for name in $names; do
+    variant=$(npu_variant "$name")
+    seen+="${seen:+, }$name (${variant:-unknown})"
+    [[ $variant == "$DEVICE_VARIANT" ]] || wrong+="${wrong:+, }$name"
+  done
+  if [[ -n $wrong ]]; then
+    add_check npu-variant fail "npu-smi lists $seen; the worker asks for runners of the NPUs' variant, and this bundle ($TARGET_DEVICE) carries $DEVICE_VARIANT ones" \
+      "use the bundle built for cann$DEVICE_FLOOR-$(npu_variant "${wrong%%,*}") (same version, arch and services)"
   else
-    add_check rocm-devices fail "/dev/kfd or /dev/dri is missing; runner containers cannot reach the GPUs" \
-      "load the amdgpu kernel driver (modprobe amdgpu) and check that the GPUs are visible (rocm-smi)"
+    add_check npu-variant ok "$seen"
   fi
-  if ((DOCKER_OK)) && [[ " $DOCKER_RUNTIMES " != *" amd "* ]]; then
-    add_check amd-runtime warn "AMD's container runtime is not registered with Docker (runtimes: ${DOCKER_RUNTIMES:-none})" \
-      "install the AMD Container Toolkit and run amd-ctk runtime configure, or make sure containers get --device /dev/kfd --device /dev/dri"
+}
+
+# The vendor's container runtime the worker line names (--runtime), as upstream's UI checks it.
+check_device_runtime() {
+  local rt=$DEVICE_RUNTIME
+  [[ -n $rt ]] || return 0
+  if ((!DOCKER_OK)); then
+    add_check "$rt-runtime" skip "no Docker daemon"
+  elif [[ " $DOCKER_RUNTIMES " == *" $rt "* ]]; then
+    add_check "$rt-runtime" ok "Docker runtimes: $DOCKER_RUNTIMES"
+  else
+    add_check "$rt-runtime" fail "the $rt runtime is not registered with Docker (runtimes: ${DOCKER_RUNTIMES:-none}); the worker line names --runtime $rt" \
+      "install the vendor's container toolkit for $DEVICE_TOOLKIT from your mirror, register it with Docker, restart Docker, and check: docker info | grep $rt"
   fi
+}
+
+# Device nodes the runner containers are given: each pattern must match.
+check_device_nodes() {
+  local -a patterns
+  local p missing=""
+  [[ -n $DEVICE_NODES ]] || return 0
+  IFS=, read -ra patterns <<<"$DEVICE_NODES"
+  for p in "${patterns[@]}"; do
+    compgen -G "$(host_path "$p")" >/dev/null || missing+="${missing:+, }$p"
+  done
+  if [[ -n $missing ]]; then
+    add_check "$DEVICE_BACKEND-devices" fail "device nodes missing: $missing; runner containers cannot reach the devices" \
+      "load the $DEVICE_TOOLKIT driver (its kernel module) and check that $DEV_TOOL lists the devices"
+  else
+    add_check "$DEVICE_BACKEND-devices" ok "${DEVICE_NODES//,/, }"
+  fi
+}
+
+# Driver and toolkit folders the worker line mounts (docker would mount an empty folder).
+check_device_paths() {
+  local -a paths
+  local p missing=""
+  [[ -n $DEVICE_PATHS ]] || return 0
+  IFS=, read -ra paths <<<"$DEVICE_PATHS"
+  for p in "${paths[@]}"; do
+    [[ -d $(host_path "$p") ]] || missing+="${missing:+, }$p"
+  done
+  if [[ -n $missing ]]; then
+    add_check "$DEVICE_BACKEND-paths" fail "missing: $missing; the worker line mounts it into the worker" \
+      "install the $DEVICE_TOOLKIT driver and toolkit in their default places"
+  else
+    add_check "$DEVICE_BACKEND-paths" ok "${DEVICE_PATHS//,/, }"
+  fi
+}
+
+check_device() {
+  if [[ $DEVICE_BACKEND == cuda ]]; then
+    # upstream's NVIDIA path: the driver's CUDA version, the NVIDIA runtime, the cgroup driver
+    check_nvidia_driver
+    check_nvidia_docker
+    return
+  fi
+  DEV_TOOL=${DEVICE_TOOL%%,*} DEV_TOOL_OK=0 DEV_TOOL_OUT=""
+  check_device_tool
+  check_device_version
+  if [[ $DEVICE_BACKEND == cann ]]; then check_npu_variant; fi
+  check_device_runtime
+  check_device_nodes
+  check_device_paths
 }
 
 # `docker load` unpacks the archive's compressed layers under Docker's root dir: ask for about
@@ -573,6 +831,15 @@ load_bundle_env() {
   GLIBC_FLOOR=${GLIBC_FLOOR:-}
   CUDA_FLOOR=${CUDA_FLOOR:-}
   ROCM_FLOOR=${ROCM_FLOOR:-}
+  for key in DEVICE_BACKEND DEVICE_FLOOR DEVICE_VARIANT DEVICE_CEILING DEVICE_NEWEST DEVICE_TOOLKIT \
+    DEVICE_TOOL DEVICE_VERSION_READER DEVICE_RUNTIME DEVICE_NODES DEVICE_PATHS; do
+    printf -v "$key" '%s' "${!key:-}"
+  done
+  if [[ -n $DEVICE_BACKEND ]]; then
+    for key in DEVICE_FLOOR DEVICE_TOOLKIT DEVICE_TOOL; do
+      [[ -n ${!key} ]] || usage_error "bundle.env in $BUNDLE_DIR names device backend $DEVICE_BACKEND but no $key; re-copy the bundle from the source media"
+    done
+  fi
   # Bundles from before the docker method have no INSTALL_METHOD: they are pip bundles.
   INSTALL_METHOD=${INSTALL_METHOD:-pip}
   case $INSTALL_METHOD in
@@ -602,6 +869,8 @@ main() {
   [[ $PREFIX == /* ]] || PREFIX=$PWD/$PREFIX
   # Values of the caller's environment must not stand in for keys bundle.env lacks.
   INSTALL_METHOD="" IMAGE_ARCHIVE=""
+  unset DEVICE_BACKEND DEVICE_FLOOR DEVICE_VARIANT DEVICE_CEILING DEVICE_NEWEST DEVICE_TOOLKIT \
+    DEVICE_TOOL DEVICE_VERSION_READER DEVICE_RUNTIME DEVICE_NODES DEVICE_PATHS
   load_bundle_env
   if [[ -z $PY ]]; then
     PY=python$TARGET_PYTHON
@@ -614,8 +883,8 @@ main() {
   if [[ $INSTALL_METHOD == docker ]]; then
     # The image carries Python, glibc and the CUDA runtime: the host needs Docker instead.
     check_docker
-    if [[ $TARGET_DEVICE == rocm* && -n $ROCM_FLOOR ]]; then
-      check_rocm_docker
+    if [[ -n $DEVICE_BACKEND ]]; then
+      check_device
     elif [[ $TARGET_DEVICE != cuda* ]]; then
       add_check nvidia-smi skip "not a CUDA bundle (device $TARGET_DEVICE)"
     elif [[ -z $CUDA_FLOOR ]]; then

@@ -92,7 +92,7 @@ CASES = {
     "unknown arch": Case(("matrix", "--arch", "riscv64"), ("unknown arch riscv64", "amd64")),
     "unknown version": Case(("matrix", "--version", "9.9.9"), ("unknown version 9.9.9",)),
     "empty selection": Case(("matrix", "--version", "2.3.0", "--device", "cpu"),
-                            ("no cell matches", "has no cpu runner")),
+                            ("no cell matches", "and cpu is none of them")),
     "misspelt variable": Case(("matrix",), ("did you mean 'GPUSTACK_OFFLINE_JOBS'",),
                               env={"GPUSTACK_OFFLINE_JOB": "3"}),
     "jobs not a number": Case(("matrix",), ("option jobs must be a whole number",),

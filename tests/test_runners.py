@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from gpustack_offline.core.errors import BundleError
+from gpustack_offline.core.matrix import Cell
 from gpustack_offline.core.options import resolve
 from gpustack_offline.stages import runner_data, runners
 from gpustack_offline.stages.errors import NoRunnerError, RunnerDataError
@@ -193,8 +194,9 @@ def test_a_docker_site_gets_the_benchmark_image_and_only_k8s_asks_for_the_rest(
     assert {i.role for i in extra} == {"k8s"}
     assert "docker.io/gpustack/gpustack-operator:v0.9.2" in {i.reference for i in extra}
     assert {i.platform for i in extra} == {"linux/amd64"}
+    assert v23.path is not None
     via_cell = runners.cell_selection(
-        Path(v23.path).parent, "2.3.0", "amd64", "cuda12.9", ["vllm", "k8s"]
+        v23.path.parent, "2.3.0", "amd64", "cuda12.9", ["vllm", "k8s"]
     )
     assert via_cell == k8s
 
@@ -357,12 +359,13 @@ def test_every_2x_cell_of_the_matrix_selects_runners_the_worker_picks_at_its_flo
         )
         assert all(i.name.startswith(f"gpustack/runner:{cell.device}-") for i in selection.runners)
 
-        def picked(host: str | None) -> set[str | None]:
+        def picked(host: str | None, cell: Cell = cell) -> set[str | None]:
+            assert cell.runner_device is not None
+            backend, variant = cell.runner_device.backend, cell.runner_device.variant
             return {
-                runners.backend_version_for_host(
-                    data, cell.arch, device.backend, s, host, device.variant
-                )
-                for s in services
+                runners.backend_version_for_host(data, cell.arch, backend, s, host, variant)
+                for s in cell.extra_names
+                if s != "k8s"
             }
 
         assert picked(device.version) == {device.version}, cell.id

@@ -41,7 +41,9 @@ from test_scripts import (
     write_sha256sums,
 )
 
+from gpustack_offline.bundle.assemble import bundle_env as bundle_env_of
 from gpustack_offline.core.downloads import BlobStore
+from gpustack_offline.core.matrix import Cell, Matrix
 from gpustack_offline.stages.images import export_images, write_layout_tar
 from gpustack_offline.stages.registry import Reference, Registry
 
@@ -128,6 +130,20 @@ def make_docker_bundle(
     for name in ("README.md", "README.zh-CN.md"):
         (bundle / name).write_text(render_readme(SCRIPTS / name, env), encoding="utf-8")
     write_sha256sums(bundle)
+    return bundle
+
+
+def make_2x_bundle(
+    where: Path, archive: Path, cell: Cell, images: str = IMAGE, **overrides: str
+) -> Path:
+    """A GPUStack 2.x bundle of `cell` as the build writes it: bundle.env with the device's
+    facts (`assemble.bundle_env`), the worker's options file, the archive and scripts."""
+    env = {**bundle_env_of(cell), "TARGET_ARCH": HOST_ARCH, **overrides}
+    bundle = make_docker_bundle(where, archive, images, **env)
+    if env["WORKER_OPTIONS"]:
+        options = "".join(f"{o}\n" for o in cell.worker_options())
+        (bundle / env["WORKER_OPTIONS"]).write_text(options)
+        write_sha256sums(bundle)
     return bundle
 
 
@@ -415,29 +431,29 @@ def test_preflight_names_the_missing_nvidia_runtime_for_a_cuda_cell(
 
 
 @pytest.mark.integration
-def test_preflight_checks_rocm_for_a_2x_rocm_cell(tmp_path: Path, dummy_archive: Path) -> None:
-    bundle = make_docker_bundle(
-        tmp_path, dummy_archive, GPUSTACK_VERSION="2.3.0", TARGET_DEVICE="rocm7.0",
-        ROCM_FLOOR="7.0", TARGET_EXTRAS="vllm",
-    )  # fmt: skip
+def test_preflight_checks_rocm_for_a_2x_rocm_cell(
+    tmp_path: Path, dummy_archive: Path, matrix: Matrix
+) -> None:
+    cell = matrix.cell("v2.3.0-linux-amd64-rocm7.0-py3.11-vllm-docker")
+    bundle = make_2x_bundle(tmp_path, dummy_archive, cell)
 
-    code, report = preflight(bundle)  # this host has no ROCm and no /dev/kfd
+    code, report = preflight(bundle)  # this host has no amd-smi, ROCm, /dev/kfd or amd runtime
 
     assert code == 1
+    assert check(report, "amd-smi")["status"] == "fail"
     rocm = check(report, "rocm")
-    assert rocm["status"] == "fail" and "ROCm >= 7.0" in rocm["fix"], rocm
+    assert rocm["status"] == "fail" and "ROCm 7.0 or newer, below 7.1" in rocm["fix"], rocm
     assert check(report, "rocm-devices")["status"] == "fail"
+    assert check(report, "amd-runtime")["status"] == "fail"
     assert "nvidia-smi" not in {c["name"] for c in report["checks"]}
 
 
 @pytest.mark.integration
 def test_a_2x_bundle_prints_the_server_and_worker_lines_with_the_site_registry(
-    tmp_path: Path, engine: Archive, site_registry: DistributionRegistry
+    tmp_path: Path, engine: Archive, site_registry: DistributionRegistry, matrix: Matrix
 ) -> None:
-    bundle = make_docker_bundle(
-        tmp_path, engine.path, GPUSTACK_VERSION="2.3.0", TARGET_DEVICE="cuda12.9",
-        CUDA_FLOOR="12.9", TARGET_EXTRAS="vllm",
-    )  # fmt: skip
+    cell = matrix.cell("v2.3.0-linux-amd64-cuda12.9-py3.11-vllm-docker")
+    bundle = make_2x_bundle(tmp_path, engine.path, cell)
     registry = f"{site_registry.host}/mirror"
     try:
         proc = install(bundle, "--skip-preflight", "--registry", registry)
@@ -463,6 +479,7 @@ def test_a_2x_registry_path_gets_the_flags_its_namespace_needs(
     tmp_path: Path,
     archive_2x: Archive,
     site_registry: DistributionRegistry,
+    matrix: Matrix,
     given: str,
     registry: str,
     namespace: str,
@@ -473,11 +490,8 @@ def test_a_2x_registry_path_gets_the_flags_its_namespace_needs(
     variable name it. Each pushed image answers at the name those flags make."""
     host = site_registry.host
     given, registry = given.format(host=host), registry.format(host=host)
-    bundle = make_docker_bundle(
-        tmp_path, archive_2x.path, images=f"{SERVER_2X},{BENCHMARK_2X}",
-        GPUSTACK_VERSION="2.3.0", TARGET_DEVICE="cuda12.9", CUDA_FLOOR="12.9",
-        TARGET_EXTRAS="vllm",
-    )  # fmt: skip
+    cell = matrix.cell("v2.3.0-linux-amd64-cuda12.9-py3.11-vllm-docker")
+    bundle = make_2x_bundle(tmp_path, archive_2x.path, cell, images=f"{SERVER_2X},{BENCHMARK_2X}")
     remove_image(archive_2x.image_id)
     pushed = [
         f"{registry}/{namespace}/{name.removeprefix('gpustack/')}"

@@ -37,6 +37,14 @@ SCHEMA_VERSION = 1
 IMAGE_ARCHIVE = "images"
 README_TEMPLATES = ("README.md", "README.zh-CN.md")
 START_MODULES = "start-modules.txt"
+# GPUStack 2.x: the worker's docker run options for the cell's device, one a line (install.sh
+# prints them in the worker line; an option may hold spaces and quotes, which bundle.env cannot)
+WORKER_OPTIONS = "worker-options.txt"
+DEVICE_KEYS = (
+    "DEVICE_BACKEND", "DEVICE_FLOOR", "DEVICE_VARIANT", "DEVICE_CEILING", "DEVICE_NEWEST",
+    "DEVICE_TOOLKIT", "DEVICE_TOOL", "DEVICE_VERSION_READER", "DEVICE_RUNTIME", "DEVICE_NODES",
+    "DEVICE_PATHS", "WORKER_OPTIONS",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,30 @@ def bundle_env(
         "IMAGE_ARCHIVE": IMAGE_ARCHIVE if images else "",
         # comma-separated: bundle.env is read by sh and PowerShell, so no value has a space
         "IMAGES": ",".join(_familiar(i.reference) for i in images),
+        **device_env(cell),
+    }
+
+
+def device_env(cell: Cell) -> dict[str, str]:
+    """What preflight.sh checks on a GPUStack 2.x host, from the matrix (the runner data and the
+    cell's [backends] table): the backend, its floor and ceiling, the device tool, the version
+    reader, the container runtime, device nodes and folders. Empty values for other cells."""
+    device, vendor = cell.runner_device, cell.vendor
+    if device is None or vendor is None:
+        return dict.fromkeys(DEVICE_KEYS, "")
+    return {
+        "DEVICE_BACKEND": device.backend,
+        "DEVICE_FLOOR": device.version,
+        "DEVICE_VARIANT": device.variant,
+        "DEVICE_CEILING": cell.ceiling or "",
+        "DEVICE_NEWEST": cell.newest or "",
+        "DEVICE_TOOLKIT": vendor.toolkit,
+        "DEVICE_TOOL": ",".join(vendor.tool),
+        "DEVICE_VERSION_READER": vendor.version,
+        "DEVICE_RUNTIME": vendor.runtime,
+        "DEVICE_NODES": ",".join(vendor.devices),
+        "DEVICE_PATHS": ",".join(vendor.paths),
+        "WORKER_OPTIONS": WORKER_OPTIONS if cell.worker_options() else "",
     }
 
 
@@ -148,6 +180,8 @@ def assemble(
     texts = {"bundle.env": "".join(f"{k}={v}\n" for k, v in env.items())}
     if start_modules:
         texts[START_MODULES] = "".join(f"{name}\n" for name in start_modules)
+    if env["WORKER_OPTIONS"]:
+        texts[WORKER_OPTIONS] = "".join(f"{option}\n" for option in cell.worker_options())
     if lock is not None:
         texts["requirements.txt"] = requirements_txt(cell, wheels, installer)
         texts["lock/pylock.toml"] = lock.path.read_text()

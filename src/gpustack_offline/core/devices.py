@@ -72,7 +72,7 @@ class Device:
         return cls(match["backend"], match["version"], match["variant"] or "")
 
 
-def parse_service(name: str) -> tuple[str, str | None]:
+def parse_extra_name(name: str) -> tuple[str, str | None]:
     """An extras name of a 2.x cell: `vllm` (the newest service version not deprecated) or
     `vllm0.17.1` (that version, deprecated or not)."""
     match = _SERVICE.fullmatch(name)
@@ -157,7 +157,7 @@ class Offers:
         for name in names:
             if name == K8S:
                 continue
-            service, pin = parse_service(name)
+            service, pin = parse_extra_name(name)
             if device.version not in self.candidates(device, arch, service, pin):
                 return name
         return None
@@ -169,7 +169,7 @@ class Offers:
             v
             for name in names
             if name != K8S
-            for v in self.candidates(device, arch, *parse_service(name))
+            for v in self.candidates(device, arch, *parse_extra_name(name))
             if version_key(v) > version_key(device.version)
         ]
         return min(above, key=version_key) if above else None
@@ -178,9 +178,9 @@ class Offers:
         """The backend version a worker that detects none asks for (the newest, per service;
         the newest of those across the cell's services)."""
         found = [
-            self.candidates(device, arch, *parse_service(name))[0]
+            self.candidates(device, arch, *parse_extra_name(name))[0]
             for name in names
-            if name != K8S and self.candidates(device, arch, *parse_service(name))
+            if name != K8S and self.candidates(device, arch, *parse_extra_name(name))
         ]
         return max(found, key=version_key) if found else device.version
 

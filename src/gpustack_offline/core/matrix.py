@@ -195,7 +195,7 @@ class Matrix:
                 continue
             if table["devices"] != RUNNERS:
                 raise CellError(
-                    f"{self.source}: [versions.\"{version}\"] devices = {table['devices']!r}; "
+                    f'{self.source}: [versions."{version}"] devices = {table["devices"]!r}; '
                     f"the one source of a version's devices is {RUNNERS!r} (its runner data)"
                 )
             if folder is None:
@@ -249,27 +249,31 @@ class Matrix:
     def _make(self, axes: Mapping[str, str]) -> Cell:
         os_data = self._os[axes["os"]]
         names = tuple(self._extras[axes["extras"]])
-        common: dict[str, Any] = {
-            "glibc": os_data.get("glibc"),
-            "uv_platform": os_data.get("uv-platform", {}).get(axes["arch"], ""),
-            "installer": os_data.get("installer", "") if axes["method"] == "pip" else "",
-            "extra_names": names,
-        }
+
+        def cell(**facts: Any) -> Cell:
+            return Cell(
+                version=axes["version"], os=axes["os"], arch=axes["arch"], device=axes["device"],
+                python=axes["python"], extras=axes["extras"], method=axes["method"],
+                glibc=os_data.get("glibc"),
+                uv_platform=os_data.get("uv-platform", {}).get(axes["arch"], ""),
+                installer=os_data.get("installer", "") if axes["method"] == "pip" else "",
+                extra_names=names,
+                **facts,
+            )  # fmt: skip
+
         offers = self._offers.get(axes["version"])
         if offers is None:
             facts = self._devices[axes["device"]]
-            return Cell(**axes, cuda=facts.get("cuda"), rocm=facts.get("rocm"), **common)
+            return cell(cuda=facts.get("cuda"), rocm=facts.get("rocm"))
         device = Device.parse(axes["device"])
         assert device is not None  # every device of the runner data spells back (Offers.load)
-        return Cell(
-            **axes,
+        return cell(
             cuda=device.version if device.backend == "cuda" else None,
             rocm=device.version if device.backend == "rocm" else None,
             runner_device=device,
             ceiling=offers.ceiling(device, axes["arch"], names),
             newest=offers.newest(device, axes["arch"], names),
             vendor=self.vendors[device.backend],
-            **common,
         )
 
     def _enumerate(self) -> Iterable[Cell]:
@@ -287,7 +291,11 @@ class Matrix:
             )
             for device in devices:
                 for combo in itertools.product(*(self.axes[a] for a in others)):
-                    axes = {"version": version, "device": device, **dict(zip(others, combo))}
+                    axes = {
+                        "version": version,
+                        "device": device,
+                        **dict(zip(others, combo, strict=True)),
+                    }
                     if self.refusal(axes) is None:
                         yield self._make(axes)
 

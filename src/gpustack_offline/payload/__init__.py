@@ -1,5 +1,6 @@
 """Files that run inside containers or on the target, never imported by the package: the
-egress sinkhole, the audit hook, the tools probe, the stand-in nvidia-smi, and the scripts the
+egress sinkhole, the audit hook, the tools probe, the stand-in device tools (fakes/: nvidia-smi,
+npu-smi, amd-smi, hy-smi, mx-smi, mthreads-gmi, ixsmi, ppu-smi), and the scripts the
 verification runs in a target container. `path` is the one way to ship one."""
 
 from importlib import resources

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpustack_offline.core.devices import K8S, Device, parse_service
+from gpustack_offline.core.devices import K8S, Device, parse_extra_name
 from gpustack_offline.core.errors import CellError
 from gpustack_offline.stages.errors import NoRunnerError
 from gpustack_offline.stages.runner_data import (
@@ -339,7 +339,9 @@ def apply_registry_override(image: str, registry: str) -> str:
     return image
 
 
-def worker_references(selection: Selection, registry: str, namespace: str = "gpustack") -> list[str]:
+def worker_references(
+    selection: Selection, registry: str, namespace: str = "gpustack"
+) -> list[str]:
     """Every reference the server and worker ask Docker for when started with the flags
     `install.sh --registry <registry> [--namespace <namespace>]` prints:
     `--system-default-container-registry <registry>` and, for a namespace other than gpustack,
@@ -392,7 +394,7 @@ def cell_selection(data_dir: Path, version: str, arch: str, device: str,
         if name == K8S:
             continue
         try:
-            service, pin = parse_service(name)
+            service, pin = parse_extra_name(name)
         except CellError as exc:
             raise NoRunnerError(str(exc)) from None
         specs.append(f"{service}=={pin}" if pin else service)
