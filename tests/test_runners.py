@@ -377,3 +377,37 @@ def test_every_2x_cell_of_the_matrix_selects_runners_the_worker_picks_at_its_flo
         data_dir, version, sample.arch, sample.device, sample.extra_names
     )
     assert via_cell.runners[0].name.startswith(f"gpustack/runner:{sample.device}-")
+
+
+def test_refresh_reads_upstream_once_per_version_in_a_run(
+    monkeypatch: pytest.MonkeyPatch, data_dir: Path, tmp_path: Path
+) -> None:
+    """`invoke lock` of every 2.x cell refreshes the runner data once per version, not per cell,
+    unless the file no longer holds what was written."""
+    import zipfile
+
+    wheel = tmp_path / "gpustack-2.3.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(
+            "gpustack-2.3.0.dist-info/METADATA",
+            "Requires-Dist: gpustack-runner==0.1.31.post4\nRequires-Dist: gpustack-runtime==0.2.6\n",
+        )
+    fetched: list[str] = []
+
+    def fetch(name: str, version: str, *_: object) -> tuple[runners.Package, Path]:
+        fetched.append(name)
+        return runners.Package(name, version, wheel.name, "0" * 64), wheel
+
+    monkeypatch.setattr(runner_data, "_fetch_wheel", fetch)
+    monkeypatch.setattr(runner_data, "gpustack_venv", lambda *a: tmp_path / "python")
+    monkeypatch.setattr(runner_data, "list_images", lambda *a: [])
+    monkeypatch.setattr(runner_data, "extract", lambda *a: runners.load(data_dir, "2.3.0"))
+    out = tmp_path / "out"
+
+    for _ in range(3):
+        path = runners.refresh("2.3.0", out, tmp_path / "cache", "http://index.invalid/simple")
+    assert fetched == ["gpustack", "gpustack-runner", "gpustack-runtime"]
+    assert path.read_text() == runners.data_path(data_dir, "2.3.0").read_text()
+    path.write_text("edited\n")
+    runners.refresh("2.3.0", out, tmp_path / "cache", "http://index.invalid/simple")
+    assert len(fetched) == 6 and path.read_text() != "edited\n"

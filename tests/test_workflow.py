@@ -384,6 +384,16 @@ def test_the_job_matrix_is_the_projects_matrix(
     assert json.loads(outputs["matrix"]) == expected
 
 
+def test_a_selection_beyond_the_256_jobs_of_a_run_fails_the_matrix_job(
+    workflow: dict[str, Any], tmp_path: Path
+) -> None:
+    assert len(_expected([], "2.2.3,2.3.0")["include"]) > 256  # every runner device of both
+    result, outputs = _run_matrix_step(workflow, {"gpustack-version": "2.2.3,2.3.0"}, tmp_path)
+    assert result.returncode != 0
+    assert "matrix" not in outputs
+    assert "more than the 256 jobs a workflow run takes" in result.stderr
+
+
 def test_a_selection_that_matches_nothing_fails_the_matrix_job(
     workflow: dict[str, Any], tmp_path: Path
 ) -> None:

@@ -405,6 +405,12 @@ def render(data: RunnerData) -> str:
     return f'{text[:-2]},\n  "runners": [\n    {lines}\n  ]\n}}\n'
 
 
+# What each refresh of this process wrote, by (version, folder, index): `invoke lock` locks every
+# cell of a version (a 2.x version has ~150-190, one per runner device, arch and services), and
+# upstream's data is read once per version and run, while the file still holds what was written.
+_WRITTEN: dict[tuple[str, Path, str], str] = {}
+
+
 def refresh(
     version: str,
     data_dir: Path,
@@ -414,8 +420,12 @@ def refresh(
 ) -> Path:
     """Download the version's gpustack wheel and its pinned runner and runtime wheels, run its
     `gpustack list-images` in its tool venv; write `<data_dir>/gpustack-<version>.json`
-    (atomically) and return its path."""
+    (atomically) and return its path. Once per version, folder and index in a process."""
     version = version.removeprefix("v")
+    final = data_path(data_dir, version)
+    key = (version, data_dir.resolve(), index_url)
+    if key in _WRITTEN and final.is_file() and final.read_text() == _WRITTEN[key]:
+        return final
     store, http = BlobStore(cache, policy), session()
     gpustack = _fetch_wheel("gpustack", version, index_url, store, http)
     with zipfile.ZipFile(gpustack[1]) as gs:
@@ -428,8 +438,9 @@ def refresh(
     )
     python = gpustack_venv(version, [], cache, index_url)
     data = extract(gpustack, runner, runtime, list_images(python, version))
-    final = data_path(data_dir, version)
-    write_text(final, render(data))
+    text = render(data)
+    write_text(final, text)
+    _WRITTEN[key] = text
     log.info("wrote %s (%d runners)", final, len(data.runners))
     return final
 
