@@ -390,7 +390,8 @@ def test_refresh_reads_upstream_once_per_version_in_a_run(
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr(
             "gpustack-2.3.0.dist-info/METADATA",
-            "Requires-Dist: gpustack-runner==0.1.31.post4\nRequires-Dist: gpustack-runtime==0.2.6\n",
+            "Requires-Dist: gpustack-runner==0.1.31.post4\n"
+            "Requires-Dist: gpustack-runtime==0.2.6\n",
         )
     fetched: list[str] = []
 
