@@ -340,3 +340,30 @@ def test_install_runs_preflight_and_prints_the_vendors_worker_line(
         assert (
             "--runtime ascend" in line and "ASCEND_VISIBLE_DEVICES=$(sudo ls /dev/davinci*" in line
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# The data and the scripts agree
+
+
+def test_every_backend_has_its_version_reader_in_preflight_and_a_stand_in_tool(root: Path) -> None:
+    matrix = Matrix.load(root / "bundles" / "matrix.toml")
+    text = (root / "scripts" / "preflight.sh").read_text()
+    for vendor in matrix.vendors.values():
+        if vendor.version and vendor.backend != "cuda":  # cuda: check_nvidia_driver
+            assert f"version_{vendor.version.replace('-', '_')}() {{" in text, vendor.backend
+        assert (FAKES / vendor.tool[0]).is_file(), vendor.tool
+
+
+def test_every_cells_bundle_env_is_one_word_per_value_and_names_its_device(root: Path) -> None:
+    """bundle.env is read by sh (and PowerShell): no value may hold a space; what needs one (the
+    worker's options) is in worker-options.txt."""
+    matrix = Matrix.load(root / "bundles" / "matrix.toml")
+    for cell in matrix.cells:
+        env = bundle_env(cell)
+        assert not [k for k, v in env.items() if " " in v], cell.id
+        if cell.series == 2:
+            assert env["DEVICE_BACKEND"] and env["DEVICE_FLOOR"] and env["WORKER_OPTIONS"]
+            assert cell.device.startswith(env["DEVICE_BACKEND"] + env["DEVICE_FLOOR"])
+        else:
+            assert not env["DEVICE_BACKEND"] and not env["WORKER_OPTIONS"]
