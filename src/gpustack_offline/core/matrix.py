@@ -207,10 +207,8 @@ class Matrix:
             if not path.is_file():
                 self._no_offers[version] = (
                     f"GPUStack {version}'s devices are read from its runner data, and {path} does "
-                    "not exist yet: write it online with `python -c 'from pathlib import Path; "
-                    "from gpustack_offline.stages.runners import refresh; "
-                    f'refresh("{version}", Path("{folder}"), Path(".cache"))\'`, review and '
-                    "commit it"
+                    "not exist yet: write it online as docs/building.md says (a new 2.x "
+                    "version), review and commit it"
                 )
                 continue
             offers = self._offers[version] = Offers.load(path, version)
