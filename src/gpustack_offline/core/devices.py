@@ -162,14 +162,18 @@ class Offers:
                 return name
         return None
 
+    def _per_service(self, device: Device, arch: str, names: Sequence[str]) -> list[list[str]]:
+        return [
+            self.candidates(device, arch, *parse_extra_name(name)) for name in names if name != K8S
+        ]
+
     def ceiling(self, device: Device, arch: str, names: Sequence[str]) -> str | None:
         """The lowest backend version above the device's from which on a worker picks another
         runner for one of the cell's services; None when the device's is the newest for all."""
         above = [
             v
-            for name in names
-            if name != K8S
-            for v in self.candidates(device, arch, *parse_extra_name(name))
+            for versions in self._per_service(device, arch, names)
+            for v in versions
             if version_key(v) > version_key(device.version)
         ]
         return min(above, key=version_key) if above else None
@@ -177,11 +181,7 @@ class Offers:
     def newest(self, device: Device, arch: str, names: Sequence[str]) -> str:
         """The backend version a worker that detects none asks for (the newest, per service;
         the newest of those across the cell's services)."""
-        found = [
-            self.candidates(device, arch, *parse_extra_name(name))[0]
-            for name in names
-            if name != K8S and self.candidates(device, arch, *parse_extra_name(name))
-        ]
+        found = [versions[0] for versions in self._per_service(device, arch, names) if versions]
         return max(found, key=version_key) if found else device.version
 
 
