@@ -21,13 +21,14 @@ from rich.table import Table
 from gpustack_offline.bundle import signing, volumes
 from gpustack_offline.core import docker
 from gpustack_offline.core.context import Context
-from gpustack_offline.core.errors import BundleError, debugging, describe
+from gpustack_offline.core.errors import BundleError, CellError, debugging, describe
 from gpustack_offline.core.matrix import AXES, Cell
 from gpustack_offline.core.options import resolve
 from gpustack_offline.verify.common import Report, Unverifiable
 
 if TYPE_CHECKING:
     from gpustack_offline.bundle.assemble import Result
+    from gpustack_offline.recipes.inspection import Contents
 
 
 def _recipes() -> ModuleType:
@@ -39,7 +40,7 @@ def _recipes() -> ModuleType:
 
 
 # Context: where the wiring takes it
-__all__ = ["Context", "build", "check_pins", "lock", "verify_cell"]
+__all__ = ["Context", "build", "check_pins", "inspect", "lock", "verify_cell"]
 
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 log = logging.getLogger("gpustack_offline")
@@ -60,6 +61,80 @@ def matrix_table(ctx: Context, cells: Sequence[Cell], as_json: bool) -> str:
     out = Console(width=200, record=True)
     with out.capture() as captured:
         out.print(table)
+    return captured.get()
+
+
+def inspect(ctx: Context, cell_id: str | None, as_json: bool) -> str:
+    """What one cell will carry, before anything is downloaded: read from the committed lock,
+    tools sums, runner list and image pins only. A missing file is listed with the command that
+    writes it (`missing` in the JSON), not an error."""
+    if not cell_id:
+        raise CellError(
+            "name the cell: `invoke inspect --cell ID` (`invoke matrix --all` lists them)"
+        )
+    contents = _recipes().contents(ctx, ctx.matrix.cell(cell_id))
+    if as_json:
+        return json.dumps(contents.to_json(), indent=2)
+    return _contents_text(contents)
+
+
+def _size(size: int | None) -> str:
+    if size is None:
+        return "?"
+    if size < 1000:
+        return f"{size} B"
+    return f"{size / 1e6:.1f} MB" if size >= 10**6 else f"{size / 1e3:.1f} kB"
+
+
+def _short(digest: str | None) -> str:
+    return digest.removeprefix("sha256:")[:16] if digest else "-"
+
+
+def _contents_text(contents: Contents) -> str:
+    """Tables of what `inspect` found, one per part the cell has, then the totals and what is
+    missing (with the command that writes it)."""
+    tables: list[Table] = []
+    for title, found in (("packages", contents.packages), ("installer", contents.installer)):
+        if found:
+            table = Table(title=f"{title} ({len(found)})")
+            for column in ("name", "version", "file", "size", "sha256"):
+                table.add_column(column, justify="right" if column == "size" else "left")
+            for p in found:
+                file = p.file or "-"
+                table.add_row(
+                    p.name,
+                    p.version,
+                    file + (f" ({p.source})" if p.source != "wheel" else ""),
+                    _size(p.size),
+                    _short(p.sha256),
+                )
+            tables.append(table)
+    if contents.tools:
+        table = Table(title=f"tools assets ({len(contents.tools)})")
+        for column in ("program", "asset", "size", "sha256"):
+            table.add_column(column, justify="right" if column == "size" else "left")
+        for t in contents.tools:
+            table.add_row(t.program, t.path or t.note, _size(t.size), _short(t.sha256))
+        tables.append(table)
+    if contents.images:
+        table = Table(title=f"images ({len(contents.images)})")
+        for column in ("reference", "platform", "role", "digest", "size"):
+            table.add_column(column, justify="right" if column == "size" else "left")
+        for i in contents.images:
+            table.add_row(i.reference, i.platform, i.role, i.digest or "unpinned", _size(i.size))
+        tables.append(table)
+    out = Console(width=200, record=True)
+    with out.capture() as captured:
+        out.print(f"{contents.cell} ({contents.kind})", markup=False, highlight=False)
+        for table in tables:
+            out.print(table)
+        out.print(
+            f"total: {len(contents.items)} item(s), {_size(contents.bytes_known)} known "
+            f"({contents.bytes_known} bytes), {contents.unknown_sizes} of unknown size",
+            markup=False, highlight=False,
+        )  # fmt: skip
+        for line in (*(f"missing: {m}" for m in contents.missing), *contents.warnings):
+            out.print(line, markup=False, highlight=False, soft_wrap=True)
     return captured.get()
 
 

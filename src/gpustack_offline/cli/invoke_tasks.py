@@ -114,6 +114,23 @@ def matrix(c, selection, json=False, all=False):  # type: ignore[no-untyped-def]
 
 
 @task(
+    name="inspect",
+    help={"cell": "the cell id, e.g. v0.7.1-linux-amd64-cpu-py3.11-base-pip",
+          "json": "print JSON (cell, kind, packages, installer, tools, images, totals, "
+                  "missing, warnings) instead of tables"},
+)  # fmt: skip
+@_wired
+def inspect_(c, cell=None, json=False):  # type: ignore[no-untyped-def]
+    """Show what a cell will carry (packages, tools, images, sizes) from committed data alone.
+
+    Nothing is downloaded: the lock, tools sums, runner list and image pins are read."""
+    from gpustack_offline.cli import commands
+
+    ctx = commands.Context.load(_root(c))
+    print(commands.inspect(ctx, cell, json))
+
+
+@task(
     iterable=["cell"],
     help={**_AXIS_HELP, "frozen": "refuse to build a cell whose lock is missing or stale",
           "jobs": "parallel downloads", "dist": "output folder (default dist/)",
@@ -204,12 +221,12 @@ def compare(c, a, b):  # type: ignore[no-untyped-def]
 
 
 def namespace() -> Collection:
-    """`invoke matrix`, `invoke bundle`, `invoke lock [--cell …]`, `invoke lock.check`,
-    `invoke images.base`."""
+    """`invoke matrix`, `invoke inspect --cell …`, `invoke bundle`, `invoke lock [--cell …]`,
+    `invoke lock.check`, `invoke images.base`."""
     locks = Collection("lock")
     locks.add_task(refresh, default=True)
     locks.add_task(check)
-    ns = Collection(matrix, bundle, release_index, compare)
+    ns = Collection(matrix, inspect_, bundle, release_index, compare)
     ns.add_collection(locks)
     ns.add_collection(Collection("images", base))
     return ns

@@ -10,6 +10,7 @@ from gpustack_offline.core.errors import CellError
 from gpustack_offline.core.matrix import Cell
 from gpustack_offline.recipes import base, docker0, docker2, pip0
 from gpustack_offline.recipes.base import Locked, Recipe
+from gpustack_offline.recipes.inspection import Contents
 from gpustack_offline.verify.common import Report
 
 # (install method, GPUStack major series) -> recipe
@@ -43,6 +44,11 @@ def lock(ctx: Context, cell: Cell, tools: bool = False) -> Locked:
 def unpinned(ctx: Context, cell: Cell) -> list[str]:
     """What a frozen build of the cell would refuse for want of a pin (empty: nothing)."""
     return for_cell(cell).unpinned(ctx, cell)
+
+
+def contents(ctx: Context, cell: Cell) -> Contents:
+    """What the cell will carry, from the committed data alone (no network)."""
+    return for_cell(cell).contents(ctx, cell)
 
 
 def build(ctx: Context, cell: Cell) -> Result:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +20,7 @@ from gpustack_offline.core.downloads import BlobStore
 from gpustack_offline.core.errors import BundleError, Busy
 from gpustack_offline.core.files import atomic_dir, ensure_writable, held
 from gpustack_offline.core.matrix import Cell
+from gpustack_offline.recipes.inspection import Contents, Image, Missing, lock_command, shown
 from gpustack_offline.stages import images
 from gpustack_offline.stages.locks import Lock
 from gpustack_offline.stages.registry import Reference, Registry
@@ -64,6 +65,12 @@ class Recipe(Protocol):
     def unpinned(self, ctx: Context, cell: Cell) -> list[str]:
         """What a frozen build of the cell would refuse for want of a committed, current pin
         (lock, tools sums, image digests), one line each; offline, nothing is written."""
+        ...
+
+    def contents(self, ctx: Context, cell: Cell) -> Contents:
+        """What the cell's bundle will carry, from the committed data alone (lock, tools sums,
+        runner list, image pins), offline; a missing file is named in `Contents.missing` with
+        the command that writes it, not raised."""
         ...
 
     def gather(self, ctx: Context, cell: Cell) -> Parts:
@@ -171,6 +178,52 @@ def unpinned_images(ctx: Context, cell: Cell, wanted: dict[Reference, list[str]]
         except BundleError as exc:
             problems[str(exc)] = None
     return list(problems)
+
+
+def image_contents(
+    ctx: Context,
+    cell: Cell,
+    kind: str,
+    wanted: dict[Reference, list[str]],
+    roles: Mapping[Reference, str],
+) -> Contents:
+    """The cell's images for their platforms with the digests their pin files record, or
+    unpinned; the pin files hold no sizes, so each size is None (nothing is asked online)."""
+    found: list[Image] = []
+    missing: list[Missing] = []
+    warnings: dict[str, None] = {}
+    for ref, platforms in wanted.items():
+        path = images.pin_path(ctx.layout.image_pins, cell.version, ref.name)
+        pins, why = None, f"unpinned: {shown(path, ctx.root)} does not exist"
+        if not path.is_file():
+            missing.append(Missing("image pins", shown(path, ctx.root), lock_command(cell)))
+        else:
+            try:
+                pins = images.read_pins(path)
+            except BundleError as exc:
+                warnings[str(exc)] = None
+                why = f"unpinned: {shown(path, ctx.root)} cannot be read"
+        for platform in platforms:
+            role = roles.get(ref, "image")
+            pinned = _pinned(pins, ref, platform)
+            if pinned is None:
+                note = why if pins is None else f"unpinned: not in {shown(path, ctx.root)}"
+                found.append(Image(str(ref), platform, role, None, None, None, note))
+            else:
+                found.append(Image(str(ref), platform, role, pinned.manifest, pinned.index, None))
+    return Contents(
+        cell.id, kind, images=tuple(found), missing=tuple(dict.fromkeys(missing)),
+        warnings=tuple(warnings),
+    )  # fmt: skip
+
+
+def _pinned(pins: images.Pins | None, ref: Reference, platform: str) -> images.PinnedImage | None:
+    if pins is None:
+        return None
+    try:
+        return images.pinned_reference(pins, ref, platform)
+    except BundleError:
+        return None
 
 
 def gather_images(ctx: Context, cell: Cell, wanted: dict[Reference, list[str]]) -> Parts:
