@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.table import Table
 
-from gpustack_offline.bundle import signing, volumes
+from gpustack_offline.bundle import delta, signing, volumes
 from gpustack_offline.core import docker
 from gpustack_offline.core.context import Context
 from gpustack_offline.core.errors import BundleError, CellError, debugging, describe
@@ -174,13 +174,16 @@ def check_pins(ctx: Context, cells: Sequence[Cell]) -> None:
     console.print(f"{len(cells)} cells: lock, tools sums and image pins committed and current")
 
 
-def build(ctx: Context, cells: Sequence[Cell]) -> list[Result]:
+def build(ctx: Context, cells: Sequence[Cell], since: Path | None = None) -> list[Result]:
     """Build every selected cell; report each failure and go on, then fail if any failed.
 
     With the `split` option, each bundle is also cut into volumes for transfer media; with
-    `write=volumes`, only into volumes, streamed from the folder (no whole tar)."""
+    `write=volumes`, only into volumes, streamed from the folder (no whole tar). With `since`
+    (an inventory, an earlier bundle or its manifest), each bundle's delta against it is
+    written beside it too (`bundle.delta`)."""
     out = volumes.outputs(ctx.opts.write, ctx.opts.split)  # a bad size or choice fails first
     size = out.volume_size
+    base = delta.read_base(since) if since is not None else None  # a bad base fails first
     results: list[Result] = []
     failures: list[tuple[str, BundleError]] = []
     for cell in cells:
@@ -194,6 +197,8 @@ def build(ctx: Context, cells: Sequence[Cell]) -> list[Result]:
                     else volumes.split_folder(result.directory, result.tar, size)
                 )
                 console.print(f"  {len(written) - 2} volumes, joined by {_shown(written[-1])}")
+            if base is not None:
+                _write_delta(ctx, result, base)
             results.append(result)
         except BundleError as exc:
             # markup off: messages quote things like [tool.gpustack-offline]
@@ -207,6 +212,20 @@ def build(ctx: Context, cells: Sequence[Cell]) -> list[Result]:
         failed = ", ".join(cell_id for cell_id, _ in failures)
         raise BundleError(f"{len(failures)} of {len(cells)} cells failed: {failed}")
     return results
+
+
+def _write_delta(ctx: Context, result: Result, base: delta.Base) -> delta.Delta:
+    name = delta.delta_name(result.cell.id, base)
+    made = delta.make(
+        result.directory, base, ctx.layout.dist / name, ctx.layout.dist / f"{name}.tar"
+    )
+    console.print(
+        f"  delta since {base.kind} {Path(base.source).name}: {_shown(made.tar)}, "
+        f"{made.carried / 1e6:.1f} MB of {made.full / 1e6:.1f} MB "
+        f"({made.left_out} files the site holds left out; floor {made.floor / 1e6:.1f} MB)",
+        markup=False,
+    )
+    return made
 
 
 def summary(results: Sequence[Result]) -> Table:

@@ -138,11 +138,14 @@ def inspect_(c, cell=None, json=False):  # type: ignore[no-untyped-def]
                    "(decimal, fits FAT32), 4GiB (binary), fat32 (4 GiB-1)",
           "write": "what to write beside dist/<cell>/: tar, volumes (needs --split; streamed "
                    "from the folder, no whole tar) or both (default: the tar, and volumes "
-                   "when --split is given)"},
+                   "when --split is given)",
+          "since": "also write a delta: leave out what this base holds (an inventory from "
+                   "`install.sh --inventory`, an earlier bundle folder or .tar, or its "
+                   "manifest.json): dist/<cell>.since-<base>/ and .tar"},
 )  # fmt: skip
 @_wired
 @_selecting
-def bundle(c, selection, frozen=False, jobs=None, dist=None, split=None, write=None):  # type: ignore[no-untyped-def]
+def bundle(c, selection, frozen=False, jobs=None, dist=None, split=None, write=None, since=None):  # type: ignore[no-untyped-def]
     """Build the bundle of every selected cell into dist/<cell-id>/ and dist/<cell-id>.tar."""
     from gpustack_offline.cli import commands
 
@@ -150,7 +153,7 @@ def bundle(c, selection, frozen=False, jobs=None, dist=None, split=None, write=N
     cli = {"frozen": frozen or None, "jobs": jobs, "dist_dir": dist, "split": split,
            "write": write}  # fmt: skip
     ctx = commands.Context.load(_root(c), cli=cli)
-    commands.build(ctx, _select(ctx, selection))
+    commands.build(ctx, _select(ctx, selection), Path(since) if since else None)
 
 
 @task(
