@@ -260,7 +260,57 @@ def built_cell_ids(root: Path) -> list[str]:
         dist = resolve(root).path("dist_dir", root)
     except BundleError:
         return []
-    return sorted(p.parent.name for p in dist.glob("*/manifest.json")) if dist.is_dir() else []
+    if not dist.is_dir():
+        return []
+    return sorted(
+        p.parent.name
+        for p in dist.glob("*/manifest.json")
+        if not (p.parent / delta.BASE_FILE).exists()  # a delta is verified by `upgrade`
+    )
+
+
+def delta_names(root: Path) -> list[str]:
+    """The delta bundles under dist whose base bundle is there too: `nox -s upgrade` pairs."""
+    try:
+        dist = resolve(root).path("dist_dir", root)
+    except BundleError:
+        return []
+    found = []
+    for record in sorted(dist.glob(f"*/{delta.BASE_FILE}")) if dist.is_dir() else []:
+        try:
+            cells = json.loads(record.read_text())["base"]["cells"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if cells and (dist / cells[0] / "manifest.json").is_file():
+            found.append(record.parent.name)
+    return found
+
+
+def upgrade_session(root: Path, delta_name: str | None) -> Outcome:
+    """`nox -s upgrade(<delta>)`: the base bundle installed, upgraded with the delta, rolled
+    back, offline; any failure is one message for the session."""
+    try:
+        ctx = Context.load(root)
+        if delta_name is None:
+            return Outcome(
+                failed=True,
+                message=f"no delta bundle with its base under {ctx.dist}; make one with "
+                "`invoke bundle --cell NEW --since dist/OLD`",
+            )
+        report = _recipes().verify_upgrade(ctx, ctx.dist / delta_name)
+        console.print(
+            f"[green]{delta_name}: upgrade verified[/green] — installed the base offline, "
+            f"upgraded with the delta (state kept, /healthz after {report.seconds_to_healthz}s, "
+            f"{(report.egress or {}).get('hosts_attempted', 0)} outside hosts), rolled back "
+            f"({report.note})"
+        )
+    except Unverifiable as exc:
+        return Outcome(skipped=True, message=f"NOT VERIFIED: {exc}")
+    except (Exception, KeyboardInterrupt) as exc:
+        if debugging():
+            raise
+        return Outcome(failed=True, message=describe(exc))
+    return Outcome()
 
 
 @dataclass(frozen=True)

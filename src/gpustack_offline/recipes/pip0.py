@@ -35,6 +35,7 @@ from gpustack_offline.stages.wheels import choose, wheelhouse
 from gpustack_offline.verify import egress
 from gpustack_offline.verify.common import Report
 from gpustack_offline.verify.pip import verify_pip
+from gpustack_offline.verify.upgrade import verify_upgrade
 
 
 class Pip0:
@@ -152,6 +153,17 @@ class Pip0:
         allowlist = egress.load_allowlist(ctx.layout.egress_allowlist, cell.id)
         return verify_pip(
             cell, ctx.layout.bundle(cell.id), ctx.layout.cache, ctx.opts.verify_timeout,
+            ctx.opts.debian_mirror, report, allowlist,
+        )  # fmt: skip
+
+    def verify_upgrade(
+        self, ctx: Context, cell: Cell, old_dir: Path, delta_dir: Path, report: Report
+    ) -> Report:
+        """An install of `old_dir`, upgraded with the delta `delta_dir` of `cell` and rolled
+        back, offline (`verify.upgrade`)."""
+        allowlist = egress.load_allowlist(ctx.layout.egress_allowlist, cell.id)
+        return verify_upgrade(
+            cell, old_dir, delta_dir, ctx.layout.cache, ctx.opts.verify_timeout,
             ctx.opts.debian_mirror, report, allowlist,
         )  # fmt: skip
 
