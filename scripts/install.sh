@@ -439,25 +439,40 @@ data_dir() {
   printf '%s' "${configured:-/var/lib/gpustack}"
 }
 
+# SQLite's online backup of database $1 into $2 with the first of: the current release's Python,
+# the sqlite3 program. A plain copy would miss what is still in the write-ahead log.
+sqlite_backup() {
+  local py=$PREFIX/current/bin/python
+  if [[ -x $py ]]; then
+    "$py" -I -c 'import sqlite3, sys
+src, dst = sqlite3.connect(sys.argv[1]), sqlite3.connect(sys.argv[2])
+src.backup(dst)
+dst.close()
+src.close()' "$1" "$2"
+  elif command -v sqlite3 >/dev/null 2>&1; then
+    sqlite3 "$1" ".backup '$2'"
+  else
+    return 1
+  fi
+}
+
 # backup_database RELEASE: before the first start of a new release, which migrates the database
-# forward, keep a copy for a rollback to RELEASE (sqlite3's online backup where it is installed).
+# forward, keep a whole copy for a rollback to RELEASE.
 backup_database() {
   local db dest
   db=$(data_dir)/database.db
   [[ -f $db ]] || { say "no database at $db yet: nothing to copy before the upgrade"; return; }
   dest=$PREFIX/backups/$1/database.db
   mkdir -p -- "$(dirname -- "$dest")" || die 6 "could not create $(dirname -- "$dest")"
-  if command -v sqlite3 >/dev/null 2>&1; then
-    sqlite3 "$db" ".backup '$dest.tmp'" || die 6 "could not copy $db with sqlite3; stop GPUStack and run $PROG again"
-  else
-    cp -f -- "$db" "$dest.tmp" || die 6 "could not copy $db to $dest.tmp; check the free space"
-  fi
+  rm -f -- "$dest.tmp"
+  sqlite_backup "$db" "$dest.tmp" ||
+    die 6 "could not copy $db (SQLite backup with $PREFIX/current/bin/python or sqlite3); stop GPUStack, check the free space, and run $PROG again"
   mv -f -- "$dest.tmp" "$dest" || die 6 "could not write $dest"
   say "copied $db to $dest before the new release's first start (it migrates the database forward; --rollback restores this copy)"
 }
 
 rollback() {
-  local previous current db backup
+  local previous current db backup aside part
   if [[ -f $PREFIX/run-line.previous.txt && ! -L $PREFIX/current ]]; then
     say "a docker install: start the previous release again with"
     cat -- "$PREFIX/run-line.previous.txt"
@@ -472,11 +487,13 @@ rollback() {
   db=$(data_dir)/database.db
   backup=$PREFIX/backups/${previous#releases/}/database.db
   if [[ -f $backup ]]; then
-    if [[ -f $db ]]; then
-      cp -f -- "$db" "$db.before-rollback.$(date -u +%Y%m%dT%H%M%SZ)" || die 6 "could not keep $db before the rollback"
-    fi
+    # the newer database goes aside whole: its write-ahead log must not meet the older copy
+    aside=$db.before-rollback.$(date -u +%Y%m%dT%H%M%SZ)
+    for part in "" -wal -shm -journal; do
+      if [[ -f $db$part ]]; then mv -f -- "$db$part" "$aside$part" || die 6 "could not move $db$part aside"; fi
+    done
     { cp -f -- "$backup" "$db.tmp" && mv -f -- "$db.tmp" "$db"; } || die 6 "could not restore $backup to $db"
-    say "restored $db from $backup (the newer database was kept beside it)"
+    say "restored $db from $backup (the newer database is kept as $aside)"
   else
     say "no database copy for ${previous#releases/} in $PREFIX/backups: the database is left as it is"
   fi
@@ -519,6 +536,7 @@ load_bundle_env() {
   [[ -f bundle.env ]] || die 3 "bundle.env not found in $BUNDLE; re-copy the whole bundle from the source media"
   # Optional keys: a value from the caller's environment must not stand in for a missing one.
   TOOLS_ARCHIVE="" INSTALL_METHOD="" IMAGE_ARCHIVE="" IMAGES="" INSTALLER_WHEEL="" START_MODULES=""
+  IMAGE_PUSH=""
   # shellcheck source=/dev/null
   . ./bundle.env
   require_keys BUNDLE_CELL GPUSTACK_VERSION
@@ -879,7 +897,78 @@ check_loaded() {
 }
 
 # Tag each image with the registry's name and push it; the registry is the only host contacted.
+# With the bundle's upload list (IMAGE_PUSH) and curl, and a registry that takes anonymous
+# pushes, the bundle's own blobs and manifests are uploaded through the distribution API: the
+# registry then holds exactly the bytes the bundle's sums name, so a later delta bundle can
+# leave out every blob it has. Otherwise docker push, which compresses the layers anew.
 push_images() {
+  local why=""
+  if [[ -z ${IMAGE_PUSH:-} || ! -f ${IMAGE_PUSH:-} ]]; then
+    why="the bundle has no upload list (IMAGE_PUSH)"
+  elif ! command -v curl >/dev/null 2>&1; then
+    why="curl is not installed"
+  elif ! REGISTRY_BASE=$(registry_base); then
+    why="$REGISTRY does not take anonymous pushes (or does not answer /v2/)"
+  fi
+  if [[ -z $why ]]; then
+    push_exact
+  else
+    say "pushing with docker push: $why; the registry's layer digests will differ from the bundle's, so later delta bundles cannot take layers from it"
+    push_with_docker
+  fi
+}
+
+# The URL of the registry's API root that answers GET /v2/ without credentials.
+registry_base() {
+  local scheme code
+  for scheme in $(registry_schemes); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' "$scheme://${REGISTRY%%/*}/v2/" 2>/dev/null) || code=000
+    if [[ $code == 200 ]]; then
+      printf '%s://%s' "$scheme" "${REGISTRY%%/*}"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# upload_blob REPO HEX: the export's blob, unless the repository has it already.
+upload_blob() {
+  local repo=$1 hex=$2 file=$IMAGE_ARCHIVE/blobs/sha256/$2 code location sep
+  code=$(curl -s -o /dev/null -w '%{http_code}' -I "$REGISTRY_BASE/v2/$repo/blobs/sha256:$hex") || code=000
+  [[ $code == 200 ]] && return 0
+  location=$(curl -fsS -X POST -o /dev/null -D - "$REGISTRY_BASE/v2/$repo/blobs/uploads/" |
+    sed -n 's/^[Ll]ocation: *//p' | tr -d '\r') || return 1
+  [[ -n $location ]] || return 1
+  [[ $location == http* ]] || location=$REGISTRY_BASE$location
+  sep='?'
+  [[ $location == *\?* ]] && sep='&'
+  curl -fsS -o /dev/null -T "$file" -H 'Content-Type: application/octet-stream' \
+    "$location${sep}digest=sha256:$hex"
+}
+
+push_exact() {
+  local ref media manifest blobs target repo tag hex
+  say "pushing to $REGISTRY (the bundle's own blobs, through the registry API)"
+  while IFS=$'\t' read -r ref media manifest blobs; do
+    [[ -n $ref ]] || continue
+    target=$(registry_ref "$ref")
+    repo=${target#*/}
+    tag=${repo##*:}
+    repo=${repo%:*}
+    docker tag "$ref" "$target" || die 5 "'docker tag $ref $target' failed (see above)"
+    for hex in $blobs; do
+      upload_blob "$repo" "$hex" ||
+        die 5 "uploading blob sha256:$hex of $ref to $REGISTRY_BASE/v2/$repo failed; check that $REGISTRY answers from this host and has room, then run $PROG --registry $REGISTRY again"
+    done
+    curl -fsS -o /dev/null -X PUT -H "Content-Type: $media" \
+      --data-binary "@$IMAGE_ARCHIVE/blobs/sha256/$manifest" "$REGISTRY_BASE/v2/$repo/manifests/$tag" ||
+      die 5 "uploading the manifest of $ref to $REGISTRY_BASE/v2/$repo failed; run $PROG --registry $REGISTRY again"
+    say "pushed $target@sha256:$manifest"
+    PUSHED+=("$target@sha256:$manifest")
+  done <"$IMAGE_PUSH"
+}
+
+push_with_docker() {
   local ref target out digest
   say "pushing to $REGISTRY"
   for ref in "${IMAGE_REFS[@]}"; do

@@ -77,6 +77,8 @@ def bundle_env(
         # what `gpustack start` loads, one path under site-packages per line: compiled by install.sh
         "START_MODULES": start_modules,
         "IMAGE_ARCHIVE": IMAGE_ARCHIVE if images else "",
+        # what `install.sh --registry` uploads with the bundle's own bytes (see images.push_list)
+        "IMAGE_PUSH": images_.PUSH_LIST if images else "",
         # comma-separated: bundle.env is read by sh and PowerShell, so no value has a space
         "IMAGES": ",".join(_familiar(i.reference) for i in images),
     }
@@ -148,6 +150,8 @@ def assemble(
     texts = {"bundle.env": "".join(f"{k}={v}\n" for k, v in env.items())}
     if start_modules:
         texts[START_MODULES] = "".join(f"{name}\n" for name in start_modules)
+    if images:
+        texts[images_.PUSH_LIST] = images_.push_list(stage / IMAGE_ARCHIVE)
     if lock is not None:
         texts["requirements.txt"] = requirements_txt(cell, wheels, installer)
         texts["lock/pylock.toml"] = lock.path.read_text()

@@ -186,7 +186,7 @@ def make(full: Path, base: Base, out: Path, tar: Path | None = None) -> Delta:
             rel = path.relative_to(full).as_posix()
             if rel not in omitted:
                 link_or_copy(path, stage / rel)
-        (stage / BASE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        (stage / BASE_FILE).write_text(_render(record))
     if tar is not None:
         with atomic_path(tar) as tmp, tmp.open("wb") as handle:
             tarball.write(tarball.members(out), handle)
@@ -201,6 +201,13 @@ def make(full: Path, base: Base, out: Path, tar: Path | None = None) -> Delta:
         floor=floor(full, base),
         left_out=len(omitted),
     )  # fmt: skip
+
+
+def _render(record: dict[str, Any]) -> str:
+    """JSON with one left-out piece a line: install.sh reads a piece's repositories with grep."""
+    head = json.dumps({k: v for k, v in record.items() if k != "left_out"}, indent=2)
+    pieces = ",\n    ".join(json.dumps(p, sort_keys=True) for p in record["left_out"])
+    return f'{head[:-2]},\n  "left_out": [\n    {pieces}\n  ]\n}}\n'
 
 
 def floor(full: Path, base: Base) -> int:
