@@ -770,6 +770,13 @@ def test_a_docker_delta_takes_the_layers_the_site_registry_holds(
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert image_id(NEWER) == newer_archive.image_id
         assert f"pushed {registry}/{NEWER}@sha256:" in proc.stdout
+        assert run_line(proc.stdout)[-1] == f"{registry}/{NEWER}"
+
+        # a docker rollback is the previous install's run line, the data volume the same
+        back = run_script(made.directory, "install.sh", "--prefix", str(prefix), "--rollback")
+        assert back.returncode == 0, back.stdout + back.stderr
+        assert run_line(back.stdout)[-1] == f"{registry}/{IMAGE}"
+        assert "-v gpustack-data:/var/lib/gpustack" in " ".join(run_line(back.stdout))
     finally:
         for ref in [*pushed, NEWER]:
             remove_image(ref)
