@@ -31,7 +31,6 @@ from support.registry_fixture import AMD64, hub_registry
 from support.release_mirror import ReleaseMirror, build_assets, write_fixture_locks
 
 from gpustack_offline.bundle import delta
-from gpustack_offline.bundle.release import read_sums
 from gpustack_offline.cli import commands
 from gpustack_offline.stages import runners
 
@@ -66,23 +65,25 @@ def _bytes(folder: Path) -> int:
 
 
 def _whole_image_skip(old: Path, new: Path) -> int:
-    """The new bundle's bytes less the blobs of images whose manifest the old one holds too."""
+    """The new bundle's bytes less the blobs of images whose manifest digest the old one holds
+    too (blobs another image of the new bundle needs stay)."""
     old_images = {i["digest"] for i in json.loads((old / "manifest.json").read_text())["images"]}
-    sums = read_sums(new / "SHA256SUMS")
-    sizes = {d: (new / p).stat().st_size for p, d in sums.items()}
-    docker_view = json.loads((new / "images" / "manifest.json").read_text()) if old_images else []
-    manifest = json.loads((new / "manifest.json").read_text())
-    skipped: set[str] = set()
-    for image, entry in zip(manifest["images"], docker_view, strict=False):
-        if image["digest"] in old_images:
-            skipped |= {b.rsplit("/", 1)[-1] for b in [entry["Config"], *entry["Layers"]]}
-    kept_by_others = {
-        b.rsplit("/", 1)[-1]
-        for image, entry in zip(manifest["images"], docker_view, strict=False)
-        if image["digest"] not in old_images
-        for b in [entry["Config"], *entry["Layers"]]
+    images = json.loads((new / "manifest.json").read_text())["images"]
+    if not images:
+        return _bytes(new)
+    docker_view = json.loads((new / "images" / "manifest.json").read_text())
+    blobs_of = {
+        tag: {b.rsplit("/", 1)[-1] for b in [entry["Config"], *entry["Layers"]]}
+        for entry in docker_view
+        for tag in entry["RepoTags"]
     }
-    return sum(sizes.values()) - sum(sizes.get(b, 0) for b in skipped - kept_by_others)
+    skipped: set[str] = set()
+    kept: set[str] = set()
+    for image in images:
+        tag = image["reference"].removeprefix("docker.io/").removeprefix("library/")
+        (skipped if image["digest"] in old_images else kept).update(blobs_of.get(tag, set()))
+    blob_dir = new / "images" / "blobs" / "sha256"
+    return _bytes(new) - sum((blob_dir / b).stat().st_size for b in skipped - kept)
 
 
 def _row(ctx: commands.Context, old_id: str, new_id: str) -> DeltaRow:
