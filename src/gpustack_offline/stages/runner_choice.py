@@ -338,7 +338,9 @@ def apply_registry_override(image: str, registry: str) -> str:
     return image
 
 
-def worker_references(selection: Selection, registry: str, namespace: str = "gpustack") -> list[str]:
+def worker_references(
+    selection: Selection, registry: str, namespace: str = "gpustack"
+) -> list[str]:
     """Every reference the server and worker ask Docker for when started with the flags
     `install.sh --registry <registry> [--namespace <namespace>]` prints:
     `--system-default-container-registry <registry>` and, for a namespace other than gpustack,
