@@ -537,3 +537,18 @@ def test_upstream_gpustack_loads_the_catalog_with_the_placed_paths(
     if series == "0":
         wanted.append(("local_path", str(dest / "tiny-gguf" / GGUF), "llama-box"))
     assert rows == sorted(wanted)
+
+
+def test_the_pin_check_names_a_model_without_a_lock_and_its_lock_command(root, tmp_path, hub):
+    ctx = context(root, tmp_path, hub.url)
+    models = ctx.models(["tiny-gguf", "tiny-st"])
+    model_bundles.lock(ctx, models[0])
+    with pytest.raises(BundleError) as err:
+        commands.check_pins(ctx, [], models)
+    message = str(err.value)
+    assert "1 of 2 bundles have no committed, current pins for a frozen build: model-tiny-st" in (
+        message
+    )
+    assert "run `invoke lock --model tiny-st` online" in message
+    assert "refresh-pins" not in message  # the workflow locks cells, not models
+    commands.check_pins(ctx, [], models[:1])  # a current lock passes, offline

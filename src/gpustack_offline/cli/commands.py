@@ -111,13 +111,28 @@ def check_pins(ctx: Context, cells: Sequence[Cell], models: Sequence[Model] = ()
                 console.print(f"{name}: {problem}", style="red", markup=False, soft_wrap=True)
     kind = "cells" if not models else "bundles"
     if missing:
+        unpinned_models = [m.name for m in models if m.bundle_id in missing]
+        fix = (
+            f"run the {REFRESH_WORKFLOW} workflow (Actions → refresh-pins → Run workflow; it runs "
+            "`invoke lock --tools` online), merge its pull request, then release again"
+        )
+        if unpinned_models:  # the workflow locks cells only
+            fix = (
+                f"{fix if len(unpinned_models) < len(missing) else ''}"
+                f"{'; for the models, ' if len(unpinned_models) < len(missing) else ''}run "
+                f"`invoke lock --model {' --model '.join(unpinned_models)}` online, review and "
+                "commit bundles/locks/models/"
+            )
         raise BundleError(
             f"{len(missing)} of {len(checks)} {kind} have no committed, current pins for a frozen "
-            f"build: {', '.join(missing)}. Fix: run the {REFRESH_WORKFLOW} workflow (Actions → "
-            "refresh-pins → Run workflow; it runs `invoke lock --tools` online), merge its pull "
-            "request, then release again"
+            f"build: {', '.join(missing)}. Fix: {fix}"
         )
-    console.print(f"{len(checks)} {kind}: lock, tools sums and image pins committed and current")
+    if not cells:
+        console.print(f"{len(checks)} model(s): locks committed and current")
+    else:
+        console.print(
+            f"{len(checks)} {kind}: lock, tools sums and image pins committed and current"
+        )
 
 
 def build(ctx: Context, cells: Sequence[Cell], models: Sequence[Model] = ()) -> list[Result]:
