@@ -393,10 +393,12 @@ def shipped(
     return out
 
 
-def install(bundle: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+def install(
+    bundle: Path, *args: str | Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         ["bash", bundle / "install-model.sh", *map(str, args)],
-        capture_output=True, text=True, timeout=120, check=False,
+        capture_output=True, text=True, timeout=120, check=False, env=env,
     )  # fmt: skip
     print(proc.stdout, proc.stderr)
     return proc
@@ -460,6 +462,26 @@ def test_a_flipped_byte_in_a_model_file_is_refused_naming_the_file(shipped, tmp_
     assert proc.returncode == 3
     assert f"altered (checksum mismatch): models/tiny-gguf/{GGUF}" in proc.stderr
     assert not dest.exists()  # nothing placed, no catalog
+
+
+def test_a_copy_that_breaks_off_leaves_no_file_under_its_final_name(shipped, tmp_path, files):
+    """A copy cut short (a full disk, a pulled drive: here a `cp` that writes half and fails)
+    leaves neither the partial file nor a catalog; the next run places the file whole."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "cp").write_text(
+        '#!/bin/sh\n[ "$1" = -- ] && shift\nhead -c 1000000 "$1" > "$2"\n'
+        'echo "cp: error writing $2: No space left on device" >&2\nexit 1\n'
+    )
+    (bindir / "cp").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    dest = tmp_path / "models"
+    proc = install(shipped["model-tiny-gguf"], "--dest", dest, env=env)
+    assert proc.returncode == 5 and "No space left on device" in proc.stderr
+    assert sorted(p.name for p in (dest / "tiny-gguf").iterdir()) == []  # no .part, no file
+    assert not (dest / "model-catalog.yaml").exists()
+    assert install(shipped["model-tiny-gguf"], "--dest", dest).returncode == 0
+    assert (dest / "tiny-gguf" / GGUF).read_bytes() == files[GGUF]
 
 
 def test_the_installer_leaves_a_hand_written_catalog_alone(shipped, tmp_path):
@@ -552,3 +574,18 @@ def test_the_pin_check_names_a_model_without_a_lock_and_its_lock_command(root, t
     assert "run `invoke lock --model tiny-st` online" in message
     assert "refresh-pins" not in message  # the workflow locks cells, not models
     commands.check_pins(ctx, [], models[:1])  # a current lock passes, offline
+
+
+def test_a_hub_token_reaches_the_hub_and_nothing_written(root, tmp_path, hub, monkeypatch):
+    """A gated model's HF_TOKEN is sent to the endpoint with the API question and every
+    download, and lands in no lock, bundle or cache file."""
+    secret = "hf_plantedSecretToken0123456789"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    ctx = context(root, tmp_path, hub.url)
+    before = len(hub.requests())
+    commands.build(ctx, [], ctx.models(["tiny-st"]))
+    seen = hub.requests()[before:]
+    assert seen and all(s.authorization == f"Bearer {secret}" for s in seen)
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path

@@ -66,6 +66,7 @@ class Seen:
     method: str
     path: str
     range: str | None
+    authorization: str | None = None  # the header as sent (a gated model's token)
 
 
 class HubStandIn:
@@ -191,7 +192,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         hub = cast("LoopbackServer[HubStandIn]", self.server).owner
         url = urllib.parse.urlsplit(self.path)
         path = urllib.parse.unquote(url.path)
-        hub._record(Seen(self.command, path, self.headers.get("Range")))
+        hub._record(
+            Seen(self.command, path, self.headers.get("Range"), self.headers.get("Authorization"))
+        )
         if match := _API.fullmatch(path):
             self._api(hub, match["repo"], match["rev"] or "main", "blobs=true" in url.query)
         elif match := _RESOLVE.fullmatch(path):
