@@ -193,8 +193,9 @@ def test_a_docker_site_gets_the_benchmark_image_and_only_k8s_asks_for_the_rest(
     assert {i.role for i in extra} == {"k8s"}
     assert "docker.io/gpustack/gpustack-operator:v0.9.2" in {i.reference for i in extra}
     assert {i.platform for i in extra} == {"linux/amd64"}
+    assert v23.path is not None
     via_cell = runners.cell_selection(
-        Path(v23.path).parent, "2.3.0", "amd64", "cuda12.9", ["vllm", "k8s"]
+        v23.path.parent, "2.3.0", "amd64", "cuda12.9", ["vllm", "k8s"]
     )
     assert via_cell == k8s
 

@@ -74,6 +74,7 @@ def upstream(request: pytest.FixtureRequest, root: Path) -> tuple[str, dict]:
     opts = resolve(root)
     python = gpustack_venv(version, [], Path(opts.cache_dir), opts.index_url)
     data = runners.load(root / "bundles" / "runners", version)
+    assert data.path is not None
     queries = []
     for arch, device, extras in CELLS:
         selection = runners.cell_selection(data.path.parent, version, arch, device, extras)

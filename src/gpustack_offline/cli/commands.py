@@ -6,14 +6,15 @@ messages the wiring prints without a traceback.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.table import Table
@@ -23,6 +24,7 @@ from gpustack_offline.core import docker
 from gpustack_offline.core.context import Context
 from gpustack_offline.core.errors import BundleError, CellError, debugging, describe
 from gpustack_offline.core.matrix import AXES, Cell
+from gpustack_offline.core.models import Model, is_model_bundle
 from gpustack_offline.core.options import resolve
 from gpustack_offline.verify.common import Report, Unverifiable
 
@@ -37,6 +39,13 @@ def _recipes() -> ModuleType:
     from gpustack_offline import recipes
 
     return recipes
+
+
+def _models() -> ModuleType:
+    """The model bundles' steps, imported when a model is locked or built (as `_recipes`)."""
+    from gpustack_offline.recipes import models
+
+    return models
 
 
 # Context: where the wiring takes it
@@ -138,44 +147,74 @@ def _contents_text(contents: Contents) -> str:
     return captured.get()
 
 
-def lock(ctx: Context, cells: Sequence[Cell], tools: bool = False) -> list[Path]:
+def lock(
+    ctx: Context, cells: Sequence[Cell], tools: bool = False, models: Sequence[Model] = ()
+) -> list[Path]:
     """Resolve pip cells into their locks (with `tools`, also record the sums of the assets
     upstream's download-tools fetches for them); pin docker cells' image tags to today's digests
-    (for GPUStack 2.x after reading upstream's runner list again). Prints what moved, one
-    unwrapped `  moved: ` line each, which the refresh workflow collects for its pull request."""
+    (for GPUStack 2.x after reading upstream's runner list again); pin models' revisions to
+    commits and their files to sha256. Prints what moved, one unwrapped `  moved: ` line each,
+    which the refresh workflow collects for its pull request."""
+    jobs: list[tuple[str, Callable[[], Any]]] = [
+        (c.id, functools.partial(_recipes().lock, ctx, c, tools)) for c in cells
+    ]
+    jobs += [(m.bundle_id, functools.partial(_models().lock, ctx, m)) for m in models]
     paths = []
-    for cell in cells:
-        console.print(f"locking {cell.id}", markup=False, soft_wrap=True)
-        locked = _recipes().lock(ctx, cell, tools)
+    for name, locking in jobs:
+        console.print(f"locking {name}", markup=False, soft_wrap=True)
+        locked = locking()
         for change in locked.moved:
             console.print(f"  moved: {change}", markup=False, soft_wrap=True)
         paths.append(locked.path)
     return paths
 
 
-def check_pins(ctx: Context, cells: Sequence[Cell]) -> None:
-    """Refuse, before anything is built, cells that a frozen build would refuse for want of a
-    committed, current lock, tools sums or image pins: each cell's reasons, then one error
-    naming the cells and the workflow that writes the pins."""
+def check_pins(ctx: Context, cells: Sequence[Cell], models: Sequence[Model] = ()) -> None:
+    """Refuse, before anything is built, cells (and models) that a frozen build would refuse
+    for want of a committed, current lock, tools sums or image pins: each one's reasons, then
+    one error naming them and the workflow that writes the pins."""
     missing = {}
-    for cell in cells:
-        problems = _recipes().unpinned(ctx, cell)
+    checks: list[tuple[str, Callable[[], list[str]]]] = [
+        (c.id, functools.partial(_recipes().unpinned, ctx, c)) for c in cells
+    ]
+    checks += [(m.bundle_id, functools.partial(_models().unpinned, ctx, m)) for m in models]
+    for name, unpinned in checks:
+        problems = unpinned()
         if problems:
-            missing[cell.id] = problems
+            missing[name] = problems
             for problem in problems:
-                console.print(f"{cell.id}: {problem}", style="red", markup=False, soft_wrap=True)
+                console.print(f"{name}: {problem}", style="red", markup=False, soft_wrap=True)
+    kind = "cells" if not models else "bundles"
     if missing:
-        raise BundleError(
-            f"{len(missing)} of {len(cells)} cells have no committed, current pins for a frozen "
-            f"build: {', '.join(missing)}. Fix: run the {REFRESH_WORKFLOW} workflow (Actions → "
-            "refresh-pins → Run workflow; it runs `invoke lock --tools` online), merge its pull "
-            "request, then release again"
+        unpinned_models = [m.name for m in models if m.bundle_id in missing]
+        fix = (
+            f"run the {REFRESH_WORKFLOW} workflow (Actions → refresh-pins → Run workflow; it runs "
+            "`invoke lock --tools` online), merge its pull request, then release again"
         )
-    console.print(f"{len(cells)} cells: lock, tools sums and image pins committed and current")
+        if unpinned_models:  # the workflow locks cells only
+            fix = (
+                f"{fix if len(unpinned_models) < len(missing) else ''}"
+                f"{'; for the models, ' if len(unpinned_models) < len(missing) else ''}run "
+                f"`invoke lock --model {' --model '.join(unpinned_models)}` online, review and "
+                "commit bundles/locks/models/"
+            )
+        raise BundleError(
+            f"{len(missing)} of {len(checks)} {kind} have no committed, current pins for a frozen "
+            f"build: {', '.join(missing)}. Fix: {fix}"
+        )
+    if not cells:
+        console.print(f"{len(checks)} model(s): locks committed and current")
+    else:
+        console.print(
+            f"{len(checks)} {kind}: lock, tools sums and image pins committed and current"
+        )
 
 
-def build(ctx: Context, cells: Sequence[Cell], since: Path | None = None) -> list[Result]:
-    """Build every selected cell; report each failure and go on, then fail if any failed.
+def build(
+    ctx: Context, cells: Sequence[Cell], models: Sequence[Model] = (), *, since: Path | None = None
+) -> list[Result]:
+    """Build every selected cell and model; report each failure and go on, then fail if any
+    failed.
 
     With the `split` option, each bundle is also cut into volumes for transfer media; with
     `write=volumes`, only into volumes, streamed from the folder (no whole tar). With `since`
@@ -186,10 +225,14 @@ def build(ctx: Context, cells: Sequence[Cell], since: Path | None = None) -> lis
     base = delta.read_base(since) if since is not None else None  # a bad base fails first
     results: list[Result] = []
     failures: list[tuple[str, BundleError]] = []
-    for cell in cells:
-        console.print(f"building {cell.id}", style="bold", markup=False)
+    jobs: list[tuple[str, Callable[[], Result]]] = [
+        (c.id, functools.partial(_recipes().build, ctx, c)) for c in cells
+    ]
+    jobs += [(m.bundle_id, functools.partial(_models().build, ctx, m)) for m in models]
+    for name, building in jobs:
+        console.print(f"building {name}", style="bold", markup=False)
         try:
-            result = _recipes().build(ctx, cell)
+            result = building()
             if size:
                 written = (
                     volumes.split(result.tar, size)
@@ -202,20 +245,21 @@ def build(ctx: Context, cells: Sequence[Cell], since: Path | None = None) -> lis
             results.append(result)
         except BundleError as exc:
             # markup off: messages quote things like [tool.gpustack-offline]
-            console.print(f"{cell.id}: {exc}", style="red", markup=False, soft_wrap=True)
-            failures.append((cell.id, exc))
+            console.print(f"{name}: {exc}", style="red", markup=False, soft_wrap=True)
+            failures.append((name, exc))
     if results:
         console.print(summary(results))
-    if len(failures) == 1 and len(cells) == 1:
+    if len(failures) == 1 and len(jobs) == 1:
         raise failures[0][1]  # the one error line carries its own reason
     if failures:
-        failed = ", ".join(cell_id for cell_id, _ in failures)
-        raise BundleError(f"{len(failures)} of {len(cells)} cells failed: {failed}")
+        failed = ", ".join(name for name, _ in failures)
+        kind = "cells" if not models else "bundles"
+        raise BundleError(f"{len(failures)} of {len(jobs)} {kind} failed: {failed}")
     return results
 
 
 def _write_delta(ctx: Context, result: Result, base: delta.Base) -> delta.Delta:
-    name = delta.delta_name(result.cell.id, base)
+    name = delta.delta_name(result.id, base)
     made = delta.make(
         result.directory, base, ctx.layout.dist / name, ctx.layout.dist / f"{name}.tar"
     )
@@ -231,11 +275,11 @@ def _write_delta(ctx: Context, result: Result, base: delta.Base) -> delta.Delta:
 def summary(results: Sequence[Result]) -> Table:
     table = Table(title="bundles")
     numeric = ("files", "MB", "seconds")
-    for column in ("cell", *numeric, "lock", "stages", "bundle"):
+    for column in ("bundle", *numeric, "lock", "stages", "path"):
         table.add_column(column, justify="right" if column in numeric else "left")
     for r in results:
         table.add_row(
-            r.cell.id,
+            r.id,
             str(r.files),
             f"{r.bytes / 1e6:.1f}",
             f"{r.seconds:.1f}",
@@ -254,8 +298,9 @@ def _shown(path: Path) -> str:
 
 
 def built_cell_ids(root: Path) -> list[str]:
-    """Ids of the finished bundles in the dist-dir option's folder, for nox to list; none when
-    the options cannot be read (the session then says why)."""
+    """Ids of the finished cell bundles in the dist-dir option's folder, for nox to list (model
+    bundles are not verified in a container yet); none when the options cannot be read (the
+    session then says why)."""
     try:
         dist = resolve(root).path("dist_dir", root)
     except BundleError:
@@ -265,7 +310,8 @@ def built_cell_ids(root: Path) -> list[str]:
     return sorted(
         p.parent.name
         for p in dist.glob("*/manifest.json")
-        if not (p.parent / delta.BASE_FILE).exists()  # a delta is verified by `upgrade`
+        # a delta is verified by `upgrade`; a model bundle has no cell
+        if not (p.parent / delta.BASE_FILE).exists() and not is_model_bundle(p.parent.name)
     )
 
 
