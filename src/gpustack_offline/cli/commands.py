@@ -335,8 +335,8 @@ def delta_names(root: Path) -> list[str]:
 def upgrade_session(root: Path, delta_name: str | None) -> Outcome:
     """`nox -s upgrade(<delta>)`: the base bundle installed, upgraded with the delta, rolled
     back, offline; any failure is one message for the session."""
-    try:
-        ctx = Context.load(root)
+
+    def run(ctx: Context) -> Outcome | None:
         if delta_name is None:
             return Outcome(
                 failed=True,
@@ -350,13 +350,9 @@ def upgrade_session(root: Path, delta_name: str | None) -> Outcome:
             f"{(report.egress or {}).get('hosts_attempted', 0)} outside hosts), rolled back "
             f"({report.note})"
         )
-    except Unverifiable as exc:
-        return Outcome(skipped=True, message=f"NOT VERIFIED: {exc}")
-    except (Exception, KeyboardInterrupt) as exc:
-        if debugging():
-            raise
-        return Outcome(failed=True, message=describe(exc))
-    return Outcome()
+        return None
+
+    return _session(root, run)
 
 
 @dataclass(frozen=True)
@@ -369,8 +365,8 @@ class Outcome:
 def verify_session(root: Path, cell_id: str | None) -> Outcome:
     """`nox -s verify(<cell>)`: verify one bundle; any failure is one message for the session
     (the traceback only with GPUSTACK_OFFLINE_DEBUG=1)."""
-    try:
-        ctx = Context.load(root)
+
+    def run(ctx: Context) -> Outcome | None:
         if cell_id is None:
             return Outcome(
                 failed=True,
@@ -378,13 +374,22 @@ def verify_session(root: Path, cell_id: str | None) -> Outcome:
                 "e.g. `invoke bundle --arch arm64`",
             )
         verify_cell(ctx, ctx.matrix.cell(cell_id))
+        return None
+
+    return _session(root, run)
+
+
+def _session(root: Path, run: Callable[[Context], Outcome | None]) -> Outcome:
+    """A nox session's body: an unverifiable bundle is a skip, any failure one message (the
+    traceback only with GPUSTACK_OFFLINE_DEBUG=1)."""
+    try:
+        return run(Context.load(root)) or Outcome()
     except Unverifiable as exc:
         return Outcome(skipped=True, message=f"NOT VERIFIED: {exc}")
     except (Exception, KeyboardInterrupt) as exc:
         if debugging():
             raise
         return Outcome(failed=True, message=describe(exc))
-    return Outcome()
 
 
 def verify_cell(ctx: Context, cell: Cell) -> Report:
