@@ -37,6 +37,26 @@ def verify(session: nox.Session, cell: str) -> None:
         session.error(outcome.message)
 
 
+def _deltas() -> list[str]:
+    """Delta bundles under dist whose base bundle is there too."""
+    from gpustack_offline.cli import commands
+
+    return commands.delta_names(ROOT)
+
+
+@nox.session(venv_backend="none", default=False)
+@nox.parametrize("delta", [nox.param(d, id=d) for d in _deltas() or ["none-built"]])
+def upgrade(session: nox.Session, delta: str) -> None:
+    """Install a base bundle offline, upgrade it with a delta, roll back (pip cells)."""
+    from gpustack_offline.cli import commands
+
+    outcome = commands.upgrade_session(ROOT, None if delta == "none-built" else delta)
+    if outcome.skipped:
+        session.skip(outcome.message)
+    if outcome.failed:
+        session.error(outcome.message)
+
+
 @nox.session(venv_backend="none")
 def tests(session: nox.Session) -> None:
     """Run the test suite (unit, target and integration; needs Docker and PyPI); not the heavy

@@ -36,6 +36,8 @@ usage() {
   cat <<EOF
 Usage: $PROG [--verify-key KEY] [--prefix DIR] [--python PATH] [--installer uv|pip] [--skip-preflight] [--help]  (pip bundles)
        $PROG [--verify-key KEY] [--prefix DIR] [--registry HOST[:PORT][/PREFIX] [--namespace NS]] [--skip-preflight] (docker bundles)
+       $PROG --inventory FILE [--prefix DIR] [--registry HOST[:PORT][/PREFIX] [--namespace NS]]
+       $PROG --rollback [--prefix DIR] [--data-dir DIR]
 
 A pip bundle (INSTALL_METHOD=pip in bundle.env) installs GPUStack into DIR/releases/<release>
 with the uv the bundle carries (INSTALLER_WHEEL; pip where uv cannot run), loads the bundle's tools
@@ -66,6 +68,21 @@ registry for every image (one per line), and DIR/registry.env for a namespace ot
   --verify-key KEY   before anything else, check SHA256SUMS.sig against KEY, the release's
                      public key file (gpg --export, binary or armored), with gpgv
   --skip-preflight   do not run preflight.sh before installing
+  --data-dir DIR     GPUStack's data directory, whose database.db an upgrade copies before the
+                     new release's first start (default: data_dir in DIR/gpustack.yaml, else
+                     /var/lib/gpustack); pip bundles only
+  --base DIR         a delta bundle (base.json) takes the pieces it left out from DIR/store of
+                     the prefix, this earlier bundle folder, and with --registry the registry
+  --inventory FILE   write what this site holds (installed bundles, every kept wheel and tool
+                     sha256, with --registry the registry's blobs of our images) as JSON for
+                     'invoke bundle --since FILE'; installs nothing
+  --rollback         point current back at the previous release and restore the database copy
+                     taken when the release after it was installed (docker bundles: print the
+                     previous run line)
+
+Every install keeps the bundle's manifest under DIR/bundles/ and its wheels and tools archive
+under DIR/store/sha256/ (hard links when on the same file system), so that a later delta bundle
+needs to carry only what is new.
   --help             show this help
 
 Exit status: 0 installed, 2 usage error, 3 damaged bundle or unsafe tools archive,
@@ -104,7 +121,7 @@ absolute() {
 
 parse_args() {
   PREFIX=/opt/gpustack PY="" SKIP_PREFLIGHT=0 REGISTRY="" HAS_REGISTRY=0 VERIFY_KEY="" INSTALLER=""
-  NAMESPACE=""
+  NAMESPACE="" DATA_DIR="" BASE_DIR="" INVENTORY="" ROLLBACK=0
   # Which pip-only options were given, to refuse them for a docker bundle.
   PIP_OPTIONS=()
   while (($# > 0)); do
@@ -122,6 +139,13 @@ parse_args() {
       --verify-key) (($# >= 2)) || die 2 "--verify-key needs a public key file; see --help"; VERIFY_KEY=$(absolute "$2"); shift 2 ;;
       --verify-key=*) VERIFY_KEY=$(absolute "${1#*=}"); shift ;;
       --skip-preflight) SKIP_PREFLIGHT=1; shift ;;
+      --data-dir) (($# >= 2)) || die 2 "--data-dir needs a directory; see --help"; DATA_DIR=$(absolute "$2"); shift 2 ;;
+      --data-dir=*) DATA_DIR=$(absolute "${1#*=}"); shift ;;
+      --base) (($# >= 2)) || die 2 "--base needs an earlier bundle folder; see --help"; BASE_DIR=$(absolute "$2"); shift 2 ;;
+      --base=*) BASE_DIR=$(absolute "${1#*=}"); shift ;;
+      --inventory) (($# >= 2)) || die 2 "--inventory needs a file to write; see --help"; INVENTORY=$(absolute "$2"); shift 2 ;;
+      --inventory=*) INVENTORY=$(absolute "${1#*=}"); shift ;;
+      --rollback) ROLLBACK=1; shift ;;
       -h | --help) usage; exit 0 ;;
       *) die 2 "unknown argument: $1; see --help" ;;
     esac
@@ -183,7 +207,7 @@ listed_files() {
 
 # Paths present in the bundle, relative, except SHA256SUMS itself and its signature.
 present_files() {
-  find . \( -type f -o -type l \) ! -path ./SHA256SUMS ! -path ./SHA256SUMS.sig -print | sed 's|^\./||'
+  find . \( -type f -o -type l \) ! -path ./SHA256SUMS ! -path ./SHA256SUMS.sig ! -path ./base.json -print | sed 's|^\./||'
 }
 
 # The signature covers SHA256SUMS, which covers every file: checked first, with the site's key
@@ -201,6 +225,7 @@ verify_bundle() {
   local out line problems=0
   [[ -f SHA256SUMS ]] || die 3 "SHA256SUMS not found in $BUNDLE: the bundle is incomplete; re-copy the whole bundle from the source media"
   command -v sha256sum >/dev/null || die 3 "sha256sum not found; install coreutils to verify the bundle"
+  if [[ -f base.json ]]; then complete_delta; fi
   say "verifying the bundle against SHA256SUMS"
 
   # --quiet prints only problems: "path: FAILED" (altered), "path: FAILED open or read" (missing).
@@ -237,6 +262,246 @@ verify_bundle() {
   say "bundle verified"
 }
 
+# ---------------------------------------------------------------------------------------------
+# Deltas: a bundle with base.json left out the pieces (wheels, tools, image blobs) that the site
+# already holds. Each missing file SHA256SUMS lists is taken from the prefix's store, the --base
+# bundle, or (image blobs, with --registry) the site registry, and checked with every other file
+# below. One piece found nowhere stops the install before anything changes, naming each.
+
+# The repositories base.json names for the image blob HEX, space-separated (one entry a line).
+blob_repositories() {
+  grep -F "\"sha256\": \"$1\"" base.json | sed -n 's/.*"repositories": \[\([^]]*\)\].*/\1/p' | tr -d '" ' | tr ',' ' '
+}
+
+# fetch_blob HEX DEST: from the site registry, under any repository that holds it.
+fetch_blob() {
+  local hex=$1 dest=$2 repo url
+  ((HAS_REGISTRY)) && command -v curl >/dev/null 2>&1 || return 1
+  for repo in $(blob_repositories "$hex"); do
+    url=$(registry_ref "$repo:x")
+    url=${url%:x}
+    for scheme in $(registry_schemes); do
+      if curl -fsSL --retry 2 -o "$dest.tmp" "$scheme://${url%%/*}/v2/${url#*/}/blobs/sha256:$hex" 2>/dev/null; then
+        mv -f -- "$dest.tmp" "$dest"
+        return 0
+      fi
+    done
+  done
+  rm -f -- "$dest.tmp"
+  return 1
+}
+
+# https first, and plain http for a registry on this host or listed as insecure by the operator.
+registry_schemes() {
+  case ${REGISTRY%%/*} in
+    127.0.0.1* | localhost*) printf 'http https' ;;
+    *) printf 'https http' ;;
+  esac
+}
+
+# place SRC DEST: a hard link when on the same file system, else a copy; never half-written.
+place() {
+  mkdir -p -- "$(dirname -- "$2")" || return 1
+  ln -f -- "$1" "$2" 2>/dev/null && return 0
+  cp -f -- "$1" "$2.tmp" && mv -f -- "$2.tmp" "$2"
+}
+
+complete_delta() {
+  local hex path where found missing=() store=$PREFIX/store/sha256 looked
+  looked="$store${BASE_DIR:+, $BASE_DIR}"
+  if ((HAS_REGISTRY)); then looked+=", $REGISTRY"; fi
+  say "delta bundle (base.json): taking the pieces it left out from $looked"
+  while read -r hex path; do
+    path=${path#\*}
+    path=${path#./}
+    [[ -e $path ]] && continue
+    found=""
+    if [[ -f $store/$hex ]]; then
+      place "$store/$hex" "$path" && found=$store
+    fi
+    if [[ -z $found && -n $BASE_DIR ]]; then
+      where=$(sed -n "s/^$hex [ *]\(\.\/\)\{0,1\}//p" "$BASE_DIR/SHA256SUMS" 2>/dev/null | head -n1)
+      if [[ -n $where && -f $BASE_DIR/$where ]]; then place "$BASE_DIR/$where" "$path" && found=$BASE_DIR; fi
+    fi
+    if [[ -z $found && $path == images/blobs/* ]] && fetch_blob "$hex" "$path"; then
+      found=$REGISTRY
+    fi
+    if [[ -n $found && $(sha256sum -- "$path" | cut -c1-64) != "$hex" ]]; then
+      rm -f -- "$path"
+      missing+=("$path (sha256 $hex): the copy in $found is altered")
+      continue
+    fi
+    if [[ -z $found ]]; then missing+=("$path (sha256 $hex): not in the bundle, nor in $looked"); fi
+  done < <(sed -E -n 's/^([0-9a-fA-F]{64}) (.*)$/\1 \2/p' SHA256SUMS)
+  if ((${#missing[@]})); then
+    for path in "${missing[@]}"; do printf '%s: missing piece: %s\n' "$PROG" "$path" >&2; done
+    die 3 "this delta bundle needs ${#missing[@]} piece(s) the site does not hold (listed above); nothing was changed. Install the base it was made for (base.json names it), pass --base with that earlier bundle or --registry with the site registry, or carry the full bundle"
+  fi
+}
+
+# Kept on the site for later deltas and the inventory: the bundle's manifest, sums and
+# bundle.env under PREFIX/bundles/NAME/, and its wheels and tools archive by sha256.
+keep_bundle() {
+  local name=$1 hex path kept=$PREFIX/bundles/$1
+  mkdir -p -- "$kept" "$PREFIX/store/sha256" || die 6 "could not create $kept; check permissions on $PREFIX"
+  for path in manifest.json SHA256SUMS bundle.env; do
+    [[ -f $path ]] && { cp -f -- "$path" "$kept/$path.tmp" && mv -f -- "$kept/$path.tmp" "$kept/$path"; }
+  done
+  while read -r hex path; do
+    path=${path#\*}
+    case $path in
+      wheels/*.whl | tools/*) [[ -f $PREFIX/store/sha256/$hex ]] || place "$path" "$PREFIX/store/sha256/$hex" ||
+        say "warning: could not keep $path in $PREFIX/store" ;;
+    esac
+  done < <(sed -E -n 's/^([0-9a-fA-F]{64}) (.*)$/\1 \2/p' SHA256SUMS)
+  say "kept the manifest in $kept and the bundle's wheels and tools in $PREFIX/store"
+}
+
+json_string() {
+  local v=${1//\\/\\\\}
+  v=${v//\"/\\\"}
+  printf '"%s"' "$v"
+}
+
+# The registry's blobs of every image the kept docker bundles name: the manifest, config and
+# layers of each that the registry answers for (read with the distribution API; nothing pushed).
+registry_blobs() {
+  local env ref target scheme body digest
+  command -v curl >/dev/null 2>&1 || die 5 "curl not found; install it to read the registry for --inventory"
+  for env in "$PREFIX"/bundles/*/bundle.env; do
+    [[ -f $env ]] || continue
+    for ref in $(sed -n 's/^IMAGES=//p' "$env" | tr ',' ' '); do
+      target=$(registry_ref "$ref")
+      for scheme in $(registry_schemes); do
+        if body=$(curl -fsS -D "$TMP_HEADERS" -H 'Accept: application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json' \
+          "$scheme://${target%%/*}/v2/$(sed 's/:\([^:/]*\)$/\/manifests\/\1/' <<<"${target#*/}")" 2>/dev/null); then
+          digest=$(sed -n 's/^[Dd]ocker-[Cc]ontent-[Dd]igest: *\(sha256:[0-9a-f]\{64\}\).*/\1/p' "$TMP_HEADERS")
+          [[ -n $digest ]] && printf '%s\n' "$digest"
+          grep -o 'sha256:[0-9a-f]\{64\}' <<<"$body"
+          break
+        fi
+      done
+    done
+  done | sort -u
+}
+
+write_inventory() {
+  local dir env first=1 name blobs=() hex
+  TMP_HEADERS=$(mktemp) || die 6 "mktemp failed"
+  {
+    printf '{\n  "kind": "gpustack-offline-inventory",\n  "schema": 1,\n  "prefix": %s,\n' "$(json_string "$PREFIX")"
+    printf '  "written_at": "%s",\n  "bundles": [' "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    for dir in "$PREFIX"/bundles/*/; do
+      env=$dir/bundle.env
+      [[ -f $env ]] || continue
+      name=$(basename -- "$dir")
+      ((first)) || printf ','
+      first=0
+      printf '\n    {"cell": %s, "release": %s, "gpustack_version": %s, "manifest_sha256": "%s"}' \
+        "$(json_string "$(sed -n 's/^BUNDLE_CELL=//p' "$env")")" "$(json_string "$name")" \
+        "$(json_string "$(sed -n 's/^GPUSTACK_VERSION=//p' "$env")")" \
+        "$(sha256sum "$dir/manifest.json" 2>/dev/null | cut -c1-64)"
+    done
+    printf '\n  ],\n  "files": ['
+    first=1
+    for hex in "$PREFIX"/store/sha256/*; do
+      [[ -f $hex ]] || continue
+      ((first)) || printf ','
+      first=0
+      printf '\n    "%s"' "$(basename -- "$hex")"
+    done
+    printf '\n  ]'
+    if ((HAS_REGISTRY)); then
+      mapfile -t blobs < <(registry_blobs)
+      printf ',\n  "registry": {"name": %s, "blobs": [' "$(json_string "$REGISTRY")"
+      first=1
+      for hex in "${blobs[@]}"; do
+        ((first)) || printf ','
+        first=0
+        printf '\n    "%s"' "$hex"
+      done
+      printf '\n  ]}'
+    fi
+    printf '\n}\n'
+  } >"$INVENTORY.tmp" || die 6 "could not write $INVENTORY"
+  rm -f -- "$TMP_HEADERS"
+  mv -f -- "$INVENTORY.tmp" "$INVENTORY" || die 6 "could not write $INVENTORY"
+  say "wrote $INVENTORY: $(grep -c '"cell"' "$INVENTORY") bundle(s), $(find "$PREFIX/store/sha256" -type f 2>/dev/null | wc -l) kept file(s)${blobs:+, ${#blobs[@]} registry blob(s)}"
+}
+
+# GPUStack's data directory: --data-dir, else data_dir in the site's gpustack.yaml, else upstream's
+# default for Linux.
+data_dir() {
+  local configured=""
+  if [[ -n $DATA_DIR ]]; then printf '%s' "$DATA_DIR"; return; fi
+  [[ -f $PREFIX/gpustack.yaml ]] &&
+    configured=$(sed -n 's/^data_dir: *//p' "$PREFIX/gpustack.yaml" | tail -n1)
+  printf '%s' "${configured:-/var/lib/gpustack}"
+}
+
+# SQLite's online backup of database $1 into $2 with the first of: the current release's Python,
+# the sqlite3 program. A plain copy would miss what is still in the write-ahead log.
+sqlite_backup() {
+  local py=$PREFIX/current/bin/python
+  if [[ -x $py ]]; then
+    "$py" -I -c 'import sqlite3, sys
+src, dst = sqlite3.connect(sys.argv[1]), sqlite3.connect(sys.argv[2])
+src.backup(dst)
+dst.close()
+src.close()' "$1" "$2"
+  elif command -v sqlite3 >/dev/null 2>&1; then
+    sqlite3 "$1" ".backup '$2'"
+  else
+    return 1
+  fi
+}
+
+# backup_database RELEASE: before the first start of a new release, which migrates the database
+# forward, keep a whole copy for a rollback to RELEASE.
+backup_database() {
+  local db dest
+  db=$(data_dir)/database.db
+  [[ -f $db ]] || { say "no database at $db yet: nothing to copy before the upgrade"; return; }
+  dest=$PREFIX/backups/$1/database.db
+  mkdir -p -- "$(dirname -- "$dest")" || die 6 "could not create $(dirname -- "$dest")"
+  rm -f -- "$dest.tmp"
+  sqlite_backup "$db" "$dest.tmp" ||
+    die 6 "could not copy $db (SQLite backup with $PREFIX/current/bin/python or sqlite3); stop GPUStack, check the free space, and run $PROG again"
+  mv -f -- "$dest.tmp" "$dest" || die 6 "could not write $dest"
+  say "copied $db to $dest before the new release's first start (it migrates the database forward; --rollback restores this copy)"
+}
+
+rollback() {
+  local previous current db backup aside part
+  if [[ -f $PREFIX/run-line.previous.txt && ! -L $PREFIX/current ]]; then
+    say "a docker install: start the previous release again with"
+    cat -- "$PREFIX/run-line.previous.txt"
+    return
+  fi
+  [[ -L $PREFIX/previous ]] ||
+    die 6 "no previous release is recorded in $PREFIX (no $PREFIX/previous): nothing to roll back to"
+  previous=$(readlink -- "$PREFIX/previous")
+  current=$(readlink -- "$PREFIX/current")
+  [[ -e $PREFIX/$previous/.complete ]] ||
+    die 6 "the previous release $PREFIX/$previous is missing or incomplete; reinstall its bundle instead"
+  db=$(data_dir)/database.db
+  backup=$PREFIX/backups/${previous#releases/}/database.db
+  if [[ -f $backup ]]; then
+    # the newer database goes aside whole: its write-ahead log must not meet the older copy
+    aside=$db.before-rollback.$(date -u +%Y%m%dT%H%M%SZ)
+    for part in "" -wal -shm -journal; do
+      if [[ -f $db$part ]]; then mv -f -- "$db$part" "$aside$part" || die 6 "could not move $db$part aside"; fi
+    done
+    { cp -f -- "$backup" "$db.tmp" && mv -f -- "$db.tmp" "$db"; } || die 6 "could not restore $backup to $db"
+    say "restored $db from $backup (the newer database is kept as $aside)"
+  else
+    say "no database copy for ${previous#releases/} in $PREFIX/backups: the database is left as it is"
+  fi
+  atomic_symlink "$previous" "$PREFIX/current" || die 6 "could not point $PREFIX/current at $previous"
+  atomic_symlink "$current" "$PREFIX/previous" || die 6 "could not update $PREFIX/previous"
+  say "current -> $previous (rolled back from $current); start GPUStack again"
+}
+
 # The install method bundle.env names, read without running bundle.env (it is not verified yet),
 # so that options meant for the other kind of bundle are refused before a long verification.
 peek_method() {
@@ -271,7 +536,7 @@ load_bundle_env() {
   [[ -f bundle.env ]] || die 3 "bundle.env not found in $BUNDLE; re-copy the whole bundle from the source media"
   # Optional keys: a value from the caller's environment must not stand in for a missing one.
   TOOLS_ARCHIVE="" INSTALL_METHOD="" IMAGE_ARCHIVE="" IMAGES="" INSTALLER_WHEEL="" START_MODULES=""
-  WORKER_OPTIONS=""
+  WORKER_OPTIONS="" IMAGE_PUSH=""
   # shellcheck source=/dev/null
   . ./bundle.env
   require_keys BUNDLE_CELL GPUSTACK_VERSION
@@ -643,7 +908,78 @@ check_loaded() {
 }
 
 # Tag each image with the registry's name and push it; the registry is the only host contacted.
+# With the bundle's upload list (IMAGE_PUSH) and curl, and a registry that takes anonymous
+# pushes, the bundle's own blobs and manifests are uploaded through the distribution API: the
+# registry then holds exactly the bytes the bundle's sums name, so a later delta bundle can
+# leave out every blob it has. Otherwise docker push, which compresses the layers anew.
 push_images() {
+  local why=""
+  if [[ -z ${IMAGE_PUSH:-} || ! -f ${IMAGE_PUSH:-} ]]; then
+    why="the bundle has no upload list (IMAGE_PUSH)"
+  elif ! command -v curl >/dev/null 2>&1; then
+    why="curl is not installed"
+  elif ! REGISTRY_BASE=$(registry_base); then
+    why="$REGISTRY does not take anonymous pushes (or does not answer /v2/)"
+  fi
+  if [[ -z $why ]]; then
+    push_exact
+  else
+    say "pushing with docker push: $why; the registry's layer digests will differ from the bundle's, so later delta bundles cannot take layers from it"
+    push_with_docker
+  fi
+}
+
+# The URL of the registry's API root that answers GET /v2/ without credentials.
+registry_base() {
+  local scheme code
+  for scheme in $(registry_schemes); do
+    code=$(curl -s -o /dev/null -w '%{http_code}' "$scheme://${REGISTRY%%/*}/v2/" 2>/dev/null) || code=000
+    if [[ $code == 200 ]]; then
+      printf '%s://%s' "$scheme" "${REGISTRY%%/*}"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# upload_blob REPO HEX: the export's blob, unless the repository has it already.
+upload_blob() {
+  local repo=$1 hex=$2 file=$IMAGE_ARCHIVE/blobs/sha256/$2 code location sep
+  code=$(curl -s -o /dev/null -w '%{http_code}' -I "$REGISTRY_BASE/v2/$repo/blobs/sha256:$hex") || code=000
+  [[ $code == 200 ]] && return 0
+  location=$(curl -fsS -X POST -o /dev/null -D - "$REGISTRY_BASE/v2/$repo/blobs/uploads/" |
+    sed -n 's/^[Ll]ocation: *//p' | tr -d '\r') || return 1
+  [[ -n $location ]] || return 1
+  [[ $location == http* ]] || location=$REGISTRY_BASE$location
+  sep='?'
+  [[ $location == *\?* ]] && sep='&'
+  curl -fsS -o /dev/null -T "$file" -H 'Content-Type: application/octet-stream' \
+    "$location${sep}digest=sha256:$hex"
+}
+
+push_exact() {
+  local ref media manifest blobs target repo tag hex
+  say "pushing to $REGISTRY (the bundle's own blobs, through the registry API)"
+  while IFS=$'\t' read -r ref media manifest blobs; do
+    [[ -n $ref ]] || continue
+    target=$(registry_ref "$ref")
+    repo=${target#*/}
+    tag=${repo##*:}
+    repo=${repo%:*}
+    docker tag "$ref" "$target" || die 5 "'docker tag $ref $target' failed (see above)"
+    for hex in $blobs; do
+      upload_blob "$repo" "$hex" ||
+        die 5 "uploading blob sha256:$hex of $ref to $REGISTRY_BASE/v2/$repo failed; check that $REGISTRY answers from this host and has room, then run $PROG --registry $REGISTRY again"
+    done
+    curl -fsS -o /dev/null -X PUT -H "Content-Type: $media" \
+      --data-binary "@$IMAGE_ARCHIVE/blobs/sha256/$manifest" "$REGISTRY_BASE/v2/$repo/manifests/$tag" ||
+      die 5 "uploading the manifest of $ref to $REGISTRY_BASE/v2/$repo failed; run $PROG --registry $REGISTRY again"
+    say "pushed $target@sha256:$manifest"
+    PUSHED+=("$target@sha256:$manifest")
+  done <"$IMAGE_PUSH"
+}
+
+push_with_docker() {
   local ref target out digest
   say "pushing to $REGISTRY"
   for ref in "${IMAGE_REFS[@]}"; do
@@ -844,12 +1180,15 @@ install_docker() {
   check_loaded
   if ((HAS_REGISTRY)); then push_images; fi
   write_docker_env
+  keep_bundle "$BUNDLE_CELL-$(sha256sum SHA256SUMS | cut -c1-12)"
+  if [[ $GPUSTACK_VERSION == 2.* ]] && ((HAS_REGISTRY)); then write_registry_files; fi
+  # The run lines are kept: --rollback prints the previous install's
+  if [[ -f $PREFIX/run-line.txt ]]; then mv -f -- "$PREFIX/run-line.txt" "$PREFIX/run-line.previous.txt"; fi
   if [[ $GPUSTACK_VERSION == 2.* ]]; then
-    if ((HAS_REGISTRY)); then write_registry_files; fi
     print_docker2_next_steps
   else
     print_docker_next_steps
-  fi
+  fi | tee "$PREFIX/run-line.txt"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -872,6 +1211,9 @@ check_current_is_link() {
 switch_current() {
   local previous=""
   [[ -L $PREFIX/current ]] && previous=$(readlink -- "$PREFIX/current")
+  if [[ -n $previous && $previous != "releases/$REL_NAME" ]]; then
+    backup_database "${previous#releases/}"
+  fi
   atomic_symlink "releases/$REL_NAME" "$PREFIX/current" ||
     die 6 "could not point $PREFIX/current at releases/$REL_NAME; check permissions on $PREFIX"
   { mkdir -p -- "$PREFIX/bin" && atomic_symlink ../current/bin/gpustack "$PREFIX/bin/gpustack"; } ||
@@ -879,7 +1221,8 @@ switch_current() {
 
   say "current -> releases/$REL_NAME"
   if [[ -n $previous && $previous != "releases/$REL_NAME" ]]; then
-    say "previous release kept: $previous"
+    atomic_symlink "$previous" "$PREFIX/previous" || die 6 "could not record $PREFIX/previous"
+    say "previous release kept: $previous (install.sh --rollback switches back)"
     say "roll back with: ln -sfn $previous $PREFIX/.current.tmp && mv -T $PREFIX/.current.tmp $PREFIX/current"
   fi
 }
@@ -974,6 +1317,14 @@ main() {
   BUNDLE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
   cd "$BUNDLE"
 
+  if ((ROLLBACK)); then
+    rollback
+    return
+  fi
+  if [[ -n $INVENTORY ]]; then
+    write_inventory
+    return
+  fi
   check_signature
   peek_method
   # Step 2 before sourcing bundle.env: a damaged bundle.env must not be executed.
@@ -991,6 +1342,7 @@ main() {
   REL_NAME=$BUNDLE_CELL-$(sha256sum SHA256SUMS | cut -c1-12)
   REL=$PREFIX/releases/$REL_NAME
   install_release
+  keep_bundle "$REL_NAME"
   find_catalog
   switch_current
   write_site_config

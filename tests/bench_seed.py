@@ -33,8 +33,10 @@ import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import bench
+import bench_delta
 import bench_pip
 from support.gpustack2_images import push_images, runner_images, server_image
 from support.registry_fixture import (
@@ -187,6 +189,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--output", type=Path, default=ROOT / "docs" / "bench.md", help="the report to write"
     )
     parser.add_argument(
+        "--delta-only",
+        action="store_true",
+        help="measure only the delta table and replace it in the report",
+    )
+    parser.add_argument(
         "--pip-only",
         action="store_true",
         help="measure only the pip table and replace it in the report",
@@ -194,7 +201,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.pip_only:
-        return pip_only(args.output)
+        return only(args.output, bench_pip)
+    if args.delta_only:
+        return only(args.output, bench_delta)
     with tempfile.TemporaryDirectory(prefix="gpustack-offline-bench-") as tmp:
         try:
             with hub_registry(Path(tmp) / "hub") as hub:
@@ -215,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 disk_rows=[disk_row],
             )
             text += bench_pip.run(ROOT, logging.info)
+            text += bench_delta.run(ROOT, logging.info)
         except BundleError as exc:
             print(f"bench failed: {exc}", file=sys.stderr)
             return 1
@@ -225,15 +235,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def pip_only(output: Path) -> int:
-    """The pip table alone, put in place of the one in `output` (the rest kept)."""
+def only(output: Path, part: Any) -> int:
+    """One table (`bench_pip` or `bench_delta`) alone, put in place of its section in `output`
+    (the rest kept)."""
     try:
-        section = bench_pip.run(ROOT, logging.info)
+        section = part.run(ROOT, logging.info)
     except BundleError as exc:
         print(f"bench failed: {exc}", file=sys.stderr)
         return 1
     text = output.read_text() if output.is_file() else ""
-    bench.write_report(output, text.split(bench_pip.HEADING, 1)[0].rstrip("\n") + "\n" + section)
+    before, _, after = text.partition(part.HEADING)
+    later = [h for h in (bench_pip.HEADING, bench_delta.HEADING) if h in after]
+    rest = after[after.index(later[0]) :] if later else ""
+    bench.write_report(output, before.rstrip("\n") + "\n" + section + rest)
     print(section)
     return 0
 

@@ -54,7 +54,12 @@ def test_a_2x_bundle_carries_upstreams_images_and_every_worker_reference_resolve
     runner_data = ctx.opts.path("runners_dir", root) / "gpustack-2.3.0.json"
     assert runner_data.read_text() == (root / "bundles/runners/gpustack-2.3.0.json").read_text()
     pin_files = sorted(p.name for p in ctx.opts.path("images_pins_dir", root).iterdir())
-    assert pin_files == ["gpustack-2.3.0.toml", "runner-2.3.0.toml", "runtime-2.3.0.toml"]
+    assert pin_files == [
+        "benchmark-runner-2.3.0.toml",
+        "gpustack-2.3.0.toml",
+        "runner-2.3.0.toml",
+        "runtime-2.3.0.toml",
+    ]
     assert pins
 
     (result,) = commands.build(ctx, [cell])

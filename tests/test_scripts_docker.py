@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import requests
 from support.registry_fixture import (
+    DOCKER_MANIFEST,
+    OCI_MANIFEST,
     DistributionRegistry,
     Hub,
     runnable,
@@ -44,7 +46,7 @@ from test_scripts import (
 from gpustack_offline.bundle.assemble import bundle_env as bundle_env_of
 from gpustack_offline.core.downloads import BlobStore
 from gpustack_offline.core.matrix import Cell, Matrix
-from gpustack_offline.stages.images import export_images, write_layout_tar
+from gpustack_offline.stages.images import PUSH_LIST, export_images, push_list, write_layout_tar
 from gpustack_offline.stages.registry import Reference, Registry
 
 # The loaded name: Docker Hub short form, unique to this module.
@@ -91,10 +93,18 @@ def archive_2x(archive: Archive, tmp_path_factory: pytest.TempPathFactory) -> Ar
     manifest = json.loads((archive.path / "manifest.json").read_text())
     manifest.append({**manifest[0], "RepoTags": [BENCHMARK_2X]})
     manifest[0] = {**manifest[0], "RepoTags": [SERVER_2X]}
+    index = json.loads((archive.path / "index.json").read_text())
+    entry = index["manifests"][0]
+    index["manifests"] = [
+        {**entry, "annotations": {"io.containerd.image.name": f"docker.io/{name}",
+                                  "org.opencontainers.image.ref.name": name.split(":")[1]}}
+        for name in (SERVER_2X, BENCHMARK_2X)
+    ]  # fmt: skip
     for path in sorted(archive.path.rglob("*")):
-        if path.is_file() and path.name != "manifest.json":
+        if path.is_file() and path.name not in ("manifest.json", "index.json"):
             _link(path, root / "images" / path.relative_to(archive.path))
     (root / "images" / "manifest.json").write_text(json.dumps(manifest))
+    (root / "images" / "index.json").write_text(json.dumps(index))
     return Archive(root / "images", archive.image_id)
 
 
@@ -122,6 +132,9 @@ def make_docker_bundle(
                 _link(path, bundle / name / path.relative_to(archive))
     else:
         _link(archive, bundle / name)
+    if (bundle / name / "index.json").is_file():  # the build's upload list, as it writes it
+        (bundle / PUSH_LIST).write_text(push_list(bundle / name))
+        env["IMAGE_PUSH"] = PUSH_LIST
     # As the build writes it: plain KEY=value lines (IMAGES is comma-separated).
     (bundle / "bundle.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
     (bundle / "manifest.json").write_text(json.dumps({"cell": env["BUNDLE_CELL"]}) + "\n")
@@ -306,11 +319,19 @@ def test_install_pushes_to_the_site_registry_and_the_image_pulls_back_the_same(
         repository, tag = target.removeprefix(f"{site_registry.host}/").split(":")
         head = requests.head(
             f"{site_registry.url}/v2/{repository}/manifests/{tag}",
-            headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
+            headers={"Accept": f"{OCI_MANIFEST}, {DOCKER_MANIFEST}"},
             timeout=30,
         )
         assert head.status_code == 200
         assert head.headers["Docker-Content-Digest"] == pushed.group(1)
+        # the bundle's own manifest and blobs, not docker push's recompressed layers
+        (line,) = (bundle / PUSH_LIST).read_text().splitlines()
+        assert pushed.group(1) == f"sha256:{line.split()[2]}"
+        for blob in line.split()[3:]:
+            answer = requests.head(
+                f"{site_registry.url}/v2/{repository}/blobs/sha256:{blob}", timeout=30
+            )
+            assert answer.status_code == 200, blob
         assert run_line(proc.stdout)[-1] == target
         assert f"docker pull {target}" in proc.stdout
 
@@ -504,7 +525,7 @@ def test_a_2x_registry_path_gets_the_flags_its_namespace_needs(
             repository, tag = ref.removeprefix(f"{host}/").split(":")
             answer = requests.head(
                 f"{site_registry.url}/v2/{repository}/manifests/{tag}",
-                headers={"Accept": "application/vnd.docker.distribution.manifest.v2+json"},
+                headers={"Accept": f"{OCI_MANIFEST}, {DOCKER_MANIFEST}"},
                 timeout=10,
             )
             assert answer.status_code == 200, ref
@@ -696,3 +717,81 @@ def test_an_unknown_install_method_is_a_damaged_bundle(tmp_path: Path, dummy_arc
 
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "bundle.env names the install method 'conda'" in error_line(proc)
+
+
+# ---------------------------------------------------------------------------------------------
+# Deltas of docker bundles: layers the site registry holds are left out and fetched back
+
+NEWER = "gpustack-offline-test/runnable:newer"
+
+
+@pytest.fixture(scope="module")
+def newer_archive(hub: Hub, archive: Archive, tmp_path_factory: pytest.TempPathFactory) -> Archive:
+    """A newer image of the same repository: the same layers as IMAGE, a config of its own."""
+    variant = runnable("gpustack-offline-test/newer")
+    hub.push("fixture/runnable", "newer", [variant], index=False)
+    root = tmp_path_factory.mktemp("docker-archive-newer")
+    store = BlobStore(root / "cache")
+    pulled = Registry(store, env=NO_CONFIG).pull(hub.ref("fixture/runnable:newer"), "linux/amd64")
+    image = dataclasses.replace(pulled, reference=Reference.parse(NEWER))
+    export_images([image], store, root / "images")
+    return Archive(root / "images", f"sha256:{image.config.hex}")
+
+
+@pytest.mark.integration
+def test_a_docker_delta_takes_the_layers_the_site_registry_holds(
+    tmp_path: Path,
+    engine: Archive,
+    newer_archive: Archive,
+    site_registry: DistributionRegistry,
+) -> None:
+    from gpustack_offline.bundle import delta
+
+    registry = f"{site_registry.host}/mirror"
+    old = make_docker_bundle(tmp_path / "old", engine.path)
+    new = make_docker_bundle(tmp_path / "new", newer_archive.path, images=NEWER)
+    prefix = prefix_of(old)
+    pushed = [f"{registry}/{IMAGE}", f"{registry}/{NEWER}"]
+    try:
+        proc = install(old, "--registry", registry)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        inventory = tmp_path / "inventory.json"
+        proc = run_script(
+            old, "install.sh", "--prefix", str(prefix), "--inventory", str(inventory),
+            "--registry", registry,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        held = json.loads(inventory.read_text())
+        layers = json.loads((engine.path / "manifest.json").read_text())[0]["Layers"]
+        assert {f"sha256:{layer.rsplit('/', 1)[-1]}" for layer in layers} <= set(
+            held["registry"]["blobs"]
+        )
+
+        made = delta.make(new, delta.read_base(inventory), tmp_path / "delta")
+        left = json.loads((made.directory / delta.BASE_FILE).read_text())["left_out"]
+        assert {e["path"] for e in left} == {f"images/{layer}" for layer in layers}
+        assert all(e["repositories"] == ["gpustack-offline-test/runnable"] for e in left)
+        assert made.carried <= 1.05 * made.floor + 1_000_000
+
+        remove_image(engine.image_id)
+        without = run_script(made.directory, "install.sh", "--prefix", str(prefix))
+        assert without.returncode == 3
+        assert f"install.sh: missing piece: images/{layers[0]} (sha256 " in without.stderr
+
+        proc = run_script(
+            made.directory, "install.sh", "--prefix", str(prefix), "--registry", registry
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert image_id(NEWER) == newer_archive.image_id
+        assert f"pushed {registry}/{NEWER}@sha256:" in proc.stdout
+        assert run_line(proc.stdout)[-1] == f"{registry}/{NEWER}"
+
+        # a docker rollback is the previous install's run line, the data volume the same
+        back = run_script(made.directory, "install.sh", "--prefix", str(prefix), "--rollback")
+        assert back.returncode == 0, back.stdout + back.stderr
+        assert run_line(back.stdout)[-1] == f"{registry}/{IMAGE}"
+        assert "-v gpustack-data:/var/lib/gpustack" in " ".join(run_line(back.stdout))
+    finally:
+        for ref in [*pushed, NEWER]:
+            remove_image(ref)
+        remove_image(newer_archive.image_id)

@@ -1,13 +1,16 @@
-"""One bundle per cell: `dist/<cell-id>/` and `dist/<cell-id>.tar`, with manifest and sums.
+"""One bundle per cell or model: `dist/<id>/` and `dist/<id>.tar`, with manifest and sums.
 
 The folder is assembled beside its final name and renamed into place only when complete, and the
-tar likewise, so an interrupted build never leaves a bundle that looks finished.
+tar likewise, so an interrupted build never leaves a bundle that looks finished. A cell's bundle
+(`assemble`) and a model's (`assemble_model`) list their files, write the SBOM, manifest and
+SHA256SUMS the same way (`_Listing`).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -17,7 +20,7 @@ from typing import Any
 from packaging.utils import canonicalize_name
 
 from gpustack_offline import __version__
-from gpustack_offline.bundle import provenance, sbom, tarball
+from gpustack_offline.bundle import catalog, provenance, sbom, tarball
 from gpustack_offline.core.files import (
     atomic_path,
     link_or_copy,
@@ -25,9 +28,11 @@ from gpustack_offline.core.files import (
     sha256_file,
 )
 from gpustack_offline.core.matrix import Cell
+from gpustack_offline.core.models import Model
 from gpustack_offline.stages import images as images_
 from gpustack_offline.stages import tools
 from gpustack_offline.stages.locks import Lock
+from gpustack_offline.stages.model_locks import ModelLock
 from gpustack_offline.stages.wheels import Wheel, requirements_txt, simple_index
 
 SCHEMA_VERSION = 1
@@ -45,11 +50,14 @@ DEVICE_KEYS = (
     "DEVICE_TOOLKIT", "DEVICE_TOOL", "DEVICE_VERSION_READER", "DEVICE_RUNTIME", "DEVICE_NODES",
     "DEVICE_PATHS", "WORKER_OPTIONS",
 )  # fmt: skip
+MODEL_SCRIPTS = ("install-model.sh", "verify-signature.sh")
+MODEL_README = "README.model.md"  # scripts/ template, shipped as README.md
+MODELS_DIR = "models"  # a model bundle's files: models/<name>/<path in the repository>
 
 
 @dataclass(frozen=True)
 class Result:
-    cell: Cell
+    id: str  # the cell's id, or the model's bundle id
     directory: Path
     tar: Path
     files: int
@@ -85,6 +93,8 @@ def bundle_env(
         # what `gpustack start` loads, one path under site-packages per line: compiled by install.sh
         "START_MODULES": start_modules,
         "IMAGE_ARCHIVE": IMAGE_ARCHIVE if images else "",
+        # what `install.sh --registry` uploads with the bundle's own bytes (see images.push_list)
+        "IMAGE_PUSH": images_.PUSH_LIST if images else "",
         # comma-separated: bundle.env is read by sh and PowerShell, so no value has a space
         "IMAGES": ",".join(_familiar(i.reference) for i in images),
         **device_env(cell),
@@ -134,6 +144,50 @@ def _scripts(cell: Cell) -> tuple[str, ...]:
     return (*entry, "check-tools-archive.py")
 
 
+class _Listing:
+    """The files of a bundle being staged, each with sha256, size, kind and origin; `finish`
+    writes the SBOM, the manifest that lists them and SHA256SUMS over them all."""
+
+    def __init__(self, stage: Path) -> None:
+        self.stage = stage
+        self.files: list[dict[str, Any]] = []
+
+    def add(self, rel: str, kind: str, origin: str, sha256: str | None = None) -> None:
+        path = self.stage / rel
+        self.files.append(
+            {"path": rel, "sha256": sha256 or sha256_file(path), "size": path.stat().st_size,
+             "kind": kind, "origin": origin}
+        )  # fmt: skip
+
+    def texts(self, texts: dict[str, str]) -> None:
+        for rel, text in texts.items():
+            (self.stage / rel).parent.mkdir(parents=True, exist_ok=True)
+            (self.stage / rel).write_text(text)
+            self.add(rel, "lock" if rel.startswith("lock/") else "config", "generated")
+
+    def scripts(self, root: Path, names: Sequence[str]) -> None:
+        for name in names:
+            (self.stage / name).write_bytes((root / "scripts" / name).read_bytes())
+            os.chmod(self.stage / name, 0o755)
+            self.add(name, "script", f"scripts/{name}")
+
+    def finish(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        stage = self.stage
+        manifest["files"] = sorted(self.files, key=lambda f: str(f["path"]))
+        (stage / sbom.SBOM_NAME).write_text(sbom.sbom_for(stage, manifest))
+        self.add(sbom.SBOM_NAME, "sbom", "generated")
+        manifest["files"] = sorted(self.files, key=lambda f: str(f["path"]))
+        (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        sums = [(f["path"], f["sha256"]) for f in self.files]
+        sums.append(("manifest.json", sha256_file(stage / "manifest.json")))
+        (stage / "SHA256SUMS").write_text("".join(f"{h}  {p}\n" for p, h in sorted(sums)))
+        return manifest
+
+
+def _built_at() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def assemble(
     cell: Cell,
     wheels: Iterable[Wheel],
@@ -148,15 +202,8 @@ def assemble(
     """Write the bundle's files into `stage` (the images folder, if any, is already there);
     return the manifest."""
     wheels = list(wheels)
-    files: list[dict[str, Any]] = []
-
-    def add(rel: str, kind: str, origin: str, sha256: str | None = None) -> None:
-        path = stage / rel
-        files.append(
-            {"path": rel, "sha256": sha256 or sha256_file(path), "size": path.stat().st_size,
-             "kind": kind, "origin": origin}
-        )  # fmt: skip
-
+    listing = _Listing(stage)
+    add = listing.add
     for w in wheels:
         link_or_copy(w.path, stage / "wheels" / w.filename)
         add(f"wheels/{w.filename}", "built-wheel" if w.built else "wheel", w.origin)
@@ -182,17 +229,13 @@ def assemble(
         texts[START_MODULES] = "".join(f"{name}\n" for name in start_modules)
     if env["WORKER_OPTIONS"]:
         texts[WORKER_OPTIONS] = "".join(f"{option}\n" for option in cell.worker_options())
+    if images:
+        texts[images_.PUSH_LIST] = images_.push_list(stage / IMAGE_ARCHIVE)
     if lock is not None:
         texts["requirements.txt"] = requirements_txt(cell, wheels, installer)
         texts["lock/pylock.toml"] = lock.path.read_text()
-    for rel, text in texts.items():
-        (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-        (stage / rel).write_text(text)
-        add(rel, "lock" if rel.startswith("lock/") else "config", "generated")
-    for name in _scripts(cell):
-        (stage / name).write_bytes((root / "scripts" / name).read_bytes())
-        os.chmod(stage / name, 0o755)
-        add(name, "script", f"scripts/{name}")
+    listing.texts(texts)
+    listing.scripts(root, _scripts(cell))
     for name in README_TEMPLATES:
         (stage / name).write_text(render((root / "scripts" / name).read_text(), env))
         add(name, "doc", f"scripts/{name}")
@@ -203,7 +246,7 @@ def assemble(
         "cell": cell.as_dict(),
         "gpustack_version": cell.version,
         "tool": {"name": "gpustack-offline", "version": __version__, "commit": commit},
-        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "built_at": _built_at(),
         "lock": (
             {"path": provenance.shown_path(lock.path, root), "sha256": lock.digest()}
             if lock
@@ -211,20 +254,90 @@ def assemble(
         ),
         "tools": tools_archive.manifest() if tools_archive else None,
         "images": [i._asdict() for i in images],
-        "files": sorted(files, key=lambda f: str(f["path"])),
+        "files": [],
     }
     manifest["provenance"] = provenance.provenance(
         root, inputs, tools_archive.manifest() if tools_archive else None,
         [i._asdict() for i in images], commit,
     )  # fmt: skip
-    (stage / sbom.SBOM_NAME).write_text(sbom.sbom_for(stage, manifest))
-    add(sbom.SBOM_NAME, "sbom", "generated")
-    manifest["files"] = sorted(files, key=lambda f: str(f["path"]))
-    (stage / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    sums = [(f["path"], f["sha256"]) for f in files]
-    sums.append(("manifest.json", sha256_file(stage / "manifest.json")))
-    (stage / "SHA256SUMS").write_text("".join(f"{h}  {p}\n" for p, h in sorted(sums)))
-    return manifest
+    return listing.finish(manifest)
+
+
+def model_env(model: Model, lock: ModelLock) -> dict[str, str]:
+    """A model bundle's `bundle.env`, read by install-model.sh (bash alone: values are quoted
+    for it; a path from the hub may hold a space)."""
+    folder = f"{MODELS_DIR}/{model.name}"
+    entries = catalog.fragments(model, lock)
+    return {
+        "BUNDLE_KIND": "model",
+        "BUNDLE_ID": model.bundle_id,
+        "MODEL_NAME": model.name,
+        "MODEL_SOURCE": model.source,
+        "MODEL_REPOSITORY": model.repository,
+        "MODEL_REVISION": model.revision,
+        "MODEL_COMMIT": lock.commit,
+        "MODEL_BACKEND": model.backend,
+        "MODEL_DIR": folder,
+        # what the catalog's local_path names inside the folder; empty: the folder itself
+        "MODEL_ENTRY": model.entry(f.path for f in lock.files),
+        **{
+            f"CATALOG_GPUSTACK_{s}": catalog.fragment_path(s)
+            if catalog.fragment_path(s) in entries
+            else ""
+            for s in catalog.SERIES
+        },
+        "CATALOG_DEFAULT": catalog.default_series(model),
+    }
+
+
+def assemble_model(
+    model: Model,
+    lock: ModelLock,
+    blobs: dict[str, Path],
+    stage: Path,
+    root: Path,
+    inputs: Sequence[Path] = (),
+) -> dict[str, Any]:
+    """Write a model's bundle into `stage`: its files (hard links to the checked blobs),
+    catalog entries, lock, installer; return the manifest. `blobs` maps each locked path to
+    its blob, already checked against the lock's sha256 (so the sums do not read it again)."""
+    listing = _Listing(stage)
+    folder = f"{MODELS_DIR}/{model.name}"
+    origin = f"{model.source} {model.repository}@{lock.commit}"
+    for f in lock.files:
+        link_or_copy(blobs[f.path], stage / folder / f.path)
+        listing.add(f"{folder}/{f.path}", "model-file", origin, f.sha256)
+    env = model_env(model, lock)
+    texts = {
+        "bundle.env": "".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()),
+        f"lock/{model.name}.toml": lock.path.read_text(),
+        **catalog.fragments(model, lock),
+    }
+    listing.texts(texts)
+    listing.scripts(root, MODEL_SCRIPTS)
+    (stage / "README.md").write_text(render((root / "scripts" / MODEL_README).read_text(), env))
+    listing.add("README.md", "doc", f"scripts/{MODEL_README}")
+    commit = provenance.tool_commit(root)
+    manifest: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "bundle": {"id": model.bundle_id, "kind": "model"},
+        "model": {
+            "name": model.name,
+            "source": model.source,
+            "repository": model.repository,
+            "revision": model.revision,
+            "commit": lock.commit,
+            "backend": model.backend,
+            "entry": env["MODEL_ENTRY"],
+            "size": lock.size,
+        },
+        "tool": {"name": "gpustack-offline", "version": __version__, "commit": commit},
+        "built_at": _built_at(),
+        "lock": {"path": provenance.shown_path(lock.path, root), "sha256": lock.digest()},
+        "files": [],
+    }
+    manifest["provenance"] = provenance.provenance(root, inputs, None, [], commit)
+    return listing.finish(manifest)
 
 
 def _add_images(stage: Path, add: Callable[[str, str, str, str | None], None]) -> None:
@@ -261,7 +374,7 @@ def clear_previous(final_dir: Path, tar: Path) -> None:
 
 
 def result(
-    cell: Cell,
+    bundle_id: str,
     final_dir: Path,
     manifest: dict[str, Any],
     started: float,
@@ -270,9 +383,9 @@ def result(
 ) -> Result:
     files = manifest["files"]
     return Result(
-        cell=cell,
+        id=bundle_id,
         directory=final_dir,
-        tar=final_dir.with_name(f"{cell.id}.tar"),
+        tar=final_dir.with_name(f"{bundle_id}.tar"),
         files=len(files) + 2,  # with manifest.json and SHA256SUMS
         bytes=sum(int(f["size"]) for f in files),
         seconds=time.monotonic() - started,

@@ -7,6 +7,10 @@ class CompareError(BundleError):
     """A bundle that cannot be compared: no manifest, or not a bundle at all."""
 
 
+class DeltaError(BundleError):
+    """A base a delta cannot be made against: not an inventory, a bundle or a manifest."""
+
+
 class ReleaseError(BundleError):
     """A bundle that cannot go into a release as it is, or a broken set of index entries."""
 

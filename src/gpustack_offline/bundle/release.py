@@ -104,7 +104,8 @@ def bundle_entry(dist: Path, cell_id: str) -> dict[str, Any]:
         raise ReleaseError(f"{cell_id}: {manifest_path} is missing: not a finished bundle") from exc
     except json.JSONDecodeError as exc:
         raise ReleaseError(f"{manifest_path}: not valid JSON ({exc}); rebuild the bundle") from exc
-    named = (manifest.get("cell") or {}).get("id")
+    # a cell's bundle names its cell; a model's bundle (no GPUStack version) names itself
+    named = (manifest.get("cell") or {}).get("id") or (manifest.get("bundle") or {}).get("id")
     if named != cell_id:
         raise ReleaseError(
             f"{manifest_path} describes cell {named!r}, not {cell_id!r}; rebuild the bundle"
@@ -154,12 +155,16 @@ def bundle_entry(dist: Path, cell_id: str) -> dict[str, Any]:
     entry: dict[str, Any] = {
         "cell": cell_id,
         "gpustack_version": manifest.get("gpustack_version"),
-        "axes": {k: v for k, v in manifest["cell"].items() if k not in {"id", "requirement"}},
+        "axes": {
+            k: v for k, v in (manifest.get("cell") or {}).items() if k not in {"id", "requirement"}
+        },
         "tool": manifest.get("tool"),
         "archive": [_asset(p) for p in archive],
         "manifest_sha256": manifest_sha256,
         "verified": verified,
     }
+    if manifest.get("model"):
+        entry["model"] = manifest["model"]
     entry["size"] = sum(a["size"] for a in entry["archive"])
     for kind, pattern in ASSET_SOURCES.items():
         path = dist / pattern.format(cell=cell_id)
@@ -187,7 +192,9 @@ def index_of(entries: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         seen.add(entry["cell"])
     return {
         "schema_version": SCHEMA_VERSION,
-        "gpustack_versions": sorted({str(e["gpustack_version"]) for e in cells}),
+        "gpustack_versions": sorted(
+            {str(e["gpustack_version"]) for e in cells if e["gpustack_version"]}
+        ),
         "total_size": sum(int(e["size"]) for e in cells),
         "cells": cells,
     }
@@ -246,7 +253,7 @@ def render_markdown(index: Mapping[str, Any]) -> str:
             name = f"`{e['cell']}.tar.*` ({len(archive)} volumes)"
             digest = f"see `{SUMS_NAME}`"
         lines.append(
-            f"| `{e['cell']}` | {e['gpustack_version']} | {name} | {_size(int(e['size']))} "
+            f"| `{e['cell']}` | {e['gpustack_version'] or '-'} | {name} | {_size(int(e['size']))} "
             f"| {digest} | {e['verified']} |"
         )
     return "\n".join(lines) + "\n"

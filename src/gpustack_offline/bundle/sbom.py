@@ -5,6 +5,12 @@ sha256, licence as the wheel declares it, where it came from), every image (refe
 platform, and its layers as sub-components), every tool asset inside the tools archive (version,
 download URL, sha256), and the shipped scripts. The bundle itself is the metadata component.
 
+A model bundle's SBOM describes the model: the metadata component is a `machine-learning-model`
+(purl `pkg:huggingface/<owner>/<name>@<commit>`, its source, repository, revision and commit as
+properties), and each file it carries is a component with its sha256, size and download URL at
+that commit: the weights (GGUF, safetensors, ...) as `machine-learning-model` components with the
+same source properties, the rest (config, tokenizer) as `file` components.
+
 The SBOM is a function of the manifest and the files it lists: the serial number is a uuid5 of
 the manifest's digest and the timestamp is the manifest's `built_at`, so the same bundle always
 gives the same bytes. The SBOM's own entry in the manifest is left out of that digest, so the
@@ -50,6 +56,7 @@ from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from gpustack_offline.bundle.errors import SbomError
 from gpustack_offline.bundle.provenance import tool_url
 from gpustack_offline.core.files import write_text
+from gpustack_offline.stages.hub import DEFAULT_ENDPOINT, file_url
 from gpustack_offline.stages.images import UPSTREAM_DIGEST, read_layout_file
 from gpustack_offline.stages.registry import Reference
 
@@ -83,6 +90,9 @@ _CLASSIFIER_SPDX = {
     "GNU Lesser General Public License v3 (LGPLv3)": "LGPL-3.0-only",
     "GNU Library or Lesser General Public License (LGPL)": "LGPL-2.0-or-later",
 }
+# A model file whose bytes are the model (weights), by suffix; the others are plain files.
+_WEIGHTS = (".gguf", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".h5", ".msgpack",
+            ".tflite", ".npz")  # fmt: skip
 
 
 # --- entry points ---------------------------------------------------------------------------
@@ -153,20 +163,11 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
 
 
 def _bom(stage: Path, manifest: Mapping[str, Any]) -> Bom:
+    if manifest.get("model"):
+        return _model_bom(manifest)
     cell = manifest["cell"]
     digest = manifest_digest(manifest)
-    bom = Bom(serial_number=uuid.uuid5(_SERIAL_NAMESPACE, f"sha256:{digest}"))
-    bom.metadata.timestamp = _timestamp(str(manifest["built_at"]))
-    project = manifest.get("tool") or {}
-    bom.metadata.tools.components.add(
-        Component(
-            type=ComponentType.APPLICATION,
-            name=str(project.get("name", "gpustack-offline")),
-            version=str(project.get("version", "")),
-            bom_ref="tool:gpustack-offline",
-            properties=[Property(name=f"{PREFIX}:commit", value=str(project.get("commit")))],
-        )
-    )
+    bom = _empty_bom(manifest, digest)
     root = Component(
         type=ComponentType.APPLICATION,
         name="gpustack",
@@ -205,6 +206,23 @@ def _bom(stage: Path, manifest: Mapping[str, Any]) -> Bom:
     return bom
 
 
+def _empty_bom(manifest: Mapping[str, Any], digest: str) -> Bom:
+    """The document's frame: serial number from the manifest's digest, its time, this tool."""
+    bom = Bom(serial_number=uuid.uuid5(_SERIAL_NAMESPACE, f"sha256:{digest}"))
+    bom.metadata.timestamp = _timestamp(str(manifest["built_at"]))
+    project = manifest.get("tool") or {}
+    bom.metadata.tools.components.add(
+        Component(
+            type=ComponentType.APPLICATION,
+            name=str(project.get("name", "gpustack-offline")),
+            version=str(project.get("version", "")),
+            bom_ref="tool:gpustack-offline",
+            properties=[Property(name=f"{PREFIX}:commit", value=str(project.get("commit")))],
+        )
+    )
+    return bom
+
+
 def _timestamp(built_at: str) -> datetime:
     try:
         return datetime.strptime(built_at, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
@@ -231,6 +249,92 @@ def _file(entry: Mapping[str, Any]) -> Component:
         bom_ref=f"file:{entry['path']}",
         hashes=[_sha256(entry["sha256"])],
         properties=_properties("file", {"kind": entry.get("kind"), "size": entry.get("size")}),
+    )
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+def _model_bom(manifest: Mapping[str, Any]) -> Bom:
+    model = manifest["model"]
+    bundle_id = str((manifest.get("bundle") or {}).get("id") or f"model-{model['name']}")
+    digest = manifest_digest(manifest)
+    bom = _empty_bom(manifest, digest)
+    owner, _, name = str(model["repository"]).partition("/")
+    source = {
+        "source": model["source"],
+        "repository": model["repository"],
+        "revision": model["revision"],
+        "commit": model["commit"],
+    }
+    root = Component(
+        type=ComponentType.MACHINE_LEARNING_MODEL,
+        name=str(model["name"]),
+        version=str(model["commit"]),
+        group=owner,
+        bom_ref=f"bundle:{bundle_id}",
+        purl=_model_purl(model),
+        description=f"GPUStack offline model bundle {bundle_id}: {model['repository']}",
+        properties=[
+            *_properties(
+                "model",
+                {
+                    **source,
+                    "backend": model.get("backend"),
+                    "entry": model.get("entry"),
+                    "size": model.get("size"),
+                },
+            ),
+            Property(name=f"{PREFIX}:bundle", value=bundle_id),
+            Property(name=f"{PREFIX}:manifest-sha256", value=digest),
+            *_properties("lock", manifest.get("lock") or {}),
+        ],  # fmt: skip
+        external_references=[
+            ExternalReference(
+                type=ExternalReferenceType.WEBSITE,
+                url=XsUri(f"{DEFAULT_ENDPOINT}/{model['repository']}/tree/{model['commit']}"),
+            )
+        ],
+    )
+    bom.metadata.component = root
+    top: list[Component] = []
+    folder = f"models/{model['name']}/"
+    for entry in sorted(manifest.get("files", []), key=lambda f: str(f["path"])):
+        if entry.get("kind") == "model-file":
+            top.append(_model_file(model, source, str(entry["path"]).removeprefix(folder), entry))
+        elif entry.get("kind") == "script":
+            top.append(_file(entry))
+    bom.components.update(top)
+    bom.register_dependency(root, top)
+    return bom
+
+
+def _model_purl(model: Mapping[str, Any]) -> PackageURL:
+    owner, _, name = str(model["repository"]).partition("/")
+    kind = "huggingface" if model["source"] == "huggingface" else "generic"
+    return PackageURL(kind, namespace=owner, name=name, version=str(model["commit"]))
+
+
+def _model_file(
+    model: Mapping[str, Any], source: Mapping[str, Any], path: str, entry: Mapping[str, Any]
+) -> Component:
+    sha = _sha256(entry["sha256"])
+    weights = path.lower().endswith(_WEIGHTS)
+    url = file_url(DEFAULT_ENDPOINT, str(model["repository"]), str(model["commit"]), path)
+    purl = _model_purl(model)
+    return Component(
+        type=ComponentType.MACHINE_LEARNING_MODEL if weights else ComponentType.FILE,
+        name=path,
+        version=str(model["commit"]),
+        bom_ref=f"{purl.to_string()}#{path}",
+        hashes=[sha],
+        external_references=[
+            ExternalReference(type=ExternalReferenceType.DISTRIBUTION, url=XsUri(url), hashes=[sha])
+        ],  # fmt: skip
+        properties=[
+            *(_properties("model", source) if weights else []),
+            *_properties("file", {"path": entry["path"], "size": entry.get("size")}),
+        ],
     )
 
 

@@ -97,6 +97,22 @@ def _select(ctx: Any, selection: dict[str, Any], patterns: list[str] | None = No
     return ctx.select(selection["cell"] or patterns or [], **axes)  # type: ignore[no-any-return]
 
 
+_MODEL_HELP = (
+    "a model of bundles/models.toml, by name or glob (repeatable); with --model alone, no "
+    "cells are selected"
+)
+
+
+def _select_with_models(
+    ctx: Any, selection: dict[str, Any], model: list[str] | None
+) -> tuple[list[Any], list[Any]]:
+    """(cells, models): `--model` alone selects models only; with a cell or axis flag, both."""
+    models = ctx.models(model or [])
+    chose_cells = any(v for v in selection.values())
+    cells = _select(ctx, selection) if chose_cells or not models else []
+    return cells, models
+
+
 @task(
     iterable=["cell"],
     help={**_AXIS_HELP, "json": "print a CI job matrix ({'include': [...]}) instead of a table",
@@ -114,53 +130,84 @@ def matrix(c, selection, json=False, all=False):  # type: ignore[no-untyped-def]
 
 
 @task(
-    iterable=["cell"],
-    help={**_AXIS_HELP, "frozen": "refuse to build a cell whose lock is missing or stale",
+    name="inspect",
+    help={"cell": "the cell id, e.g. v0.7.1-linux-amd64-cpu-py3.11-base-pip",
+          "json": "print JSON (cell, kind, packages, installer, tools, images, totals, "
+                  "missing, warnings) instead of tables"},
+)  # fmt: skip
+@_wired
+def inspect_(c, cell=None, json=False):  # type: ignore[no-untyped-def]
+    """Show what a cell will carry (packages, tools, images, sizes) from committed data alone.
+
+    Nothing is downloaded: the lock, tools sums, runner list and image pins are read."""
+    from gpustack_offline.cli import commands
+
+    ctx = commands.Context.load(_root(c))
+    print(commands.inspect(ctx, cell, json))
+
+
+@task(
+    iterable=["cell", "model"],
+    help={**_AXIS_HELP, "model": _MODEL_HELP,
+          "frozen": "refuse to build a cell or model whose lock is missing or stale",
           "jobs": "parallel downloads", "dist": "output folder (default dist/)",
           "split": "also cut dist/<cell>.tar into volumes of SIZE for transfer media: 4G "
                    "(decimal, fits FAT32), 4GiB (binary), fat32 (4 GiB-1)",
           "write": "what to write beside dist/<cell>/: tar, volumes (needs --split; streamed "
                    "from the folder, no whole tar) or both (default: the tar, and volumes "
-                   "when --split is given)"},
+                   "when --split is given)",
+          "since": "also write a delta: leave out what this base holds (an inventory from "
+                   "`install.sh --inventory`, an earlier bundle folder or .tar, or its "
+                   "manifest.json): dist/<cell>.since-<base>/ and .tar"},
 )  # fmt: skip
 @_wired
 @_selecting
-def bundle(c, selection, frozen=False, jobs=None, dist=None, split=None, write=None):  # type: ignore[no-untyped-def]
-    """Build the bundle of every selected cell into dist/<cell-id>/ and dist/<cell-id>.tar."""
+def bundle(
+    c, selection, frozen=False, jobs=None, dist=None, split=None, write=None, since=None, model=None
+):  # type: ignore[no-untyped-def]
+    """Build the bundle of every selected cell (dist/<cell-id>/, .tar) and model
+    (dist/model-<name>/, .tar); with --since, each one's delta too."""
     from gpustack_offline.cli import commands
 
     # a flag that is not given leaves the option to pyproject and the environment
     cli = {"frozen": frozen or None, "jobs": jobs, "dist_dir": dist, "split": split,
            "write": write}  # fmt: skip
     ctx = commands.Context.load(_root(c), cli=cli)
-    commands.build(ctx, _select(ctx, selection))
+    cells, models = _select_with_models(ctx, selection, model)
+    commands.build(ctx, cells, models, since=Path(since) if since else None)
 
 
 @task(
-    iterable=["cell"],
+    iterable=["cell", "model"],
     help={**_AXIS_HELP, "tools": "pip cells: also run upstream's download-tools for the target "
-          "and record its assets' sums in bundles/tools/ (downloads the tools)"},
+          "and record its assets' sums in bundles/tools/ (downloads the tools)",
+          "model": _MODEL_HELP + "; pins its revision to a commit and its files to sha256 in "
+          "bundles/locks/models/<name>.toml (the hf-endpoint option or HF_ENDPOINT: a mirror)"},
 )  # fmt: skip
 @_wired
 @_selecting
-def refresh(c, selection, tools=False):  # type: ignore[no-untyped-def]
-    """Resolve the selected cells again and rewrite their locks under bundles/locks/."""
+def refresh(c, selection, tools=False, model=None):  # type: ignore[no-untyped-def]
+    """Resolve the selected cells (and models) again and rewrite their locks under
+    bundles/locks/."""
     from gpustack_offline.cli import commands
 
     ctx = commands.Context.load(_root(c))
-    for path in dict.fromkeys(commands.lock(ctx, _select(ctx, selection), tools=tools)):
+    cells, models = _select_with_models(ctx, selection, model)
+    for path in dict.fromkeys(commands.lock(ctx, cells, tools=tools, models=models)):
         print(path)
 
 
-@task(iterable=["cell"], help=_AXIS_HELP)
+@task(iterable=["cell", "model"], help={**_AXIS_HELP, "model": _MODEL_HELP})
 @_wired
 @_selecting
-def check(c, selection):  # type: ignore[no-untyped-def]
-    """Refuse the selected cells whose lock, tools sums or image pins are missing or stale."""
+def check(c, selection, model=None):  # type: ignore[no-untyped-def]
+    """Refuse the selected cells (and models) whose lock, tools sums or image pins are missing
+    or stale."""
     from gpustack_offline.cli import commands
 
     ctx = commands.Context.load(_root(c))
-    commands.check_pins(ctx, _select(ctx, selection))
+    cells, models = _select_with_models(ctx, selection, model)
+    commands.check_pins(ctx, cells, models)
 
 
 @task(iterable=["arch"], help={"arch": "amd64 and/or arm64 (default: both)"})
@@ -204,12 +251,12 @@ def compare(c, a, b):  # type: ignore[no-untyped-def]
 
 
 def namespace() -> Collection:
-    """`invoke matrix`, `invoke bundle`, `invoke lock [--cell …]`, `invoke lock.check`,
-    `invoke images.base`."""
+    """`invoke matrix`, `invoke inspect --cell …`, `invoke bundle`, `invoke lock [--cell …]`,
+    `invoke lock.check`, `invoke images.base`."""
     locks = Collection("lock")
     locks.add_task(refresh, default=True)
     locks.add_task(check)
-    ns = Collection(matrix, bundle, release_index, compare)
+    ns = Collection(matrix, inspect_, bundle, release_index, compare)
     ns.add_collection(locks)
     ns.add_collection(Collection("images", base))
     return ns

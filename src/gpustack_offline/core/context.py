@@ -10,6 +10,7 @@ from pathlib import Path
 from gpustack_offline.core.downloads import BlobStore, RetryPolicy
 from gpustack_offline.core.layout import Layout
 from gpustack_offline.core.matrix import AXES, Cell, Matrix
+from gpustack_offline.core.models import Model, Models
 from gpustack_offline.core.options import Options, resolve
 
 
@@ -34,6 +35,10 @@ class Context:
 
     def select(self, cells: Sequence[str] = (), **axes: str | None) -> list[Cell]:
         return self.matrix.select(list(cells), **{a: v for a, v in axes.items() if a in AXES})
+
+    def models(self, names: Sequence[str]) -> list[Model]:
+        """The models `names` (names or globs) name in the models data; none for no names."""
+        return Models.load(self.layout.models).select(names) if names else []
 
     @property
     def root(self) -> Path:

@@ -509,11 +509,19 @@ class BlobStore:
             return expect
         return self.download(url, http=http, sha256=expect, size=size)
 
-    def fetch_all(self, items: Sequence[Download], jobs: int = 4, show: bool = True) -> list[Path]:
-        """Fetch many files in parallel, with one overall progress bar."""
-        missing = [i for i in items if not self.has(i.sha256)]
+    def fetch_all(
+        self,
+        items: Sequence[Download],
+        jobs: int = 4,
+        show: bool = True,
+        http: requests.Session | None = None,
+    ) -> list[Path]:
+        """Fetch many files in parallel, with one overall progress bar; a sha256 listed twice
+        is fetched once. `http` carries headers the server wants (a token); a plain session by
+        default."""
+        missing = list({i.sha256: i for i in items if not self.has(i.sha256)}.values())
         if missing:
-            http = session()
+            http = http or session()
             columns = (
                 TextColumn("{task.description}", justify="left"),
                 BarColumn(),

@@ -34,6 +34,10 @@ class CudaGateError(WheelError):
     """The wheel set needs a newer CUDA major than the cell's driver floor."""
 
 
+class ModelError(BundleError):
+    """An unknown or malformed model in the models data, or a model source not supported yet."""
+
+
 class IntegrityError(BundleError):
     """Bytes that do not match their recorded digest."""
 

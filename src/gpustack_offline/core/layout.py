@@ -21,6 +21,8 @@ class Layout:
     image_pins: Path  # bundles/images/<repository>-<version>.toml
     runners: Path  # bundles/runners/gpustack-<version>.json
     egress_allowlist: Path
+    models: Path  # bundles/models.toml
+    model_locks: Path  # bundles/locks/models/<name>.toml
     dist: Path
     cache: Path
     signing_key: Path | None  # None: bundles are not signed
@@ -40,6 +42,8 @@ class Layout:
             image_pins=path("images_pins_dir"),
             runners=path("runners_dir"),
             egress_allowlist=path("egress_allowlist"),
+            models=path("models"),
+            model_locks=path("model_locks_dir"),
             dist=path("dist_dir"),
             cache=path("cache_dir"),
             signing_key=path("signing_key") if opts.signing_key else None,

@@ -51,6 +51,11 @@ class Options:
     images_pins_dir: str = "bundles/images"
     # GPUStack 2.x: upstream's runner list per version, written by `invoke lock`
     runners_dir: str = "bundles/runners"
+    # models (bundles/models.toml) and their locks; the Hugging Face endpoint models are locked
+    # and fetched from ("" = $HF_ENDPOINT, else https://huggingface.co): a site mirror works
+    models: str = "bundles/models.toml"
+    model_locks_dir: str = "bundles/locks/models"
+    hf_endpoint: str = ""
     # signing: an exported secret key file ("" = unsigned) and the name of the environment
     # variable holding its passphrase ("" = none); verify_key: the public key `verify` checks with
     signing_key: str = ""

@@ -4,13 +4,19 @@ into a bundle the same way. A new kind is a module here plus its matrix data (do
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from gpustack_offline.bundle.assemble import Result
+from gpustack_offline.bundle.delta import BASE_FILE
 from gpustack_offline.core.context import Context
-from gpustack_offline.core.errors import CellError
+from gpustack_offline.core.errors import CellError, VerifyError
 from gpustack_offline.core.matrix import Cell
 from gpustack_offline.recipes import base, docker0, docker2, pip0
 from gpustack_offline.recipes.base import Locked, Recipe
-from gpustack_offline.verify.common import Report
+from gpustack_offline.recipes.inspection import Contents
+from gpustack_offline.verify import common as verifying
+from gpustack_offline.verify.common import Report, Unverifiable
 
 # (install method, GPUStack major series) -> recipe
 RECIPES: dict[tuple[str, int], Recipe] = {
@@ -45,6 +51,11 @@ def unpinned(ctx: Context, cell: Cell) -> list[str]:
     return for_cell(cell).unpinned(ctx, cell)
 
 
+def contents(ctx: Context, cell: Cell) -> Contents:
+    """What the cell will carry, from the committed data alone (no network)."""
+    return for_cell(cell).contents(ctx, cell)
+
+
 def build(ctx: Context, cell: Cell) -> Result:
     """The cell's bundle, made by its kind's recipe."""
     return base.build(ctx, cell, for_cell(cell))
@@ -53,3 +64,29 @@ def build(ctx: Context, cell: Cell) -> Result:
 def verify(ctx: Context, cell: Cell) -> Report:
     """The cell's bundle verified by its kind's recipe."""
     return base.verify(ctx, cell, for_cell(cell))
+
+
+def verify_upgrade(ctx: Context, delta_dir: Path) -> Report:
+    """The upgrade from the bundle a delta was made against (in the same dist folder) with that
+    delta, verified offline and rolled back; the report is written beside the delta."""
+    try:
+        record = json.loads((delta_dir / BASE_FILE).read_text())
+        cell = ctx.matrix.cell(record["cell"])
+        (old_id,) = record["base"]["cells"][:1]
+    except (OSError, ValueError, KeyError) as exc:
+        raise VerifyError(
+            f"{delta_dir} is not a delta bundle with a base cell ({exc}); make one with "
+            "`invoke bundle --cell NEW --since dist/OLD`"
+        ) from exc
+    old_dir = ctx.layout.bundle(old_id)
+    recipe = for_cell(cell)
+    report_path = ctx.layout.dist / f"{delta_dir.name}.upgrade.verify.json"
+
+    def body(report: Report) -> Report:
+        if not isinstance(recipe, pip0.Pip0):
+            raise Unverifiable(f"{cell.id}: upgrade verification covers pip cells only so far")
+        if not (old_dir / "manifest.json").is_file():
+            raise VerifyError(f"{old_dir}: the base bundle {old_id} is not under dist; build it")
+        return recipe.verify_upgrade(ctx, cell, old_dir, delta_dir, report)
+
+    return verifying.verify(cell, delta_dir, report_path, body)

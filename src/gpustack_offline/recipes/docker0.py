@@ -14,10 +14,12 @@ from gpustack_offline.recipes.base import (
     Locked,
     Parts,
     gather_images,
+    image_contents,
     image_inputs,
     pin_images,
     unpinned_images,
 )
+from gpustack_offline.recipes.inspection import Contents
 from gpustack_offline.stages import images
 from gpustack_offline.stages.registry import Reference
 from gpustack_offline.verify import egress
@@ -41,6 +43,10 @@ class Docker0:
 
     def unpinned(self, ctx: Context, cell: Cell) -> list[str]:
         return unpinned_images(ctx, cell, references(cell))
+
+    def contents(self, ctx: Context, cell: Cell) -> Contents:
+        wanted = references(cell)
+        return image_contents(ctx, cell, self.kind, wanted, dict.fromkeys(wanted, "server"))
 
     def gather(self, ctx: Context, cell: Cell) -> Parts:
         return gather_images(ctx, cell, references(cell))

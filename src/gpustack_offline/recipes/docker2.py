@@ -15,10 +15,12 @@ from gpustack_offline.recipes.base import (
     Parts,
     existing,
     gather_images,
+    image_contents,
     image_inputs,
     pin_images,
     unpinned_images,
 )
+from gpustack_offline.recipes.inspection import Contents, Missing, lock_command, shown
 from gpustack_offline.stages import runners
 from gpustack_offline.stages.registry import Reference
 from gpustack_offline.verify.common import Report
@@ -52,6 +54,21 @@ class Docker2:
         except BundleError as exc:
             return [str(exc)]
         return unpinned_images(ctx, cell, wanted)
+
+    def contents(self, ctx: Context, cell: Cell) -> Contents:
+        """`references` chooses the images; upstream's runner list names each one's role."""
+        data = runners.data_path(ctx.layout.runners, cell.version)
+        if not data.is_file():
+            missing = Missing("runner list", shown(data, ctx.root), lock_command(cell))
+            return Contents(cell.id, self.kind, missing=(missing,))
+        wanted = references(ctx, cell)
+        listed = runners.load(ctx.layout.runners, cell.version)
+        roles = {
+            **{Reference.parse(r.docker_image): "runner" for r in listed.runners},
+            **{Reference.parse(i.image): i.role for i in listed.images},
+            Reference.parse(listed.server): "server",
+        }
+        return image_contents(ctx, cell, self.kind, wanted, roles)
 
     def gather(self, ctx: Context, cell: Cell) -> Parts:
         return gather_images(ctx, cell, references(ctx, cell))

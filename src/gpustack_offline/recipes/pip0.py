@@ -6,12 +6,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from packaging.utils import canonicalize_name
+
 from gpustack_offline.core.context import Context
 from gpustack_offline.core.errors import BundleError
 from gpustack_offline.core.matrix import Cell
 from gpustack_offline.recipes.base import Locked, Parts, existing
-from gpustack_offline.stages import tools
+from gpustack_offline.recipes.inspection import (
+    Contents,
+    Missing,
+    Package,
+    ToolAsset,
+    lock_command,
+    shown,
+)
+from gpustack_offline.stages import targets, tools
 from gpustack_offline.stages.locks import (
+    LockedPackage,
     ensure_lock,
     inputs_for,
     load_overrides,
@@ -20,10 +31,11 @@ from gpustack_offline.stages.locks import (
     read_lock,
 )
 from gpustack_offline.stages.locks import lock_path as pip_lock_path
-from gpustack_offline.stages.wheels import wheelhouse
+from gpustack_offline.stages.wheels import choose, wheelhouse
 from gpustack_offline.verify import egress
 from gpustack_offline.verify.common import Report
 from gpustack_offline.verify.pip import verify_pip
+from gpustack_offline.verify.upgrade import verify_upgrade
 
 
 class Pip0:
@@ -76,6 +88,36 @@ class Pip0:
                 )
         return problems
 
+    def contents(self, ctx: Context, cell: Cell) -> Contents:
+        """The lock's packages for the target (each with the wheel its pip would choose), the
+        installer's wheel, and the tools assets the version's sums record for the target."""
+        layout = ctx.layout
+        missing: list[Missing] = []
+        warnings: list[str] = []
+        packages: list[Package] = []
+        installer: list[Package] = []
+        path = pip_lock_path(layout.locks, cell)
+        if not path.is_file():
+            missing.append(Missing("lock", shown(path, ctx.root), lock_command(cell)))
+        else:
+            lock = read_lock(path)
+            inputs = inputs_for(cell, load_overrides(layout.overrides), ctx.opts.index_url)
+            if lock.inputs_digest != inputs.digest():
+                warnings.append(
+                    f"lock {shown(path, ctx.root)} is stale: its inputs (requirement, overrides, "
+                    f"platform) changed; run `{lock_command(cell)}` and commit it"
+                )
+            installs = lock.installer_names()
+            for package in lock.packages:
+                if targets.marker_applies(cell, package.marker):
+                    chosen = installer if canonicalize_name(package.name) in installs else packages
+                    chosen.append(_package(cell, package))
+        assets = _tool_assets(ctx, cell, missing, warnings)
+        return Contents(
+            cell.id, self.kind, tuple(packages), tuple(installer), assets,
+            missing=tuple(missing), warnings=tuple(warnings),
+        )  # fmt: skip
+
     def inputs(self, ctx: Context, cell: Cell) -> list[Path]:
         """The matrix, the cell's lock, the overrides and the tools lock of its version."""
         layout = ctx.layout
@@ -114,6 +156,17 @@ class Pip0:
             ctx.opts.debian_mirror, report, allowlist,
         )  # fmt: skip
 
+    def verify_upgrade(
+        self, ctx: Context, cell: Cell, old_dir: Path, delta_dir: Path, report: Report
+    ) -> Report:
+        """An install of `old_dir`, upgraded with the delta `delta_dir` of `cell` and rolled
+        back, offline (`verify.upgrade`)."""
+        allowlist = egress.load_allowlist(ctx.layout.egress_allowlist, cell.id)
+        return verify_upgrade(
+            cell, old_dir, delta_dir, ctx.layout.cache, ctx.opts.verify_timeout,
+            ctx.opts.debian_mirror, report, allowlist,
+        )  # fmt: skip
+
     def verified(self, cell: Cell, report: Report) -> str:
         upstream = report.upstream or {}
         return (
@@ -124,6 +177,52 @@ class Pip0:
             f"start: {upstream.get('seconds_to_healthz')}s, {upstream.get('seconds_to_worker')}s,"
             f" {upstream.get('hosts_attempted')} hosts)"
         )
+
+
+def _package(cell: Cell, package: LockedPackage) -> Package:
+    """The file of a locked package the target gets, as `wheels.plan` picks it."""
+    wheel = choose(cell, package)
+    if wheel is not None:
+        return Package(
+            package.name, package.version, wheel.filename, wheel.sha256, wheel.size, "wheel"
+        )
+    if package.sdist is not None:
+        sdist = package.sdist
+        return Package(
+            package.name, package.version, sdist.filename, sdist.sha256, None, "sdist",
+            "no wheel for the target: built from this sdist at bundle time, its size known then",
+        )  # fmt: skip
+    return Package(
+        package.name, package.version, None, None, None, "none",
+        "no wheel for the target and no sdist: a build refuses it; pin a version that has one "
+        "in bundles/overrides.toml",
+    )  # fmt: skip
+
+
+def _tool_assets(
+    ctx: Context, cell: Cell, missing: list[Missing], warnings: list[str]
+) -> tuple[ToolAsset, ...]:
+    """Per program, the assets the version's tools lock records for the cell's target; a program
+    with none is `not pinned`, with the command that records it."""
+    path = tools.lock_path(ctx.layout.tools_locks, cell.version)
+    command = lock_command(cell, tools=True)
+    entries: dict[str, tuple[str, int]] = {}
+    if not path.is_file():
+        missing.append(Missing("tools sums", shown(path, ctx.root), command))
+    else:
+        try:
+            entries = tools.ToolsLock(path, frozen=True).entries
+        except (BundleError, KeyError, TypeError, ValueError) as exc:
+            warnings.append(f"{shown(path, ctx.root)} cannot be read ({exc}); fix or rewrite it")
+    found: list[ToolAsset] = []
+    for program in tools.PROGRAMS:
+        recorded = sorted(
+            p for p in entries if tools.asset_program(p) == program and tools.for_target(p, cell)
+        )
+        found += [ToolAsset(program, p, entries[p][0], entries[p][1]) for p in recorded]
+        if not recorded:
+            found.append(ToolAsset(program, None, None, None, f"not pinned: run `{command}`"))
+    return tuple(found)
 
 
 RECIPE = Pip0()

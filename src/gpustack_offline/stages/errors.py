@@ -45,3 +45,8 @@ class PlatformError(RegistryError):
     def __init__(self, message: str, available: Sequence[Any]) -> None:
         super().__init__(message)
         self.available = tuple(available)  # the registry.Platform values the image has
+
+
+class HubError(BundleError):
+    """The model hub (Hugging Face or a site mirror) cannot be asked, or has no such repository,
+    revision or file."""

@@ -521,6 +521,29 @@ def _check_blob(target: Path, source: Path, desc: Descriptor) -> None:
         )
 
 
+PUSH_LIST = "registry-push.tsv"
+
+
+def push_list(folder: Path) -> str:
+    """What `install.sh --registry` uploads through the distribution API, so that the site
+    registry holds the bundle's own bytes (a later delta can then leave out every blob it has):
+    one line per tagged image, tab-separated: the reference as Docker shows it, the manifest's
+    media type, the manifest blob's sha256, then the config's and each layer's, space-separated."""
+    index = json.loads((folder / "index.json").read_text())
+    lines = []
+    for entry in index["manifests"]:
+        name = entry.get("annotations", {}).get(CONTAINERD_NAME, "")
+        if ":" not in name.rsplit("/", 1)[-1]:
+            continue  # by digest only: nothing to tag
+        manifest_hex = entry["digest"].removeprefix("sha256:")
+        manifest = json.loads((folder / BLOBS / manifest_hex).read_bytes())
+        blobs = [manifest["config"]["digest"], *(layer["digest"] for layer in manifest["layers"])]
+        familiar = name.removeprefix("docker.io/").removeprefix("library/")
+        hexes = " ".join(b.removeprefix("sha256:") for b in blobs)
+        lines.append(f"{familiar}\t{entry['mediaType']}\t{manifest_hex}\t{hexes}\n")
+    return "".join(lines)
+
+
 def layout_members(folder: Path) -> list[str]:
     """The paths of an export folder in the order its tar lists them: the three small files,
     the blob folders, then the blobs by digest (what `write_layout_tar` writes)."""

@@ -37,6 +37,7 @@ import http.server
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tarfile
@@ -275,6 +276,32 @@ def asset_program(path: str) -> str | None:
     parts = path.split("/")
     repo = parts[1] if len(parts) > 1 else ""
     return next((p for p in PROGRAMS if repo in (p, f"{p}-go")), None)
+
+
+# The names an architecture goes by in upstream's asset names (fastfetch says aarch64).
+_ARCH_NAMES = {"amd64": ("amd64", "x86_64"), "arm64": ("arm64", "aarch64")}
+# Toolkit words of llama-box assets built for an accelerator (a CPU build names none of them).
+_ACCELERATORS = ("cuda", "rocm", "hip", "cann", "musa", "dcu", "corex", "vulkan", "sycl")
+
+
+def for_target(path: str, cell: Cell) -> bool:
+    """Whether a recorded asset is one download-tools fetches for the cell's target, judged by
+    its file name (`dl-llama-box-linux-amd64-cuda-12.4.zip`, `gguf-parser-windows-amd64.exe`,
+    `fastfetch-linux-aarch64.zip`): the target's OS and architecture and, for llama-box, its
+    toolkit (the cell's CUDA version, or no accelerator at all). Which assets a run fetches is
+    known for sure only by running it; a version's tools lock records what such runs fetched."""
+    name = path.rsplit("/", 1)[-1].lower()
+
+    def names(word: str) -> bool:
+        return re.search(rf"(^|[-_.]){re.escape(word)}([-_.]|$)", name) is not None
+
+    if not names(cell.os) or not any(names(a) for a in _ARCH_NAMES.get(cell.arch, (cell.arch,))):
+        return False
+    if asset_program(path) != "llama-box":
+        return True
+    if cell.cuda:
+        return names(f"cuda-{cell.cuda}")
+    return not any(word in name for word in _ACCELERATORS)
 
 
 def program_of(name: str) -> str | None:

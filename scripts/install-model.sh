@@ -1,0 +1,364 @@
+#!/usr/bin/env bash
+# install-model.sh: place a model bundle's files on an air-gapped GPUStack site and register the
+# model in a GPUStack model catalog (`source: local_path`), for the server's --model-catalog-file.
+#
+# Order matters: every file of the bundle is checked against SHA256SUMS (and, with --verify-key,
+# SHA256SUMS against its signature) before anything on the system changes. Each model file is
+# then copied beside its final name, checked again where it landed, and renamed into place, so a
+# file under its final name is always whole; a file already there with the right sum is kept.
+# The catalog is written last (a temporary file beside it, renamed), so a model whose files are
+# not all in place is never registered.
+#
+# The catalog file is this script's own: a header line names its format (GPUStack 0.x: a list of
+# model sets with templates; 2.x: model_sets with specs, and draft_models), and each model's entry
+# sits between two marker lines, replaced when that model is installed again; other models'
+# entries are kept. A catalog written by hand is not edited: name a new file with --catalog.
+#
+# Exit status: 0 placed and registered, 2 usage error, 3 damaged bundle, 5 placing the files or
+# writing the catalog failed (nothing registered), 7 signature refused or not checkable.
+set -euo pipefail
+
+PROG=install-model.sh
+DEFAULT_DEST=/var/lib/gpustack/models
+HEADER_PREFIX='# GPUStack model catalog (gpustack-offline, format gpustack-'
+
+usage() {
+  cat <<EOF
+Usage: $PROG [--dest DIR] [--catalog FILE] [--gpustack 0|2] [--verify-key KEY] [--help]
+
+Checks every file of this model bundle against SHA256SUMS, places the model's files under
+DIR/<model name>/ and writes (or merges into) a GPUStack model catalog that names them with
+source: local_path. Start the GPUStack server with --model-catalog-file FILE to offer the model.
+
+  --dest DIR         where models go, each in a folder of its name (default: $DEFAULT_DEST);
+                     give a shared mount every worker sees at the same path
+  --catalog FILE     the catalog to write or merge into (default: DIR/model-catalog.yaml); an
+                     existing one must have been written by $PROG
+  --gpustack 0|2     the catalog format: GPUStack 0.x or 2.x (default: the existing catalog's,
+                     else the bundle's CATALOG_DEFAULT: 0 for llama-box models, else 2)
+  --verify-key KEY   before anything else, check SHA256SUMS.sig against KEY, the release's
+                     public key file, with gpgv
+  --help             show this help
+
+Exit status: 0 placed and registered, 2 usage error, 3 damaged bundle, 5 placing or
+registering failed (nothing registered), 7 signature refused or not checkable.
+EOF
+}
+
+# die CODE MESSAGE: the one error line every failure ends with.
+die() {
+  local code=$1
+  shift
+  printf '%s: error: %s\n' "$PROG" "$*" >&2
+  exit "$code"
+}
+
+say() { printf '%s: %s\n' "$PROG" "$*"; }
+
+absolute() {
+  case $1 in
+    /*) printf '%s' "$1" ;;
+    *) printf '%s/%s' "$PWD" "$1" ;;
+  esac
+}
+
+parse_args() {
+  DEST=$DEFAULT_DEST CATALOG="" SERIES="" VERIFY_KEY=""
+  while (($# > 0)); do
+    case $1 in
+      --dest) (($# >= 2)) || die 2 "--dest needs a directory; see --help"; DEST=$2; shift 2 ;;
+      --dest=*) DEST=${1#*=}; shift ;;
+      --catalog) (($# >= 2)) || die 2 "--catalog needs a file; see --help"; CATALOG=$2; shift 2 ;;
+      --catalog=*) CATALOG=${1#*=}; shift ;;
+      --gpustack) (($# >= 2)) || die 2 "--gpustack needs 0 or 2; see --help"; SERIES=$2; shift 2 ;;
+      --gpustack=*) SERIES=${1#*=}; shift ;;
+      --verify-key) (($# >= 2)) || die 2 "--verify-key needs a public key file; see --help"; VERIFY_KEY=$(absolute "$2"); shift 2 ;;
+      --verify-key=*) VERIFY_KEY=$(absolute "${1#*=}"); shift ;;
+      -h | --help) usage; exit 0 ;;
+      *) die 2 "unknown argument: $1; see --help" ;;
+    esac
+  done
+  [[ -n $DEST ]] || die 2 "--dest must not be empty; see --help"
+  DEST=$(absolute "$DEST")
+  DEST=${DEST%/}
+  [[ -n $DEST ]] || die 2 "--dest / is not allowed; pick a directory such as $DEFAULT_DEST"
+  CATALOG=$(absolute "${CATALOG:-$DEST/model-catalog.yaml}")
+  case $SERIES in
+    "" | 0 | 2) ;;
+    0.* | 2.*) SERIES=${SERIES%%.*} ;;
+    *) die 2 "--gpustack $SERIES: give 0 (GPUStack 0.x) or 2 (GPUStack 2.x)" ;;
+  esac
+  for path in "$DEST" "$CATALOG"; do
+    [[ $path != *[[:cntrl:]]* ]] || die 2 "the path '$path' holds a control character; pick another"
+  done
+}
+
+# ---------------------------------------------------------------------------------------------
+# The bundle: signature, then every sum, before anything changes.
+
+check_signature() {
+  [[ -n $VERIFY_KEY ]] || return 0
+  say "checking the bundle's signature with $VERIFY_KEY"
+  local signer
+  signer=$(PROG=$PROG bash "$BUNDLE/verify-signature.sh" "$BUNDLE" "$VERIFY_KEY") || exit 7
+  say "signature good: SHA256SUMS signed by key $signer"
+}
+
+listed_files() {
+  sed -E -n 's/^[0-9a-fA-F]{64} [ *](\.\/)?//p' SHA256SUMS
+}
+
+present_files() {
+  find . \( -type f -o -type l \) ! -path ./SHA256SUMS ! -path ./SHA256SUMS.sig -print | sed 's|^\./||'
+}
+
+verify_bundle() {
+  local out line problems=0
+  [[ -f SHA256SUMS ]] || die 3 "SHA256SUMS not found in $BUNDLE: the bundle is incomplete; re-copy the whole bundle from the source media"
+  command -v sha256sum >/dev/null || die 3 "sha256sum not found; install coreutils to verify the bundle"
+  say "verifying the bundle against SHA256SUMS"
+  if ! out=$(sha256sum -c --strict --quiet SHA256SUMS 2>&1); then
+    while IFS= read -r line; do
+      case $line in
+        *': FAILED open or read') printf '%s: missing: %s\n' "$PROG" "${line%: FAILED open or read}" >&2 ;;
+        *': FAILED') printf '%s: altered (checksum mismatch): %s\n' "$PROG" "${line%: FAILED}" >&2 ;;
+        *) continue ;;
+      esac
+      problems=$((problems + 1))
+    done <<<"$out"
+  fi
+  while IFS= read -r line; do
+    printf '%s: SHA256SUMS has a malformed line: %s\n' "$PROG" "$line" >&2
+    problems=$((problems + 1))
+  done < <(grep -nvE '^[0-9a-fA-F]{64} [ *].' SHA256SUMS)
+  if [[ -n $out ]] && ((problems == 0)); then
+    printf '%s\n' "$out" >&2
+    problems=1
+  fi
+  while IFS= read -r line; do
+    [[ -n $line ]] || continue
+    printf '%s: unexpected file (not in SHA256SUMS): %s\n' "$PROG" "$line" >&2
+    problems=$((problems + 1))
+  done < <(LC_ALL=C comm -13 <(listed_files | LC_ALL=C sort -u) <(present_files | LC_ALL=C sort -u))
+  ((problems == 0)) || die 3 "the bundle in $BUNDLE is damaged ($problems problem(s) listed above); nothing was placed. Re-copy the whole bundle from the source media and run $PROG again"
+  say "bundle verified"
+}
+
+load_bundle_env() {
+  [[ -f bundle.env ]] || die 3 "bundle.env not found in $BUNDLE; re-copy the whole bundle from the source media"
+  BUNDLE_KIND="" MODEL_NAME="" MODEL_DIR="" MODEL_ENTRY="" MODEL_BACKEND="" MODEL_REPOSITORY=""
+  MODEL_COMMIT="" CATALOG_DEFAULT=""
+  # read by name in choose_series (CATALOG_GPUSTACK_$SERIES)
+  # shellcheck disable=SC2034
+  CATALOG_GPUSTACK_0="" CATALOG_GPUSTACK_2=""
+  # shellcheck source=/dev/null
+  . ./bundle.env
+  [[ $BUNDLE_KIND == model ]] ||
+    die 2 "this is not a model bundle (bundle.env has BUNDLE_KIND=${BUNDLE_KIND:-none}); a GPUStack bundle installs with install.sh"
+  [[ $MODEL_NAME =~ ^[a-z0-9][a-z0-9._-]*$ && $MODEL_DIR == "models/$MODEL_NAME" ]] ||
+    die 3 "bundle.env names the model '$MODEL_NAME' in '$MODEL_DIR'; re-copy the whole bundle from the source media"
+  [[ -d $MODEL_DIR ]] || die 3 "$MODEL_DIR is not in $BUNDLE; re-copy the whole bundle from the source media"
+  [[ -z $MODEL_ENTRY || -f $MODEL_DIR/$MODEL_ENTRY ]] ||
+    die 3 "$MODEL_DIR/$MODEL_ENTRY named in bundle.env is not in $BUNDLE; re-copy the whole bundle from the source media"
+  say "model $MODEL_NAME: $MODEL_REPOSITORY at commit $MODEL_COMMIT, for $MODEL_BACKEND"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Placing the files.
+
+sha256_of() {
+  local out
+  out=$(sha256sum <"$1") || return 1
+  printf '%s' "${out%% *}"
+}
+
+# The model's lines of SHA256SUMS as "<sum> <path inside the model folder>", one per line.
+model_files() {
+  local line
+  while IFS= read -r line; do
+    [[ $line =~ ^([0-9a-fA-F]{64})\ [\ *](.+)$ ]] || continue
+    case ${BASH_REMATCH[2]} in
+      "$MODEL_DIR"/*) printf '%s %s\n' "${BASH_REMATCH[1]}" "${BASH_REMATCH[2]#"$MODEL_DIR"/}" ;;
+    esac
+  done <SHA256SUMS
+}
+
+remove_part() {
+  if [[ -n ${PART:-} ]]; then rm -f -- "$PART"; fi
+  if [[ -n ${CATALOG_PART:-} ]]; then rm -f -- "$CATALOG_PART"; fi
+}
+
+place_files() {
+  TARGET=$DEST/$MODEL_NAME
+  local sum rel dst need=0 free why got count=0 kept=0 bytes=0
+  if ! why=$(mkdir -p -- "$TARGET" 2>&1); then
+    die 5 "cannot create $TARGET (${why##*: }); run as root (sudo) or pass --dest to a directory you can write"
+  fi
+  while read -r sum rel; do
+    case /$rel/ in
+      */../* | */./* | //*) die 3 "SHA256SUMS lists $MODEL_DIR/$rel, not a path inside the model; re-copy the whole bundle from the source media" ;;
+    esac
+    dst=$TARGET/$rel
+    if [[ ! -f $dst ]] || [[ $(sha256_of "$dst") != "$sum" ]]; then
+      need=$((need + $(stat -c %s -- "$MODEL_DIR/$rel")))
+    fi
+  done < <(model_files)
+  free=$(df -Pk -- "$TARGET" | awk 'NR == 2 { print $4 }')
+  if [[ $free =~ ^[0-9]+$ ]] && ((need / 1024 + 1 > free)); then
+    die 5 "placing $MODEL_NAME needs $((need / 1000000 + 1)) MB in $TARGET and $((free * 1024 / 1000000)) MB is free there; free space or pass --dest to a larger disk (nothing was placed)"
+  fi
+
+  trap remove_part EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  while read -r sum rel; do
+    dst=$TARGET/$rel
+    count=$((count + 1))
+    bytes=$((bytes + $(stat -c %s -- "$MODEL_DIR/$rel")))
+    if [[ -f $dst ]] && [[ $(sha256_of "$dst") == "$sum" ]]; then
+      kept=$((kept + 1))
+      continue
+    fi
+    mkdir -p -- "$(dirname -- "$dst")" || die 5 "cannot create the folder of $dst"
+    PART=$(dirname -- "$dst")/.$(basename -- "$dst").$$.part
+    if ! why=$(cp -- "$MODEL_DIR/$rel" "$PART" 2>&1); then
+      die 5 "copying $MODEL_DIR/$rel to $PART failed (${why##*: }); nothing was registered"
+    fi
+    got=$(sha256_of "$PART") || die 5 "cannot read back $PART; nothing was registered"
+    [[ $got == "$sum" ]] ||
+      die 5 "the copy of $MODEL_DIR/$rel at $PART has sha256 $got, not $sum (the disk under $TARGET?); it was removed and nothing was registered"
+    chmod 0644 -- "$PART"
+    mv -f -- "$PART" "$dst" || die 5 "cannot rename $PART to $dst; nothing was registered"
+    PART=""
+  done < <(model_files)
+  ((count > 0)) || die 3 "SHA256SUMS lists no file under $MODEL_DIR; re-copy the whole bundle from the source media"
+  say "placed $MODEL_NAME in $TARGET: $count files, $((bytes / 1000000)) MB ($kept already there)"
+}
+
+# ---------------------------------------------------------------------------------------------
+# The catalog.
+
+# catalog_series FILE: the format a catalog this script wrote declares (0 or 2); empty if the
+# file is someone else's.
+catalog_series() {
+  local first
+  IFS= read -r first <"$1" || true
+  case $first in
+    "$HEADER_PREFIX"0.x*) printf 0 ;;
+    "$HEADER_PREFIX"2.x*) printf 2 ;;
+  esac
+}
+
+choose_series() {
+  local found=""
+  if [[ -e $CATALOG ]]; then
+    [[ -f $CATALOG ]] || die 5 "$CATALOG is not a file; pass --catalog FILE"
+    found=$(catalog_series "$CATALOG")
+    [[ -n $found ]] ||
+      die 5 "$CATALOG was not written by $PROG, so it is not edited: pass --catalog to a new file (the server reads one: merge its entries into yours by hand), or move $CATALOG aside"
+    if [[ -n $SERIES && $SERIES != "$found" ]]; then
+      die 2 "$CATALOG is a GPUStack $found.x catalog; --gpustack $SERIES would mix formats. Pass --catalog to another file for GPUStack $SERIES.x"
+    fi
+    SERIES=$found
+  fi
+  SERIES=${SERIES:-$CATALOG_DEFAULT}
+  local var=CATALOG_GPUSTACK_$SERIES
+  FRAGMENT=${!var:-}
+  if [[ -z $FRAGMENT ]]; then
+    die 2 "GPUStack $SERIES.x has no $MODEL_BACKEND backend, so this model cannot be in its catalog (llama-box is GPUStack 0.x only; SGLang 2.x only); pass --gpustack with the other line, or --catalog to a catalog of it"
+  fi
+  [[ -f $FRAGMENT ]] || die 3 "$FRAGMENT named in bundle.env is not in $BUNDLE; re-copy the whole bundle from the source media"
+}
+
+# The entry, with the placed path (LOCAL_PATH) as a YAML double-quoted string.
+catalog_entry() {
+  local escaped fragment
+  escaped=${LOCAL_PATH//\\/\\\\}
+  escaped=${escaped//\"/\\\"}
+  fragment=$(<"$FRAGMENT")
+  shopt -u patsub_replacement 2>/dev/null || true
+  printf '%s\n' "${fragment//@LOCAL_PATH@/"$escaped"}"
+}
+
+write_catalog() {
+  local dir begin="# >>> model $MODEL_NAME" end="# <<< model $MODEL_NAME" entry models
+  dir=$(dirname -- "$CATALOG")
+  mkdir -p -- "$dir" || die 5 "cannot create $dir for the catalog; pass --catalog FILE"
+  LOCAL_PATH=$TARGET
+  [[ -z $MODEL_ENTRY ]] || LOCAL_PATH=$TARGET/$MODEL_ENTRY
+  entry=$(catalog_entry)
+  CATALOG_PART=$(mktemp "$dir/.$(basename -- "$CATALOG").XXXXXXXX") ||
+    die 5 "cannot write in $dir; pass --catalog to a file you can write"
+  {
+    if [[ -f $CATALOG ]]; then
+      # every line but this model's old entry (between its markers, compared as text)
+      awk -v begin="$begin" -v end="$end" '
+        $0 == begin { skip = 1; next }
+        skip && $0 == end { skip = 0; next }
+        !skip { print }' "$CATALOG"
+    else
+      printf '%s%s.x): written by %s.\n' "$HEADER_PREFIX" "$SERIES" "$PROG"
+      printf '# Each model sits between its marker lines, replaced when its bundle is installed again.\n'
+      printf '# Pass this file to the GPUStack server with --model-catalog-file (or model_catalog_file\n'
+      printf '# in its config file).\n'
+      if [[ $SERIES == 2 ]]; then
+        printf '# Keep model_sets the last key: entries are added at the end.\n'
+        printf 'draft_models: []\nmodel_sets:\n'
+      fi
+    fi
+    printf '%s\n%s\n%s\n' "$begin" "$entry" "$end"
+  } >"$CATALOG_PART" || die 5 "cannot write $CATALOG_PART"
+  check_catalog "$CATALOG_PART"
+  chmod 0644 -- "$CATALOG_PART"
+  mv -f -- "$CATALOG_PART" "$CATALOG" || die 5 "cannot rename $CATALOG_PART to $CATALOG"
+  CATALOG_PART=""
+  models=$(grep -c '^# >>> model ' "$CATALOG" || true)
+  say "catalog $CATALOG (GPUStack $SERIES.x, $models model(s)): $MODEL_NAME -> $LOCAL_PATH"
+}
+
+# Where a Python with PyYAML is at hand (a pip install of GPUStack has one), read the new catalog
+# back as GPUStack will, before it replaces the old one.
+check_catalog() {
+  local py
+  for py in python3 python; do
+    command -v "$py" >/dev/null 2>&1 || continue
+    "$py" -c 'import yaml' 2>/dev/null || continue
+    "$py" - "$1" "$SERIES" <<'PY' || die 5 "the catalog written for $MODEL_NAME does not read back as a GPUStack $SERIES.x catalog (above); $CATALOG was left as it was"
+import sys
+
+import yaml
+
+with open(sys.argv[1]) as fh:
+    data = yaml.safe_load(fh)
+sets = data if sys.argv[2] == "0" else (data or {}).get("model_sets")
+if not isinstance(sets, list) or not all(isinstance(s, dict) and s.get("name") for s in sets):
+    sys.exit("not a list of model sets, each with a name")
+PY
+    return 0
+  done
+}
+
+next_steps() {
+  cat <<EOF
+$PROG: to offer it, start the GPUStack server with this catalog:
+  pip:     gpustack start --model-catalog-file $CATALOG   (or model_catalog_file: $CATALOG in the config file)
+  docker:  docker run ... -v $DEST:$DEST -v $CATALOG:$CATALOG ... IMAGE --model-catalog-file $CATALOG
+Every worker that serves the model must see $TARGET at that same path (a shared mount, or $PROG
+run on each worker host with the same --dest).
+EOF
+}
+
+main() {
+  parse_args "$@"
+  BUNDLE=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd)
+  cd -- "$BUNDLE"
+  check_signature
+  verify_bundle
+  load_bundle_env
+  choose_series
+  place_files
+  write_catalog
+  next_steps
+}
+
+main "$@"
