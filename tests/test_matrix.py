@@ -224,6 +224,13 @@ def test_a_2x_cell_knows_its_floor_ceiling_and_the_newest_runner(matrix):
     assert (both.ceiling, both.newest) == ("8.5", "9.2")  # the lowest next, the newest of any
 
 
+def test_a_cells_floor_names_its_toolkit(matrix):
+    assert matrix.cell("v2.3.0-linux-arm64-cann8.2-910b-py3.11-vllm-docker").floor == "CANN 8.2"
+    assert matrix.cell("v2.3.0-linux-amd64-dtk25.04-py3.11-vllm-docker").floor == "DTK 25.04"
+    assert matrix.cell("v0.7.1-linux-amd64-cuda12.4-py3.11-base-pip").floor == "CUDA 12.4"
+    assert matrix.cell("v0.7.1-linux-amd64-cpu-py3.11-base-pip").floor == "-"
+
+
 def test_a_2x_cell_carries_its_vendors_facts_and_run_options(matrix):
     npu = matrix.cell("v2.3.0-linux-arm64-cann8.2-910b-py3.11-vllm-docker")
     assert npu.vendor is not None

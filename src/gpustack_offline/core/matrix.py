@@ -97,6 +97,14 @@ class Cell:
         return int(self.version.split(".", 1)[0])
 
     @property
+    def floor(self) -> str:
+        """What the target's driver or toolkit must have at least, as messages name it
+        (`CUDA 12.8`, `CANN 8.2`), or `-`."""
+        if self.vendor is not None and self.runner_device is not None:
+            return f"{self.vendor.toolkit} {self.runner_device.version}"
+        return f"CUDA {self.cuda}" if self.cuda else f"ROCm {self.rocm}" if self.rocm else "-"
+
+    @property
     def docker_platform(self) -> str:
         return f"{self.os}/{self.arch}"
 
