@@ -77,8 +77,10 @@ registry for every image (one per line), and DIR/registry.env for a namespace ot
                      sha256, with --registry the registry's blobs of our images) as JSON for
                      'invoke bundle --since FILE'; installs nothing
   --rollback         point current back at the previous release and restore the database copy
-                     taken when the release after it was installed (docker bundles: print the
-                     previous run line)
+                     taken when the release after it was installed (docker bundles: restore it
+                     into the data volume and print the previous run line)
+  --volume NAME      docker bundles: the data volume the run lines name and an upgrade backs
+                     the database of up (default: gpustack-data)
 
 Every install keeps the bundle's manifest under DIR/bundles/ and its wheels and tools archive
 under DIR/store/sha256/ (hard links when on the same file system), so that a later delta bundle
@@ -121,7 +123,7 @@ absolute() {
 
 parse_args() {
   PREFIX=/opt/gpustack PY="" SKIP_PREFLIGHT=0 REGISTRY="" HAS_REGISTRY=0 VERIFY_KEY="" INSTALLER=""
-  NAMESPACE="" DATA_DIR="" BASE_DIR="" INVENTORY="" ROLLBACK=0
+  NAMESPACE="" DATA_DIR="" BASE_DIR="" INVENTORY="" ROLLBACK=0 VOLUME=gpustack-data
   # Which pip-only options were given, to refuse them for a docker bundle.
   PIP_OPTIONS=()
   while (($# > 0)); do
@@ -146,6 +148,8 @@ parse_args() {
       --inventory) (($# >= 2)) || die 2 "--inventory needs a file to write; see --help"; INVENTORY=$(absolute "$2"); shift 2 ;;
       --inventory=*) INVENTORY=$(absolute "${1#*=}"); shift ;;
       --rollback) ROLLBACK=1; shift ;;
+      --volume) (($# >= 2)) || die 2 "--volume needs a Docker volume name; see --help"; VOLUME=$2; shift 2 ;;
+      --volume=*) VOLUME=${1#*=}; shift ;;
       -h | --help) usage; exit 0 ;;
       *) die 2 "unknown argument: $1; see --help" ;;
     esac
@@ -471,11 +475,81 @@ backup_database() {
   say "copied $db to $dest before the new release's first start (it migrates the database forward; --rollback restores this copy)"
 }
 
+# The database of a GPUStack 0.x container lives in the data volume: it is copied with the
+# image's own Python (SQLite's online backup) into PREFIX/backups/RELEASE/, and put back the same
+# way. GPUStack 2.x keeps PostgreSQL's files there instead: back the volume up by hand.
+VOLUME_DB=/var/lib/gpustack/database.db
+
+# volume_python IMAGE PROGRAM [ARGS]: PROGRAM run by the image's python3 with the data volume and
+# the prefix's backups mounted, no network.
+volume_python() {
+  local image=$1
+  shift
+  mkdir -p -- "$PREFIX/backups" || die 6 "could not create $PREFIX/backups"
+  docker run --rm --network none --pull never --entrypoint python3 \
+    -v "$VOLUME:/var/lib/gpustack" -v "$PREFIX/backups:/backups" "$image" -I -c "$@"
+}
+
+backup_volume_database() {
+  local previous=$1 image
+  docker volume inspect "$VOLUME" >/dev/null 2>&1 ||
+    { say "no Docker volume $VOLUME yet: nothing to copy before the upgrade"; return; }
+  image=$(server_image)
+  volume_python "$image" 'import os, sqlite3, sys
+db, dest = sys.argv[1], f"/backups/{sys.argv[2]}/database.db"
+if not os.path.exists(db):
+    print(f"no {db} in the volume: nothing copied (GPUStack 2.x: back the volume up by hand)")
+    sys.exit(0)
+os.makedirs(os.path.dirname(dest), exist_ok=True)
+src, dst = sqlite3.connect(db), sqlite3.connect(dest + ".tmp")
+src.backup(dst)
+dst.close()
+src.close()
+os.replace(dest + ".tmp", dest)
+print(f"copied {db} of the volume to {dest}")' "$VOLUME_DB" "$previous" ||
+    die 6 "could not copy the database in the volume $VOLUME with $image; stop GPUStack and run $PROG again"
+  say "the database in $VOLUME was copied to $PREFIX/backups/$previous before the new release's first start (--rollback restores it)"
+}
+
+rollback_docker() {
+  local previous current image ref
+  previous=$(<"$PREFIX/docker-previous")
+  current=$(<"$PREFIX/docker-current")
+  for ref in $(sed -n 's/^IMAGES=//p' "$PREFIX/bundles/$previous/bundle.env" 2>/dev/null | tr ',' ' '); do
+    image=${image:-$ref}
+    if [[ $(repository_path "$ref") == gpustack/gpustack:* ]]; then image=$ref; fi
+  done
+  [[ -n ${image:-} ]] || die 6 "the previous install $previous is not recorded in $PREFIX/bundles; reinstall its bundle instead"
+  if [[ -f $PREFIX/backups/$previous/database.db ]]; then
+    volume_python "$image" 'import os, shutil, sys, time
+db, backup = sys.argv[1], f"/backups/{sys.argv[2]}/database.db"
+stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+aside = f"{db}.before-rollback.{stamp}"
+for part in ("", "-wal", "-shm", "-journal"):
+    if os.path.exists(db + part):
+        os.replace(db + part, aside + part)
+shutil.copyfile(backup, db + ".tmp")
+os.replace(db + ".tmp", db)
+print(f"restored {db} from the copy taken at the upgrade; the newer one is {aside}")' \
+      "$VOLUME_DB" "$previous" || die 6 "could not restore the database into $VOLUME with $image (is it still loaded? docker images)"
+  else
+    say "no database copy for $previous in $PREFIX/backups: the volume is left as it is"
+  fi
+  { printf '%s\n' "$previous" >"$PREFIX/docker-current" && printf '%s\n' "$current" >"$PREFIX/docker-previous"; } ||
+    die 6 "could not record the rollback in $PREFIX"
+  if [[ -f $PREFIX/run-line.previous.txt ]]; then
+    mv -f -- "$PREFIX/run-line.txt" "$PREFIX/run-line.swap" 2>/dev/null
+    mv -f -- "$PREFIX/run-line.previous.txt" "$PREFIX/run-line.txt"
+    [[ -f $PREFIX/run-line.swap ]] && mv -f -- "$PREFIX/run-line.swap" "$PREFIX/run-line.previous.txt"
+  fi
+  say "rolled back to $previous (from $current); stop and remove the running container, then start the previous release with"
+  cat -- "$PREFIX/run-line.txt"
+}
+
 rollback() {
   local previous current db backup aside part
-  if [[ -f $PREFIX/run-line.previous.txt && ! -L $PREFIX/current ]]; then
-    say "a docker install: start the previous release again with"
-    cat -- "$PREFIX/run-line.previous.txt"
+  if [[ -f $PREFIX/docker-previous && ! -L $PREFIX/current ]]; then
+    rollback_docker
     return
   fi
   [[ -L $PREFIX/previous ]] ||
@@ -1058,7 +1132,7 @@ print_docker_next_steps() {
     cuda*) line+=("--gpus all" "--network=host" "--ipc=host") ;;
     *) line+=("--network=host") ;;
   esac
-  line+=("-v gpustack-data:/var/lib/gpustack" "--env-file $DOCKER_ENV" "--pull never" "$image")
+  line+=("-v $VOLUME:/var/lib/gpustack" "--env-file $DOCKER_ENV" "--pull never" "$image")
 
   printf '\nGPUStack %s is loaded into Docker (%s).\n' "$GPUSTACK_VERSION" "$BUNDLE_CELL"
   if ((HAS_REGISTRY)); then
@@ -1162,13 +1236,13 @@ print_docker2_next_steps() {
   fi
   printf '\nNext steps:\n  Start the GPUStack server:\n'
   print_run_line "docker run -d --name gpustack" "--restart unless-stopped" "-p 80:80" \
-    "--volume gpustack-data:/var/lib/gpustack" "${env_files[@]}" "$image" "${reg_flag[@]}"
+    "--volume $VOLUME:/var/lib/gpustack" "${env_files[@]}" "$image" "${reg_flag[@]}"
   printf '  On each %s host, a worker (its token: docker exec gpustack cat /var/lib/gpustack/token;\n' "$TARGET_DEVICE"
   printf '  run preflight.sh there first):\n'
   print_run_line "docker run -d --name gpustack-worker" \
     '-e "GPUSTACK_RUNTIME_DEPLOY_MIRRORED_NAME=gpustack-worker"' "--restart=unless-stopped" \
     "--privileged" "--network=host" "--volume /var/run/docker.sock:/var/run/docker.sock" \
-    "--volume gpustack-data:/var/lib/gpustack" "${device[@]}" "${env_files[@]}" "$image" \
+    "--volume $VOLUME:/var/lib/gpustack" "${device[@]}" "${env_files[@]}" "$image" \
     "--server-url http://SERVER_IP" "--token TOKEN" "--advertise-address HOST_IP" "${reg_flag[@]}"
   printf '  Then: docker logs -f gpustack; the admin password: docker exec -it gpustack cat /var/lib/gpustack/initial_admin_password\n'
 }
@@ -1180,10 +1254,19 @@ install_docker() {
   check_loaded
   if ((HAS_REGISTRY)); then push_images; fi
   write_docker_env
-  keep_bundle "$BUNDLE_CELL-$(sha256sum SHA256SUMS | cut -c1-12)"
+  local name previous=""
+  name=$BUNDLE_CELL-$(sha256sum SHA256SUMS | cut -c1-12)
+  keep_bundle "$name"
   if [[ $GPUSTACK_VERSION == 2.* ]] && ((HAS_REGISTRY)); then write_registry_files; fi
-  # The run lines are kept: --rollback prints the previous install's
-  if [[ -f $PREFIX/run-line.txt ]]; then mv -f -- "$PREFIX/run-line.txt" "$PREFIX/run-line.previous.txt"; fi
+  # An upgrade: the database in the data volume is copied first, and the run lines are kept
+  # for --rollback.
+  [[ -f $PREFIX/docker-current ]] && previous=$(<"$PREFIX/docker-current")
+  if [[ -n $previous && $previous != "$name" ]]; then
+    backup_volume_database "$previous"
+    if [[ -f $PREFIX/run-line.txt ]]; then mv -f -- "$PREFIX/run-line.txt" "$PREFIX/run-line.previous.txt"; fi
+    printf '%s\n' "$previous" >"$PREFIX/docker-previous"
+  fi
+  printf '%s\n' "$name" >"$PREFIX/docker-current" || die 6 "could not write $PREFIX/docker-current"
   if [[ $GPUSTACK_VERSION == 2.* ]]; then
     print_docker2_next_steps
   else

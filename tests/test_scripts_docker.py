@@ -752,8 +752,9 @@ def test_a_docker_delta_takes_the_layers_the_site_registry_holds(
     new = make_docker_bundle(tmp_path / "new", newer_archive.path, images=NEWER)
     prefix = prefix_of(old)
     pushed = [f"{registry}/{IMAGE}", f"{registry}/{NEWER}"]
+    volume = f"gpustack-offline-test-{os.getpid()}"  # never the site's gpustack-data
     try:
-        proc = install(old, "--registry", registry)
+        proc = install(old, "--registry", registry, "--volume", volume)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         inventory = tmp_path / "inventory.json"
         proc = run_script(
@@ -779,18 +780,22 @@ def test_a_docker_delta_takes_the_layers_the_site_registry_holds(
         assert f"install.sh: missing piece: images/{layers[0]} (sha256 " in without.stderr
 
         proc = run_script(
-            made.directory, "install.sh", "--prefix", str(prefix), "--registry", registry
-        )
+            made.directory, "install.sh", "--prefix", str(prefix), "--registry", registry,
+            "--volume", volume,
+        )  # fmt: skip
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"no Docker volume {volume} yet: nothing to copy before the upgrade" in proc.stdout
         assert image_id(NEWER) == newer_archive.image_id
         assert f"pushed {registry}/{NEWER}@sha256:" in proc.stdout
         assert run_line(proc.stdout)[-1] == f"{registry}/{NEWER}"
 
         # a docker rollback is the previous install's run line, the data volume the same
-        back = run_script(made.directory, "install.sh", "--prefix", str(prefix), "--rollback")
+        back = run_script(
+            made.directory, "install.sh", "--prefix", str(prefix), "--rollback", "--volume", volume
+        )
         assert back.returncode == 0, back.stdout + back.stderr
         assert run_line(back.stdout)[-1] == f"{registry}/{IMAGE}"
-        assert "-v gpustack-data:/var/lib/gpustack" in " ".join(run_line(back.stdout))
+        assert f"-v {volume}:/var/lib/gpustack" in " ".join(run_line(back.stdout))
     finally:
         for ref in [*pushed, NEWER]:
             remove_image(ref)
