@@ -39,7 +39,14 @@ from support.registry_fixture import (
 )
 
 VERSION = "0.7.1"
-TAGS = {"cuda12.4": "v0.7.1", "cpu": "v0.7.1-cpu", "cuda12.8": "v0.7.1-cuda12.8"}
+
+
+def tags(version: str = VERSION) -> dict[str, str]:
+    """Upstream's tag per device for a 0.x version: `v0.7.1` (CUDA 12.4), `v0.7.1-cpu`, …"""
+    return {"cuda12.4": f"v{version}", "cpu": f"v{version}-cpu", "cuda12.8": f"v{version}-cuda12.8"}
+
+
+TAGS = tags()
 SITE = "usr/local/lib/python3.11/dist-packages"  # on the base image's sys.path
 LAUNCHER = b"""#!/bin/sh
 # gpustack, installed by the gpustack-offline fixture into Debian's dist-packages
@@ -49,11 +56,11 @@ exec python3 -c \\
 
 
 def gpustack_layer(
-    root: Path, matrix: Matrix, arch: str, cache: Path, mirror: str
+    root: Path, matrix: Matrix, arch: str, cache: Path, mirror: str, version: str = VERSION
 ) -> tuple[FileLayer, str]:
     """GPUStack from the locked wheelhouse of the arch's cpu pip cell, with its tools loaded from
     the release mirror (upstream's images run download-tools at build time), as a gzip layer."""
-    cell = matrix.cell(f"v{VERSION}-linux-{arch}-cpu-py3.11-base-pip")
+    cell = matrix.cell(f"v{version}-linux-{arch}-cpu-py3.11-base-pip")
     lock = read_lock(lock_path(root / "bundles" / "locks", cell))
     archive = tools_archive(root, cell, cache, mirror)
     name = f"{cell.id}-{lock.digest()[:12]}-{archive.sha256[:12]}.tar.gz"
@@ -104,15 +111,20 @@ def tools_archive(root: Path, cell: Cell, cache: Path, mirror: str) -> tools.Arc
 
 
 def gpustack_images(
-    root: Path, matrix: Matrix, cache: Path, mirror: str
+    root: Path,
+    matrix: Matrix,
+    cache: Path,
+    mirror: str,
+    version: str = VERSION,
+    arches: tuple[str, ...] = ("amd64", "arm64"),
 ) -> dict[str, list[FixtureImage]]:
-    """Per tag, its amd64 and arm64 images; base and GPUStack layers shared by the tags."""
-    out: dict[str, list[FixtureImage]] = {tag: [] for tag in TAGS.values()}
-    for arch in ("amd64", "arm64"):
+    """Per tag, its image for each arch; base and GPUStack layers shared by the tags."""
+    out: dict[str, list[FixtureImage]] = {tag: [] for tag in tags(version).values()}
+    for arch in arches:
         platform = Platform("linux", arch, "v8" if arch == "arm64" else "")
         base = debian_layer(arch)
-        app = gpustack_layer(root, matrix, arch, cache, mirror)
-        for device, tag in TAGS.items():
+        app = gpustack_layer(root, matrix, arch, cache, mirror, version)
+        for device, tag in tags(version).items():
             marker = tar_layer({"etc/gpustack-image": f"{tag} {arch} ({device})\n".encode()})
             out[tag].append(
                 make_image(
@@ -125,8 +137,16 @@ def gpustack_images(
     return out
 
 
-def seed_gpustack(hub: Hub, root: Path, matrix: Matrix, cache: Path, mirror: str) -> None:
+def seed_gpustack(
+    hub: Hub,
+    root: Path,
+    matrix: Matrix,
+    cache: Path,
+    mirror: str,
+    version: str = VERSION,
+    arches: tuple[str, ...] = ("amd64", "arm64"),
+) -> None:
     """Push the stand-ins over the hub's small gpustack/gpustack fixtures; tools come from the
     release mirror at `mirror`."""
-    for tag, images in gpustack_images(root, matrix, cache, mirror).items():
+    for tag, images in gpustack_images(root, matrix, cache, mirror, version, arches).items():
         hub.push("gpustack/gpustack", tag, images)
