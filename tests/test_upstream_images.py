@@ -33,6 +33,7 @@ CELLS = [  # arch, device, extras
     ("arm64", "cuda12.9", ["vllm", "sglang"]),
     ("amd64", "rocm7.0", ["vllm"]),
     ("amd64", "cuda12.8", ["vllm", "k8s"]),
+    ("arm64", "cann8.2-310p", ["vllm"]),  # a variant: upstream filters by it too
 ]
 REGISTRY = "registry.site.internal:5000/team"
 NAMESPACE = "gpustack-ai"
@@ -87,6 +88,7 @@ def upstream(request: pytest.FixtureRequest, root: Path) -> tuple[str, dict]:
                     "platform": ref.platform,
                     "backend": picked.backend,
                     "backend_version": picked.backend_version,
+                    "backend_variant": picked.backend_variant,
                     "service": picked.service,
                     "service_version": picked.service_version,
                 }
