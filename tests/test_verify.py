@@ -10,6 +10,7 @@ import pytest
 
 from gpustack_offline.core.errors import VerifyError
 from gpustack_offline.verify import common as verify
+from gpustack_offline.verify import docker as docker_verify
 from gpustack_offline.verify import egress
 
 CELL = "v0.7.1-linux-amd64-cpu-py3.11-base-pip"
@@ -182,3 +183,38 @@ def test_an_engine_older_than_the_floor_is_refused_naming_both_versions() -> Non
     assert err.value.found == "19.03.15" and err.value.floor == (20, 10)
     assert "version 19.03.15" in str(err.value) and "Docker Engine >= 20.10" in str(err.value)
     assert isinstance(err.value, containers.EngineError)
+
+
+def test_a_failed_egress_step_is_recorded_in_the_report_before_it_fails_the_cell(matrix) -> None:
+    run = audited_run("quay.io")
+    report = verify.Report(cell=CELL)
+    with pytest.raises(VerifyError, match="tried to reach quay.io"):
+        verify.egress_step(matrix.cell(CELL), egress.summarize(run.events), run, [], report)
+    (step,) = report.steps
+    assert (step.name, step.code) == ("egress", 1) and step.output.startswith("quay.io: ")
+
+
+def test_the_2x_server_starts_with_the_args_and_env_install_sh_wrote(tmp_path: Path) -> None:
+    (tmp_path / "server.args").write_text(
+        "--system-default-container-registry\nreg.site:5000/mirror\n\n--ota-server-url\n"
+        "http://127.0.0.1:1\n"
+    )
+    (tmp_path / "docker.env").write_text(
+        "# comment\nGPUSTACK_UPDATE_CHECK_URL=http://127.0.0.1:1/\n"
+    )
+    start = docker_verify.server_start(tmp_path, "ignored:5000/x")
+    assert list(start.args) == [
+        "--system-default-container-registry", "reg.site:5000/mirror",
+        "--ota-server-url", "http://127.0.0.1:1",
+    ]  # fmt: skip
+    assert dict(start.env) == {"GPUSTACK_UPDATE_CHECK_URL": "http://127.0.0.1:1/"}
+    assert (start.name, start.port, start.worker_port) == ("server", 30080, None)
+    assert start.pages == docker_verify.UI_PAGES_2X
+
+
+def test_without_server_args_the_2x_server_gets_the_registry_flag_install_sh_printed(
+    tmp_path: Path,
+) -> None:
+    start = docker_verify.server_start(tmp_path, "127.0.0.1:5000/site/mirror")
+    assert list(start.args) == ["--system-default-container-registry", "127.0.0.1:5000/site/mirror"]
+    assert dict(start.env) == {}

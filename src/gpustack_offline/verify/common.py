@@ -1,24 +1,29 @@
 """What pip and docker verification share: the report and its steps, the wrapper that writes the
-report and the egress audit beside a bundle whatever happens, the audited start's record and the
-judgements made from it (tools found offline, egress allowed), and the constants both flows use.
+report and the egress audit beside a bundle whatever happens, the wait for a start's /healthz and
+the admin's login, the audited start's record and the judgements made from it (tools found
+offline, egress allowed), and the constants both flows use.
 """
 
 from __future__ import annotations
 
 import json
 import platform
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from gpustack_offline import payload
-from gpustack_offline.core.docker import BUILDER_PYTHON
+from gpustack_offline.core.docker import BUILDER_PYTHON, exec_in
 from gpustack_offline.core.errors import BundleError, VerifyError
 from gpustack_offline.core.files import write_text
 from gpustack_offline.core.matrix import Cell
 from gpustack_offline.verify import egress
 from gpustack_offline.verify.errors import Unverifiable
+
+if TYPE_CHECKING:
+    from docker.models.containers import Container
 
 HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), "amd64")
 AUDIT_LOG = "/tmp/egress-audit.jsonl"
@@ -154,13 +159,21 @@ def egress_summary(judged: egress.EgressReport) -> dict[str, Any]:
 
 
 def egress_step(
-    cell: Cell, judged: egress.EgressReport, run: AuditedRun, allowlist: Sequence[str]
+    cell: Cell,
+    judged: egress.EgressReport,
+    run: AuditedRun,
+    allowlist: Sequence[str],
+    report: Report | None = None,
 ) -> Step:
-    """Fail the cell on any outside host not allowed for it, naming host, process and log."""
+    """Fail the cell on any outside host not allowed for it, naming host, process and log.
+    The step is recorded in `report` when one is given, failed or not."""
     bad = egress.unexpected(judged, allowlist)
     if not bad:
         allowed = sorted(h.host for h in judged.hosts.values())
-        return Step("egress", 0, 0.0, f"outside hosts attempted: {allowed or 'none'}")
+        step = Step("egress", 0, 0.0, f"outside hosts attempted: {allowed or 'none'}")
+        if report is not None:
+            report.steps.append(step)
+        return step
     lines = run.log.splitlines()
     text = []
     for host in bad:
@@ -173,8 +186,96 @@ def egress_step(
             f"log: {mention.strip()}"
         )
     step = Step("egress", 1, 0.0, "\n".join(text))
+    if report is not None:
+        report.steps.append(step)
     names = ", ".join(h.host for h in bad)
     raise VerifyError(failure(cell, step, f"the configured first start tried to reach {names}"))
+
+
+class Watched(Protocol):
+    """A GPUStack start being waited for: the container it runs in, what to call it in a
+    failure, when it was launched, and the two sources a wait reads: its log and its liveness
+    (a process in a shared container, or the container itself)."""
+
+    @property
+    def box(self) -> Container: ...
+    @property
+    def what(self) -> str: ...
+    @property
+    def launched(self) -> float: ...
+    def read_log(self) -> str: ...
+    def alive(self) -> bool: ...
+
+
+def answers_healthz(
+    cell: Cell, report: Report, start: Watched, port: int, step: str, timeout: float
+) -> bool:
+    """One probe of /healthz on `port` in the start's container. A start that reached for a
+    tool, exited, or is past `timeout` seconds from its launch is a VerifyError; the failed
+    `step` is recorded with the log's last lines."""
+    if _probe(start.box, port):
+        return True
+    waited = round(time.monotonic() - start.launched, 1)
+    log = start.read_log()
+    # A worker that reaches for a tool never gets healthy: say so at once, with the lines.
+    if any(sign in log for sign in DOWNLOAD_SIGNS):
+        offline_tools_step(cell, log)  # raises, quoting the lines around the attempt
+    alive = start.alive()
+    if not alive or waited > timeout:
+        why = "exited" if not alive else f"did not answer /healthz on {port} in {timeout:.0f}s"
+        result = Step(step, 1, waited, "\n".join(log.splitlines()[-60:]))
+        report.steps.append(result)
+        raise VerifyError(failure(cell, result, f"{start.what} {why}"))
+    return False
+
+
+def wait_healthz(
+    cell: Cell,
+    report: Report,
+    start: Watched,
+    port: int,
+    step: str,
+    timeout: float,
+    interval: float = 3.0,
+) -> float:
+    """Probe until /healthz answers on `port` (see `answers_healthz`); record `step` and return
+    the seconds since the start's launch."""
+    while not answers_healthz(cell, report, start, port, step, timeout):
+        time.sleep(interval)
+    waited = round(time.monotonic() - start.launched, 1)
+    report.steps.append(Step(step, 0, waited, f"{start.what}: /healthz 200 on {port}"))
+    return waited
+
+
+def _probe(box: Container, port: int) -> bool:
+    import docker.errors
+
+    try:
+        code, _ = exec_in(box, ["python3", "-c", HEALTH_PROBE, str(port)])
+    except docker.errors.APIError:  # the container has stopped: its liveness says so next
+        return False
+    return code == 0
+
+
+def log_in(
+    cell: Cell,
+    report: Report,
+    box: Container,
+    step: str,
+    base: str,
+    password_file: str,
+    pages: Sequence[str] = (),
+) -> Step:
+    """Log in to the UI as admin with the initial password, as an operator does first, then
+    ask `pages` (the UI's first ones by default); a login refused is a VerifyError. A login
+    that works also proves the start answering is this one, with its fresh data dir."""
+    _, visited = exec_in(box, ["python3", "-c", UI_VISIT, base, password_file, *pages])
+    logged_in = "/auth/login 200" in visited
+    result = Step(step, 0 if logged_in else 1, 0.0, visited)
+    report.steps.append(result)
+    if not logged_in:
+        raise VerifyError(failure(cell, result, "the admin could not log in"))
+    return result
 
 
 def offline_tools_step(cell: Cell, log: str) -> Step:

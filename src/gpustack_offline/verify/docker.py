@@ -9,6 +9,12 @@ and the second must reach no outside host beyond the cell's allowlist. Then the 
 pushed with `install.sh --registry` into a loopback distribution registry (the site's
 registry), the local copies are removed, and the image pulled from that registry must run and
 answer again. Everything it adds is removed.
+
+A GPUStack 2.x bundle (`verify_docker2`) is pushed into the site registry by `install.sh
+--registry`; every image the server and worker will ask for must resolve there, and the server
+pulled from there is started once, as the operator is told to start it (install.sh's
+`server.args` and `docker.env`), with the same audit: its first start, an admin login and
+`SETTLE` seconds more must reach no outside host beyond the cell's allowlist.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,10 +50,7 @@ from gpustack_offline.stages.registry import Registry, RegistryError
 from gpustack_offline.verify import egress
 from gpustack_offline.verify.common import (
     AUDIT_LOG,
-    DOWNLOAD_SIGNS,
-    HEALTH_PROBE,
     SETTLE,
-    UI_VISIT,
     WORKER_PORT,
     AuditedRun,
     Report,
@@ -55,7 +59,8 @@ from gpustack_offline.verify.common import (
     egress_step,
     egress_summary,
     failure,
-    offline_tools_step,
+    log_in,
+    wait_healthz,
 )
 
 if TYPE_CHECKING:
@@ -67,6 +72,10 @@ IMAGE_PORT = 80  # upstream's images run `gpustack start`, which listens on 80 b
 # so the probe runs inside the container, as for 0.x
 API_PORT_2X = 30080
 SITE_PREFIX = "site/mirror"  # 2.x cells are pushed under a registry prefix, as sites mirror
+PASSWORD_FILE = "/var/lib/gpustack/initial_admin_password"  # in the images' default data dir
+# What GPUStack 2.x's UI asks first after the login: the update check and the model catalog,
+# under the versioned API (2.x `gpustack/routes/routes.py`: versioned_prefix = "/v2").
+UI_PAGES_2X = ("/", "/update/", "/v2/model-sets?page=1&perPage=10")
 
 
 def bundle_images(bundle_dir: Path) -> list[str]:
@@ -145,14 +154,19 @@ def verify_docker(
                 egress.resolver_mounts(hole) as dns,
             ):
                 audit = (engine, hole, dns)
-                upstream = _run_audited(audit, cell, refs[0], "upstream", {}, timeout, report)
-                site = _run_audited(audit, cell, refs[0], "site", site_env, timeout, report)
+                upstream = _run_audited(
+                    audit, cell, refs[0], ImageStart("upstream", IMAGE_PORT), timeout, report
+                )
+                site = _run_audited(
+                    audit, cell, refs[0], ImageStart("site", IMAGE_PORT, env=site_env),
+                    timeout, report,
+                )  # fmt: skip
             report.upstream = upstream.summary()
             report.seconds_to_healthz = site.seconds_to_healthz
             report.seconds_to_worker = site.seconds_to_worker
             report.egress = egress_summary(site.egress)
             report.egress_details = {"site": site.egress, "upstream": upstream.egress}
-            report.steps.append(egress_step(cell, site.egress, site, allowlist))
+            egress_step(cell, site.egress, site, allowlist, report)
             with site_registry() as host:
                 step("push", [*install, "--prefix", prefix, "--registry", host])
                 pushed = [f"{host}/{r}" for r in refs]
@@ -168,13 +182,23 @@ def verify_docker(
 
 
 def verify_docker2(
-    cell: Cell, bundle_dir: Path, timeout: int, report: Report, runners_dir: Path
+    cell: Cell,
+    bundle_dir: Path,
+    timeout: int,
+    report: Report,
+    runners_dir: Path,
+    sinkhole_image: str | None = None,
+    allowlist: Sequence[str] = (),
 ) -> Report:
     """A GPUStack 2.x bundle as a site uses it: `install.sh --registry` loads every image and
     pushes it into the site's registry; every reference the server and worker will compute with
     `--system-default-container-registry` (runners, pause and health included) must then
     resolve there to a manifest for the cell's platform; with the local copies removed, the
-    server image pulled from that registry must start with no route out and answer /healthz."""
+    server image pulled from that registry is started as install.sh told the operator
+    (`server_start`) with no route out and audited (`audit_server`).
+
+    The sinkhole runs from `sinkhole_image` (the host's base image keeps it out of qemu), else
+    from the server image itself, which has python3."""
     refs = bundle_images(bundle_dir)
     if not refs:
         raise VerifyError(f"{bundle_dir}: bundle.env names no IMAGES; rebuild the bundle")
@@ -199,22 +223,54 @@ def verify_docker2(
             remove_images(engine, added)
             server = wanted[0]
             _pull(engine, cell, report, server)
-            box = engine.containers.create(
-                server,
-                command=["--system-default-container-registry", registry],
-                network=internal_network(),
-                name=f"verify-server-{int(time.time() * 1000) % 10**9}",
-            )
-            try:
-                box.start()
-                _wait(box, cell, server, "healthz-server", API_PORT_2X, timeout, report)
-            finally:
-                with contextlib.suppress(Exception):
-                    box.remove(force=True)
+            start = server_start(Path(prefix), registry)
+            audit_server(cell, server, start, timeout, report, sinkhole_image or server, allowlist)
     finally:
         remove_images(engine, added)
     report.ok = True
     return report
+
+
+def server_start(prefix: Path, registry: str) -> ImageStart:
+    """The start install.sh told the operator for the 2.x server: the arguments after the image
+    from `<prefix>/server.args` (one a line) if install.sh wrote one, else the registry flag its
+    printed line ends with; the environment of `<prefix>/docker.env` (its `--env-file`)."""
+    args_file, env_file = prefix / "server.args", prefix / "docker.env"
+    if args_file.is_file():
+        args = [line for line in args_file.read_text().splitlines() if line.strip()]
+    else:
+        args = ["--system-default-container-registry", registry]
+    env = read_env_file(env_file) if env_file.is_file() else {}
+    return ImageStart("server", API_PORT_2X, args=args, env=env, worker_port=None,
+                      pages=UI_PAGES_2X)  # fmt: skip
+
+
+def audit_server(
+    cell: Cell,
+    ref: str,
+    start: ImageStart,
+    timeout: int,
+    report: Report,
+    sinkhole_image: str,
+    allowlist: Sequence[str] = (),
+    settle: float = SETTLE,
+) -> AuditedRun:
+    """Start the 2.x server image `ref` as `start` says, on the internal network with the
+    sinkhole as its only resolver: its /healthz, an admin login, `settle` seconds more. The
+    report gets the seconds, the egress summary and details (written to <cell>.egress.json);
+    an outside host not in `allowlist` fails the `egress` step, naming it."""
+    engine = client()
+    with (
+        egress.sinkhole(sinkhole_image, internal_network()) as hole,
+        egress.resolver_mounts(hole) as dns,
+    ):
+        run_ = _run_audited((engine, hole, dns), cell, ref, start, timeout, report, settle)
+    judged = run_.egress
+    report.seconds_to_healthz = run_.seconds_to_healthz
+    report.egress = egress_summary(judged)
+    report.egress_details = {start.name: judged}
+    egress_step(cell, judged, run_, allowlist, report)
+    return run_
 
 
 def _resolve_in(cell: Cell, references: Sequence[str], platform: str, scratch: str) -> Step:
@@ -242,46 +298,96 @@ def read_env_file(path: Path) -> dict[str, str]:
     return {p[0]: p[1] for p in pairs if len(p) == 2 and not p[0].startswith("#")}
 
 
+@dataclass(frozen=True)
+class ImageStart:
+    """One audited start of an image: its name in the steps, the port its /healthz answers on,
+    the arguments after the image, its environment, the embedded worker's port if it has one,
+    and the pages the admin asks after the login (the 0.x UI's when empty)."""
+
+    name: str
+    port: int
+    args: Sequence[str] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    worker_port: int | None = WORKER_PORT
+    pages: Sequence[str] = ()
+
+
+@dataclass(frozen=True)
+class _Running:
+    """A container running its image's own entrypoint: Docker keeps its log and its state."""
+
+    box: Container
+    what: str
+    launched: float
+
+    def read_log(self) -> str:
+        return bytes(self.box.logs()).decode(errors="replace")
+
+    def alive(self) -> bool:
+        self.box.reload()
+        return self.box.status == "running"
+
+
 def _run_audited(
     audit: tuple[DockerClient, egress.Sinkhole, dict[Path, str]],
     cell: Cell,
     ref: str,
-    name: str,
-    env: dict[str, str],
+    start: ImageStart,
     timeout: int,
     report: Report,
+    settle: float = SETTLE,
 ) -> AuditedRun:
-    """Run the image with `env` and the sinkhole as its resolver, as `verify.pip.launch` does for a
-    pip install: health of server and worker, an admin login, the first background tasks."""
+    """Run the image as `start` says with the sinkhole as its resolver, as `verify.pip.launch`
+    does for a pip install: health of server (and worker), an admin login, `settle` seconds of
+    the first background tasks. The events are this container's own (by its address)."""
     engine, hole, dns = audit
     mark = len(egress.read_events(hole))
     volumes = {str(host): {"bind": inside, "mode": "ro"} for host, inside in dns.items()}
     volumes[str(audit_hook())] = {"bind": "/opt/egress-audit", "mode": "ro"}
-    hooked = {"PYTHONPATH": "/opt/egress-audit", "GPUSTACK_EGRESS_AUDIT_LOG": AUDIT_LOG}
     box = engine.containers.create(
         ref,
-        network=internal_network(),
-        environment={**env, **hooked},
+        command=list(start.args) or None,
+        network=hole.network,
+        environment=_hooked(engine, ref, start.env),
         volumes=volumes,
-        name=f"verify-{name}-{int(time.time() * 1000) % 10**9}",
+        name=f"verify-{start.name}-{int(time.time() * 1000) % 10**9}",
     )
     try:
         box.start()
-        healthz = _wait(box, cell, ref, f"healthz-{name}", IMAGE_PORT, timeout, report)
-        worker = healthz + _wait(box, cell, ref, f"worker-{name}", WORKER_PORT, timeout, report)
-        password = "/var/lib/gpustack/initial_admin_password"
-        base = f"http://127.0.0.1:{IMAGE_PORT}"
-        _, visited = exec_in(box, ["python3", "-c", UI_VISIT, base, password])
-        report.steps.append(Step(f"ui-{name}", 0, 0.0, visited))
-        time.sleep(SETTLE)
-        events = egress.collect(hole)[mark:]
+        running = _Running(box, ref, time.monotonic())
+        address = egress.address_of(box, hole.network)
+        healthz = wait_healthz(cell, report, running, start.port, f"healthz-{start.name}", timeout)
+        worker = 0.0
+        if start.worker_port is not None:
+            step = f"worker-{start.name}"
+            worker = wait_healthz(cell, report, running, start.worker_port, step, timeout)
+        base = f"http://127.0.0.1:{start.port}"
+        log_in(cell, report, box, f"ui-{start.name}", base, PASSWORD_FILE, start.pages)
+        time.sleep(settle)
+        seen = egress.collect(hole)
+        # this start's attempts, and the sinkhole's `ready` (its address, for the report)
+        events = [e for e in seen[:mark] if e.get("kind") == "ready"] + [
+            e for e in seen[mark:] if e.get("client", address) == address
+        ]
         _, hook = exec_in(box, ["sh", "-c", f"cat {AUDIT_LOG} 2>/dev/null || true"])
         calls = [json.loads(x) for x in hook.splitlines() if x[:1] == "{"]
-        log = box.logs().decode(errors="replace")
-        return AuditedRun(name, healthz, worker, events, calls, log)
+        return AuditedRun(start.name, healthz, worker, events, calls, running.read_log())
     finally:
         with contextlib.suppress(Exception):
             box.remove(force=True)
+
+
+def _hooked(engine: DockerClient, ref: str, env: Mapping[str, str]) -> dict[str, str]:
+    """`env` plus what the audit hook needs: its folder first on PYTHONPATH, ahead of (not
+    instead of) any folders `env` or else the image sets there, and the file it writes to."""
+    image_env = engine.images.get(ref).attrs.get("Config", {}).get("Env") or []
+    given = dict(line.split("=", 1) for line in image_env if "=" in line)
+    paths = [p for p in (env.get("PYTHONPATH") or given.get("PYTHONPATH", "")).split(":") if p]
+    return {
+        **env,
+        "PYTHONPATH": ":".join(["/opt/egress-audit", *paths]),
+        "GPUSTACK_EGRESS_AUDIT_LOG": AUDIT_LOG,
+    }
 
 
 def _step(cell: Cell, report: Report, name: str, argv: list[str]) -> Step:
@@ -329,30 +435,8 @@ def _run_and_probe(
     )
     try:
         box.start()
-        return _wait(box, cell, ref, name, IMAGE_PORT, timeout, report)
+        running = _Running(box, ref, time.monotonic())
+        return wait_healthz(cell, report, running, IMAGE_PORT, name, timeout)
     finally:
         with contextlib.suppress(Exception):
             box.remove(force=True)
-
-
-def _wait(
-    box: Container, cell: Cell, ref: str, name: str, port: int, timeout: int, report: Report
-) -> float:
-    started = time.monotonic()
-    while True:
-        code, _ = exec_in(box, ["python3", "-c", HEALTH_PROBE, str(port)])
-        waited = round(time.monotonic() - started, 1)
-        if code == 0:
-            report.steps.append(Step(name, 0, waited, f"{ref}: /healthz 200 on {port}"))
-            return waited
-        text = box.logs().decode(errors="replace")
-        if any(sign in text for sign in DOWNLOAD_SIGNS):
-            offline_tools_step(cell, text)  # raises, quoting the lines around the attempt
-        box.reload()
-        if box.status != "running" or waited > timeout:
-            logs = box.logs(tail=40).decode(errors="replace")
-            result = Step(name, 1, waited, logs)
-            report.steps.append(result)
-            why = "exited" if box.status != "running" else f"no /healthz on {port} in {timeout}s"
-            raise VerifyError(failure(cell, result, f"{ref} {why}"))
-        time.sleep(3)

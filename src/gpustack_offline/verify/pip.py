@@ -22,19 +22,18 @@ from gpustack_offline.core.matrix import Cell
 from gpustack_offline.verify import egress
 from gpustack_offline.verify.common import (
     AUDIT_LOG,
-    DOWNLOAD_SIGNS,
-    HEALTH_PROBE,
     HOST_ARCH,
     SETTLE,
-    UI_VISIT,
     WORKER_PORT,
     AuditedRun,
     Report,
     Step,
+    answers_healthz,
     audit_hook,
     egress_step,
     egress_summary,
     failure,
+    log_in,
     offline_tools_step,
 )
 
@@ -146,7 +145,7 @@ def verify_pip(
         judged = egress.summarize([*installing, *site.events])
         report.egress = egress_summary(judged)
         report.egress_details = {"install+site": judged, "upstream": upstream.egress}
-        report.steps.append(egress_step(cell, judged, site, allowlist))
+        egress_step(cell, judged, site, allowlist, report)
     report.ok = True
     return report
 
@@ -162,10 +161,20 @@ class Start:
     launched: float = 0.0
     healthz: float = 0.0
     worker: float = 0.0
+    what: str = "gpustack start"
 
     @property
     def log(self) -> str:
         return f"/tmp/gpustack-{self.name}.log"
+
+    def read_log(self) -> str:
+        _, text = exec_in(self.box, ["cat", self.log])
+        return text
+
+    def alive(self) -> bool:
+        """The start's process (two starts may share a container, so not the container)."""
+        code, _ = exec_in(self.box, ["sh", "-c", 'kill -0 "$(cat /tmp/gpustack.pid)"'])
+        return code == 0
 
 
 def launch(cell: Cell, report: Report, start: Start, env: dict[str, str]) -> None:
@@ -192,7 +201,10 @@ def observe(
         answered: dict[str, float] = {}
         while len(answered) < len(starts):
             for start in starts:
-                if start.name not in answered and healthy(cell, report, start, port, kind, timeout):
+                step = f"{kind}-{start.name}"
+                if start.name not in answered and answers_healthz(
+                    cell, report, start, port, step, timeout
+                ):
                     answered[start.name] = round(time.monotonic() - start.launched, 1)
             if len(answered) < len(starts):
                 time.sleep(1)
@@ -202,43 +214,13 @@ def observe(
             report.steps.append(Step(f"{kind}-{start.name}", 0, seconds, f"200 OK on port {port}"))
     for start in starts if login else ():
         password = f"/var/lib/gpustack-{start.name}/initial_admin_password"
-        url = f"http://127.0.0.1:{PORT}"
-        _, visited = exec_in(start.box, ["python3", "-c", UI_VISIT, url, password])
-        # a login that works proves this start (with its fresh data dir) is the one answering
-        logged_in = "/auth/login 200" in visited
-        report.steps.append(Step(f"ui-{start.name}", 0 if logged_in else 1, 0.0, visited))
-        if not logged_in:
-            raise VerifyError(failure(cell, report.steps[-1], "the admin could not log in"))
+        log_in(cell, report, start.box, f"ui-{start.name}", f"http://127.0.0.1:{PORT}", password)
 
 
 def finish(start: Start, events: list[dict[str, Any]]) -> AuditedRun:
     """The start's own attempts (by its address), its audit hook's records and its log."""
     mine = [e for e in events if e.get("client", start.address) == start.address]
     _, hook = exec_in(start.box, ["sh", "-c", f"cat {AUDIT_LOG} 2>/dev/null || true"])
-    _, text = exec_in(start.box, ["cat", start.log])
+    text = start.read_log()
     records = [json.loads(line) for line in hook.splitlines() if line.startswith("{")]
     return AuditedRun(start.name, start.healthz, start.worker, mine, records, text)
-
-
-def healthy(cell: Cell, report: Report, start: Start, port: int, kind: str, timeout: float) -> bool:
-    """One probe of /healthz on `port` in the start's container. A start that exited, reached
-    for a tool, or is past `timeout` seconds from its launch is a VerifyError."""
-    box = start.box
-    code, _ = exec_in(box, ["python3", "-c", HEALTH_PROBE, str(port)])
-    if code == 0:
-        return True
-    waited = round(time.monotonic() - start.launched, 1)
-    # A worker that reaches for a tool never gets healthy: say so at once, with the lines.
-    signs = [arg for sign in DOWNLOAD_SIGNS for arg in ("-e", sign)]
-    reached, _ = exec_in(box, ["grep", "-q", "-F", *signs, start.log])
-    if reached == 0:
-        _, text = exec_in(box, ["cat", start.log])
-        offline_tools_step(cell, text)
-    alive, _ = exec_in(box, ["sh", "-c", 'kill -0 "$(cat /tmp/gpustack.pid)"'])
-    if alive != 0 or waited > timeout:
-        _, tail = exec_in(box, ["tail", "-n", "60", start.log])
-        why = "exited" if alive != 0 else f"did not answer /healthz on {port} in {timeout:.0f}s"
-        result = Step(f"{kind}-{start.name}", 1, waited, tail)
-        report.steps.append(result)
-        raise VerifyError(failure(cell, result, f"gpustack start {why}"))
-    return False

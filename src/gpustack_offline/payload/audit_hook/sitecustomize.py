@@ -39,11 +39,21 @@ def _public_address(address):
     return ip.is_global
 
 
+def _installed(filename):
+    """The path below site-packages (a venv, pip) or dist-packages (Debian's Python), or None."""
+    for folder in ("site-packages/", "dist-packages/"):
+        if folder in filename:
+            return filename.split(folder)[-1]
+    return None
+
+
 def _where():
     frames = traceback.extract_stack()[:-3]
-    ours = [f for f in frames if "gpustack" in f.filename and "site-packages" in f.filename]
+    ours = [f for f in frames if "gpustack" in f.filename and _installed(f.filename)]
     frame = (ours or frames or [None])[-1]
-    return f"{frame.filename.split('site-packages/')[-1]}:{frame.lineno}" if frame else ""
+    if not frame:
+        return ""
+    return f"{_installed(frame.filename) or frame.filename}:{frame.lineno}"
 
 
 def _process():
