@@ -83,8 +83,10 @@ def verify_upgrade(ctx: Context, delta_dir: Path) -> Report:
     report_path = ctx.layout.dist / f"{delta_dir.name}.upgrade.verify.json"
 
     def body(report: Report) -> Report:
-        if not isinstance(recipe, pip0.Pip0):
-            raise Unverifiable(f"{cell.id}: upgrade verification covers pip cells only so far")
+        if not isinstance(recipe, (pip0.Pip0, docker0.Docker0)):
+            raise Unverifiable(
+                f"{cell.id}: upgrade verification covers pip cells and 0.x docker cells so far"
+            )
         if not (old_dir / "manifest.json").is_file():
             raise VerifyError(f"{old_dir}: the base bundle {old_id} is not under dist; build it")
         return recipe.verify_upgrade(ctx, cell, old_dir, delta_dir, report)

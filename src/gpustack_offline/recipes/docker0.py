@@ -25,6 +25,7 @@ from gpustack_offline.stages.registry import Reference
 from gpustack_offline.verify import egress
 from gpustack_offline.verify.common import HOST_ARCH, Report
 from gpustack_offline.verify.docker import verify_docker
+from gpustack_offline.verify.upgrade import verify_docker_upgrade
 
 
 def references(cell: Cell) -> dict[Reference, list[str]]:
@@ -56,6 +57,17 @@ class Docker0:
         allowlist = egress.load_allowlist(ctx.layout.egress_allowlist, cell.id)
         return verify_docker(
             cell, ctx.layout.bundle(cell.id), ctx.opts.verify_timeout, report, sinkhole, allowlist
+        )
+
+    def verify_upgrade(
+        self, ctx: Context, cell: Cell, old_dir: Path, delta_dir: Path, report: Report
+    ) -> Report:
+        """The old image on a data volume, upgraded with the delta of `cell` and rolled back,
+        offline (`verify.upgrade.verify_docker_upgrade`)."""
+        sinkhole = base_image(HOST_ARCH, ctx.cache, ctx.opts.debian_mirror)
+        allowlist = egress.load_allowlist(ctx.layout.egress_allowlist, cell.id)
+        return verify_docker_upgrade(
+            cell, old_dir, delta_dir, ctx.opts.verify_timeout, report, sinkhole, allowlist
         )
 
     def verified(self, cell: Cell, report: Report) -> str:

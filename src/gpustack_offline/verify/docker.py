@@ -26,7 +26,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -72,7 +72,8 @@ IMAGE_PORT = 80  # upstream's images run `gpustack start`, which listens on 80 b
 # so the probe runs inside the container, as for 0.x
 API_PORT_2X = 30080
 SITE_PREFIX = "site/mirror"  # 2.x cells are pushed under a registry prefix, as sites mirror
-PASSWORD_FILE = "/var/lib/gpustack/initial_admin_password"  # in the images' default data dir
+DATA_DIR = "/var/lib/gpustack"  # the images' default data directory
+PASSWORD_FILE = f"{DATA_DIR}/initial_admin_password"
 # What GPUStack 2.x's UI asks first after the login: the update check and the model catalog,
 # under the versioned API (2.x `gpustack/routes/routes.py`: versioned_prefix = "/v2").
 UI_PAGES_2X = ("/", "/update/", "/v2/model-sets?page=1&perPage=10")
@@ -138,7 +139,7 @@ def verify_docker(
     added: list[str] = []
 
     def step(name: str, argv: list[str]) -> Step:
-        return _step(cell, report, name, argv)
+        return host_step(cell, report, name, argv)
 
     _require_absent(engine, cell, refs, report)
     # No NVIDIA runtime here: cuda cells skip the preflight, and run without --gpus.
@@ -154,10 +155,10 @@ def verify_docker(
                 egress.resolver_mounts(hole) as dns,
             ):
                 audit = (engine, hole, dns)
-                upstream = _run_audited(
+                upstream = run_audited(
                     audit, cell, refs[0], ImageStart("upstream", IMAGE_PORT), timeout, report
                 )
-                site = _run_audited(
+                site = run_audited(
                     audit, cell, refs[0], ImageStart("site", IMAGE_PORT, env=site_env),
                     timeout, report,
                 )  # fmt: skip
@@ -216,7 +217,9 @@ def verify_docker2(
             site_registry() as host,
         ):
             registry = f"{host}/{SITE_PREFIX}"  # under a prefix, as sites mirror
-            _step(cell, report, "install", [*install, "--prefix", prefix, "--registry", registry])
+            host_step(
+                cell, report, "install", [*install, "--prefix", prefix, "--registry", registry]
+            )
             wanted = runners.worker_references(selection, registry)
             added += wanted
             report.steps.append(_resolve_in(cell, wanted, f"linux/{cell.arch}", prefix))
@@ -264,7 +267,7 @@ def audit_server(
         egress.sinkhole(sinkhole_image, internal_network()) as hole,
         egress.resolver_mounts(hole) as dns,
     ):
-        run_ = _run_audited((engine, hole, dns), cell, ref, start, timeout, report, settle)
+        run_ = run_audited((engine, hole, dns), cell, ref, start, timeout, report, settle)
     judged = run_.egress
     report.seconds_to_healthz = run_.seconds_to_healthz
     report.egress = egress_summary(judged)
@@ -302,7 +305,8 @@ def read_env_file(path: Path) -> dict[str, str]:
 class ImageStart:
     """One audited start of an image: its name in the steps, the port its /healthz answers on,
     the arguments after the image, its environment, the embedded worker's port if it has one,
-    and the pages the admin asks after the login (the 0.x UI's when empty)."""
+    and the pages the admin asks after the login (the 0.x UI's when empty); for an upgrade, the
+    data volume, whether to log in, and what to do in the running container."""
 
     name: str
     port: int
@@ -310,6 +314,9 @@ class ImageStart:
     env: Mapping[str, str] = field(default_factory=dict)
     worker_port: int | None = WORKER_PORT
     pages: Sequence[str] = ()
+    volume: str = ""  # a named volume at GPUStack's data directory, kept after the start
+    log_in: bool = True  # with the initial password (not once an operator has changed it)
+    during: Callable[[Container], None] | None = None  # after the login, before the settling
 
 
 @dataclass(frozen=True)
@@ -328,7 +335,7 @@ class _Running:
         return self.box.status == "running"
 
 
-def _run_audited(
+def run_audited(
     audit: tuple[DockerClient, egress.Sinkhole, dict[Path, str]],
     cell: Cell,
     ref: str,
@@ -344,6 +351,8 @@ def _run_audited(
     mark = len(egress.read_events(hole))
     volumes = {str(host): {"bind": inside, "mode": "ro"} for host, inside in dns.items()}
     volumes[str(audit_hook())] = {"bind": "/opt/egress-audit", "mode": "ro"}
+    if start.volume:
+        volumes[start.volume] = {"bind": DATA_DIR, "mode": "rw"}
     box = engine.containers.create(
         ref,
         command=list(start.args) or None,
@@ -362,7 +371,10 @@ def _run_audited(
             step = f"worker-{start.name}"
             worker = wait_healthz(cell, report, running, start.worker_port, step, timeout)
         base = f"http://127.0.0.1:{start.port}"
-        log_in(cell, report, box, f"ui-{start.name}", base, PASSWORD_FILE, start.pages)
+        if start.log_in:
+            log_in(cell, report, box, f"ui-{start.name}", base, PASSWORD_FILE, start.pages)
+        if start.during is not None:
+            start.during(box)
         time.sleep(settle)
         seen = egress.collect(hole)
         # this start's attempts, and the sinkhole's `ready` (its address, for the report)
@@ -390,7 +402,7 @@ def _hooked(engine: DockerClient, ref: str, env: Mapping[str, str]) -> dict[str,
     }
 
 
-def _step(cell: Cell, report: Report, name: str, argv: list[str]) -> Step:
+def host_step(cell: Cell, report: Report, name: str, argv: list[str]) -> Step:
     """Run one command of the verification, record it, and fail the cell if it failed."""
     started = time.monotonic()
     try:

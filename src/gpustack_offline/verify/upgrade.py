@@ -19,13 +19,23 @@ completes it there from the pieces the site kept.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shutil
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gpustack_offline import payload
-from gpustack_offline.core.docker import base_image, exec_in, internal_network
+from gpustack_offline.core.docker import (
+    base_image,
+    client,
+    exec_in,
+    internal_network,
+    remove_images,
+)
 from gpustack_offline.core.errors import VerifyError
 from gpustack_offline.core.matrix import Cell
 from gpustack_offline.verify import egress
@@ -39,6 +49,15 @@ from gpustack_offline.verify.common import (
     egress_summary,
     failure,
 )
+from gpustack_offline.verify.docker import (
+    IMAGE_PORT,
+    PASSWORD_FILE,
+    ImageStart,
+    bundle_images,
+    host_step,
+    read_env_file,
+    run_audited,
+)
 from gpustack_offline.verify.pip import (
     ISOLATION,
     PORT,
@@ -49,6 +68,9 @@ from gpustack_offline.verify.pip import (
     launch,
     observe,
 )
+
+if TYPE_CHECKING:
+    from docker.models.containers import Container
 
 STATE_PROBE = payload.path("state_probe.py").read_text()
 DATA_DIR = "/var/lib/gpustack-site"  # `launch`'s data dir for a start named "site"
@@ -152,5 +174,80 @@ def verify_upgrade(
             )
         report.note = f"rolled back to {old_version.output.strip().splitlines()[-1]}"
         step("stop-rolled-back", ["sh", "-c", STOP])
+    report.ok = True
+    return report
+
+
+def verify_docker_upgrade(
+    cell: Cell,
+    old_dir: Path,
+    delta_dir: Path,
+    timeout: int,
+    report: Report,
+    sinkhole_image: str,
+    allowlist: Sequence[str],
+) -> Report:
+    """The same upgrade for a GPUStack 0.x docker bundle: install.sh loads the old image, which
+    runs with its docker.env on a data volume of its own; the delta (copied to disk) completes
+    its image layers from the old bundle (`--base`), copies the database in the volume and
+    loads the new image, which starts on the same volume; `--rollback` puts the database back
+    and the old image starts again. Each start runs with the sinkhole as its resolver."""
+    old_ref, new_ref = bundle_images(old_dir)[0], bundle_images(delta_dir)[0]
+    engine = client()
+    volume = f"gpustack-offline-upgrade-{int(time.time() * 1000) % 10**9}"
+    url = f"http://127.0.0.1:{IMAGE_PORT}"
+
+    def state(name: str, *args: str) -> Callable[[Container], None]:
+        def run_probe(box: Container) -> None:
+            started = time.monotonic()
+            code, out = exec_in(box, ["python3", "-c", STATE_PROBE, url, *args])
+            found = json.loads(out.strip().splitlines()[-1]) if out.strip() else {}
+            step = Step(name, code, round(time.monotonic() - started, 1), out)
+            report.steps.append(step)
+            want = {"state-kept": ["after-upgrade", "before-upgrade"],
+                    "state-restored": ["before-upgrade"]}.get(name)  # fmt: skip
+            if code != 0 or (want is not None and found.get("keys") != want):
+                raise VerifyError(failure(cell, step, f"{name}: the state is not as it was"))
+
+        return run_probe
+
+    added = [old_ref, new_ref]
+    try:
+        with tempfile.TemporaryDirectory(prefix="upgrade-prefix-") as prefix:
+            common = ["--prefix", prefix, "--volume", volume]
+            host_step(cell, report, "install-old", ["bash", str(old_dir / "install.sh"), *common])
+            env = read_env_file(Path(prefix) / "docker.env")
+            media = Path(prefix) / "delta"
+            shutil.copytree(delta_dir, media, symlinks=True)
+            with (
+                egress.sinkhole(sinkhole_image, internal_network()) as hole,
+                egress.resolver_mounts(hole) as dns,
+            ):
+                audit = (engine, hole, dns)
+                made = state("state-made", PASSWORD_FILE, NEW_PASSWORD, "before-upgrade")
+                old = ImageStart("old", IMAGE_PORT, env=env, volume=volume, during=made)
+                run_audited(audit, cell, old_ref, old, timeout, report)
+                install_delta = ["bash", str(media / "install.sh"), *common, "--base", str(old_dir)]
+                host_step(cell, report, "install-delta", install_delta)
+                kept = state("state-kept", NEW_PASSWORD, "", "after-upgrade")
+                new = ImageStart("new", IMAGE_PORT, env=env, volume=volume, log_in=False,
+                                 during=kept)  # fmt: skip
+                site = run_audited(audit, cell, new_ref, new, timeout, report)
+                report.seconds_to_healthz = site.seconds_to_healthz
+                report.seconds_to_worker = site.seconds_to_worker
+                report.egress = egress_summary(site.egress)
+                report.egress_details = {"upgrade": site.egress}
+                egress_step(cell, site.egress, site, allowlist, report)
+                host_step(cell, report, "rollback",
+                          ["bash", str(media / "install.sh"), *common, "--rollback"])  # fmt: skip
+                restored = state("state-restored", NEW_PASSWORD)
+                back = ImageStart("rolled-back", IMAGE_PORT, env=env, volume=volume,
+                                  log_in=False, during=restored)  # fmt: skip
+                run_audited(audit, cell, old_ref, back, timeout, report)
+        report.note = f"rolled back to {old_ref}"
+    finally:
+        remove_images(engine, added)
+        with contextlib.suppress(Exception):
+            engine.volumes.get(volume).remove(force=True)
     report.ok = True
     return report
