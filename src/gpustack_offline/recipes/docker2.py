@@ -23,7 +23,9 @@ from gpustack_offline.recipes.base import (
 from gpustack_offline.recipes.inspection import Contents, Missing, lock_command, shown
 from gpustack_offline.stages import runners
 from gpustack_offline.stages.registry import Reference
-from gpustack_offline.verify.common import Report
+from gpustack_offline.core.docker import base_image
+from gpustack_offline.verify import egress
+from gpustack_offline.verify.common import HOST_ARCH, Report
 from gpustack_offline.verify.docker import verify_docker2
 
 
@@ -74,15 +76,20 @@ class Docker2:
         return gather_images(ctx, cell, references(ctx, cell))
 
     def verify(self, ctx: Context, cell: Cell, report: Report) -> Report:
+        sinkhole = base_image(HOST_ARCH, ctx.cache, ctx.opts.debian_mirror)
+        allowlist = egress.load_allowlist(ctx.layout.egress_allowlist, cell.id)
         return verify_docker2(
-            cell, ctx.layout.bundle(cell.id), ctx.opts.verify_timeout, report, ctx.layout.runners
-        )
+            cell, ctx.layout.bundle(cell.id), ctx.opts.verify_timeout, report,
+            ctx.layout.runners, sinkhole, allowlist,
+        )  # fmt: skip
 
     def verified(self, cell: Cell, report: Report) -> str:
+        hosts = (report.egress or {}).get("hosts_attempted", 0)
         return (
             f"[green]{cell.id}: verified[/green] — loaded, pushed into a site registry where "
             "every image the worker will ask for resolves for its platform; the server from "
-            f"that registry answered /healthz after {report.steps[-1].seconds}s"
+            f"that registry, started as install.sh configures it, answered /healthz after "
+            f"{report.seconds_to_healthz}s and tried {hosts} outside host(s)"
         )
 
 
