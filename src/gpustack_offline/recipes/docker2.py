@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from gpustack_offline.core.context import Context
+from gpustack_offline.core.docker import base_image
 from gpustack_offline.core.errors import BundleError
 from gpustack_offline.core.matrix import Cell
 from gpustack_offline.recipes.base import (
@@ -23,7 +24,6 @@ from gpustack_offline.recipes.base import (
 from gpustack_offline.recipes.inspection import Contents, Missing, lock_command, shown
 from gpustack_offline.stages import runners
 from gpustack_offline.stages.registry import Reference
-from gpustack_offline.core.docker import base_image
 from gpustack_offline.verify import egress
 from gpustack_offline.verify.common import HOST_ARCH, Report
 from gpustack_offline.verify.docker import verify_docker2
