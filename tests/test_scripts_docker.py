@@ -483,6 +483,9 @@ def test_a_2x_bundle_prints_the_server_and_worker_lines_with_the_site_registry(
         assert f"pushed to {registry}; the server and workers will ask for exactly these" in out
         assert out.count(f"--system-default-container-registry {registry}") == 2  # server, worker
         assert "--runtime nvidia" in out and "/var/run/docker.sock:/var/run/docker.sock" in out
+        # 2.3's content index asks ota.gpustack.ai unless pointed at a closed port
+        env = (prefix_of(bundle) / "docker.env").read_text()
+        assert "GPUSTACK_OTA_SERVER_URL=http://127.0.0.1:1/latest" in env.splitlines()
         assert f"{registry}/{IMAGE}" in out
     finally:
         remove_image(f"{registry}/{IMAGE}")
