@@ -689,9 +689,7 @@ def test_prefix_of_a_docker_install_sets_its_env_and_the_folders_to_mount(shippe
     assert refused.returncode == 2 and "GPUStack 2.x has no llama-box backend" in refused.stderr
 
 
-def test_prefix_without_a_gpustack_install_is_refused_before_anything_is_placed(
-    shipped, tmp_path
-):
+def test_prefix_without_a_gpustack_install_is_refused_before_anything_is_placed(shipped, tmp_path):
     (tmp_path / "empty").mkdir()
     proc = install(shipped["model-tiny-gguf"], "--dest", tmp_path / "m",
                    "--prefix", tmp_path / "empty")  # fmt: skip
