@@ -67,6 +67,7 @@ DATA_DIR = "/var/lib/gpustack-site"  # `launch`'s data dir for a start named "si
 DEPLOY_SECONDS = 240
 # What a hub download leaves in GPUStack's logs (0.7 worker/downloaders.py, huggingface_hub).
 HUB_SIGNS = ("huggingface.co", "hf_hub_download", "modelscope.cn", "snapshot_download")
+DOWNLOAD_SIGN = "Downloading model file:"  # worker/model_file_manager.py, then the source
 
 
 def verify_model(
@@ -138,7 +139,14 @@ def verify_model(
 
         serve_logs = f"cat {DATA_DIR}/log/serve/*.log 2>/dev/null || true"
         logs = step("model-logs", ["sh", "-c", serve_logs])
-        reached = [line for line in logs.output.splitlines() if any(s in line for s in HUB_SIGNS)]
+        # upstream's worker logs its resolution of a local path as a "download" of that path;
+        # any other source named there, or a hub, is a fetch
+        reached = [
+            line
+            for line in logs.output.splitlines()
+            if any(s in line for s in HUB_SIGNS)
+            or (DOWNLOAD_SIGN in line and not line.rstrip().endswith(f"{DOWNLOAD_SIGN} {placed}"))
+        ]
         judge("no-download", not reached, "\n".join(reached) or "no hub named in the serve logs",
               "the worker reached for a hub for a local_path model")  # fmt: skip
 
