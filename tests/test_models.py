@@ -726,3 +726,34 @@ def test_install_sh_and_install_model_sh_meet_in_either_order(shipped, tmp_path,
 
 
 _ = gpustack_wheel  # the session fixture, imported for the test above
+
+
+# -- verification beside a cell: what is paired, and what is said NOT VERIFIED ----------------
+
+
+def test_nox_pairs_each_model_bundle_with_each_cell_bundle_and_skips_what_it_cannot_verify(
+    root, tmp_path, hub, monkeypatch
+):
+    ctx = context(root, tmp_path, hub.url)
+    commands.build(ctx, [], ctx.models(["tiny-gguf", "tiny-st"]))
+    cells = ["v0.7.1-linux-amd64-cpu-py3.11-base-pip", "v0.7.1-linux-amd64-cpu-py3.11-base-docker"]
+    for cell_id in cells:
+        (ctx.dist / cell_id).mkdir(parents=True)
+        (ctx.dist / cell_id / "manifest.json").write_text("{}\n")
+    monkeypatch.setenv("GPUSTACK_OFFLINE_DIST_DIR", str(ctx.dist))
+    pairs = commands.model_pairs(root)
+    assert pairs == [
+        f"{m}@{c}" for m in ("model-tiny-gguf", "model-tiny-st") for c in sorted(cells)
+    ]
+
+    pip, docker = (ctx.matrix.cell(c) for c in cells)
+    assert model_bundles.unverifiable(pip, ctx.dist / "model-tiny-gguf") is None
+    assert "beside a pip bundle" in str(
+        model_bundles.unverifiable(docker, ctx.dist / "model-tiny-gguf")
+    )
+    assert "covers llama-box (GGUF) models" in str(
+        model_bundles.unverifiable(pip, ctx.dist / "model-tiny-st")
+    )
+    # the session says NOT VERIFIED and why, before any container
+    outcome = commands.models_session(root, f"model-tiny-st@{cells[0]}")
+    assert outcome.skipped and "NOT VERIFIED" in outcome.message and "vllm" in outcome.message
