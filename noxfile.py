@@ -2,6 +2,8 @@
 
 `verify` is parametrised by the bundles under dist/, so one cell runs alone:
     nox -s "verify(v0.7.1-linux-arm64-cpu-py3.11-base-pip)"
+`models` by each model bundle and cell bundle there:
+    nox -s "models(model-qwen2.5-0.5b-instruct-q4km@v0.7.1-linux-amd64-cpu-py3.11-base-pip)"
 """
 
 from __future__ import annotations
@@ -51,6 +53,27 @@ def upgrade(session: nox.Session, delta: str) -> None:
     from gpustack_offline.cli import commands
 
     outcome = commands.upgrade_session(ROOT, None if delta == "none-built" else delta)
+    if outcome.skipped:
+        session.skip(outcome.message)
+    if outcome.failed:
+        session.error(outcome.message)
+
+
+def _model_pairs() -> list[str]:
+    """`<model bundle>@<cell>` for each model bundle and cell bundle under dist."""
+    from gpustack_offline.cli import commands
+
+    return commands.model_pairs(ROOT)
+
+
+@nox.session(venv_backend="none", default=False)
+@nox.parametrize("pair", [nox.param(p, id=p) for p in _model_pairs() or ["none-built"]])
+def models(session: nox.Session, pair: str) -> None:
+    """Install a model bundle beside a GPUStack bundle offline, offer it from the site's catalog
+    and deploy it (llama-box models beside 0.x pip cells; inference is not run)."""
+    from gpustack_offline.cli import commands
+
+    outcome = commands.models_session(ROOT, None if pair == "none-built" else pair)
     if outcome.skipped:
         session.skip(outcome.message)
     if outcome.failed:

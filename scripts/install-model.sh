@@ -14,8 +14,16 @@
 # sits between two marker lines, replaced when that model is installed again; other models'
 # entries are kept. A catalog written by hand is not edited: name a new file with --catalog.
 #
-# Exit status: 0 placed and registered, 2 usage error, 3 damaged bundle, 5 placing the files or
-# writing the catalog failed (nothing registered), 7 signature refused or not checkable.
+# With --prefix (the prefix install.sh installed GPUStack into), the server's configuration there
+# is pointed at the catalog, each file rewritten whole through a temporary file renamed into
+# place, every other line kept: a pip install's PREFIX/gpustack.yaml gets `model_catalog_file:`;
+# a docker install's PREFIX/docker.env gets GPUSTACK_MODEL_CATALOG_FILE, and PREFIX/docker.volumes
+# the folders the container must see (one HOST:CONTAINER:ro a line), which install.sh adds as
+# --volume to every docker run line it prints. The catalog format then follows the GPUStack
+# release installed there.
+#
+# Exit status: 0 placed and registered, 2 usage error, 3 damaged bundle, 5 placing the files,
+# writing the catalog or configuring the prefix failed, 7 signature refused or not checkable.
 set -euo pipefail
 
 PROG=install-model.sh
@@ -24,7 +32,7 @@ HEADER_PREFIX='# GPUStack model catalog (gpustack-offline, format gpustack-'
 
 usage() {
   cat <<EOF
-Usage: $PROG [--dest DIR] [--catalog FILE] [--gpustack 0|2] [--verify-key KEY] [--help]
+Usage: $PROG [--dest DIR] [--catalog FILE] [--prefix DIR] [--gpustack 0|2] [--verify-key KEY] [--help]
 
 Checks every file of this model bundle against SHA256SUMS, places the model's files under
 DIR/<model name>/ and writes (or merges into) a GPUStack model catalog that names them with
@@ -34,14 +42,20 @@ source: local_path. Start the GPUStack server with --model-catalog-file FILE to 
                      give a shared mount every worker sees at the same path
   --catalog FILE     the catalog to write or merge into (default: DIR/model-catalog.yaml); an
                      existing one must have been written by $PROG
+  --prefix DIR       the prefix install.sh installed GPUStack into (such as /opt/gpustack):
+                     point its configuration at the catalog (pip: model_catalog_file in
+                     DIR/gpustack.yaml; docker: GPUSTACK_MODEL_CATALOG_FILE in DIR/docker.env
+                     and the folders to mount in DIR/docker.volumes), every other line kept;
+                     the catalog format follows the GPUStack release installed there
   --gpustack 0|2     the catalog format: GPUStack 0.x or 2.x (default: the existing catalog's,
-                     else the bundle's CATALOG_DEFAULT: 0 for llama-box models, else 2)
+                     else the release installed in --prefix, else the bundle's
+                     CATALOG_DEFAULT: 0 for llama-box models, else 2)
   --verify-key KEY   before anything else, check SHA256SUMS.sig against KEY, the release's
                      public key file, with gpgv
   --help             show this help
 
-Exit status: 0 placed and registered, 2 usage error, 3 damaged bundle, 5 placing or
-registering failed (nothing registered), 7 signature refused or not checkable.
+Exit status: 0 placed and registered, 2 usage error, 3 damaged bundle, 5 placing, registering
+or configuring the prefix failed, 7 signature refused or not checkable.
 EOF
 }
 
@@ -63,13 +77,15 @@ absolute() {
 }
 
 parse_args() {
-  DEST=$DEFAULT_DEST CATALOG="" SERIES="" VERIFY_KEY=""
+  DEST=$DEFAULT_DEST CATALOG="" SERIES="" VERIFY_KEY="" PREFIX=""
   while (($# > 0)); do
     case $1 in
       --dest) (($# >= 2)) || die 2 "--dest needs a directory; see --help"; DEST=$2; shift 2 ;;
       --dest=*) DEST=${1#*=}; shift ;;
       --catalog) (($# >= 2)) || die 2 "--catalog needs a file; see --help"; CATALOG=$2; shift 2 ;;
       --catalog=*) CATALOG=${1#*=}; shift ;;
+      --prefix) (($# >= 2)) || die 2 "--prefix needs a directory; see --help"; PREFIX=$2; shift 2 ;;
+      --prefix=*) PREFIX=${1#*=}; shift ;;
       --gpustack) (($# >= 2)) || die 2 "--gpustack needs 0 or 2; see --help"; SERIES=$2; shift 2 ;;
       --gpustack=*) SERIES=${1#*=}; shift ;;
       --verify-key) (($# >= 2)) || die 2 "--verify-key needs a public key file; see --help"; VERIFY_KEY=$(absolute "$2"); shift 2 ;;
@@ -83,12 +99,16 @@ parse_args() {
   DEST=${DEST%/}
   [[ -n $DEST ]] || die 2 "--dest / is not allowed; pick a directory such as $DEFAULT_DEST"
   CATALOG=$(absolute "${CATALOG:-$DEST/model-catalog.yaml}")
+  if [[ -n $PREFIX ]]; then
+    PREFIX=$(absolute "$PREFIX")
+    PREFIX=${PREFIX%/}
+  fi
   case $SERIES in
     "" | 0 | 2) ;;
     0.* | 2.*) SERIES=${SERIES%%.*} ;;
     *) die 2 "--gpustack $SERIES: give 0 (GPUStack 0.x) or 2 (GPUStack 2.x)" ;;
   esac
-  for path in "$DEST" "$CATALOG"; do
+  for path in "$DEST" "$CATALOG" "$PREFIX"; do
     [[ $path != *[[:cntrl:]]* ]] || die 2 "the path '$path' holds a control character; pick another"
   done
 }
@@ -164,6 +184,51 @@ load_bundle_env() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# The GPUStack install of --prefix: which configuration to point at the catalog, and which
+# GPUStack line it runs. Checked before anything changes.
+
+# The GPUStack version of the release installed in PREFIX: a pip install's `current` release,
+# else the newest bundle a docker install kept (install.sh keeps each bundle.env under
+# PREFIX/bundles/); empty when neither says.
+installed_version() {
+  local env="" kept
+  if [[ -L $PREFIX/current ]]; then
+    env=$PREFIX/bundles/$(basename -- "$(readlink -- "$PREFIX/current")")/bundle.env
+  else
+    for kept in "$PREFIX"/bundles/*/bundle.env; do
+      if [[ -f $kept && (-z $env || $kept -nt $env) ]]; then env=$kept; fi
+    done
+  fi
+  [[ -n $env && -f $env ]] || return 0
+  sed -n 's/^GPUSTACK_VERSION=//p' "$env" | tail -n1 | tr -d "\"'"
+}
+
+check_prefix() {
+  PIP_CONFIG="" DOCKER_ENV="" SERIES_WHY="--gpustack"
+  [[ -n $PREFIX ]] || return 0
+  [[ -f $PREFIX/gpustack.yaml ]] && PIP_CONFIG=$PREFIX/gpustack.yaml
+  [[ -f $PREFIX/docker.env ]] && DOCKER_ENV=$PREFIX/docker.env
+  [[ -n $PIP_CONFIG || -n $DOCKER_ENV ]] ||
+    die 2 "--prefix $PREFIX: neither $PREFIX/gpustack.yaml (a pip install) nor $PREFIX/docker.env (a docker install) is there; install GPUStack there first with install.sh --prefix $PREFIX, or pass the prefix it used"
+  local path version
+  if [[ -n $DOCKER_ENV ]]; then
+    for path in "$DEST" "$CATALOG"; do
+      [[ $path != *[:,]* ]] ||
+        die 2 "the path '$path' holds ':' or ',', which docker run --volume cannot mount; pick another --dest or --catalog"
+    done
+  fi
+  version=$(installed_version)
+  case $version in
+    0.* | 2.*)
+      if [[ -n $SERIES && $SERIES != "${version%%.*}" ]]; then
+        die 2 "--gpustack $SERIES, but $PREFIX has GPUStack $version installed, which reads a ${version%%.*}.x catalog; omit --gpustack"
+      fi
+      SERIES=${version%%.*} SERIES_WHY="GPUStack $version is installed in $PREFIX"
+      ;;
+  esac
+}
+
+# ---------------------------------------------------------------------------------------------
 # Placing the files.
 
 sha256_of() {
@@ -186,6 +251,7 @@ model_files() {
 remove_part() {
   if [[ -n ${PART:-} ]]; then rm -f -- "$PART"; fi
   if [[ -n ${CATALOG_PART:-} ]]; then rm -f -- "$CATALOG_PART"; fi
+  if [[ -n ${CONFIG_PART:-} ]]; then rm -f -- "$CONFIG_PART"; fi
 }
 
 place_files() {
@@ -257,7 +323,7 @@ choose_series() {
     [[ -n $found ]] ||
       die 5 "$CATALOG was not written by $PROG, so it is not edited: pass --catalog to a new file (the server reads one: merge its entries into yours by hand), or move $CATALOG aside"
     if [[ -n $SERIES && $SERIES != "$found" ]]; then
-      die 2 "$CATALOG is a GPUStack $found.x catalog; --gpustack $SERIES would mix formats. Pass --catalog to another file for GPUStack $SERIES.x"
+      die 2 "$CATALOG is a GPUStack $found.x catalog; GPUStack $SERIES.x ($SERIES_WHY) would mix formats. Pass --catalog to another file for GPUStack $SERIES.x"
     fi
     SERIES=$found
   fi
@@ -338,11 +404,106 @@ PY
   done
 }
 
+# ---------------------------------------------------------------------------------------------
+# The configuration of --prefix.
+
+# A YAML double-quoted scalar (as catalog_entry writes the path).
+yaml_string() {
+  local v=${1//\\/\\\\}
+  v=${v//\"/\\\"}
+  printf '"%s"' "$v"
+}
+
+# set_setting FILE PATTERN LINE: FILE with its first line matching the extended regular
+# expression PATTERN replaced by LINE (any later match dropped; LINE appended when none
+# matches), written beside FILE with FILE's mode and renamed over it. OLD_LINE: the line
+# replaced (empty: none).
+set_setting() {
+  local file=$1 pattern=$2 line=$3
+  OLD_LINE=$(grep -E -m1 -- "$pattern" "$file" || true)
+  [[ $OLD_LINE != "$line" ]] || return 0
+  CONFIG_PART=$(mktemp "$(dirname -- "$file")/.$(basename -- "$file").XXXXXXXX") ||
+    die 5 "cannot write beside $file; the catalog is registered, but $file does not name it yet: set it by hand"
+  PATTERN=$pattern LINE=$line awk '
+    $0 ~ ENVIRON["PATTERN"] { if (!done) print ENVIRON["LINE"]; done = 1; next }
+    { print }
+    END { if (!done) print ENVIRON["LINE"] }' "$file" >"$CONFIG_PART" ||
+    die 5 "cannot write $CONFIG_PART; $file was left as it was"
+  chmod --reference="$file" -- "$CONFIG_PART" 2>/dev/null || chmod 0644 -- "$CONFIG_PART"
+  chown --reference="$file" -- "$CONFIG_PART" 2>/dev/null || true
+  mv -f -- "$CONFIG_PART" "$file" || die 5 "cannot rename $CONFIG_PART to $file; $file was left as it was"
+  CONFIG_PART=""
+}
+
+# add_volume SPEC: SPEC (HOST:CONTAINER:ro) in PREFIX/docker.volumes, once.
+add_volume() {
+  local file=$PREFIX/docker.volumes
+  if [[ -f $file ]] && grep -qxF -- "$1" "$file"; then return 0; fi
+  CONFIG_PART=$(mktemp "$PREFIX/.docker.volumes.XXXXXXXX") || die 5 "cannot write in $PREFIX"
+  {
+    if [[ -f $file ]]; then
+      cat -- "$file"
+    else
+      printf '# Folders the GPUStack containers must see, one HOST:CONTAINER[:ro] a line, written by\n'
+      printf '# %s; install.sh adds each as --volume to the docker run lines it prints.\n' "$PROG"
+    fi
+    printf '%s\n' "$1"
+  } >"$CONFIG_PART" || die 5 "cannot write $CONFIG_PART"
+  chmod 0644 -- "$CONFIG_PART"
+  mv -f -- "$CONFIG_PART" "$file" || die 5 "cannot rename $CONFIG_PART to $file"
+  CONFIG_PART=""
+}
+
+# say_setting FILE LINE: what set_setting did.
+say_setting() {
+  if [[ $OLD_LINE == "$2" ]]; then
+    say "$1 already has $2"
+  else
+    say "$1: ${OLD_LINE:-(none)} -> $2 (every other line kept)"
+  fi
+}
+
+configure_prefix() {
+  local line dir
+  VOLUMES=()
+  if [[ -n $PIP_CONFIG ]]; then
+    line="model_catalog_file: $(yaml_string "$CATALOG")"
+    set_setting "$PIP_CONFIG" '^model_catalog_file:' "$line"
+    say_setting "$PIP_CONFIG" "$line"
+  fi
+  if [[ -n $DOCKER_ENV ]]; then
+    line="GPUSTACK_MODEL_CATALOG_FILE=$CATALOG"
+    set_setting "$DOCKER_ENV" '^#? *GPUSTACK_MODEL_CATALOG_FILE=' "$line"
+    say_setting "$DOCKER_ENV" "$line"
+    VOLUMES=("$DEST:$DEST:ro")
+    dir=$(dirname -- "$CATALOG")
+    [[ $dir == "$DEST" || $dir == "$DEST"/* ]] || VOLUMES+=("$dir:$dir:ro")
+    for line in "${VOLUMES[@]}"; do add_volume "$line"; done
+    say "$PREFIX/docker.volumes has ${VOLUMES[*]}"
+  fi
+}
+
 next_steps() {
-  cat <<EOF
-$PROG: to offer it, start the GPUStack server with this catalog:
+  local volume
+  if [[ -n $PREFIX ]]; then
+    printf '%s: GPUStack reads its model catalog when it starts: restart it to offer %s.\n' "$PROG" "$MODEL_NAME"
+    if [[ -n $PIP_CONFIG ]]; then
+      printf '  pip:     set -a; . %s/gpustack.env; set +a; %s/bin/gpustack start --config-file %s\n' "$PREFIX" "$PREFIX" "$PIP_CONFIG"
+    fi
+    if [[ -n $DOCKER_ENV ]]; then
+      printf '  docker:  recreate the server container (GPUStack 2.x: and each worker) with --env-file %s\n          ' "$DOCKER_ENV"
+      for volume in "${VOLUMES[@]}"; do printf ' --volume %s' "$volume"; done
+      printf '\n           (bash install.sh --prefix %s prints its run lines with them)\n' "$PREFIX"
+    fi
+  else
+    cat <<EOF
+$PROG: to offer it, start the GPUStack server with this catalog, or run $PROG again with
+--prefix (the prefix install.sh used) to point that install's configuration at it:
   pip:     gpustack start --model-catalog-file $CATALOG   (or model_catalog_file: $CATALOG in the config file)
-  docker:  docker run ... -v $DEST:$DEST -v $CATALOG:$CATALOG ... IMAGE --model-catalog-file $CATALOG
+  docker:  docker run ... --volume $DEST:$DEST:ro ... IMAGE --model-catalog-file $CATALOG
+EOF
+  fi
+  cat <<EOF
 Every worker that serves the model must see $TARGET at that same path (a shared mount, or $PROG
 run on each worker host with the same --dest).
 EOF
@@ -355,9 +516,11 @@ main() {
   check_signature
   verify_bundle
   load_bundle_env
+  check_prefix
   choose_series
   place_files
   write_catalog
+  configure_prefix
   next_steps
 }
 

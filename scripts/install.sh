@@ -1083,6 +1083,37 @@ server_image() {
   printf '%s' "${IMAGE_REFS[0]}"
 }
 
+# The model catalog install-model.sh writes at its default place under GPUStack's data directory
+# (DATA_DIR/models/model-catalog.yaml, its first line naming its format), if it is there: a new
+# gpustack.yaml or docker.env names it instead of the catalog shipped with GPUStack.
+site_catalog() {
+  local file first=""
+  file=$(data_dir)/models/model-catalog.yaml
+  [[ -f $file ]] || return 0
+  IFS= read -r first <"$file" || true
+  [[ $first != '# GPUStack model catalog (gpustack-offline, format gpustack-'* ]] || printf '%s' "$file"
+}
+
+# add_site_volume DIR: DIR:DIR:ro in PREFIX/docker.volumes (as install-model.sh --prefix adds it).
+add_site_volume() {
+  local file=$PREFIX/docker.volumes
+  if [[ -f $file ]] && grep -qxF -- "$1:$1:ro" "$file"; then return 0; fi
+  mkdir -p -- "$PREFIX" || die 6 "could not create $PREFIX; check permissions"
+  { printf '%s:%s:ro\n' "$1" "$1" >>"$file"; } 2>/dev/null || die 6 "could not write $file; check permissions on $PREFIX"
+}
+
+# site_volumes FLAG: SITE_VOLUMES, "FLAG HOST:CONTAINER[:ro]" for each line of PREFIX/docker.volumes
+# (the model folders install-model.sh --prefix recorded), for the docker run lines.
+site_volumes() {
+  local spec
+  SITE_VOLUMES=()
+  [[ -f $PREFIX/docker.volumes ]] || return 0
+  while IFS= read -r spec; do
+    case $spec in '' | '#'*) continue ;; esac
+    SITE_VOLUMES+=("$1 $spec")
+  done <"$PREFIX/docker.volumes"
+}
+
 # The air-gapped environment for the container, as the pip path's gpustack.yaml/gpustack.env:
 # GPUStack's own GPUSTACK_* variables (read by `gpustack start` as its option defaults) and the
 # libraries' switches. The model catalog's path inside the image is asked of the image itself.
@@ -1095,14 +1126,19 @@ write_docker_env() {
     say "kept the existing $DOCKER_ENV"
     return
   fi
-  local catalog="# GPUSTACK_MODEL_CATALOG_FILE=(GPUStack's python package not found in $image)"
+  local catalog="# GPUSTACK_MODEL_CATALOG_FILE=(GPUStack's python package not found in $image)" site
   # GPUStack 2.3's content index (gpustack/server/sources/probe.py, --ota-server-url): a closed
   # local port, so the stored content stays as shipped; earlier releases ignore the variable
   local ota="# (no OTA content server before GPUStack 2.x)"
   if [[ $GPUSTACK_VERSION == 2.* ]]; then
     ota=$'# --ota-server-url (2.3): a closed local port instead of ota.gpustack.ai\nGPUSTACK_OTA_SERVER_URL=http://127.0.0.1:1/latest'
   fi
-  if package=$(docker run --rm --network none --pull never --entrypoint python3 "$image" -I -c \
+  site=$(site_catalog)
+  if [[ -n $site ]]; then
+    catalog=GPUSTACK_MODEL_CATALOG_FILE=$site
+    add_site_volume "$(dirname -- "$site")"
+    say "model catalog: $site, written by install-model.sh (mounted read-only: $PREFIX/docker.volumes)"
+  elif package=$(docker run --rm --network none --pull never --entrypoint python3 "$image" -I -c \
     'import importlib.util, os; print(os.path.dirname(importlib.util.find_spec("gpustack").origin))' \
     2>/dev/null); then
     catalog=GPUSTACK_MODEL_CATALOG_FILE=$package/assets/model-catalog.yaml
@@ -1114,7 +1150,8 @@ write_docker_env() {
 # Environment for GPUStack's container on an air-gapped site, written by install.sh
 # ($BUNDLE_CELL); used with docker run --env-file. Each line keeps the first start from
 # reaching for the internet; delete one to turn upstream's behaviour back on.
-# --model-catalog-file: the catalog inside the image, not huggingface.co / modelscope.cn
+# --model-catalog-file: the catalog inside the image (or the site's, by install-model.sh
+# --prefix), not huggingface.co / modelscope.cn
 $catalog
 # --update-check-url: a closed local port (also answers the UI's /update/)
 GPUSTACK_UPDATE_CHECK_URL=http://127.0.0.1:1/
@@ -1139,7 +1176,9 @@ print_docker_next_steps() {
     cuda*) line+=("--gpus all" "--network=host" "--ipc=host") ;;
     *) line+=("--network=host") ;;
   esac
-  line+=("-v $VOLUME:/var/lib/gpustack" "--env-file $DOCKER_ENV" "--pull never" "$image")
+  line+=("-v $VOLUME:/var/lib/gpustack")
+  site_volumes -v
+  line+=("${SITE_VOLUMES[@]}" "--env-file $DOCKER_ENV" "--pull never" "$image")
 
   printf '\nGPUStack %s is loaded into Docker (%s).\n' "$GPUSTACK_VERSION" "$BUNDLE_CELL"
   if ((HAS_REGISTRY)); then
@@ -1241,15 +1280,17 @@ print_docker2_next_steps() {
     printf '  No --registry given: only this host has the runner images. For a cluster, run\n'
     printf '  %s --registry HOST[:PORT][/PREFIX] to push them into the site registry.\n' "$PROG"
   fi
+  site_volumes --volume
   printf '\nNext steps:\n  Start the GPUStack server:\n'
   print_run_line "docker run -d --name gpustack" "--restart unless-stopped" "-p 80:80" \
-    "--volume $VOLUME:/var/lib/gpustack" "${env_files[@]}" "$image" "${reg_flag[@]}"
+    "--volume $VOLUME:/var/lib/gpustack" "${SITE_VOLUMES[@]}" "${env_files[@]}" "$image" \
+    "${reg_flag[@]}"
   printf '  On each %s host, a worker (its token: docker exec gpustack cat /var/lib/gpustack/token;\n' "$TARGET_DEVICE"
   printf '  run preflight.sh there first):\n'
   print_run_line "docker run -d --name gpustack-worker" \
     '-e "GPUSTACK_RUNTIME_DEPLOY_MIRRORED_NAME=gpustack-worker"' "--restart=unless-stopped" \
     "--privileged" "--network=host" "--volume /var/run/docker.sock:/var/run/docker.sock" \
-    "--volume $VOLUME:/var/lib/gpustack" "${device[@]}" "${env_files[@]}" "$image" \
+    "--volume $VOLUME:/var/lib/gpustack" "${SITE_VOLUMES[@]}" "${device[@]}" "${env_files[@]}" "$image" \
     "--server-url http://SERVER_IP" "--token TOKEN" "--advertise-address HOST_IP" "${reg_flag[@]}"
   printf '  Then: docker logs -f gpustack; the admin password: docker exec -it gpustack cat /var/lib/gpustack/initial_admin_password\n'
 }
@@ -1333,19 +1374,24 @@ find_catalog() {
 }
 
 write_site_config() {
-  local catalog=$CATALOG
+  local catalog=$CATALOG site
   CONFIG=$PREFIX/gpustack.yaml ENV_FILE=$PREFIX/gpustack.env
   if [[ -e $CONFIG ]]; then
     say "kept the existing $CONFIG"
   else
+    site=$(site_catalog)
+    if [[ -n $site ]]; then
+      catalog=$(json_string "$site")
+      say "model catalog: $site, written by install-model.sh"
+    fi
     cat >"$CONFIG.tmp" <<EOF || die 6 "could not write $CONFIG; check permissions on $PREFIX"
 # GPUStack configuration for an air-gapped site, written by install.sh ($BUNDLE_CELL).
 # Each setting keeps the first start from reaching for the internet; delete one to turn
 # upstream's behaviour back on. Start GPUStack with:
 #   set -a; . $ENV_FILE; set +a; $PREFIX/bin/gpustack start --config-file $CONFIG
 
-# --model-catalog-file: the catalog shipped in the installed wheel, instead of probing
-# huggingface.co and modelscope.cn to choose one.
+# --model-catalog-file: the catalog shipped in the installed wheel (or the site's, which
+# install-model.sh --prefix sets here), instead of probing huggingface.co and modelscope.cn.
 model_catalog_file: $catalog
 
 # --update-check-url: a closed local port. The check fails at once, and its cached failure also

@@ -111,6 +111,66 @@ def test_bundle_from_pypi_installs_and_starts_offline(pip_ctx, built, cell_id):
     assert saved["ok"] is True and saved["cell"] == cell_id
 
 
+MODEL_STEPS = [
+    "isolation", "install", "install-model", "config", "config-catalog", "start-site",
+    "healthz-site", "worker-site", "ui-site", "deploy", "catalog", "deployment", "scheduled",
+    "file-resolved", "model-logs", "no-download", "egress",
+]  # fmt: skip
+
+
+def test_a_model_bundle_beside_the_pip_bundle_is_offered_and_deployed_offline(
+    pip_ctx, built, tmp_path
+):
+    """A tiny GGUF model (the `gguf` package's writer), bundled from the loopback hub stand-in
+    through the real `huggingface_hub`, installed with install-model.sh --prefix beside the
+    0.7.1 pip bundle in one clean container: GPUStack, started as install.sh configures it, lists
+    the model with its local path, accepts its deployment, schedules it and resolves the file on
+    its worker; nothing outside is asked. The bundle's llama-box is a stand-in, so the instance
+    then ends in error: inference is not run."""
+    from support.hf_hub import HubStandIn, tiny_gguf
+
+    cell = pip_ctx.matrix.cell(CELLS[0])
+    built(CELLS[0])
+    (tmp_path / "models.toml").write_text(
+        '[[model]]\nname = "tiny-gguf"\nsource = "huggingface"\n'
+        'repository = "test-org/tiny-GGUF"\nfiles = ["tiny-Q4_K_M.gguf"]\nbackend = "llama-box"\n'
+    )
+    with HubStandIn() as hub:
+        hub.add("test-org/tiny-GGUF", {"tiny-Q4_K_M.gguf": tiny_gguf(1, values=1024)})
+        cli = {
+            "models": str(tmp_path / "models.toml"),
+            "model_locks_dir": str(tmp_path / "locks"),
+            "dist_dir": str(pip_ctx.dist),
+            "hf_endpoint": hub.url,
+            "progress": False,
+        }
+        ctx = commands.Context.load(pip_ctx.root, cli=cli)
+        (model,) = commands.build(ctx, [], ctx.models(["tiny-gguf"]))
+
+    report = commands.verify_model(ctx, cell, model.directory)
+    assert report.ok and [s.name for s in report.steps] == MODEL_STEPS
+    placed = "/var/lib/gpustack/models/tiny-gguf/tiny-Q4_K_M.gguf"
+    steps = {s.name: s.output for s in report.steps}
+    assert "model_catalog_file:" in steps["config"]
+    assert "/var/lib/gpustack/models/model-catalog.yaml" in steps["config"]
+    probe = json.loads(steps["deploy"].strip().splitlines()[-1])
+    assert probe["spec"]["source"] == "local_path" and probe["spec"]["local_path"] == placed
+    assert probe["created"]["status"] == 200 and probe["created"]["body"]["local_path"] == placed
+    assert probe["instance"]["resolved_path"] == placed and probe["instance"]["worker_id"]
+    # the stand-in llama-box only answers --version: the engine fails, as expected here
+    assert probe["states"][-1] == probe["instance"]["state"] == "error", probe["states"]
+    assert "Inference server exited" in probe["instance"]["state_message"]
+    [file] = [f for f in probe["model_files"] if f["local_path"] == placed]
+    assert file["state"] == "ready" and file["resolved_paths"] == [placed]
+    assert f"file resolved there at {placed} with nothing fetched" in report.note
+    assert report.egress == {"hosts_attempted": 0, "hosts": []}
+    saved = pip_ctx.dist / f"model-tiny-gguf.{CELLS[0]}.verify.json"
+    assert json.loads(saved.read_text())["ok"] is True
+    audit = json.loads(saved.with_name(saved.name.replace(".verify.", ".egress.")).read_text())
+    assert audit["install+model+site"]["hosts"] == []
+    print(f"\n{report.note}")
+
+
 def offline_ctx(pip_ctx) -> commands.Context:
     """The same dist and cache, with every download address dead: a build that fetched one
     byte would fail."""

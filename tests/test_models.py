@@ -21,6 +21,8 @@ import pytest
 import yaml
 from support.fault_proxy import Drop, FaultProxy
 from support.hf_hub import HubStandIn, git_blob_id, tiny_gguf, tiny_safetensors
+from test_scripts import gpustack_wheel, make_bundle
+from test_scripts import install as install_gpustack
 
 from gpustack_offline.bundle import release
 from gpustack_offline.bundle.signing import generate_key
@@ -589,3 +591,169 @@ def test_a_hub_token_reaches_the_hub_and_nothing_written(root, tmp_path, hub, mo
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
+
+
+# -- the site: install-model.sh --prefix, wired into what install.sh configured ----------------
+
+# What install.sh writes (scripts/install.sh, write_site_config and write_docker_env), with an
+# edit of the site's own below each.
+PIP_CONFIG = """\
+# GPUStack configuration for an air-gapped site, written by install.sh (CELL).
+
+# --model-catalog-file: the catalog shipped in the installed wheel
+model_catalog_file: {prefix}/current/lib/python3.11/site-packages/gpustack/assets/model-catalog.yaml
+
+update_check_url: http://127.0.0.1:1/
+tools_download_base_url: http://127.0.0.1:1
+port: 9090
+"""
+DOCKER_ENV = """\
+# Environment for GPUStack's container on an air-gapped site, written by install.sh
+# --model-catalog-file: the catalog inside the image, not huggingface.co / modelscope.cn
+# GPUSTACK_MODEL_CATALOG_FILE=(GPUStack's python package not found in IMAGE)
+GPUSTACK_UPDATE_CHECK_URL=http://127.0.0.1:1/
+HF_HUB_OFFLINE=1
+SITE_OWN=kept
+"""
+
+
+def installed_prefix(where: Path, method: str, version: str) -> Path:
+    """A prefix as install.sh leaves it: its configuration, and the bundle.env it keeps under
+    bundles/ (a pip install's behind `current`)."""
+    prefix = where / "prefix"
+    release = f"v{version}-linux-amd64-cpu-py3.11-base-{method}-0123456789ab"
+    (prefix / "bundles" / release).mkdir(parents=True)
+    (prefix / "bundles" / release / "bundle.env").write_text(
+        f"BUNDLE_CELL=v{version}-linux-amd64-cpu-py3.11-base-{method}\n"
+        f"GPUSTACK_VERSION={version}\nINSTALL_METHOD={method}\n"
+    )
+    if method == "pip":
+        (prefix / "releases" / release).mkdir(parents=True)
+        (prefix / "current").symlink_to(f"releases/{release}")
+        (prefix / "gpustack.yaml").write_text(PIP_CONFIG.format(prefix=prefix))
+        (prefix / "gpustack.yaml").chmod(0o640)
+    else:
+        (prefix / "docker.env").write_text(DOCKER_ENV)
+    return prefix
+
+
+def test_prefix_of_a_pip_install_points_its_gpustack_yaml_at_the_catalog(shipped, tmp_path):
+    prefix = installed_prefix(tmp_path, "pip", "0.7.1")
+    before = (prefix / "gpustack.yaml").read_text().splitlines()
+    dest = tmp_path / "shared models: 'a' #1"  # quoted in the YAML
+    proc = install(shipped["model-tiny-st"], "--dest", dest, "--prefix", prefix)
+    assert proc.returncode == 0
+    catalog = dest / "model-catalog.yaml"
+    # a vLLM model defaults to a 2.x catalog; GPUStack 0.7.1 installed there reads 0.x
+    assert isinstance(yaml.safe_load(catalog.read_text()), list)
+    config = prefix / "gpustack.yaml"
+    after = config.read_text().splitlines()
+    assert yaml.safe_load(config.read_text())["model_catalog_file"] == str(catalog)
+    changed = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
+    assert [before[i].split(":")[0] for i in changed] == ["model_catalog_file"]  # the rest kept
+    assert config.stat().st_mode & 0o777 == 0o640
+    assert not list(prefix.glob(".gpustack.yaml.*"))
+    assert f"{config}: model_catalog_file: {prefix}/current/" in proc.stdout
+    assert f"gpustack start --config-file {config}" in proc.stdout
+
+    again = install(shipped["model-tiny-gguf"], "--dest", dest, "--prefix", prefix)
+    assert again.returncode == 0 and f"{config} already has model_catalog_file" in again.stdout
+    assert config.read_text().splitlines() == after
+    refused = install(shipped["model-tiny-st"], "--dest", tmp_path / "m2", "--prefix", prefix,
+                      "--gpustack", "2")  # fmt: skip
+    assert refused.returncode == 2 and "has GPUStack 0.7.1 installed" in refused.stderr
+    assert not (tmp_path / "m2").exists()
+
+
+def test_prefix_of_a_docker_install_sets_its_env_and_the_folders_to_mount(shipped, tmp_path):
+    prefix = installed_prefix(tmp_path, "docker", "2.3.0")
+    dest, catalog = tmp_path / "models", tmp_path / "etc" / "catalog.yaml"
+    proc = install(shipped["model-tiny-st"], "--dest", dest, "--catalog", catalog,
+                   "--prefix", prefix)  # fmt: skip
+    assert proc.returncode == 0
+    assert yaml.safe_load(catalog.read_text())["model_sets"][0]["name"] == "tiny-st"  # 2.x
+    env = (prefix / "docker.env").read_text()
+    assert env == DOCKER_ENV.replace(
+        "# GPUSTACK_MODEL_CATALOG_FILE=(GPUStack's python package not found in IMAGE)",
+        f"GPUSTACK_MODEL_CATALOG_FILE={catalog}",
+    )
+    volumes = (prefix / "docker.volumes").read_text().splitlines()
+    wanted = [f"{dest}:{dest}:ro", f"{catalog.parent}:{catalog.parent}:ro"]
+    assert [v for v in volumes if not v.startswith("#")] == wanted
+    assert f"--volume {wanted[0]} --volume {wanted[1]}" in proc.stdout
+    # a second model adds no volume twice; GGUF (llama-box) has no place in a 2.x catalog
+    assert install(shipped["model-tiny-st"], "--dest", dest, "--catalog", catalog,
+                   "--prefix", prefix).returncode == 0  # fmt: skip
+    assert (prefix / "docker.volumes").read_text().splitlines() == volumes
+    refused = install(shipped["model-tiny-gguf"], "--dest", dest, "--prefix", prefix)
+    assert refused.returncode == 2 and "GPUStack 2.x has no llama-box backend" in refused.stderr
+
+
+def test_prefix_without_a_gpustack_install_is_refused_before_anything_is_placed(shipped, tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = install(shipped["model-tiny-gguf"], "--dest", tmp_path / "m",
+                   "--prefix", tmp_path / "empty")  # fmt: skip
+    assert proc.returncode == 2
+    assert "neither" in proc.stderr and "install.sh --prefix" in proc.stderr
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.target
+def test_install_sh_and_install_model_sh_meet_in_either_order(shipped, tmp_path, gpustack_wheel):
+    """GPUStack first, then the model with --prefix; or the model first, at its default place
+    under the data directory, then GPUStack: both ways the pip install's gpustack.yaml names the
+    site's catalog, and a later install.sh keeps it."""
+    first = make_bundle(tmp_path / "a", gpustack_wheel)
+    prefix, data = tmp_path / "prefix", tmp_path / "data"
+    assert install_gpustack(first, prefix, "--data-dir", str(data)).returncode == 0
+    catalog = data / "models" / "model-catalog.yaml"
+    proc = install(shipped["model-tiny-gguf"], "--dest", data / "models", "--prefix", prefix)
+    assert proc.returncode == 0
+    config = prefix / "gpustack.yaml"
+    assert yaml.safe_load(config.read_text())["model_catalog_file"] == str(catalog)
+    again = install_gpustack(make_bundle(tmp_path / "b", gpustack_wheel, REQUIREMENT="gpustack"),
+                             prefix, "--data-dir", str(data))  # fmt: skip
+    assert again.returncode == 0 and "kept the existing" in again.stdout
+    assert yaml.safe_load(config.read_text())["model_catalog_file"] == str(catalog)
+
+    other = tmp_path / "other-prefix"
+    fresh = install_gpustack(first, other, "--data-dir", str(data))
+    assert fresh.returncode == 0
+    assert f"model catalog: {catalog}, written by install-model.sh" in fresh.stdout
+    assert yaml.safe_load((other / "gpustack.yaml").read_text())["model_catalog_file"] == str(
+        catalog
+    )
+
+
+_ = gpustack_wheel  # the session fixture, imported for the test above
+
+
+# -- verification beside a cell: what is paired, and what is said NOT VERIFIED ----------------
+
+
+def test_nox_pairs_each_model_bundle_with_each_cell_bundle_and_skips_what_it_cannot_verify(
+    root, tmp_path, hub, monkeypatch
+):
+    ctx = context(root, tmp_path, hub.url)
+    commands.build(ctx, [], ctx.models(["tiny-gguf", "tiny-st"]))
+    cells = ["v0.7.1-linux-amd64-cpu-py3.11-base-pip", "v0.7.1-linux-amd64-cpu-py3.11-base-docker"]
+    for cell_id in cells:
+        (ctx.dist / cell_id).mkdir(parents=True)
+        (ctx.dist / cell_id / "manifest.json").write_text("{}\n")
+    monkeypatch.setenv("GPUSTACK_OFFLINE_DIST_DIR", str(ctx.dist))
+    pairs = commands.model_pairs(root)
+    assert pairs == [
+        f"{m}@{c}" for m in ("model-tiny-gguf", "model-tiny-st") for c in sorted(cells)
+    ]
+
+    pip, docker = (ctx.matrix.cell(c) for c in cells)
+    assert model_bundles.unverifiable(pip, ctx.dist / "model-tiny-gguf") is None
+    assert "beside a pip bundle" in str(
+        model_bundles.unverifiable(docker, ctx.dist / "model-tiny-gguf")
+    )
+    assert "covers llama-box (GGUF) models" in str(
+        model_bundles.unverifiable(pip, ctx.dist / "model-tiny-st")
+    )
+    # the session says NOT VERIFIED and why, before any container
+    outcome = commands.models_session(root, f"model-tiny-st@{cells[0]}")
+    assert outcome.skipped and "NOT VERIFIED" in outcome.message and "vllm" in outcome.message

@@ -803,3 +803,70 @@ def test_a_docker_delta_takes_the_layers_the_site_registry_holds(
         for ref in [*pushed, NEWER]:
             remove_image(ref)
         remove_image(newer_archive.image_id)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: install-model.sh --prefix on a docker install, and the run lines install.sh prints
+
+
+@pytest.fixture(scope="module")
+def model_bundles(root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A GGUF (llama-box, GPUStack 0.x) and a safetensors (vLLM) model bundle, built from the
+    loopback hub stand-in as `invoke bundle --model` builds them."""
+    from support.hf_hub import HubStandIn, tiny_gguf, tiny_safetensors
+    from test_models import GGUF, context
+
+    from gpustack_offline.cli import commands
+
+    area = tmp_path_factory.mktemp("docker-models")
+    with HubStandIn() as hf:
+        hf.add("test-org/tiny-GGUF", {GGUF: tiny_gguf(1, values=1024)})
+        hf.add(
+            "test-org/tiny-st", {"config.json": b"{}\n", "model.safetensors": tiny_safetensors()}
+        )
+        ctx = context(root, area, hf.url)
+        results = commands.build(ctx, [], ctx.models(["tiny-gguf", "tiny-st"]))
+    return {r.id: r.directory for r in results}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("version", "device", "model", "flag"),
+    [("2.3.0", "cuda12.9", "model-tiny-st", "--volume"), ("0.7.1", "cpu", "model-tiny-gguf", "-v")],
+)
+def test_a_model_installed_with_the_prefix_is_mounted_on_every_run_line(
+    tmp_path: Path,
+    engine: Archive,
+    model_bundles: dict[str, Path],
+    version: str,
+    device: str,
+    model: str,
+    flag: str,
+) -> None:
+    """install-model.sh --prefix names its catalog in docker.env and its folder in
+    docker.volumes; install.sh then mounts that folder read-only on the server's run line (2.x:
+    and the worker's), where GPUStack reads GPUSTACK_MODEL_CATALOG_FILE from the env file."""
+    extra = {"CUDA_FLOOR": "12.9", "TARGET_EXTRAS": "vllm"} if version.startswith("2") else {}
+    bundle = make_docker_bundle(
+        tmp_path, engine.path, GPUSTACK_VERSION=version, TARGET_DEVICE=device, **extra
+    )
+    prefix, dest = prefix_of(bundle), tmp_path / "models"
+    assert install(bundle, "--skip-preflight").returncode == 0
+    placed = subprocess.run(
+        ["bash", model_bundles[model] / "install-model.sh", "--dest", dest, "--prefix", prefix],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert placed.returncode == 0, placed.stdout + placed.stderr
+    catalog = dest / "model-catalog.yaml"
+    assert f"GPUSTACK_MODEL_CATALOG_FILE={catalog}\n" in (prefix / "docker.env").read_text()
+    assert f"--volume {dest}:{dest}:ro" in placed.stdout
+
+    proc = install(bundle, "--skip-preflight")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    mount = f"{flag} {dest}:{dest}:ro"
+    lines = proc.stdout.split("docker run ")[1:]
+    assert len(lines) == (2 if version.startswith("2") else 1)  # 2.x: server and worker
+    for line in lines:
+        assert mount in " ".join(w.strip().removesuffix("\\").strip() for w in line.splitlines())
+    words = run_line(proc.stdout)
+    assert words.index(str(prefix / "docker.env")) > words.index(f"{dest}:{dest}:ro")

@@ -11,10 +11,15 @@ from pathlib import Path
 
 
 def _inodes(root: Path) -> Iterable[tuple[tuple[int, int], int]]:
-    """(device, inode) and allocated bytes of `root` and of everything under it."""
+    """(device, inode) and allocated bytes of `root` and of everything under it. A file gone
+    between the listing and its lstat (another build's `.part` in a shared cache, renamed into
+    place meanwhile) is left out: it was never this build's."""
     paths = [root, *root.rglob("*")] if root.is_dir() else [root]
     for path in paths:
-        st = os.lstat(path)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
         yield (st.st_dev, st.st_ino), st.st_blocks * 512
 
 

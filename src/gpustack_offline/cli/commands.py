@@ -49,7 +49,7 @@ def _models() -> ModuleType:
 
 
 # Context: where the wiring takes it
-__all__ = ["Context", "build", "check_pins", "inspect", "lock", "verify_cell"]
+__all__ = ["Context", "build", "check_pins", "inspect", "lock", "verify_cell", "verify_model"]
 
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 log = logging.getLogger("gpustack_offline")
@@ -297,8 +297,8 @@ def _shown(path: Path) -> str:
 
 
 def built_cell_ids(root: Path) -> list[str]:
-    """Ids of the finished cell bundles in the dist-dir option's folder, for nox to list (model
-    bundles are not verified in a container yet); none when the options cannot be read (the
+    """Ids of the finished cell bundles in the dist-dir option's folder, for nox to list (a model
+    bundle is verified beside one: `model_pairs`); none when the options cannot be read (the
     session then says why)."""
     try:
         dist = resolve(root).path("dist_dir", root)
@@ -352,6 +352,55 @@ def upgrade_session(root: Path, delta_name: str | None) -> Outcome:
         return None
 
     return _session(root, run)
+
+
+def model_pairs(root: Path) -> list[str]:
+    """`<model bundle>@<cell>` for each model bundle and each cell bundle under dist: the
+    pairs of `nox -s models` (one the verification does not cover is skipped there, saying
+    why)."""
+    try:
+        dist = resolve(root).path("dist_dir", root)
+    except BundleError:
+        return []
+    if not dist.is_dir():
+        return []
+    found = sorted(p.parent.name for p in dist.glob("*/manifest.json"))
+    return [f"{m}@{c}" for m in found if is_model_bundle(m) for c in built_cell_ids(root)]
+
+
+def models_session(root: Path, pair: str | None) -> Outcome:
+    """`nox -s models(<model bundle>@<cell>)`: the model bundle installed beside the cell's,
+    offered from the site's catalog and deployed, offline; any failure is one message."""
+    try:
+        ctx = Context.load(root)
+        if pair is None:
+            return Outcome(
+                failed=True,
+                message=f"no model bundle and cell bundle under {ctx.dist}; build them with "
+                "`invoke bundle --model NAME` and `invoke bundle --cell ID`",
+            )
+        model_id, _, cell_id = pair.partition("@")
+        verify_model(ctx, ctx.matrix.cell(cell_id), ctx.dist / model_id)
+    except Unverifiable as exc:
+        return Outcome(skipped=True, message=f"NOT VERIFIED: {exc}")
+    except (Exception, KeyboardInterrupt) as exc:
+        if debugging():
+            raise
+        return Outcome(failed=True, message=describe(exc))
+    return Outcome()
+
+
+def verify_model(ctx: Context, cell: Cell, model_dir: Path) -> Report:
+    """A model bundle verified beside the cell's bundle (`recipes.models.verify`)."""
+    if ctx.layout.verify_key:  # as `install-model.sh --verify-key` does on the site
+        signer = signing.verify(model_dir, ctx.layout.verify_key)
+        console.print(f"{model_dir.name}: signature good, SHA256SUMS signed by key {signer}")
+    report = _models().verify(ctx, cell, model_dir)
+    console.print(
+        f"[green]{model_dir.name} beside {cell.id}: verified[/green] — {report.note}; "
+        f"{(report.egress or {}).get('hosts_attempted')} outside hosts"
+    )
+    return report
 
 
 @dataclass(frozen=True)

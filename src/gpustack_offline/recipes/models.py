@@ -9,8 +9,8 @@ model has none of those axes: the same bytes serve every target and both GPUStac
 is named in `models.toml`, not the matrix. Making it a recipe would mean inventing a cell for
 it. So models take the same shared steps by another door: `base.build_bundle` (the per-dist
 build lock, the reuse record, the atomic folder, signature and tar) with
-`assemble.assemble_model` (manifest, SHA256SUMS and SBOM written as for cells). Verifying a
-model bundle against a running GPUStack server is not built yet (issue 17).
+`assemble.assemble_model` (manifest, SHA256SUMS and SBOM written as for cells). A model bundle
+is verified beside a cell's bundle (`verify`): it takes a cell there, the GPUStack it is served by.
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ from pathlib import Path
 from gpustack_offline.bundle import assemble
 from gpustack_offline.bundle.assemble import Result
 from gpustack_offline.core.context import Context
-from gpustack_offline.core.errors import LockError
-from gpustack_offline.core.models import Model
+from gpustack_offline.core.errors import LockError, VerifyError
+from gpustack_offline.core.matrix import Cell
+from gpustack_offline.core.models import FILE_BACKENDS, Model
+from gpustack_offline.recipes import for_cell, pip0
 from gpustack_offline.recipes.base import Locked, build_bundle, existing
 from gpustack_offline.stages import hub
 from gpustack_offline.stages.model_locks import (
@@ -32,6 +34,10 @@ from gpustack_offline.stages.model_locks import (
     stale,
     write_lock,
 )
+from gpustack_offline.verify import common as verifying
+from gpustack_offline.verify import egress
+from gpustack_offline.verify.common import Report, Unverifiable
+from gpustack_offline.verify.models import model_bundle_env, verify_model
 
 
 def endpoint(ctx: Context) -> str:
@@ -99,3 +105,49 @@ def build(ctx: Context, model: Model) -> Result:
         return assemble.assemble_model(model, current, blobs, stage, ctx.root, inputs(ctx, model))
 
     return build_bundle(ctx, model.bundle_id, lambda: inputs(ctx, model), gather, fill)
+
+
+def report_path(ctx: Context, cell: Cell, model_dir: Path) -> Path:
+    """Where the verification of a model bundle beside a cell's writes its report (and, as
+    `.egress.json`, its audit): `dist/<model bundle>.<cell>.verify.json`."""
+    return ctx.layout.dist / f"{model_dir.name}.{cell.id}.verify.json"
+
+
+def unverifiable(cell: Cell, model_dir: Path) -> str | None:
+    """Why the model bundle cannot be verified beside `cell`'s bundle here, if it cannot."""
+    if not isinstance(for_cell(cell), pip0.Pip0):
+        return f"{cell.id}: a model bundle is verified beside a pip bundle of GPUStack 0.x so far"
+    env = model_bundle_env(model_dir)
+    if not env.get(f"CATALOG_GPUSTACK_{cell.series}"):
+        return (
+            f"{model_dir.name}: GPUStack {cell.series}.x has no {env.get('MODEL_BACKEND')} "
+            f"backend, so {cell.id} cannot serve it"
+        )
+    if env.get("MODEL_BACKEND") not in FILE_BACKENDS:
+        return (
+            f"{model_dir.name}: a {env.get('MODEL_BACKEND')} model is scheduled only to a GPU "
+            "with its engine installed; verification here covers llama-box (GGUF) models, "
+            "which GPUStack schedules on a CPU worker"
+        )
+    return None
+
+
+def verify(ctx: Context, cell: Cell, model_dir: Path) -> Report:
+    """The model bundle `model_dir` installed beside the cell's bundle (both under dist) in one
+    clean container, offered from the site's catalog and deployed (`verify.models`); the report
+    beside them, whatever happens."""
+
+    def body(report: Report) -> Report:
+        if not (model_dir / "manifest.json").is_file():
+            raise VerifyError(f"{model_dir} is not a bundle (no manifest.json); build it first")
+        reason = unverifiable(cell, model_dir)
+        if reason:
+            raise Unverifiable(reason)
+        allowlist = egress.load_allowlist(ctx.layout.egress_allowlist, cell.id)
+        return verify_model(
+            cell, ctx.layout.bundle(cell.id), model_dir, ctx.layout.cache,
+            ctx.opts.verify_timeout, ctx.opts.debian_mirror, report, allowlist,
+        )  # fmt: skip
+
+    bundle_dir = ctx.layout.bundle(cell.id)
+    return verifying.verify(cell, bundle_dir, report_path(ctx, cell, model_dir), body)

@@ -1,0 +1,113 @@
+"""A model of the site's catalog deployed through GPUStack's API, as an operator does in the UI.
+
+Run in the target container by its python3 (standard library only, Python 3.8 and later):
+
+    python3 -c "$(cat model_probe.py)" BASE_URL PASSWORD_FILE MODEL_NAME SECONDS
+
+Logs in as admin (the password in PASSWORD_FILE), finds MODEL_NAME in the model catalog
+(`GET /v1/model-sets?search=`, then its specs: `GET /v1/model-sets/{id}/specs`, GPUStack 0.6
+and 0.7), deploys its `local_path` spec (`POST /v1/models`: the spec's source, path, backend and
+replicas under the set's name and categories, as the UI's catalog page sends them), then follows
+the model's instance for at most SECONDS until it runs or fails (at most a minute after the
+worker resolved its file) (`GET /v1/models/{id}/instances`, then `GET /v1/model-files`).
+Prints one JSON line: what each answered (`catalog`, `spec`, `created`, the instance states
+seen in order, the last instance, the model files), or `error`. Exits 0 when every request got
+an answer; judging them is the caller's.
+"""
+
+import http.cookiejar
+import json
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+# The states an instance passes before its engine runs (GPUStack 0.7 ModelInstanceStateEnum).
+BEFORE_SERVING = ("pending", "analyzing", "scheduled", "initializing", "downloading")
+ENDED = ("running", "error")
+ENGINE_SECONDS = 60  # from `starting`, how long the engine gets to run or fail
+
+
+def main() -> int:
+    base, password_file, name, seconds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+    with open(password_file) as fh:
+        password = fh.read().strip()
+    jar = http.cookiejar.CookieJar()
+    opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+
+    def call(path, data=None, form=False):
+        headers = {}
+        body = None
+        if data is not None and form:
+            body = urllib.parse.urlencode(data).encode()
+        elif data is not None:
+            body = json.dumps(data).encode()
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(base + path, data=body, headers=headers)
+        try:
+            with opener.open(request, timeout=30) as resp:
+                status, text = resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:  # an answer all the same: keep its status
+            status, text = exc.code, exc.read().decode()
+        return status, json.loads(text) if text.startswith(("{", "[")) else text
+
+    out = {}
+    try:
+        out["login"], _ = call("/auth/login", {"username": "admin", "password": password}, True)
+        query = urllib.parse.urlencode({"search": name, "page": 1, "perPage": 100})
+        _, sets = call(f"/v1/model-sets?{query}")
+        found = [s for s in sets["items"] if s.get("name") == name]
+        out["catalog"] = found
+        if not found:
+            raise LookupError(f"no model set named {name!r} in the catalog")
+        _, specs = call(f"/v1/model-sets/{found[0]['id']}/specs?page=1&perPage=100")
+        local = [s for s in specs["items"] if s.get("source") == "local_path"]
+        out["spec"] = local[0] if local else None
+        if not local:
+            raise LookupError(f"{name!r} has no local_path spec: {specs['items']}")
+        spec = local[0]
+        model = {
+            "name": name,
+            "source": "local_path",
+            "local_path": spec["local_path"],
+            "backend": spec.get("backend"),
+            "backend_version": spec.get("backend_version"),
+            "backend_parameters": spec.get("backend_parameters") or [],
+            "replicas": spec.get("replicas") or 1,
+            "categories": found[0].get("categories") or [],
+            "description": found[0].get("description"),
+        }
+        status, created = call("/v1/models", model)
+        out["created"] = {"status": status, "body": created}
+        if status != 200:
+            raise RuntimeError(f"POST /v1/models answered {status}")
+        states: list = []
+        instance = None
+        deadline = time.monotonic() + float(seconds)
+        while time.monotonic() < deadline:
+            _, instances = call(f"/v1/models/{created['id']}/instances?page=1&perPage=10")
+            items = instances.get("items") or []
+            if items:
+                instance = items[0]
+                state = instance.get("state")
+                if not states or states[-1] != state:
+                    states.append(state)
+                if state in ENDED:
+                    break
+                if instance.get("resolved_path") and state not in BEFORE_SERVING:
+                    # the file is resolved: give the engine a little longer to say how it went
+                    deadline = min(deadline, time.monotonic() + ENGINE_SECONDS)
+            time.sleep(1)
+        out["states"] = states
+        out["instance"] = instance
+        _, files = call("/v1/model-files?page=1&perPage=100")
+        out["model_files"] = files.get("items") if isinstance(files, dict) else files
+    except Exception as exc:  # one line for the report, whatever failed
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    print(json.dumps(out, sort_keys=True))
+    return 1 if "error" in out else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Verification of a model bundle beside a GPUStack pip bundle, offline, in one clean container.
+
+The container is the one `verify.pip` uses (Debian of the cell's arch, an internal network, the
+sinkhole as its only resolver, the audit hook on the start's PYTHONPATH); both bundles are
+mounted read-only. What a site does, in order:
+
+1. `install.sh --prefix /opt/gpustack` installs GPUStack from the cell's bundle;
+2. `install-model.sh --prefix /opt/gpustack` places the model under its default folder
+   (`/var/lib/gpustack/models/<name>/`), writes the catalog there and points the install's
+   `gpustack.yaml` at it (`model_catalog_file`);
+3. GPUStack starts as `install.sh` configures it (`verify.pip.SITE_START`, `launch`, `observe`:
+   `/healthz`, the worker, the admin's login);
+4. `payload/model_probe.py` finds the model in the catalog with its `local_path`, deploys that
+   spec through `POST /v1/models` as the UI's catalog page does, and follows its instance: the
+   scheduler places it, the worker resolves the file (its model file `ready` with the placed path
+   as `resolved_paths`) and the instance moves on to its engine;
+5. the egress audit of the whole run (installs, start, deployment) must show no outside host.
+
+Inference is not run. The instance's engine is the bundle's llama-box; with a real one a real
+model would serve, but no inference engine can be fetched on the host this project is built on,
+so its bundles in the tests carry stand-in tools that only answer `--version` (and, for
+gguf-parser, a fixed estimate so that upstream's scheduler runs): the instance then ends in
+`error` with the engine's message. What is asserted is what comes before the engine: the catalog
+entry, the accepted deployment, the instance scheduled to the worker, the file resolved there at
+the placed path, and nothing fetched.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gpustack_offline import payload
+from gpustack_offline.core.docker import base_image, exec_in, internal_network
+from gpustack_offline.core.errors import VerifyError
+from gpustack_offline.core.matrix import Cell
+from gpustack_offline.verify import egress
+from gpustack_offline.verify.common import (
+    HOST_ARCH,
+    SETTLE,
+    Report,
+    Step,
+    audit_hook,
+    egress_step,
+    egress_summary,
+    failure,
+)
+from gpustack_offline.verify.pip import (
+    ISOLATION,
+    PORT,
+    PREFIX,
+    SITE_START,
+    Start,
+    finish,
+    launch,
+    observe,
+)
+
+MODEL_PROBE = payload.path("model_probe.py").read_text()
+MODELS_DIR = "/var/lib/gpustack/models"  # install-model.sh's default --dest
+DATA_DIR = "/var/lib/gpustack-site"  # `launch`'s data dir for a start named "site"
+# Seconds the probe follows the deployed instance: scheduling, the worker's model file, the
+# engine's start (a few seconds on the development host).
+DEPLOY_SECONDS = 240
+# What a hub download leaves in GPUStack's logs (0.7 worker/downloaders.py, huggingface_hub).
+HUB_SIGNS = ("huggingface.co", "hf_hub_download", "modelscope.cn", "snapshot_download")
+DOWNLOAD_SIGN = "Downloading model file:"  # worker/model_file_manager.py, then the source
+
+
+def verify_model(
+    cell: Cell,
+    bundle_dir: Path,
+    model_dir: Path,
+    cache: Path,
+    timeout: int,
+    mirror: str,
+    report: Report,
+    allowlist: Sequence[str],
+) -> Report:
+    """The model bundle `model_dir` installed beside the pip bundle `bundle_dir` (of `cell`),
+    served from the site's catalog, as the module's doc says."""
+    env = model_bundle_env(model_dir)
+    name, entry = env["MODEL_NAME"], env.get("MODEL_ENTRY", "")
+    placed = f"{MODELS_DIR}/{name}" + (f"/{entry}" if entry else "")
+    catalog = f"{MODELS_DIR}/model-catalog.yaml"
+    image = base_image(cell.arch, cache, mirror)
+    mounts = {
+        bundle_dir.resolve(): "/bundle",
+        model_dir.resolve(): "/model",
+        audit_hook(): "/opt/egress-audit",
+    }
+    with egress.audited_container(
+        image,
+        network=internal_network(),
+        sinkhole_image=base_image(HOST_ARCH, cache, mirror),
+        mounts=mounts,
+        read_only=list(mounts.values()),
+        env={},
+        name_hint=f"models-{cell.arch}",
+    ) as audit:
+        box = audit.box
+
+        def step(name: str, argv: list[str]) -> Step:
+            started = time.monotonic()
+            code, output = exec_in(box, argv)
+            result = Step(name, code, round(time.monotonic() - started, 1), output)
+            report.steps.append(result)
+            if code != 0:
+                raise VerifyError(failure(cell, result))
+            return result
+
+        def judge(name: str, ok: bool, output: str, why: str) -> None:
+            report.steps.append(Step(name, 0 if ok else 1, 0.0, output))
+            if not ok:
+                raise VerifyError(failure(cell, report.steps[-1], why))
+
+        step("isolation", ["python3", "-c", ISOLATION, audit.sinkhole.address])
+        mark = len(egress.read_events(audit.sinkhole))
+        step("install", ["/bundle/install.sh", "--prefix", PREFIX])
+        step("install-model", ["/model/install-model.sh", "--prefix", PREFIX])
+        config = step("config", ["grep", "^model_catalog_file:", f"{PREFIX}/gpustack.yaml"])
+        named = config.output.strip().split(":", 1)[-1].strip().strip('"')
+        judge("config-catalog", named == catalog, config.output,
+              f"{PREFIX}/gpustack.yaml does not name {catalog}")  # fmt: skip
+
+        run = Start(box, "site", SITE_START, egress.address_of(box, audit.sinkhole.network))
+        launch(cell, report, run, {})
+        observe(cell, report, [run], timeout)
+        worker_up = time.monotonic()
+        url = f"http://127.0.0.1:{PORT}"
+        password = f"{DATA_DIR}/initial_admin_password"
+        probe = step("deploy", ["python3", "-c", MODEL_PROBE, url, password, name,
+                                str(DEPLOY_SECONDS)])  # fmt: skip
+        found: dict[str, Any] = json.loads(probe.output.strip().splitlines()[-1])
+        report.note = _judge_deployment(found, name, placed, judge)
+
+        serve_logs = f"cat {DATA_DIR}/log/serve/*.log 2>/dev/null || true"
+        logs = step("model-logs", ["sh", "-c", serve_logs])
+        # upstream's worker logs its resolution of a local path as a "download" of that path;
+        # any other source named there, or a hub, is a fetch
+        reached = [
+            line
+            for line in logs.output.splitlines()
+            if any(s in line for s in HUB_SIGNS)
+            or (DOWNLOAD_SIGN in line and not line.rstrip().endswith(f"{DOWNLOAD_SIGN} {placed}"))
+        ]
+        judge("no-download", not reached, "\n".join(reached) or "no hub named in the serve logs",
+              "the worker reached for a hub for a local_path model")  # fmt: skip
+
+        time.sleep(max(0.0, SETTLE - (time.monotonic() - worker_up)))
+        events = egress.collect(audit.sinkhole)[mark:]
+        site = finish(run, events)
+        report.seconds_to_healthz = site.seconds_to_healthz
+        report.seconds_to_worker = site.seconds_to_worker
+        judged = egress.summarize(events)
+        report.egress = egress_summary(judged)
+        report.egress_details = {"install+model+site": judged}
+        report.steps.append(egress_step(cell, judged, site, allowlist))
+    report.ok = True
+    return report
+
+
+def _judge_deployment(found: dict[str, Any], name: str, placed: str, judge: Any) -> str:
+    """Each thing the probe saw, judged in the order it happens; the report's note."""
+    text = json.dumps(found, indent=1, sort_keys=True)
+    spec = found.get("spec") or {}
+    judge("catalog", spec.get("local_path") == placed and spec.get("source") == "local_path",
+          text, f"the catalog does not list {name} with local_path {placed}")  # fmt: skip
+    created = found.get("created") or {}
+    body = created.get("body") or {}
+    judge("deployment", created.get("status") == 200 and body.get("local_path") == placed,
+          text, f"POST /v1/models of {name}'s catalog entry was not accepted")  # fmt: skip
+    instance = found.get("instance") or {}
+    judge("scheduled", bool(instance.get("worker_id")), text,
+          f"{name}'s instance was not scheduled to a worker (state {instance.get('state')!r}: "
+          f"{instance.get('state_message')!r})")  # fmt: skip
+    files = [f for f in found.get("model_files") or [] if f.get("local_path") == placed]
+    resolved = [f for f in files if f.get("state") == "ready" and f.get("resolved_paths")]
+    judge("file-resolved", bool(resolved) and resolved[0]["resolved_paths"] == [placed]
+          and instance.get("resolved_path") == placed, text,
+          f"the worker did not resolve {name}'s file at {placed}")  # fmt: skip
+    state, message = instance.get("state"), (instance.get("state_message") or "").strip()
+    engine = f"{state}" + (f" ({message.splitlines()[0]})" if message else "")
+    return (
+        f"{name}: listed in the catalog with local_path {placed}; deployment accepted (model "
+        f"{body.get('id')}); instance {instance.get('name')} scheduled to worker "
+        f"{instance.get('worker_name')}; file resolved there at {placed} with nothing fetched; "
+        f"instance states {' -> '.join(found.get('states') or [])}; the engine: {engine} "
+        "(inference is not run here)"
+    )
+
+
+def model_bundle_env(model_dir: Path) -> dict[str, str]:
+    """The model bundle's bundle.env (KEY=value lines)."""
+    values = {}
+    for line in (model_dir / "bundle.env").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            values[key.strip()] = value.strip().strip("\"'")
+    if values.get("BUNDLE_KIND") != "model" or not values.get("MODEL_NAME"):
+        raise VerifyError(f"{model_dir} is not a model bundle (its bundle.env names no model)")
+    return values
