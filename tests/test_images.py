@@ -83,7 +83,9 @@ def test_image_tags_carry_the_device_suffix_and_the_plain_tag_is_cuda_12_4(matri
     cell = matrix.cell(cell_id)
     assert cell.image is not None
     assert image_tag(cell.version, cell.image.tag) == tag
-    assert str(image_reference(cell.version, cell.image.tag)) == f"docker.io/gpustack/gpustack:{tag}"
+    assert (
+        str(image_reference(cell.version, cell.image.tag)) == f"docker.io/gpustack/gpustack:{tag}"
+    )
 
 
 def test_image_platforms_follow_upstream(matrix):
