@@ -80,9 +80,8 @@ def make_site(
     assert cell.vendor is not None and cell.toolkit is not None
     vendor, backend = cell.vendor, cell.toolkit.device.backend
     env = {k: v for k, v in device_env(cell).items() if k in DEVICE_KEYS}
-    bundle = make_bundle(
-        tmp_path, wheel, TARGET_DEVICE=cell.device, BUNDLE_CELL=cell.id, **env
-    )  # fmt: skip
+    env.update(TARGET_DEVICE=cell.device, BUNDLE_CELL=cell.id)
+    bundle = make_bundle(tmp_path, wheel, **env)  # type: ignore[arg-type]  # all str values
     host = tmp_path / "host"
     for pattern in vendor.devices:
         node = host / re.sub(r"\[0-9\]\*", "0", pattern).replace("*", "128").lstrip("/")
