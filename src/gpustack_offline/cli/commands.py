@@ -65,8 +65,7 @@ def matrix_table(ctx: Context, cells: Sequence[Cell], as_json: bool) -> str:
     for column in ("id", *AXES, "driver floor"):
         table.add_column(column)
     for c in cells:
-        floor = f"CUDA {c.cuda}" if c.cuda else f"ROCm {c.rocm}" if c.rocm else "-"
-        table.add_row(c.id, *(getattr(c, a) for a in AXES), floor)
+        table.add_row(c.id, *(getattr(c, a) for a in AXES), c.floor)
     out = Console(width=200, record=True)
     with out.capture() as captured:
         out.print(table)
