@@ -125,6 +125,11 @@ def test_bundle_from_pypi_installs_and_starts_offline(pip_ctx, built, cell_id):
     machine = {"amd64": "x86_64", "arm64": "aarch64"}[cell.arch]
     assert f"fastfetch 2.25.0.1 ({machine})" in steps["tools"]
     assert f"linux-{cell.arch}-" in steps["tools"] and "FAIL" not in steps["tools"]
+    if cell.vendor is not None and cell.toolkit is not None:  # the stand-in tool, at the floor
+        tool, backend = cell.vendor.tool[0], cell.toolkit.device.backend
+        assert f'"name": "{tool}", "status": "ok"' in steps["preflight"]
+        assert f'"name": "{backend}", "status": "ok"' in steps["preflight"]
+        assert f"for {cell.toolkit.build}" in steps["preflight"]
     # upstream's plain start reached for the catalog and update hosts; the configured one for none
     assert {"huggingface.co", "update-service.gpustack.ai"} <= set(report.upstream["hosts"])
     assert report.egress == {"hosts_attempted": 0, "hosts": []}
