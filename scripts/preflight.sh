@@ -15,6 +15,12 @@
 # bundle does not carry; the vendor's container runtime, device nodes and driver folders must be
 # there. Nothing on the system is changed.
 #
+# GPUStack 0.x bundles of an Ascend, AMD, Moore Threads or Hygon device name it the same way, and
+# the llama-box build their tools archive carries (DEVICE_BUILD, e.g. cann-8.2.rc1-310p): the
+# device tool must answer; for pip bundles the host's toolkit, which that build loads, must be at
+# least the build's (an image carries its own); an Ascend host's chips must be the build's; for
+# docker bundles the vendor's runtime, where upstream's docker line needs one.
+#
 # PREFLIGHT_HOST_ROOT=DIR looks for device nodes, driver folders and version files under DIR (the
 # host's / mounted into a container; the tests use it too).
 #
@@ -645,7 +651,9 @@ check_device_version() {
 }
 
 # npu_variant NAME: the CANN variant of an npu-smi chip name, as upstream's
-# get_ascend_cann_variant maps the SoC (910B3 -> 910b, 310P3 -> 310p, Ascend910 -> a3).
+# get_ascend_cann_variant maps the SoC (910B3 -> 910b, 310P3 -> 310p, Ascend910 -> a3). A 0.x
+# worker knows two builds only: the 310P one and the other (get_cann_chip, tools_manager.py),
+# which the 0.x bundles call 910b.
 npu_variant() {
   local soc="Ascend${1#Ascend}"
   case $soc in
@@ -658,9 +666,14 @@ npu_variant() {
   esac
 }
 
-# Ascend: the worker asks for the runners of the NPUs' variant (910b when it cannot tell).
+# Ascend: the worker asks for the runners of the NPUs' variant (910b when it cannot tell); a 0.x
+# bundle's llama-box build is for 310P chips or for the others.
 check_npu_variant() {
-  local names name variant wrong="" seen=""
+  local names name variant wrong="" seen="" wants="the worker asks for runners of the NPUs' variant, and this bundle ($TARGET_DEVICE) carries $DEVICE_VARIANT ones"
+  local same=services
+  if [[ -n $DEVICE_BUILD ]]; then
+    wants="this bundle's llama-box build ($DEVICE_BUILD) is for $DEVICE_VARIANT chips" same=extras
+  fi
   if ((!DEV_TOOL_OK)); then
     add_check npu-variant skip "no npu-smi output"
     return
@@ -674,12 +687,15 @@ check_npu_variant() {
   fi
   for name in $names; do
     variant=$(npu_variant "$name")
+    [[ -n $DEVICE_BUILD && $variant != 310p ]] && variant=910b
     seen+="${seen:+, }$name (${variant:-unknown})"
     [[ $variant == "$DEVICE_VARIANT" ]] || wrong+="${wrong:+, }$name"
   done
   if [[ -n $wrong ]]; then
-    add_check npu-variant fail "npu-smi lists $seen; the worker asks for runners of the NPUs' variant, and this bundle ($TARGET_DEVICE) carries $DEVICE_VARIANT ones" \
-      "use the bundle built for cann$DEVICE_FLOOR-$(npu_variant "${wrong%%,*}") (same version, arch and services)"
+    variant=$(npu_variant "${wrong%%,*}")
+    [[ -n $DEVICE_BUILD && $variant != 310p ]] && variant=910b
+    add_check npu-variant fail "npu-smi lists $seen; $wants" \
+      "use the bundle built for cann$DEVICE_FLOOR-$variant (same version, arch and $same)"
   else
     add_check npu-variant ok "$seen"
   fi
@@ -747,6 +763,51 @@ check_device() {
   check_device_runtime
   check_device_nodes
   check_device_paths
+}
+
+# GPUStack 0.x: the host's toolkit against what the bundle's llama-box build was made for (pip
+# bundles: the build loads the host's libraries; the worker runs it whatever the host has).
+check_toolkit_0x() {
+  local name=$DEVICE_BACKEND tk=$DEVICE_TOOLKIT reader=${DEVICE_VERSION_READER//-/_} floor
+  local build="this bundle's llama-box build ($DEVICE_BUILD)"
+  if [[ -z $reader ]]; then
+    add_check "$name" warn "not compared: GPUStack $GPUSTACK_VERSION reads no $tk version, and $build needs $tk $DEVICE_FLOOR" \
+      "check by hand that $tk $DEVICE_FLOOR is installed (the vendor's SDK), or use the bundle of the $tk the host has"
+    return
+  fi
+  if ! floor=$(brief_version "$DEVICE_FLOOR"); then
+    add_check "$name" fail "bundle.env names the $tk floor '$DEVICE_FLOOR', which is no version" "re-copy the bundle from the source media"
+    return
+  fi
+  DEV_VERSION="" DEV_SOURCE=""
+  if [[ $reader == mx_smi || $reader == ixsmi || $reader == ppu_smi ]] && ((!DEV_TOOL_OK)); then
+    add_check "$name" skip "no $DEV_TOOL output to read the $tk version from"
+    return
+  fi
+  if ! "version_$reader"; then
+    add_check "$name" fail "no $tk found ($DEV_SOURCE); $build loads $tk $DEVICE_FLOOR's libraries" \
+      "install $tk $DEVICE_FLOOR or newer from your mirror in its default place, then run preflight again"
+  elif ! version_ge "$DEV_VERSION" "$floor"; then
+    add_check "$name" fail "$tk $DEV_VERSION ($DEV_SOURCE) is older than $tk $DEVICE_FLOOR, which $build needs" \
+      "upgrade $tk to $DEVICE_FLOOR or newer, or use the bundle of the $DEVICE_BACKEND device of $tk $DEV_VERSION (invoke matrix lists them)"
+  else
+    add_check "$name" ok "$tk $DEV_VERSION ($DEV_SOURCE; need >= $DEVICE_FLOOR for $DEVICE_BUILD)"
+  fi
+}
+
+# GPUStack 0.x: the vendor's device, and what the bundle's llama-box build needs of the host.
+check_device_0x() {
+  DEV_TOOL=${DEVICE_TOOL%%,*} DEV_TOOL_OK=0 DEV_TOOL_OUT=""
+  check_device_tool
+  if [[ $INSTALL_METHOD == pip ]]; then
+    check_toolkit_0x
+  else
+    add_check "$DEVICE_BACKEND" ok "the image carries $DEVICE_TOOLKIT $DEVICE_FLOOR and its llama-box build ($DEVICE_BUILD); the host's driver must support $DEVICE_TOOLKIT $DEVICE_FLOOR"
+  fi
+  if [[ $DEVICE_BACKEND == cann ]]; then check_npu_variant; fi
+  check_device_nodes
+  # the image carries the toolkit; a pip install loads the host's from these folders
+  if [[ $INSTALL_METHOD == docker ]]; then check_device_runtime; else check_device_paths; fi
 }
 
 # `docker load` unpacks the archive's compressed layers under Docker's root dir: ask for about
@@ -832,7 +893,7 @@ load_bundle_env() {
   CUDA_FLOOR=${CUDA_FLOOR:-}
   ROCM_FLOOR=${ROCM_FLOOR:-}
   for key in DEVICE_BACKEND DEVICE_FLOOR DEVICE_VARIANT DEVICE_CEILING DEVICE_NEWEST DEVICE_TOOLKIT \
-    DEVICE_TOOL DEVICE_VERSION_READER DEVICE_RUNTIME DEVICE_NODES DEVICE_PATHS; do
+    DEVICE_TOOL DEVICE_VERSION_READER DEVICE_RUNTIME DEVICE_NODES DEVICE_PATHS DEVICE_BUILD; do
     printf -v "$key" '%s' "${!key:-}"
   done
   if [[ -n $DEVICE_BACKEND ]]; then
@@ -870,7 +931,7 @@ main() {
   # Values of the caller's environment must not stand in for keys bundle.env lacks.
   INSTALL_METHOD="" IMAGE_ARCHIVE=""
   unset DEVICE_BACKEND DEVICE_FLOOR DEVICE_VARIANT DEVICE_CEILING DEVICE_NEWEST DEVICE_TOOLKIT \
-    DEVICE_TOOL DEVICE_VERSION_READER DEVICE_RUNTIME DEVICE_NODES DEVICE_PATHS
+    DEVICE_TOOL DEVICE_VERSION_READER DEVICE_RUNTIME DEVICE_NODES DEVICE_PATHS DEVICE_BUILD
   load_bundle_env
   if [[ -z $PY ]]; then
     PY=python$TARGET_PYTHON
@@ -883,7 +944,9 @@ main() {
   if [[ $INSTALL_METHOD == docker ]]; then
     # The image carries Python, glibc and the CUDA runtime: the host needs Docker instead.
     check_docker
-    if [[ -n $DEVICE_BACKEND ]]; then
+    if [[ -n $DEVICE_BUILD ]]; then
+      check_device_0x
+    elif [[ -n $DEVICE_BACKEND ]]; then
       check_device
     elif [[ $TARGET_DEVICE != cuda* ]]; then
       add_check nvidia-smi skip "not a CUDA bundle (device $TARGET_DEVICE)"
@@ -905,6 +968,8 @@ main() {
       else
         check_nvidia
       fi
+    elif [[ -n $DEVICE_BACKEND ]]; then
+      check_device_0x
     else
       add_check nvidia-smi skip "not a CUDA bundle (device $TARGET_DEVICE)"
     fi

@@ -51,7 +51,7 @@ def ctx(root, hub, tmp_path_factory):
 def test_a_docker_bundle_loads_runs_offline_and_runs_again_from_a_site_registry(ctx, hub):
     cell = ctx.matrix.cell(CELL)
     (pins,) = set(commands.lock(ctx, [cell]))
-    pinned = images.pinned_image(images.read_pins(pins), "cpu", "linux/amd64")
+    pinned = images.pinned_image(images.read_pins(pins), "-cpu", "linux/amd64")
     assert pinned.reference.tag == "v0.7.1-cpu"
 
     (result,) = commands.build(ctx, [cell])

@@ -43,7 +43,6 @@ from gpustack_offline.stages.images import (
     TagPin,
     export_images,
     format_pins,
-    image_platforms,
     image_reference,
     image_tag,
     layout_members,
@@ -59,6 +58,7 @@ from gpustack_offline.stages.images import (
 from gpustack_offline.stages.registry import Registry
 
 TAGS = ("v0.7.1", "v0.7.1-cpu", "v0.7.1-cuda12.8")
+BOTH = ["linux/amd64", "linux/arm64"]
 D1, D2, D3 = ("sha256:" + c * 64 for c in "123")
 # No credentials from the environment or a Docker config of the host running the tests.
 NO_CONFIG = {"DOCKER_CONFIG": "/nonexistent/gpustack-offline-tests"}
@@ -67,37 +67,46 @@ NO_CONFIG = {"DOCKER_CONFIG": "/nonexistent/gpustack-offline-tests"}
 
 
 @pytest.mark.parametrize(
-    ("version", "device", "tag"),
+    ("cell_id", "tag"),
     [
-        ("0.7.1", "cuda12.4", "v0.7.1"),
-        ("0.7.1", "cpu", "v0.7.1-cpu"),
-        ("0.7.1", "cuda12.8", "v0.7.1-cuda12.8"),
-        ("v0.6.2", "cuda12.4", "v0.6.2"),
-        ("0.6.2", "cpu", "v0.6.2-cpu"),
-        ("0.7.1", "npu-310p", "v0.7.1-npu-310p"),
+        ("v0.7.1-linux-amd64-cuda12.4-py3.11-base-docker", "v0.7.1"),
+        ("v0.7.1-linux-amd64-cpu-py3.11-base-docker", "v0.7.1-cpu"),
+        ("v0.7.1-linux-amd64-cuda12.8-py3.11-base-docker", "v0.7.1-cuda12.8"),
+        ("v0.6.2-linux-amd64-cuda12.4-py3.11-base-docker", "v0.6.2"),
+        ("v0.6.2-linux-amd64-cpu-py3.11-base-docker", "v0.6.2-cpu"),
+        ("v0.7.1-linux-arm64-cann8.2.rc1-310p-py3.11-base-docker", "v0.7.1-npu-310p"),
+        ("v0.6.2-linux-arm64-cann8.1.rc1-910b-py3.11-base-docker", "v0.6.2-npu"),
+        ("v0.7.1-linux-amd64-dtk25.04-py3.11-base-docker", "v0.7.1-dcu"),
     ],
 )
-def test_image_tags_carry_the_device_suffix_and_the_plain_tag_is_cuda_12_4(version, device, tag):
-    assert image_tag(version, device) == tag
-    assert str(image_reference(version, device)) == f"docker.io/gpustack/gpustack:{tag}"
+def test_image_tags_carry_the_device_suffix_and_the_plain_tag_is_cuda_12_4(matrix, cell_id, tag):
+    cell = matrix.cell(cell_id)
+    assert cell.image is not None
+    assert image_tag(cell.version, cell.image.tag) == tag
+    assert (
+        str(image_reference(cell.version, cell.image.tag)) == f"docker.io/gpustack/gpustack:{tag}"
+    )
 
 
-def test_image_platforms_follow_upstream():
-    assert image_platforms("0.7.1", "cpu") == ("linux/amd64", "linux/arm64")
-    assert image_platforms("0.7.1", "rocm") == ("linux/amd64",)
+def test_image_platforms_follow_upstream(matrix):
+    cpu = matrix.cell("v0.7.1-linux-amd64-cpu-py3.11-base-docker")
+    musa = matrix.cell("v0.7.1-linux-amd64-musarc4.2-py3.11-base-docker")
+    assert cpu.image is not None and musa.image is not None
+    assert cpu.image.platforms == ("linux/amd64", "linux/arm64")
+    assert musa.image.platforms == ("linux/amd64",)
 
 
 @pytest.mark.parametrize(
-    ("version", "device", "reason"),
+    ("version", "suffix", "reason"),
     [
-        ("0.7.1", "cuda13.0", "no image for device 'cuda13.0'"),
-        ("2.0.0", "cpu", "only 0.6 and 0.7"),
-        ("latest", "cpu", "not a GPUStack version"),
+        ("0.7.1", "npu", "no image tag suffix"),
+        ("2.0.0", "-cpu", "only 0.6 and 0.7"),
+        ("latest", "-cpu", "not a GPUStack version"),
     ],
 )
-def test_unknown_devices_and_versions_are_refused(version, device, reason):
+def test_unknown_suffixes_and_versions_are_refused(version, suffix, reason):
     with pytest.raises(ImageError, match=reason):
-        image_tag(version, device)
+        image_tag(version, suffix)
 
 
 # -- pin files -----------------------------------------------------------------------------------
@@ -130,15 +139,15 @@ def test_pin_files_round_trip_sorted_and_unchanged_when_rewritten(tmp_path):
 
 def test_a_cell_resolves_through_its_pin_or_is_told_how_to_pin(tmp_path):
     pins = _pins(tmp_path / "gpustack-0.7.1.toml")
-    pinned = pinned_image(pins, "cpu", "linux/arm64/v8")
+    pinned = pinned_image(pins, "-cpu", "linux/arm64/v8")
     assert str(pinned.reference) == f"docker.io/gpustack/gpustack:v0.7.1-cpu@{D3}"
     assert (pinned.manifest, pinned.index) == (D3, D1)
     with pytest.raises(
         ImageError, match=r"v0\.7\.1-cuda12\.8 for linux/amd64 is not pinned.*invoke lock"
     ):
-        pinned_image(pins, "cuda12.8", "linux/amd64")
+        pinned_image(pins, "-cuda12.8", "linux/amd64")
     with pytest.raises(ImageError, match="not pinned"):
-        pinned_image(pins, "cuda12.4", "linux/arm64")
+        pinned_image(pins, "", "linux/arm64")
     with pytest.raises(ImageError, match="invoke lock"):
         read_pins(tmp_path / "missing.toml")
     (tmp_path / "bad.toml").write_text("schema = 1\n[tags.x]\nplatforms = {}\n")
@@ -334,7 +343,8 @@ def test_refreshed_pins_record_every_tag_and_platform_and_resolve_by_digest(hub,
     registry = Registry(
         store, mirror=hub.host, env=NO_CONFIG
     )  # docker.io/gpustack/gpustack via a mirror
-    changes = refresh_pins(registry, tmp_path, "0.7.1", ["cuda12.4", "cpu", "cuda12.8"])
+    both = {"": BOTH, "-cpu": BOTH, "-cuda12.8": BOTH}
+    changes = refresh_pins(registry, tmp_path, "0.7.1", both)
     assert len(changes) == 3 * 3 and all(c.old is None for c in changes)
     pins = read_pins(tmp_path / "gpustack-0.7.1.toml")
     assert pins.repository == "docker.io/gpustack/gpustack"
@@ -356,14 +366,14 @@ def test_refreshed_pins_record_every_tag_and_platform_and_resolve_by_digest(hub,
 
     text = (tmp_path / "gpustack-0.7.1.toml").read_text()
     mark = hub.registry.mark()
-    assert refresh_pins(registry, tmp_path, "0.7.1", ["cuda12.4", "cpu", "cuda12.8"]) == []
+    assert refresh_pins(registry, tmp_path, "0.7.1", both) == []
     assert (tmp_path / "gpustack-0.7.1.toml").read_text() == text
     assert {e.method for e in hub.registry.log(mark)} == {"HEAD"}  # all else was stored
     # refreshing one platform of an unmoved tag keeps the other's pin
-    assert refresh_pins(registry, tmp_path, "0.7.1", ["cpu"], platforms=["linux/amd64"]) == []
+    assert refresh_pins(registry, tmp_path, "0.7.1", {"-cpu": ["linux/amd64"]}) == []
     assert (tmp_path / "gpustack-0.7.1.toml").read_text() == text
 
-    pinned = pinned_image(pins, "cuda12.8", "linux/arm64")
+    pinned = pinned_image(pins, "-cuda12.8", "linux/arm64")
     image = pull_pinned(registry, pinned)
     assert (
         image.manifest.digest
@@ -381,15 +391,15 @@ def test_a_moved_tag_is_a_pin_diff_and_pinned_pulls_keep_the_reviewed_image(hub,
     hub.push("fixture/moving", "v0.7.1-cpu", list(first.values()))
     store = BlobStore(tmp_path / "cache")
     registry = Registry(store, env=NO_CONFIG)
-    refresh_pins(registry, tmp_path, "0.7.1", ["cpu"], repository=repository)
+    refresh_pins(registry, tmp_path, "0.7.1", {"-cpu": BOTH}, repository=repository)
     pins = pin_path(tmp_path, "0.7.1", repository)
     assert pins.name == "moving-0.7.1.toml"  # one pin file per repository
     before = pins.read_text()
-    reviewed = pinned_image(read_pins(pins), "cpu", "linux/amd64")
+    reviewed = pinned_image(read_pins(pins), "-cpu", "linux/amd64")
 
     rebuilt = gpustack_tags(build="2")["v0.7.1-cpu"]
     moved = hub.push("fixture/moving", "v0.7.1-cpu", list(rebuilt.values()))
-    changes = refresh_pins(registry, tmp_path, "0.7.1", ["cpu"], repository=repository)
+    changes = refresh_pins(registry, tmp_path, "0.7.1", {"-cpu": BOTH}, repository=repository)
     assert [(c.tag, c.platform) for c in changes] == [
         ("v0.7.1-cpu", ""),
         ("v0.7.1-cpu", "linux/amd64"),

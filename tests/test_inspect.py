@@ -166,6 +166,19 @@ def test_the_tools_assets_are_those_the_sums_record_for_the_target(tmp_path: Pat
          "v0.7.1-windows-amd64-cuda12.4-py3.11-base-pip", True),
         ("gguf-parser-go/releases/download/v0.22.1/gguf-parser-windows-amd64.exe",
          "v0.7.1-linux-amd64-cpu-py3.11-base-pip", False),
+        # the CANN version and the chip choose the build
+        ("llama-box/releases/download/v0.0.171/dl-llama-box-linux-arm64-cann-8.2.rc1.zip",
+         "v0.7.1-linux-arm64-cann8.2.rc1-910b-py3.11-base-pip", True),
+        ("llama-box/releases/download/v0.0.171/dl-llama-box-linux-arm64-cann-8.2.rc1-310p.zip",
+         "v0.7.1-linux-arm64-cann8.2.rc1-910b-py3.11-base-pip", False),
+        ("llama-box/releases/download/v0.0.171/dl-llama-box-linux-arm64-cann-8.2.rc1-310p.zip",
+         "v0.7.1-linux-arm64-cann8.2.rc1-310p-py3.11-base-pip", True),
+        ("llama-box/releases/download/v0.0.171/dl-llama-box-linux-arm64-cann-8.1.rc1.zip",
+         "v0.7.1-linux-arm64-cann8.2.rc1-910b-py3.11-base-pip", False),
+        ("llama-box/releases/download/v0.0.171/dl-llama-box-linux-amd64-hip-6.2.zip",
+         "v0.7.1-linux-amd64-rocm6.2-py3.11-base-pip", True),
+        ("llama-box/releases/download/v0.0.171/dl-llama-box-linux-amd64-hip-6.2.zip",
+         "v0.7.1-linux-amd64-cpu-py3.11-base-pip", False),
     ],
 )  # fmt: skip
 def test_a_tools_asset_is_the_targets_by_its_os_arch_and_toolkit(

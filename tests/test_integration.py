@@ -33,10 +33,12 @@ CELLS = [
     "v0.7.1-linux-amd64-cpu-py3.11-base-pip",
     "v0.7.1-linux-arm64-cpu-py3.11-base-pip",
     "v0.7.1-linux-amd64-cuda12.8-py3.11-base-pip",
+    # Ascend 910B on arm64: its wheels are the arm64 cpu cell's (warm), its tools the CANN build
+    "v0.7.1-linux-arm64-cann8.2.rc1-910b-py3.11-base-pip",
 ]
 # One representative pip cell is verified end to end in the default run; the others' whole
 # verification (arm64 under qemu takes ~17 min) is the on-demand tier, `nox -s heavy`. They
-# are still built by default, so the arm64 and CUDA wheel selection stays checked in CI.
+# are still built by default, so the arm64, CUDA and CANN selection stays checked in CI.
 VERIFIED = [CELLS[0], *(pytest.param(c, marks=pytest.mark.heavy) for c in CELLS[1:])]
 BUILD_ONLY = CELLS[1:]
 VERIFY_STEPS = [
@@ -77,9 +79,30 @@ def check_manifest(cell, bundle_dir: Path) -> None:
     ), loaded[:20]
     tools_file = next(f for f in manifest["files"] if f["kind"] == "tools")
     assert tools_file["sha256"] == manifest["tools"]["sha256"]
+    # the folder the target's worker looks for: named after its device kind (npu, cuda …)
+    device = tools.target_identity(cell)["device"]
     assert manifest["tools"]["llama_box_dir"].endswith(
-        f"-linux-{cell.arch}" + ("-cuda" if cell.cuda else "")
+        f"-linux-{cell.arch}" + (f"-{device}" if device else "")
     )
+    check_llama_box_build(cell, bundle_dir, manifest)
+
+
+def check_llama_box_build(cell, bundle_dir: Path, manifest: dict) -> None:
+    """The tools archive holds the llama-box build a worker of the target picks (its device,
+    toolkit version and chip), read from the archive: the binary is the asset's."""
+    picked = manifest["tools"]["llama_box_asset"]
+    name = picked.rsplit("/", 1)[-1]
+    toolkit = cell.toolkit.build if cell.toolkit else "cpu"
+    assert name == f"dl-llama-box-{cell.os}-{cell.arch}-{toolkit}.zip", picked
+    assert picked in [a["path"] for a in manifest["tools"]["assets"]]
+    folder = manifest["tools"]["llama_box_dir"]
+    with tarfile.open(bundle_dir / tools.BUNDLE_PATH) as tf:
+        versions = json.loads(tf.extractfile("versions.json").read())  # type: ignore[union-attr]
+        binary = tf.extractfile(f"llama-box/{folder}/llama-box").read()  # type: ignore[union-attr]
+        default = tf.getmember("llama-box/llama-box-default")
+    assert versions[folder] == "v0.0.171" and default.linkname == folder
+    # each fixture program carries the path of the asset it came from
+    assert picked.encode() in binary, picked
 
 
 @pytest.mark.parametrize("cell_id", BUILD_ONLY)
@@ -102,6 +125,11 @@ def test_bundle_from_pypi_installs_and_starts_offline(pip_ctx, built, cell_id):
     machine = {"amd64": "x86_64", "arm64": "aarch64"}[cell.arch]
     assert f"fastfetch 2.25.0.1 ({machine})" in steps["tools"]
     assert f"linux-{cell.arch}-" in steps["tools"] and "FAIL" not in steps["tools"]
+    if cell.vendor is not None and cell.toolkit is not None:  # the stand-in tool, at the floor
+        tool, backend = cell.vendor.tool[0], cell.toolkit.device.backend
+        assert f'"name": "{tool}", "status": "ok"' in steps["preflight"]
+        assert f'"name": "{backend}", "status": "ok"' in steps["preflight"]
+        assert f"for {cell.toolkit.build}" in steps["preflight"]
     # upstream's plain start reached for the catalog and update hosts; the configured one for none
     assert {"huggingface.co", "update-service.gpustack.ai"} <= set(report.upstream["hosts"])
     assert report.egress == {"hosts_attempted": 0, "hosts": []}

@@ -52,7 +52,10 @@ def test_arch_flag_selects_default_version_and_python(matrix):
     cells = matrix.select(arch="arm64")
     assert cells
     assert {(c.version, c.python, c.arch) for c in cells} == {("0.7.1", "3.11", "arm64")}
-    assert {c.device for c in cells} == {"cpu", "cuda12.4", "cuda12.8"}
+    assert {c.device for c in cells} == {
+        "cpu", "cuda12.4", "cuda12.8",
+        "cann8.1.rc1-910b", "cann8.1.rc1-310p", "cann8.2.rc1-910b", "cann8.2.rc1-310p",
+    }  # fmt: skip
 
 
 def test_glob_selects_every_matching_cell_without_defaults(matrix):

@@ -31,7 +31,10 @@ from support.release_mirror import (
 # wrong name in the table fails here. BUILTIN_LLAMA_BOX_VERSION / BUILTIN_GGUF_PARSER_VERSION:
 # 0.6.2 v0.0.154 / v0.19.0, static `llama-box-…` with cpu toolkit avx2 (amd64) or neon (arm64);
 # 0.7.1 v0.0.171 / v0.22.1, dynamically linked `dl-llama-box-…` with toolkit cpu. cuda is
-# cuda-12.4, or cuda-12.8 when CUDA >= 12.8. fastfetch is 2.25.0.1 in both.
+# cuda-12.4, or cuda-12.8 when CUDA >= 12.8. fastfetch is 2.25.0.1 in both. The accelerators'
+# builds (cann-<version>[-310p], hip-6.2, musa-rc4.x, dtk-<version>) as llama-box's release
+# workflow of each version builds them (.github/workflows/ci.yml: linux-cann for amd64 and arm64,
+# linux-hip, linux-musa, linux-dtk and windows-hip for amd64).
 BOX = "/gpustack/llama-box/releases/download"
 PARSER = "/gpustack/gguf-parser-go/releases/download"
 FETCH = "/gpustack/fastfetch/releases/download/2.25.0.1"
@@ -54,6 +57,26 @@ EXPECTED = {
     f"{BOX}/v0.0.171/dl-llama-box-windows-amd64-cpu.zip",
     f"{BOX}/v0.0.171/dl-llama-box-windows-amd64-cuda-12.4.zip",
     f"{BOX}/v0.0.171/dl-llama-box-windows-amd64-cuda-12.8.zip",
+    *(
+        f"{BOX}/v0.0.154/llama-box-linux-{arch}-cann-{v}{chip}.zip"
+        for arch in ("amd64", "arm64")
+        for v in ("8.0", "8.1.rc1")
+        for chip in ("", "-310p")
+    ),
+    *(
+        f"{BOX}/v0.0.171/dl-llama-box-linux-{arch}-cann-{v}{chip}.zip"
+        for arch in ("amd64", "arm64")
+        for v in ("8.1.rc1", "8.2.rc1")
+        for chip in ("", "-310p")
+    ),
+    f"{BOX}/v0.0.154/llama-box-linux-amd64-hip-6.2.zip",
+    f"{BOX}/v0.0.154/llama-box-windows-amd64-hip-6.2.zip",
+    f"{BOX}/v0.0.154/llama-box-linux-amd64-musa-rc4.0.zip",
+    f"{BOX}/v0.0.154/llama-box-linux-amd64-dtk-24.04.zip",
+    f"{BOX}/v0.0.171/dl-llama-box-linux-amd64-hip-6.2.zip",
+    f"{BOX}/v0.0.171/dl-llama-box-windows-amd64-hip-6.2.zip",
+    f"{BOX}/v0.0.171/dl-llama-box-linux-amd64-musa-rc4.2.zip",
+    f"{BOX}/v0.0.171/dl-llama-box-linux-amd64-dtk-25.04.zip",
     f"{PARSER}/v0.19.0/gguf-parser-linux-amd64",
     f"{PARSER}/v0.19.0/gguf-parser-linux-arm64",
     f"{PARSER}/v0.19.0/gguf-parser-windows-amd64.exe",

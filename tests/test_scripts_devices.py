@@ -349,7 +349,9 @@ def test_install_runs_preflight_and_prints_the_vendors_worker_line(
 def test_every_backend_has_its_version_reader_in_preflight_and_a_stand_in_tool(root: Path) -> None:
     matrix = Matrix.load(root / "bundles" / "matrix.toml")
     text = (root / "scripts" / "preflight.sh").read_text()
-    for vendor in matrix.vendors.values():
+    lines = [v for v in matrix.vendors.values()]
+    lines += [v.line0 for v in matrix.vendors.values() if v.line0]  # GPUStack 0.x's
+    for vendor in lines:
         if vendor.version and vendor.backend != "cuda":  # cuda: check_nvidia_driver
             assert f"version_{vendor.version.replace('-', '_')}() {{" in text, vendor.backend
         assert (FAKES / vendor.tool[0]).is_file(), vendor.tool
@@ -365,5 +367,6 @@ def test_every_cells_bundle_env_is_one_word_per_value_and_names_its_device(root:
         if cell.series == 2:
             assert env["DEVICE_BACKEND"] and env["DEVICE_FLOOR"] and env["WORKER_OPTIONS"]
             assert cell.device.startswith(env["DEVICE_BACKEND"] + env["DEVICE_FLOOR"])
-        else:
-            assert not env["DEVICE_BACKEND"] and not env["WORKER_OPTIONS"]
+        else:  # 0.x: vendor devices name their backend and build (test_scripts_devices0.py)
+            assert bool(env["DEVICE_BACKEND"]) == (cell.vendor is not None), cell.id
+            assert not env["WORKER_OPTIONS"]

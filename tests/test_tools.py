@@ -136,6 +136,13 @@ def test_download_env_keeps_host_settings_out_and_sets_the_cells_cuda(matrix) ->
     assert tools.download_env(cuda, host) == {"PATH": "/usr/bin", "CUDA_VERSION": "12.8"}
     cpu = matrix.cell("v0.7.1-linux-arm64-cpu-py3.11-base-pip")
     assert tools.download_env(cpu, host) == {"PATH": "/usr/bin"}
+    # an Ascend target's CANN version and chip, as its worker reads them
+    npu = matrix.cell("v0.7.1-linux-arm64-cann8.2.rc1-310p-py3.11-base-pip")
+    assert tools.download_env(npu, host) == {
+        "PATH": "/usr/bin", "CANN_VERSION": "8.2.rc1", "CANN_CHIP": "310p"
+    }  # fmt: skip
+    dcu = matrix.cell("v0.7.1-linux-amd64-dtk25.04-py3.11-base-pip")
+    assert tools.download_env(dcu, host) == {"PATH": "/usr/bin"}  # one DTK build: none read
 
 
 @pytest.mark.parametrize(
@@ -144,6 +151,10 @@ def test_download_env_keeps_host_settings_out_and_sets_the_cells_cuda(matrix) ->
         ("v0.7.1-linux-arm64-cpu-py3.11-base-pip", ("linux", "arm64", "")),
         ("v0.7.1-linux-amd64-cuda12.4-py3.11-base-pip", ("linux", "amd64", "cuda")),
         ("v0.6.2-windows-amd64-cuda12.8-py3.11-audio-pip", ("windows", "amd64", "cuda")),
+        ("v0.7.1-linux-arm64-cann8.2.rc1-910b-py3.11-base-pip", ("linux", "arm64", "npu")),
+        ("v0.7.1-linux-amd64-rocm6.2-py3.11-audio-pip", ("linux", "amd64", "rocm")),
+        ("v0.7.1-linux-amd64-musarc4.2-py3.11-base-pip", ("linux", "amd64", "musa")),
+        ("v0.6.2-linux-amd64-dtk24.04-py3.11-base-pip", ("linux", "amd64", "dcu")),
     ],
 )
 def test_the_target_identity_is_the_cells_not_the_build_hosts(matrix, cell_id, identity) -> None:

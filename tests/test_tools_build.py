@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from support.release_mirror import ReleaseMirror, write_fixture_locks
 
+from gpustack_offline.core.cache import in_use
 from gpustack_offline.core.downloads import BlobStore
 from gpustack_offline.core.errors import IntegrityError, ToolsError
 from gpustack_offline.core.options import resolve
@@ -55,6 +56,20 @@ CASES = {
         None,
         f"{LLAMA_BOX}/v0.0.154/llama-box-linux-amd64-avx2.zip",
     ),
+    # accelerators: the build for the device, its toolkit version and (Ascend) its chip (the
+    # 910b build of 0.7.1 is test_integration.py's arm64 Ascend cell)
+    "v0.7.1-linux-arm64-cann8.2.rc1-310p-py3.11-base-pip": (
+        "llama-box-v0.0.171-linux-arm64-npu",
+        f"{LLAMA_BOX}/v0.0.171/dl-llama-box-linux-arm64-cann-8.2.rc1-310p.zip",
+    ),
+    "v0.7.1-linux-amd64-dtk25.04-py3.11-base-pip": (
+        "llama-box-v0.0.171-linux-amd64-dcu",
+        f"{LLAMA_BOX}/v0.0.171/dl-llama-box-linux-amd64-dtk-25.04.zip",
+    ),
+    "v0.6.2-linux-amd64-cann8.0-310p-py3.11-base-pip": (
+        None,
+        f"{LLAMA_BOX}/v0.0.154/llama-box-linux-amd64-cann-8.0-310p.zip",
+    ),
 }
 
 
@@ -72,7 +87,10 @@ def setting(root, release_mirror, tmp_path_factory):
 
 def build(cell, setting, base_url, frozen=True, **changes):
     args = {**setting, **changes}
-    return tools.build(cell, base_url=base_url, frozen=frozen, **args)
+    # as a build does (commands.build): a build of another session on the same cache then
+    # leaves this one's scratch alone instead of sweeping it as a killed build's
+    with in_use(args["cache"]):
+        return tools.build(cell, base_url=base_url, frozen=frozen, **args)
 
 
 def members(archive: Path) -> dict[str, tarfile.TarInfo]:
@@ -98,6 +116,8 @@ def test_the_archive_is_what_the_targets_worker_looks_for(matrix, setting, relea
     assert fetched[asset] == release_mirror.sha256(asset)
     assert all(release_mirror.sha256(p) == sha for p, sha in fetched.items())
     assert archive.llama_box_dir == folder
+    # ... which is the one upstream's worker of the target picks (the probe asked its code)
+    assert archive.llama_box_asset == asset
 
     names = members(archive.path)
     versions = json.loads(read(archive.path, "versions.json"))

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from gpustack_offline import payload
 from gpustack_offline.core.errors import VerifyError
 from gpustack_offline.verify import common as verify
 from gpustack_offline.verify import docker as docker_verify
-from gpustack_offline.verify import egress
+from gpustack_offline.verify import egress, standins
 
 CELL = "v0.7.1-linux-amd64-cpu-py3.11-base-pip"
 SKIPS = "\n".join(
@@ -218,3 +219,38 @@ def test_without_server_args_the_2x_server_gets_the_registry_flag_install_sh_pri
     start = docker_verify.server_start(tmp_path, "127.0.0.1:5000/site/mirror")
     assert list(start.args) == ["--system-default-container-registry", "127.0.0.1:5000/site/mirror"]
     assert dict(start.env) == {}
+
+
+@pytest.mark.parametrize(
+    ("cell_id", "tool", "env"),
+    [
+        ("v0.7.1-linux-amd64-cuda12.8-py3.11-base-pip", "nvidia-smi", {"FAKE_NVIDIA_CUDA": "12.8"}),
+        ("v0.7.1-linux-arm64-cann8.2.rc1-310p-py3.11-base-pip", "npu-smi",
+         {"FAKE_NPU_NAME": "310P3", "PREFLIGHT_HOST_ROOT": standins.HOST_ROOT}),
+        ("v0.7.1-linux-amd64-rocm6.2-py3.11-base-pip", "rocm-smi",
+         {"PREFLIGHT_HOST_ROOT": standins.HOST_ROOT}),
+        ("v0.7.1-linux-amd64-cpu-py3.11-base-pip", None, {}),
+    ],
+)  # fmt: skip
+def test_an_accelerator_is_stood_in_for_at_exactly_the_cells_floor(
+    matrix, tmp_path, cell_id, tool, env
+) -> None:
+    cell = matrix.cell(cell_id)
+    mounts, got = standins.stand_ins(cell, tmp_path)
+    assert got == env
+    if tool is None:
+        assert mounts == {}
+        return
+    assert mounts[payload.path(f"fakes/{tool}")] == f"/usr/local/bin/{tool}"
+    if cell.cuda:
+        return
+    (root,) = [p for p, where in mounts.items() if where == standins.HOST_ROOT]
+    files = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    if cell.device.startswith("cann"):
+        version = root / "usr/local/Ascend/ascend-toolkit/latest/runtime/version.info"
+        assert version.read_text() == "Version=8.2.RC1\n"
+        assert {"dev/davinci0", "dev/davinci_manager"} <= files
+        assert (root / "usr/local/Ascend/driver").is_dir()
+    else:
+        assert (root / "opt/rocm/.info/version").read_text() == "6.2\n"
+        assert {"dev/kfd", "dev/dri/renderD128"} <= files

@@ -3,7 +3,10 @@
 `gpustack download-tools --tools-download-base-url BASE` fetches
 `BASE/gpustack/<repo>/releases/download/<version>/<asset>` (0.6.2 and 0.7.1,
 `gpustack/worker/tools_manager.py`). Tests of the tools stage must not depend on github.com, so
-this module builds small but real assets of the same names and layouts (static ELF programs from
+this module builds small but real assets of the same names and layouts: every llama-box build
+the release workflow of the pinned llama-box version makes for a toolkit a GPUStack worker can
+pick (read from upstream's own workflow, `support.upstream`), gguf-parser and fastfetch (static
+ELF programs from
 tests/fixtures/fake_tool.c, PE stubs for Windows, deterministic zips) and serves them from a
 threaded HTTP server on 127.0.0.1 that answers like the real one at the wire: 200, HEAD, single
 byte ranges (upstream probes a mirror with a ranged GET), 404 and 416.
@@ -39,6 +42,7 @@ import pytest
 from gpustack_offline.core.files import atomic_path, sha256_file
 from gpustack_offline.core.processes import run
 from gpustack_offline.stages import tools
+from support import upstream
 from support.loopback import LoopbackServer
 
 log = logging.getLogger("gpustack_offline.release_mirror")
@@ -77,8 +81,10 @@ GPUSTACK_TOOLS: dict[str, ToolVersions] = {
         cpu_toolkit={"amd64": "cpu", "arm64": "cpu"},
     ),
 }
-# cuda-12.8 when the detected CUDA is >= 12.8, else cuda-12.4 (both versions).
-CUDA_TOOLKITS = ("cuda-12.4", "cuda-12.8")
+# The toolkits of llama-box builds a 0.6/0.7 worker picks (tools_manager.py
+# _get_llama_box_platform_name; metal is macOS's): the release also has avx512, oneapi and
+# vulkan builds, which no worker asks for, and which the mirror leaves out.
+ACCELERATORS = ("cuda", "cann", "hip", "musa", "dtk")
 PLATFORMS = (("linux", "amd64"), ("linux", "arm64"), ("windows", "amd64"))
 FASTFETCH_PLATFORM = {
     ("linux", "amd64"): "linux-amd64",
@@ -112,7 +118,8 @@ class Asset:
 
 def assets_for(versions: Iterable[str]) -> list[Asset]:
     """Every asset a download-tools run of these GPUStack versions can fetch for linux
-    amd64/arm64 (cpu, cuda) and windows amd64; one entry per URL path, sorted by it."""
+    amd64/arm64 and windows amd64 (llama-box: each build of its release for cpu or a toolkit a
+    worker picks); one entry per URL path, sorted by it."""
     found: dict[str, Asset] = {}
     for version in versions:
         try:
@@ -121,12 +128,16 @@ def assets_for(versions: Iterable[str]) -> list[Asset]:
             known = ", ".join(sorted(GPUSTACK_TOOLS))
             msg = f"no release-mirror fixtures for GPUStack {version} (known: {known})"
             raise ValueError(msg) from None
+        dynamic = tools.llama_box_prefix == "dl-llama-box"
+        for build in upstream.llama_box_builds(tools.llama_box):
+            word = build.toolkit.split("-", 1)[0]
+            picked = word in ACCELERATORS or build.toolkit == tools.cpu_toolkit.get(build.arch)
+            if (build.os, build.arch) in PLATFORMS and build.dynamic == dynamic and picked:
+                box = Asset("llama-box", "llama-box", tools.llama_box, build.name, build.os,
+                            build.arch, build.toolkit)  # fmt: skip
+                found[box.url_path] = box
         for os_name, arch in PLATFORMS:
             exe = ".exe" if os_name == "windows" else ""
-            for toolkit in (tools.cpu_toolkit[arch], *CUDA_TOOLKITS):
-                name = f"{tools.llama_box_prefix}-{os_name}-{arch}-{toolkit}.zip"
-                box = Asset("llama-box", "llama-box", tools.llama_box, name, os_name, arch, toolkit)
-                found[box.url_path] = box
             parser = Asset(
                 "gguf-parser",
                 "gguf-parser-go",

@@ -48,7 +48,7 @@ WORKER_OPTIONS = "worker-options.txt"
 DEVICE_KEYS = (
     "DEVICE_BACKEND", "DEVICE_FLOOR", "DEVICE_VARIANT", "DEVICE_CEILING", "DEVICE_NEWEST",
     "DEVICE_TOOLKIT", "DEVICE_TOOL", "DEVICE_VERSION_READER", "DEVICE_RUNTIME", "DEVICE_NODES",
-    "DEVICE_PATHS", "WORKER_OPTIONS",
+    "DEVICE_PATHS", "WORKER_OPTIONS", "DEVICE_BUILD",
 )  # fmt: skip
 MODEL_SCRIPTS = ("install-model.sh", "verify-signature.sh")
 MODEL_README = "README.model.md"  # scripts/ template, shipped as README.md
@@ -102,10 +102,13 @@ def bundle_env(
 
 
 def device_env(cell: Cell) -> dict[str, str]:
-    """What preflight.sh checks on a GPUStack 2.x host, from the matrix (the runner data and the
-    cell's [backends] table): the backend, its floor and ceiling, the device tool, the version
-    reader, the container runtime, device nodes and folders. Empty values for other cells."""
-    device, vendor = cell.runner_device, cell.vendor
+    """What preflight.sh checks on a host of an accelerator other than a 0.x CUDA one, from the
+    matrix (2.x: the runner data and the cell's [backends] table; 0.x: the llama-box build and
+    the table's "0.x" part): the backend, its floor (and for 2.x its ceiling), the device tool,
+    the version reader, the container runtime, device nodes and folders; for 0.x the build the
+    bundle carries. Empty values for other cells."""
+    vendor = cell.vendor
+    device = cell.runner_device or (cell.toolkit.device if cell.toolkit else None)
     if device is None or vendor is None:
         return dict.fromkeys(DEVICE_KEYS, "")
     return {
@@ -121,6 +124,8 @@ def device_env(cell: Cell) -> dict[str, str]:
         "DEVICE_NODES": ",".join(vendor.devices),
         "DEVICE_PATHS": ",".join(vendor.paths),
         "WORKER_OPTIONS": WORKER_OPTIONS if cell.worker_options() else "",
+        # 0.x: the llama-box build in the tools archive (cann-8.2.rc1-310p), for messages
+        "DEVICE_BUILD": cell.toolkit.build if cell.toolkit else "",
     }
 
 

@@ -17,6 +17,15 @@ instead, which the bundle does not carry.
 What a host needs per backend is data too: the `[backends.<backend>]` tables of matrix.toml, each
 fact with its source (upstream's detector in the pinned gpustack-runtime wheel, its installation
 docs, the worker command of its UI).
+
+GPUStack 0.x has no runners: its worker runs llama-box, a build of which it picks at start from
+the machine (`gpustack/worker/tools_manager.py:_get_llama_box_platform_name`: the device kind,
+the toolkit version, and for Ascend the chip). A 0.x device is one such build, spelled the same
+way (`cuda12.8`, `cann8.2.rc1-310p`, `rocm6.2`, `musarc4.2`, `dtk25.04`: upstream's toolkit
+version, release candidate included, as the build's asset name carries it), and a version's
+devices are the builds of the llama-box release it pins (`[versions.<v>.builds]`). How such a
+worker sees a host of the backend, and what differs from 2.x in what the host needs, is the
+`"0.x"` table of its `[backends]` entry (`Worker0`); `Toolkit` joins the two for a cell.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +45,11 @@ K8S = "k8s"
 # How preflight.sh reads a host's version of each backend (a function `version_<name>` there).
 VERSION_READERS = ("nvidia-smi", "rocm", "cann", "dtk", "mx-smi", "ixsmi", "ppu-smi", "")
 
+# `cann8.2-910b` (2.x), `cann8.2.rc1-310p`, `musarc4.2`, `rocm6.2` (0.x): the backend, its
+# version (release candidates as upstream spells them: `8.2.rc1`, `rc4.2`) and the variant.
 _DEVICE = re.compile(
-    r"(?P<backend>[a-z]+)(?P<version>[0-9]+(?:\.[0-9]+)*)(?:-(?P<variant>[a-z0-9]+))?"
+    r"(?P<backend>[a-z]+?)(?P<version>(?:rc)?[0-9]+(?:\.[0-9]+)*(?:\.rc[0-9]+)?)"
+    r"(?:-(?P<variant>[a-z0-9]+))?"
 )
 _SERVICE = re.compile(r"(?P<service>[a-z][a-z_-]*?)(?P<version>[0-9][0-9a-z.]*)?")
 
@@ -219,6 +231,46 @@ class RunOptions:
 
 
 @dataclass(frozen=True)
+class Worker0:
+    """How a GPUStack 0.x worker sees a host of the backend and names the llama-box build it
+    wants there (`gpustack/utils/platform.py`, `gpustack/worker/tools_manager.py` of 0.6.2 and
+    0.7.1): the `"0.x"` table of a `[backends]` entry."""
+
+    device: str  # what gpustack.utils.platform.device() answers on such a host: npu, rocm, dcu …
+    llama_box: str  # the toolkit word of its llama-box builds: cann, hip, dtk …
+    version_env: str = ""  # the variable the worker reads the toolkit version from ("": fixed)
+    variant_env: str = ""  # the variable it reads the chip variant from ("": none)
+    named_variants: tuple[str, ...] = ()  # variants a build's name carries (`-310p`)
+
+
+@dataclass(frozen=True)
+class Toolkit:
+    """A GPUStack 0.x accelerator device: the llama-box build a worker of the target picks, and
+    the answers to the machine questions that make upstream's code pick it."""
+
+    device: Device
+    worker: Worker0
+
+    @property
+    def build(self) -> str:
+        """The toolkit part of the build's asset name: `cann-8.2.rc1-310p`, `hip-6.2`."""
+        named = self.device.variant in self.worker.named_variants
+        return f"{self.worker.llama_box}-{self.device.version}" + (
+            f"-{self.device.variant}" if named else ""
+        )
+
+    def env(self) -> dict[str, str]:
+        """What the worker reads its toolkit version and chip from (`CUDA_VERSION`,
+        `CANN_VERSION`, `CANN_CHIP`), set as the target's would be."""
+        out = {}
+        if self.worker.version_env:
+            out[self.worker.version_env] = self.device.version
+        if self.worker.variant_env and self.device.variant:
+            out[self.worker.variant_env] = self.device.variant
+        return out
+
+
+@dataclass(frozen=True)
 class Vendor:
     """A `[backends.<backend>]` table of matrix.toml: what preflight checks on a host of this
     backend and what the worker's run line adds, each fact with its source."""
@@ -232,6 +284,10 @@ class Vendor:
     paths: tuple[str, ...]  # host folders the worker line mounts, which must exist
     run: tuple[RunOptions, ...]
     sources: tuple[tuple[str, str], ...] = field(default=())
+    # GPUStack 0.x: this table with its "0.x" sub-table applied (None without one), and on that
+    # one, how a 0.x worker sees the host
+    line0: Vendor | None = field(default=None, compare=False, repr=False)
+    worker0: Worker0 | None = None
 
     def run_options(self, gpustack: str, version: str) -> tuple[str, ...]:
         for entry in self.run:
@@ -243,6 +299,11 @@ class Vendor:
 
 
 _VENDOR_KEYS = {"toolkit", "tool", "version", "runtime", "devices", "paths", "run", "sources"}
+LINE0 = "0.x"  # the sub-table of a [backends] entry for GPUStack 0.x
+_LINE0_KEYS = {
+    "device", "llama-box", "version-env", "variant-env", "named-variants",
+    "tool", "version", "runtime", "devices", "paths", "sources",
+}  # fmt: skip
 
 
 def vendors(data: Mapping[str, Any], source: str) -> dict[str, Vendor]:
@@ -251,12 +312,10 @@ def vendors(data: Mapping[str, Any], source: str) -> dict[str, Vendor]:
     for backend, table in data.items():
         where = f"{source}: [backends.{backend}]"
         try:
-            unknown = set(table) - _VENDOR_KEYS
+            unknown = set(table) - _VENDOR_KEYS - {LINE0}
             if unknown:
                 raise ValueError(f"unknown keys {sorted(unknown)} (known: {sorted(_VENDOR_KEYS)})")
-            reader = table.get("version", "")
-            if reader not in VERSION_READERS:
-                raise ValueError(f"version {reader!r} is none of {VERSION_READERS}")
+            _reader(table)
             runs = tuple(
                 RunOptions(
                     tuple(_strings(r["options"])),
@@ -265,22 +324,56 @@ def vendors(data: Mapping[str, Any], source: str) -> dict[str, Vendor]:
                 )
                 for r in table.get("run", [])
             )
-            out[backend] = Vendor(
-                backend=backend,
-                toolkit=str(table["toolkit"]),
-                tool=tuple(_strings(table["tool"])),
-                version=reader,
-                runtime=str(table.get("runtime", "")),
-                devices=tuple(_strings(table.get("devices", []))),
-                paths=tuple(_strings(table.get("paths", []))),
-                run=runs,
-                sources=tuple(sorted((str(k), str(v)) for k, v in table["sources"].items())),
-            )
+            vendor = _vendor(backend, table, runs)
+            if LINE0 in table:
+                vendor = replace(vendor, line0=_line0(vendor, table, table[LINE0]))
+            out[backend] = vendor
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise CellError(f"{where} is malformed: {exc!r}") from exc
-        if not out[backend].tool:
+        line0 = out[backend].line0
+        if not out[backend].tool or (line0 is not None and not line0.tool):
             raise CellError(f"{where} names no device tool (tool = [...])")
     return out
+
+
+def _reader(table: Mapping[str, Any]) -> str:
+    reader = table.get("version", "")
+    if reader not in VERSION_READERS:
+        raise ValueError(f"version {reader!r} is none of {VERSION_READERS}")
+    return str(reader)
+
+
+def _vendor(backend: str, table: Mapping[str, Any], runs: tuple[RunOptions, ...]) -> Vendor:
+    return Vendor(
+        backend=backend,
+        toolkit=str(table["toolkit"]),
+        tool=tuple(_strings(table["tool"])),
+        version=_reader(table),
+        runtime=str(table.get("runtime", "")),
+        devices=tuple(_strings(table.get("devices", []))),
+        paths=tuple(_strings(table.get("paths", []))),
+        run=runs,
+        sources=tuple(sorted((str(k), str(v)) for k, v in table["sources"].items())),
+    )
+
+
+def _line0(vendor: Vendor, table: Mapping[str, Any], sub: Mapping[str, Any]) -> Vendor:
+    """The backend's table for GPUStack 0.x: its "0.x" keys over the 2.x ones (no run lines:
+    0.x cells print upstream's own docker line)."""
+    unknown = set(sub) - _LINE0_KEYS
+    if unknown:
+        known = sorted(_LINE0_KEYS)
+        raise ValueError(f"[{LINE0}] has unknown keys {sorted(unknown)} (known: {known})")
+    merged = {**{k: v for k, v in table.items() if k != LINE0}, **sub}
+    merged["sources"] = {**table["sources"], **sub.get("sources", {})}
+    worker = Worker0(
+        device=str(sub["device"]),
+        llama_box=str(sub["llama-box"]),
+        version_env=str(sub.get("version-env", "")),
+        variant_env=str(sub.get("variant-env", "")),
+        named_variants=tuple(_strings(sub.get("named-variants", []))),
+    )
+    return replace(_vendor(vendor.backend, merged, ()), worker0=worker)
 
 
 def _strings(value: object) -> list[str]:

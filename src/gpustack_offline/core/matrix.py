@@ -8,6 +8,11 @@ The devices of a GPUStack 2.x version (`devices = "runners"` in its [versions] t
 matrix.toml: they are read from upstream's runner data for that version (`core.devices`), and so
 are the arches and services each one exists for; those limits refuse cells like rules do, with
 a reason that names the runner data file.
+
+The devices of a GPUStack 0.x version are the builds of the llama-box release its worker runs
+(`[versions.X.builds]`, each with the platforms llama-box builds it for), and its images are the
+tags upstream publishes per device (`[versions.X.images]`); a device, platform or image missing
+from them is refused with the same kind of reason.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 from gpustack_offline.core.devices import (
     Device,
     Offers,
+    Toolkit,
     Vendor,
     runner_data_path,
     vendors,
@@ -41,6 +47,15 @@ _ID_RE = re.compile(
 _ARCH_MACHINE = {"amd64": "x86_64", "arm64": "aarch64"}
 SCHEMA = 1  # the layout of matrix.toml this module reads
 RUNNERS = "runners"  # [versions.X] devices = "runners": the devices come from the runner data
+
+
+@dataclass(frozen=True)
+class Image0:
+    """Upstream's image of a GPUStack 0.x device: its tag's suffix (`-npu-310p`; "" for the plain
+    tag) and the platforms it is published for."""
+
+    tag: str
+    platforms: tuple[str, ...]
 
 
 @dataclass(frozen=True, order=True)
@@ -68,6 +83,10 @@ class Cell:
     ceiling: str | None = field(default=None, compare=False)
     newest: str | None = field(default=None, compare=False)
     vendor: Vendor | None = field(default=None, compare=False, repr=False)
+    # GPUStack 0.x: the llama-box build of an accelerator device and how the target's worker
+    # comes to pick it (None for cpu); upstream's image of the device (docker cells)
+    toolkit: Toolkit | None = field(default=None, compare=False, repr=False)
+    image: Image0 | None = field(default=None, compare=False, repr=False)
 
     @property
     def id(self) -> str:
@@ -102,6 +121,8 @@ class Cell:
         (`CUDA 12.8`, `CANN 8.2`), or `-`."""
         if self.vendor is not None and self.runner_device is not None:
             return f"{self.vendor.toolkit} {self.runner_device.version}"
+        if self.vendor is not None and self.toolkit is not None:
+            return f"{self.vendor.toolkit} {self.toolkit.device.version}"
         return f"CUDA {self.cuda}" if self.cuda else f"ROCm {self.rocm}" if self.rocm else "-"
 
     @property
@@ -114,10 +135,16 @@ class Cell:
             **self.axes,
             "cuda": self.cuda,
             "rocm": self.rocm,
-            "backend": self.runner_device.backend if self.runner_device else None,
+            "backend": self.backend,
             "glibc": self.glibc,
             "requirement": self.requirement,
         }
+
+    @property
+    def backend(self) -> str | None:
+        """The accelerator's backend (cuda, cann, rocm …): a 2.x runner's, a 0.x build's."""
+        device = self.runner_device or (self.toolkit.device if self.toolkit else None)
+        return device.backend if device else None
 
     def worker_options(self) -> tuple[str, ...]:
         """The `docker run` options a GPUStack 2.x worker of this device needs, as upstream's
@@ -183,6 +210,9 @@ class Matrix:
                     f"{source}{_rule_line(text, number)}: rule {number} ([[rules]]) is "
                     f"malformed, missing or wrong {exc}; each rule needs when, require and reason"
                 ) from exc
+        self._builds: dict[str, dict[str, tuple[str, ...]]] = {}  # 0.x: device -> platforms
+        self._images: dict[str, dict[str, Image0]] = {}  # 0.x: device -> upstream's image
+        self._read_builds()
         self._check_data()
         self._offers: dict[str, Offers] = {}
         self._no_offers: dict[str, str] = {}  # version -> why it has no devices yet
@@ -195,6 +225,59 @@ class Matrix:
         `runners` folder beside it, as in bundles/)."""
         data, text = read_toml_text(path, CellError, missing=f"matrix file {path} not found")
         return cls(data, source=str(path), text=text, runners=runners or path.parent / RUNNERS)
+
+    def _read_builds(self) -> None:
+        """Each 0.x version's llama-box builds and images, checked, its devices put on the axis."""
+        for version, table in self._versions.items():
+            if "builds" not in table:
+                continue
+            where = f'{self.source}: [versions."{version}"]'
+            try:
+                builds = {
+                    str(d): tuple(_string_list(p, f"{where}.builds {d}"))
+                    for d, p in table["builds"].items()
+                }
+                images = {
+                    str(d): Image0(
+                        str(i["tag"]), tuple(_string_list(i["platforms"], f"{where}.images {d}"))
+                    )
+                    for d, i in table.get("images", {}).items()
+                }
+                str(table["llama-box"])
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise CellError(
+                    f"{where} is malformed, missing or wrong {exc}: a 0.x version names its "
+                    "llama-box release, its builds (device = [platforms]) and images "
+                    "(device = { tag, platforms })"
+                ) from exc
+            for device, platforms in builds.items():
+                self._toolkit(device, where)
+                for platform in platforms:
+                    os_, _, arch = platform.partition("/")
+                    if os_ not in self.axes["os"] or arch not in self.axes["arch"]:
+                        raise CellError(f"{where}.builds {device}: unknown platform {platform!r}")
+                if device not in self.axes["device"]:
+                    self.axes["device"].append(device)
+            unbuilt = sorted(set(images) - set(builds))
+            if unbuilt:
+                raise CellError(f"{where}.images names {unbuilt}, which are no builds of it")
+            self._builds[version], self._images[version] = builds, images
+
+    def _toolkit(self, device: str, where: str = "") -> Toolkit | None:
+        """The llama-box build of a 0.x accelerator device, or None for cpu."""
+        if device == "cpu":
+            return None
+        parsed = Device.parse(device)
+        vendor = self.vendors.get(parsed.backend) if parsed else None
+        worker = vendor.line0.worker0 if vendor and vendor.line0 else None
+        if parsed is None or worker is None:
+            raise CellError(
+                f"{where or self.source}: 0.x device {device!r} is not <backend><toolkit "
+                'version>[-<chip>] of a backend with a [backends.<backend>."0.x"] table'
+            )
+        if parsed.variant and not worker.variant_env:
+            raise CellError(f"{where}: {device}: the {parsed.backend} builds have no variants")
+        return Toolkit(parsed, worker)
 
     def _read_runner_data(self, folder: Path | None) -> None:
         """Each 2.x version's devices from its runner data, put on the device axis."""
@@ -231,8 +314,9 @@ class Matrix:
             ("extras", self._extras),
             ("version", self._versions),
         )
+        built = {d for builds in self._builds.values() for d in builds}
         for name, table in tables:
-            missing = set(self.axes[name]) - set(table)
+            missing = set(self.axes[name]) - set(table) - (built if name == "device" else set())
             if missing:
                 raise CellError(
                     f"{self.source}: axis {name} lists {sorted(missing)} with no [{name}] table; "
@@ -268,6 +352,22 @@ class Matrix:
             )  # fmt: skip
 
         offers = self._offers.get(axes["version"])
+        if offers is None and axes["version"] in self._builds:
+            toolkit = self._toolkit(axes["device"])
+            backend, version = (
+                (toolkit.device.backend, toolkit.device.version) if toolkit else ("", "")
+            )
+            # 0.x CUDA cells keep their own checks (CUDA_FLOOR); the other backends' are the
+            # vendor's, as 2.x cells have them
+            vendor = self.vendors[backend].line0 if backend not in ("", "cuda") else None
+            image = self._images[axes["version"]].get(axes["device"])
+            return cell(
+                cuda=version if backend == "cuda" else None,
+                rocm=version if backend == "rocm" else None,
+                toolkit=toolkit,
+                vendor=vendor,
+                image=image if axes["method"] == "docker" else None,
+            )
         if offers is None:
             facts = self._devices[axes["device"]]
             return cell(cuda=facts.get("cuda"), rocm=facts.get("rocm"))
@@ -290,11 +390,12 @@ class Matrix:
             if version in self._no_offers:
                 continue
             offers = self._offers.get(version)
-            devices = (
-                [d.name for d in offers.devices]
-                if offers
-                else [d for d in self.axes["device"] if d in self._devices]
-            )
+            if offers:
+                devices = [d.name for d in offers.devices]
+            elif version in self._builds:
+                devices = [d for d in self.axes["device"] if d in self._builds[version]]
+            else:
+                devices = [d for d in self.axes["device"] if d in self._devices]
             for device in devices:
                 for combo in itertools.product(*(self.axes[a] for a in others)):
                     axes = {
@@ -314,11 +415,49 @@ class Matrix:
         if version in self._no_offers:
             return self._no_offers[version]
         offers = self._offers.get(version)
+        if offers is None and version in self._builds:
+            return self._build_refusal(axes)
         if offers is None:
             if axes["device"] not in self._devices:
                 return f"GPUStack {version} has no device {axes['device']!r} in [devices]"
             return None
         return self._runner_refusal(offers, axes)
+
+    def _build_refusal(self, axes: Mapping[str, str]) -> str | None:
+        """The limits of a 0.x version's llama-box builds and images, as rules with reasons."""
+        version, device = axes["version"], axes["device"]
+        release = self._versions[version]["llama-box"]
+        where = f'its release workflow, as [versions."{version}"].builds in {self.source}'
+        builds = self._builds[version]
+        if device not in builds:
+            return (
+                f"GPUStack {version}'s devices are the builds of llama-box {release}, which its "
+                f"worker runs ({where}): {', '.join(builds)}; {device} is none of them"
+            )
+        platform = f"{axes['os']}/{axes['arch']}"
+        toolkit = self._toolkit(device)
+        what = f"{device} ({toolkit.build})" if toolkit else device
+        if platform not in builds[device]:
+            return (
+                f"llama-box {release}, which GPUStack {version}'s worker runs, is built for "
+                f"{what} on {', '.join(builds[device])} only ({where})"
+            )
+        if axes["method"] != "docker":
+            return None
+        images = self._images[version]
+        from_ = f'.github/workflows/docker-ci.yaml at v{version}, as [versions."{version}"].images'
+        image = images.get(device)
+        if image is None:
+            return (
+                f"GPUStack {version} publishes no image for {device}: its images are for "
+                f"{', '.join(images)} ({from_})"
+            )
+        if platform not in image.platforms:
+            return (
+                f"GPUStack {version}'s {device} image (v{version}{image.tag}) is published for "
+                f"{', '.join(image.platforms)} only ({from_})"
+            )
+        return None
 
     def _runner_refusal(self, offers: Offers, axes: Mapping[str, str]) -> str | None:
         """The limits of upstream's runner data, as rules with reasons naming its file."""

@@ -6,8 +6,10 @@ installed `gpustack` only, Python 3.8 and later):
     python -c "$(cat check_tools.py)" DEVICE
 
 Prints one `ok` or `FAIL` line per tool, then the tools' versions.json; exits 1 if any failed or
-fewer than three tools (llama-box among them) are there. On a `cuda` target a tool that stops at
-loading the NVIDIA driver's libraries counts as running: a container without a GPU lacks them.
+fewer than three tools (llama-box among them) are there. On an accelerator's target (DEVICE is
+not `cpu`: `cuda12.8`, `cann8.2.rc1-910b` …) a tool that stops at loading a shared library
+counts as running: the vendor's driver and toolkit libraries (libcuda, libascendcl, libamdhip64
+…) are the host's, and a container without the device lacks them.
 """
 
 import json
@@ -24,7 +26,7 @@ def main() -> int:
 
     tools = os.path.join(os.path.dirname(gpustack.__file__), "third_party", "bin")
     machine = MACHINES[platform.machine()]
-    driver_only = sys.argv[1] == "cuda"
+    driver_only = sys.argv[1] != "cpu"
     found = [
         p
         for p in (
@@ -51,11 +53,12 @@ def main() -> int:
             continue
         run = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=120)
         out = (run.stdout + run.stderr).strip()
-        # A CUDA build loads the driver's libraries, which a container without a GPU lacks.
-        waits_for_driver = driver_only and "error while loading shared libraries: libcu" in out
+        # An accelerator's build loads the vendor's libraries, which a container without the
+        # device lacks.
+        waits_for_driver = driver_only and "error while loading shared libraries: lib" in out
         ok = run.returncode == 0 or waits_for_driver
         failed |= not ok
-        note = " (runs up to loading the NVIDIA driver's libraries)" if waits_for_driver else ""
+        note = " (runs up to loading the vendor's libraries)" if waits_for_driver else ""
         print(f"{'ok' if ok else 'FAIL'} {name}{note}: {' | '.join(out.splitlines()[:6])}")
     with open(os.path.join(tools, "versions.json")) as fh:
         print(json.dumps(json.load(fh)))

@@ -9,10 +9,14 @@ facts only: `gpustack.utils.platform.system()`, `arch()` and `device()`. This pr
 the target machine would, loads the archive with upstream's own `load_archive` into a scratch
 folder, runs each `download_*` step with downloads turned into records, and prints JSON:
 
-    {"llama_box_dir": NAME or null, "would_download": [URL_PATH, ...], "errors": [...]}
+    {"llama_box_dir": NAME or null, "would_download": [URL_PATH, ...],
+     "llama_box_asset": URL_PATH, "errors": [...]}
 
 `llama_box_dir` is the folder the target's worker looks for (0.7 and later; 0.6 has one flat
 folder). An empty `would_download` proves the archive is complete for that target.
+`llama_box_asset` is the llama-box build the same worker fetches on a machine with no tools:
+the one its device, toolkit version and chip pick (the environment answers the toolkit
+questions, `CUDA_VERSION`, `CANN_VERSION`, `CANN_CHIP`, as the target's worker reads them).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 class WouldDownload(Exception):
@@ -44,22 +49,37 @@ def main() -> int:
         wanted.append(str(url_path))
         raise WouldDownload(url_path)
 
-    with tempfile.TemporaryDirectory() as scratch:
-        bin_dir = Path(scratch) / "bin"
-        data_dir = Path(scratch) / "data"
-        bin_dir.mkdir()
-        kwargs = {"data_dir": str(data_dir)} if _accepts(tools_manager, "data_dir") else {}
+    def manager_in(folder: Path) -> Any:
+        """A ToolsManager of the target whose tools live in `folder`, downloads recorded."""
+        bin_dir = folder / "bin"
+        bin_dir.mkdir(parents=True)
+        kwargs = {"data_dir": str(folder / "data")} if _accepts(tools_manager, "data_dir") else {}
         manager = tools_manager.ToolsManager(
             tools_download_base_url="http://downloads.invalid",
             bin_dir=str(bin_dir),
             device=target["device"] or None,
             **kwargs,
         )
-        manager.third_party_bin_path = Path(scratch) / "third_party_bin"
+        manager.third_party_bin_path = folder / "third_party_bin"
         manager.versions_file = manager.third_party_bin_path / "versions.json"
+        manager._current_tools_version = {}
+        manager._download_file = record
+        return manager
+
+    with tempfile.TemporaryDirectory() as scratch:
+        # the build a worker of the target fetches when it has no tools
+        bare = manager_in(Path(scratch) / "bare")
+        try:
+            bare.download_llama_box()
+        except WouldDownload:
+            pass
+        except Exception as exc:  # noqa: BLE001 - reported to the caller, which fails the cell
+            errors.append(f"download_llama_box with no tools: {exc}")
+        picked = wanted.pop() if wanted else None
+
+        manager = manager_in(Path(scratch) / "archive")
         manager.load_archive(archive)
         manager._current_tools_version = json.loads(manager.versions_file.read_text())
-        manager._download_file = record
         for step in (manager.download_llama_box, manager.download_gguf_parser,
                      manager.download_fastfetch):  # fmt: skip
             try:
@@ -71,7 +91,8 @@ def main() -> int:
         version = tools_manager.BUILTIN_LLAMA_BOX_VERSION
         naming = getattr(tools_manager, "get_llama_box_version_dir_name", None)
         llama_box_dir = naming(version) if naming else None
-    print(json.dumps({"llama_box_dir": llama_box_dir, "would_download": wanted, "errors": errors}))
+    result = {"llama_box_dir": llama_box_dir, "would_download": wanted, "errors": errors}
+    print(json.dumps({**result, "llama_box_asset": picked}))
     return 0
 
 

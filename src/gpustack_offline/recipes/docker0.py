@@ -8,6 +8,7 @@ from pathlib import Path
 
 from gpustack_offline.core.context import Context
 from gpustack_offline.core.docker import base_image
+from gpustack_offline.core.errors import CellError
 from gpustack_offline.core.matrix import Cell
 from gpustack_offline.recipes import pip0
 from gpustack_offline.recipes.base import (
@@ -29,8 +30,11 @@ from gpustack_offline.verify.upgrade import verify_docker_upgrade
 
 
 def references(cell: Cell) -> dict[Reference, list[str]]:
-    """GPUStack's own image for the cell's device, for the cell's platform."""
-    return {images.image_reference(cell.version, cell.device): [f"linux/{cell.arch}"]}
+    """GPUStack's own image for the cell's device (its tag from upstream's docker-ci.yaml, as the
+    matrix has it), for the cell's platform."""
+    if cell.image is None:
+        raise CellError(f"{cell.id}: the matrix names no image of GPUStack {cell.version} for it")
+    return {images.image_reference(cell.version, cell.image.tag): [f"linux/{cell.arch}"]}
 
 
 class Docker0:

@@ -22,7 +22,7 @@ import json
 import logging
 import re
 import tarfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -52,19 +52,9 @@ from gpustack_offline.stages.registry import (
 IMAGE_REPOSITORY = "docker.io/gpustack/gpustack"
 PIN_SCHEMA = 1
 
-# The device suffix of 0.6/0.7 tags (gpustack-facts.md, "Docker images (0.6 / 0.7)"): the plain
-# tag is CUDA 12.4. Platforms as upstream publishes them.
-_SUFFIXES_0X: Mapping[str, tuple[str, tuple[str, ...]]] = {
-    "cuda12.4": ("", ("linux/amd64", "linux/arm64")),
-    "cuda12.8": ("-cuda12.8", ("linux/amd64", "linux/arm64")),
-    "cpu": ("-cpu", ("linux/amd64", "linux/arm64")),
-    "rocm": ("-rocm", ("linux/amd64",)),
-    "npu": ("-npu", ("linux/amd64", "linux/arm64")),
-    "npu-310p": ("-npu-310p", ("linux/amd64", "linux/arm64")),
-    "musa": ("-musa", ("linux/amd64",)),
-    "dcu": ("-dcu", ("linux/amd64",)),
-    "corex": ("-corex", ("linux/amd64",)),
-}
+# GPUStack 0.6/0.7 publish one image per device, named by a tag suffix (`v0.7.1-npu-310p`; the
+# plain tag is CUDA 12.4): which device has which suffix, on which platforms, is matrix data read
+# from upstream's docker-ci.yaml of the version (`[versions.X.images]`, `Cell.image`).
 _VERSION = re.compile(r"v?(\d+)\.(\d+)\.(\d+)(?:rc\d+)?")
 
 # Layer types `docker load` (20.10) and OCI tools both read.
@@ -100,32 +90,26 @@ def _series(version: str) -> tuple[int, int, str]:
     return int(major), int(minor), version.strip().removeprefix("v")
 
 
-def _suffix(version: str, device: str) -> tuple[str, tuple[str, ...]]:
+def _plain(version: str) -> str:
     major, minor, plain = _series(version)
     if major != 0 or minor not in (6, 7):
         raise ImageError(
             f"image tags of GPUStack {plain} are not described here; only 0.6 and 0.7 use the "
             "one-image-per-device scheme"
         )
-    if device not in _SUFFIXES_0X:
-        known = ", ".join(sorted(_SUFFIXES_0X))
-        raise ImageError(f"GPUStack {plain} has no image for device {device!r}; known: {known}")
-    return _SUFFIXES_0X[device]
+    return plain
 
 
-def image_tag(version: str, device: str) -> str:
-    """`image_tag("0.7.1", "cpu")` → `v0.7.1-cpu`; the plain tag is the CUDA 12.4 image."""
-    suffix, _ = _suffix(version, device)
-    return f"v{_series(version)[2]}{suffix}"
+def image_tag(version: str, suffix: str) -> str:
+    """`image_tag("0.7.1", "-cpu")` → `v0.7.1-cpu`; the suffix is the device's (`Cell.image`),
+    "" for the plain tag, the CUDA 12.4 image."""
+    if suffix and not re.fullmatch(r"-[a-z0-9.-]+", suffix):
+        raise ImageError(f"{suffix!r} is no image tag suffix like -cpu or -npu-310p")
+    return f"v{_plain(version)}{suffix}"
 
 
-def image_platforms(version: str, device: str) -> tuple[str, ...]:
-    """The platforms upstream publishes the device's image for."""
-    return _suffix(version, device)[1]
-
-
-def image_reference(version: str, device: str, repository: str = IMAGE_REPOSITORY) -> Reference:
-    return Reference.parse(f"{repository}:{image_tag(version, device)}")
+def image_reference(version: str, suffix: str, repository: str = IMAGE_REPOSITORY) -> Reference:
+    return Reference.parse(f"{repository}:{image_tag(version, suffix)}")
 
 
 # --- pin files ----------------------------------------------------------------------------------
@@ -247,22 +231,18 @@ def refresh_pins(
     registry: Registry,
     pins_dir: Path,
     version: str,
-    devices: Iterable[str],
-    platforms: Iterable[str] | None = None,
+    tags: Mapping[str, Sequence[str]],
     repository: str = IMAGE_REPOSITORY,
 ) -> list[PinChange]:
-    """Ask the registry what the devices' tags point at now; rewrite the pin file; return what
-    changed (a moved tag is a change of its index digest and of its platforms' digests).
+    """Ask the registry what the tags (suffix → platforms, as `Cell.image` gives them) point at
+    now; rewrite the pin file; return what changed (a moved tag is a change of its index digest
+    and of its platforms' digests).
 
-    Only manifests and configs are fetched. `platforms` defaults to those upstream publishes per
-    device. Tags not named keep their pins; so do platforms not named, while their tag still
-    points at the same index (a moved tag's pins are all replaced)."""
-    chosen = None if platforms is None else list(platforms)
+    Only manifests and configs are fetched. Tags not named keep their pins; so do platforms not
+    named, while their tag still points at the same index (a moved tag's pins are all replaced)."""
     wanted = {
-        image_reference(version, device, repository): (
-            chosen if chosen is not None else list(image_platforms(version, device))
-        )
-        for device in devices
+        image_reference(version, suffix, repository): list(platforms)
+        for suffix, platforms in tags.items()
     }
     return refresh_references(registry, pins_dir, version, wanted)
 
@@ -308,9 +288,10 @@ def _pin_tag(
     return TagPin(index, found)
 
 
-def pinned_image(pins: Pins, device: str, platform: str | Platform) -> PinnedImage:
-    """The cell's image by digest, from the pin file; an error if it is not pinned."""
-    return pinned_reference(pins, image_reference(pins.version, device, pins.repository), platform)
+def pinned_image(pins: Pins, suffix: str, platform: str | Platform) -> PinnedImage:
+    """The image of a tag suffix (a cell's `image.tag`) by digest, from the pin file; an error
+    if it is not pinned."""
+    return pinned_reference(pins, image_reference(pins.version, suffix, pins.repository), platform)
 
 
 def pinned_reference(pins: Pins, ref: Reference, platform: str | Platform) -> PinnedImage:

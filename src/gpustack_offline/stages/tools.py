@@ -4,7 +4,8 @@ GPUStack 0.6/0.7 workers run prebuilt tools and download any that are missing wh
 Upstream's offline answer is `gpustack download-tools --save-archive` online and `--load-archive`
 on the target. This stage runs exactly that command, of the cell's GPUStack version, from a tool
 venv for the build host, with the cell's `--system/--arch/--device` and the toolkit environment a
-cross build needs (`CUDA_VERSION`). Around it:
+cross build needs (`CUDA_VERSION`; `CANN_VERSION` and `CANN_CHIP`: what the target's worker reads,
+`Cell.toolkit`). Around it:
 
 - Every asset download-tools asks for goes through `AssetProxy`, a loopback server that fetches
   from the upstream base URL into the content-addressed cache and checks each file against the
@@ -15,7 +16,9 @@ cross build needs (`CUDA_VERSION`). Around it:
   machine that *saved* the archive, not after `--arch/--device`, so an archive saved here for
   another machine is not found by the target's worker, which then downloads at start. Such an
   archive is retargeted (folder, its versions.json key and the `llama-box-default` link renamed to
-  what the probe says the target looks for) and probed again; it must then want nothing.
+  what the probe says the target looks for) and probed again; it must then want nothing. The
+  probe also names the llama-box build a worker of the target with no tools would fetch (the
+  device, toolkit version and chip picking it): the archive must hold that very asset.
 - The archive is rewritten deterministically (sorted, fixed times and owners), so the same assets
   give the same bytes.
 - Each program in it (llama-box, gguf-parser, fastfetch) must be an executable for the target:
@@ -107,6 +110,9 @@ class Archive:
     base_url: str
     # What the target's worker would have downloaded from upstream's own archive (before the fix).
     wanted_before_fix: list[str] = field(default_factory=list)
+    # The llama-box asset a worker of the target picks (its device, toolkit version and chip),
+    # which is the one the archive holds ("" in records of builds before it was checked).
+    llama_box_asset: str = ""
 
     def manifest(self) -> dict[str, Any]:
         return {
@@ -115,22 +121,26 @@ class Archive:
             "llama_box_dir": self.llama_box_dir,
             "retargeted_from": self.retargeted_from,
             "wanted_before_fix": self.wanted_before_fix,
+            "llama_box_asset": self.llama_box_asset,
             "base_url": self.base_url or "upstream (github.com or its COS mirror)",
             "assets": [a.__dict__ for a in sorted(self.assets, key=lambda a: a.path)],
         }
 
 
 def target_identity(cell: Cell) -> dict[str, str]:
-    """The machine facts the target's worker derives its tools from (gpustack.utils.platform)."""
-    return {"system": cell.os, "arch": cell.arch, "device": "cuda" if cell.cuda else ""}
+    """The machine facts the target's worker derives its tools from (gpustack.utils.platform):
+    its system, arch and device kind (cuda, npu, rocm, musa, dcu; "" for a cpu host)."""
+    device = cell.toolkit.worker.device if cell.toolkit else ""
+    return {"system": cell.os, "arch": cell.arch, "device": device}
 
 
 def download_env(cell: Cell, base: Mapping[str, str]) -> dict[str, str]:
     """The environment of a download-tools run: the host's, minus what would leak into the
-    choice of assets, plus the cell's toolkit version."""
+    choice of assets, plus the cell's toolkit version and chip as the target's worker reads
+    them (`CUDA_VERSION`; `CANN_VERSION`, `CANN_CHIP`)."""
     env = {k: v for k, v in base.items() if not k.startswith(HOST_ENV_LEAKS)}
-    if cell.cuda:
-        env["CUDA_VERSION"] = cell.cuda
+    if cell.toolkit:
+        env.update(cell.toolkit.env())
     return env
 
 
@@ -288,7 +298,8 @@ def for_target(path: str, cell: Cell) -> bool:
     """Whether a recorded asset is one download-tools fetches for the cell's target, judged by
     its file name (`dl-llama-box-linux-amd64-cuda-12.4.zip`, `gguf-parser-windows-amd64.exe`,
     `fastfetch-linux-aarch64.zip`): the target's OS and architecture and, for llama-box, its
-    toolkit (the cell's CUDA version, or no accelerator at all). Which assets a run fetches is
+    toolkit (the cell's build: `cuda-12.8`, `cann-8.2.rc1-310p`, or no accelerator at all).
+    Which assets a run fetches is
     known for sure only by running it; a version's tools lock records what such runs fetched."""
     name = path.rsplit("/", 1)[-1].lower()
 
@@ -299,8 +310,8 @@ def for_target(path: str, cell: Cell) -> bool:
         return False
     if asset_program(path) != "llama-box":
         return True
-    if cell.cuda:
-        return names(f"cuda-{cell.cuda}")
+    if cell.toolkit:  # the build's toolkit ends the name: ...-cann-8.2.rc1-310p.zip
+        return name.endswith(f"-{cell.os}-{cell.arch}-{cell.toolkit.build}.zip")
     return not any(word in name for word in _ACCELERATORS)
 
 
@@ -598,7 +609,7 @@ def build_archive(cell: Cell, python: Path, proxy: AssetProxy, out: Path) -> Arc
                     [python, "-m", "gpustack.main", "download-tools",
                      "--tools-download-base-url", url, "--save-archive", raw,
                      "--system", cell.os, "--arch", cell.arch,
-                     "--device", "cuda" if cell.cuda else "cpu"],
+                     "--device", target_identity(cell)["device"] or "cpu"],
                     env=download_env(cell, os.environ),
                     what=f"gpustack {cell.version} download-tools for {cell.id}",
                 )  # fmt: skip
@@ -612,6 +623,7 @@ def build_archive(cell: Cell, python: Path, proxy: AssetProxy, out: Path) -> Arc
         check_programs(cell, tree, proxy)
         first = probe(python, raw, cell)
         _fail_on_errors(cell, first)
+        check_pick(cell, proxy, first["llama_box_asset"])
         moved = None
         if first["would_download"]:
             if not first["llama_box_dir"]:
@@ -631,7 +643,22 @@ def build_archive(cell: Cell, python: Path, proxy: AssetProxy, out: Path) -> Arc
         retargeted_from=moved,
         base_url=proxy.base_url,
         wanted_before_fix=first["would_download"],
+        llama_box_asset=first["llama_box_asset"],
     )
+
+
+def check_pick(cell: Cell, proxy: AssetProxy, picked: str) -> None:
+    """The llama-box asset download-tools fetched is the one a worker of the target picks: the
+    build for its device, toolkit version and chip (`picked`, from the probe)."""
+    fetched = [a.path for a in proxy.fetched.values() if asset_program(a.path) == "llama-box"]
+    if fetched != [picked.lstrip("/")]:
+        raise ToolsError(
+            f"{cell.id}: download-tools fetched {', '.join(fetched) or 'no llama-box'}, but a "
+            f"GPUStack {cell.version} worker of the target ({target_identity(cell)}, "
+            f"{cell.toolkit.env() if cell.toolkit else 'no toolkit'}) picks {picked}: the "
+            "archive would hold another build than the one that target runs. Report it with "
+            "the cell id"
+        )
 
 
 def check_programs(cell: Cell, tree: Path, proxy: AssetProxy) -> None:
@@ -712,6 +739,8 @@ def build(
     python = tool_venv(cell, overrides, cache, index_url)
     lock = ToolsLock(lock_path(locks_dir, cell.version), frozen)
     identity = [cell.version, target_identity(cell), cell.cuda, str(python), base_url]
+    if cell.toolkit and cell.toolkit.env().keys() - {"CUDA_VERSION"}:
+        identity.append(cell.toolkit.env())  # the chip, the CANN version: another build
     key = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
     final = (
         cache / "tools" / "archives" / f"{cell.version}-{cell.os}-{cell.arch}-{cell.device}-{key}"

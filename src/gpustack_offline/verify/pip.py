@@ -36,6 +36,7 @@ from gpustack_offline.verify.common import (
     log_in,
     offline_tools_step,
 )
+from gpustack_offline.verify.standins import stand_ins
 
 if TYPE_CHECKING:
     from docker.models.containers import Container
@@ -55,10 +56,6 @@ SITE_START = (
 )
 
 
-def _fake_nvidia_smi() -> Path:
-    return payload.path("fakes/nvidia-smi")
-
-
 def verify_pip(
     cell: Cell,
     bundle_dir: Path,
@@ -75,13 +72,10 @@ def verify_pip(
     sinkhole tells their attempts apart by address. The two share one settling time."""
     image = base_image(cell.arch, cache, mirror)
     mounts = {bundle_dir.resolve(): "/bundle", audit_hook(): "/opt/egress-audit"}
+    # No accelerator here: the vendor's tool (and host facts) at exactly the cell's floor.
+    standing_in, env = stand_ins(cell, cache)
+    mounts.update(standing_in)
     read_only = list(mounts.values())
-    env = {}
-    if cell.cuda:
-        # No GPU here: a stand-in nvidia-smi reports a driver of exactly the cell's floor.
-        mounts[_fake_nvidia_smi()] = "/usr/local/bin/nvidia-smi"
-        read_only.append("/usr/local/bin/nvidia-smi")
-        env["FAKE_NVIDIA_CUDA"] = cell.cuda
     with (
         volume("gpustack-offline-verify-prefix") as prefix,
         egress.audited_container(

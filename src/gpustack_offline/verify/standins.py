@@ -1,0 +1,72 @@
+"""What stands in for a cell's accelerator in a verification container, which has none.
+
+The vendor's device tool of payload/fakes/ (the real tool's output format) is mounted where the
+vendor installs it, so preflight finds it and GPUStack's own detection sees the device (0.x:
+`gpustack.utils.platform.device()` looks for `nvidia-smi`, `npu-smi`, `rocm-smi`, `hy-smi`,
+`mthreads-gmi`), and reports exactly the cell's floor: the driver's CUDA version, the Ascend
+chip of the cell's build. Where preflight reads the host's toolkit version, device nodes and
+driver folders, a stand-in host root holds them at the floor (`PREFLIGHT_HOST_ROOT`, the same
+hook the tests of preflight.sh use): nothing of it is in the container's own folders, so the
+installed GPUStack still runs on a machine with no accelerator libraries.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from gpustack_offline import payload
+from gpustack_offline.core.files import atomic_dir
+from gpustack_offline.core.matrix import Cell
+
+HOST_ROOT = "/opt/stand-in-host"  # where the stand-in host root is mounted in the container
+# The host's toolkit version file of each version reader of preflight.sh, as the vendor writes
+# it ({v}: the toolkit version); preflight reads it the way upstream's detector does.
+VERSION_FILES = {
+    "cann": ("usr/local/Ascend/ascend-toolkit/latest/runtime/version.info", "Version={v}\n"),
+    "rocm": ("opt/rocm/.info/version", "{v}\n"),
+    "dtk": ("opt/dtk/.info/version", "{v}\n"),
+}
+# An npu-smi chip name of each Ascend variant a build is for (npu-smi's Name column).
+NPU_NAMES = {"310p": "310P3", "910b": "910B3"}
+
+
+def stand_ins(cell: Cell, cache: Path) -> tuple[dict[Path, str], dict[str, str]]:
+    """Host paths to mount read-only (path -> container path) and the environment of every
+    step, standing in for the cell's accelerator; nothing for a cpu cell."""
+    if cell.cuda:
+        # No GPU here: a stand-in nvidia-smi reports a driver of exactly the cell's floor.
+        tool = payload.path("fakes/nvidia-smi")
+        return {tool: "/usr/local/bin/nvidia-smi"}, {"FAKE_NVIDIA_CUDA": cell.cuda}
+    vendor, toolkit = cell.vendor, cell.toolkit
+    if vendor is None or toolkit is None:  # a cpu cell (2.x cells are verified as images)
+        return {}, {}
+    name = vendor.tool[0]
+    mounts = {payload.path(f"fakes/{name}"): f"/usr/local/bin/{name}"}
+    env = {"PREFLIGHT_HOST_ROOT": HOST_ROOT}
+    if toolkit.device.backend == "cann":
+        env["FAKE_NPU_NAME"] = NPU_NAMES.get(toolkit.device.variant, NPU_NAMES["910b"])
+    mounts[host_root(cell, cache)] = HOST_ROOT
+    return mounts, env
+
+
+def host_root(cell: Cell, cache: Path) -> Path:
+    """A host root with the cell's device nodes (empty files), driver and toolkit folders and
+    toolkit version at the floor; made once per device and kept in the cache."""
+    assert cell.vendor is not None and cell.toolkit is not None
+    vendor, device = cell.vendor, cell.toolkit.device
+    final = cache / "verify" / "stand-in-hosts" / f"{device.name}-{vendor.version or 'none'}"
+    if final.is_dir():
+        return final
+    with atomic_dir(final) as root:
+        for pattern in vendor.devices:
+            node = root / re.sub(r"\[0-9\]\*", "0", pattern).replace("*", "128").lstrip("/")
+            node.parent.mkdir(parents=True, exist_ok=True)
+            node.write_text("")
+        for folder in vendor.paths:
+            (root / folder.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        if vendor.version in VERSION_FILES:
+            path, text = VERSION_FILES[vendor.version]
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / path).write_text(text.format(v=device.version.replace(".rc", ".RC")))
+    return final
