@@ -16,7 +16,8 @@ from support.registry_fixture import hub_registry
 from gpustack_offline.bundle import delta
 from gpustack_offline.cli import commands
 
-pytestmark = pytest.mark.integration
+# The heavy tier: 8.5 min; the default tier's end-to-end upgrade is test_upgrade.py's pip pair.
+pytestmark = [pytest.mark.integration, pytest.mark.heavy]
 
 OLD = "v0.6.2-linux-amd64-cpu-py3.11-base-docker"
 NEW = "v0.7.1-linux-amd64-cpu-py3.11-base-docker"

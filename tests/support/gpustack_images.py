@@ -20,6 +20,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from gpustack_offline.core.cache import in_use
 from gpustack_offline.core.matrix import Cell, Matrix
 from gpustack_offline.core.safety import safe_extract_tar
 from gpustack_offline.stages import tools
@@ -67,8 +68,8 @@ def gpustack_layer(
     final = cache / "fixtures" / "gpustack-images" / name
     if final.is_file() and final.with_suffix(".json").is_file():
         return file_layer(final, final)  # made before: file_layer only reads its record
-    wheels = wheelhouse(cell, lock, cache, (), "https://pypi.org/simple", show_progress=False)
-    with tempfile.TemporaryDirectory(dir=cache) as scratch:
+    with in_use(cache), tempfile.TemporaryDirectory(dir=cache) as scratch:
+        wheels = wheelhouse(cell, lock, cache, (), "https://pypi.org/simple", show_progress=False)
         links, tree = Path(scratch) / "links", Path(scratch) / "tree"
         links.mkdir()
         for wheel in wheels:
@@ -104,7 +105,9 @@ def pack_tree(tree: Path, plain: Path) -> None:
 
 
 def tools_archive(root: Path, cell: Cell, cache: Path, mirror: str) -> tools.Archive:
-    with tempfile.TemporaryDirectory() as locks:
+    """The cell's tools archive, built holding the cache as a real build does (a build that
+    starts meanwhile would otherwise sweep this one's scratch as a killed build's)."""
+    with tempfile.TemporaryDirectory() as locks, in_use(cache):
         overrides = load_overrides(root / "bundles" / "overrides.toml")
         index = "https://pypi.org/simple"
         return tools.build(cell, cache, Path(locks), overrides, index, mirror, frozen=False)
