@@ -308,6 +308,7 @@ def test_a_model_bundle_is_the_model_files_plus_under_1_mb_with_manifest_sums_sb
         "manifest.json",
         "sbom.cdx.json",
         "install-model.sh",
+        "check-sums.sh",
         "verify-signature.sh",
         "bundle.env",
         "catalog/gpustack-0.x.yaml",

@@ -50,7 +50,7 @@ DEVICE_KEYS = (
     "DEVICE_TOOLKIT", "DEVICE_TOOL", "DEVICE_VERSION_READER", "DEVICE_RUNTIME", "DEVICE_NODES",
     "DEVICE_PATHS", "WORKER_OPTIONS", "DEVICE_BUILD",
 )  # fmt: skip
-MODEL_SCRIPTS = ("install-model.sh", "verify-signature.sh")
+MODEL_SCRIPTS = ("install-model.sh", "check-sums.sh", "verify-signature.sh")
 MODEL_README = "README.model.md"  # scripts/ template, shipped as README.md
 MODELS_DIR = "models"  # a model bundle's files: models/<name>/<path in the repository>
 
@@ -144,7 +144,7 @@ def _scripts(cell: Cell) -> tuple[str, ...]:
     entry = (
         ("install.ps1",)
         if cell.os == "windows"
-        else ("install.sh", "preflight.sh", "verify-signature.sh")
+        else ("install.sh", "check-sums.sh", "preflight.sh", "verify-signature.sh")
     )
     return (*entry, "check-tools-archive.py")
 
