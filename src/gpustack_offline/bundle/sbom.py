@@ -10,8 +10,8 @@ A model bundle's SBOM describes the model: the metadata component is a `machine-
 model is `pkg:generic/<owner>/<name>@<commit>?repository_url=https://www.modelscope.cn`; its
 source, repository, revision and commit as properties), and each file it carries is a component
 with its sha256, size and download URL at that commit (the source's public endpoint, not the
-mirror a build may have used): the weights (GGUF, safetensors, ...) as `machine-learning-model` components with the
-same source properties, the rest (config, tokenizer) as `file` components.
+mirror a build may have used): the weights (GGUF, safetensors, ...) as `machine-learning-model`
+components with the same source properties, the rest (config, tokenizer) as `file` components.
 
 The SBOM is a function of the manifest and the files it lists: the serial number is a uuid5 of
 the manifest's digest and the timestamp is the manifest's `built_at`, so the same bundle always
@@ -58,8 +58,8 @@ from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from gpustack_offline.bundle.errors import SbomError
 from gpustack_offline.bundle.provenance import tool_url
 from gpustack_offline.core.files import write_text
-from gpustack_offline.stages.model_sources import for_source
 from gpustack_offline.stages.images import UPSTREAM_DIGEST, read_layout_file
+from gpustack_offline.stages.model_sources import for_source
 from gpustack_offline.stages.registry import Reference
 
 try:  # the factory's home since cyclonedx-python-lib 11; the old path warns

@@ -25,7 +25,6 @@ from gpustack_offline.core.matrix import Cell
 from gpustack_offline.core.models import FILE_BACKENDS, Model
 from gpustack_offline.recipes import for_cell, pip0
 from gpustack_offline.recipes.base import Locked, build_bundle, existing
-from gpustack_offline.stages.model_sources import ModelSource, for_source
 from gpustack_offline.stages.model_locks import (
     ModelLock,
     changes,
@@ -34,6 +33,7 @@ from gpustack_offline.stages.model_locks import (
     stale,
     write_lock,
 )
+from gpustack_offline.stages.model_sources import ModelSource, for_source
 from gpustack_offline.verify import common as verifying
 from gpustack_offline.verify import egress
 from gpustack_offline.verify.common import Report, Unverifiable

@@ -21,9 +21,15 @@ from gpustack_offline.stages.model_locks import ModelLock, Resolved
 
 
 class ModelSource(Protocol):
-    DEFAULT_ENDPOINT: str
-    OPTION: str  # the Options field naming its endpoint
-    LOCK_NOTE: Sequence[str]  # where a lock's sums came from, for the lock file's comment
+    # read-only members (properties), as a module's constants meet them
+    @property
+    def DEFAULT_ENDPOINT(self) -> str: ...  # noqa: N802 - the module's constant
+
+    @property
+    def OPTION(self) -> str: ...  # noqa: N802 - the Options field naming its endpoint
+
+    @property
+    def LOCK_NOTE(self) -> Sequence[str]: ...  # noqa: N802 - where a lock's sums came from
 
     def endpoint(self, option: str, env: Mapping[str, str] | None = None) -> str: ...
 
