@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -363,3 +366,37 @@ def test_an_unknown_source_is_refused_when_read(tmp_path):
     (tmp_path / "models.toml").write_text(MODELS_TOML.replace('"modelscope"', '"civitai"', 1))
     with pytest.raises(ModelError, match="source 'civitai' is not one of huggingface, modelscope"):
         Models.load(tmp_path / "models.toml")
+
+
+def test_invoke_lock_asks_the_endpoint_of_modelscopes_own_variable(root, tmp_path, ms):
+    """Through the command line: `MODELSCOPE_ENDPOINT` (the client's variable) points the lock
+    at a mirror; a wrong repository is one `error:` line with the fix, exit 2."""
+    (tmp_path / "models.toml").write_text(
+        MODELS_TOML + '\n[[model]]\nname = "bad-gguf"\nsource = "modelscope"\n'
+        'repository = "test-org/missing"\nfiles = ["*.gguf"]\nbackend = "llama-box"\n'
+    )
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("GPUSTACK_OFFLINE_", "MODELSCOPE_"))}  # fmt: skip
+    env.update(
+        GPUSTACK_OFFLINE_MODELS=str(tmp_path / "models.toml"),
+        GPUSTACK_OFFLINE_MODEL_LOCKS_DIR=str(tmp_path / "locks"),
+        GPUSTACK_OFFLINE_CACHE_DIR=str(tmp_path / "cache"),
+        MODELSCOPE_ENDPOINT=ms.url,
+    )
+    invoke = Path(sys.executable).with_name("invoke")
+
+    def run(name: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [invoke, "lock", "--model", name], cwd=root, env=env, capture_output=True,
+            text=True, timeout=120, check=False,
+        )  # fmt: skip
+
+    done = run("ms-gguf")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lock = read_lock(tmp_path / "locks" / "ms-gguf.toml")
+    assert lock.commit == ms.commit_of("test-org/tiny-GGUF", "master")
+    failed = run("bad-gguf")
+    out = failed.stdout + failed.stderr
+    assert failed.returncode == 2 and "Traceback" not in out
+    [line] = [ln for ln in out.splitlines() if ln.startswith("error: ")]
+    assert f"test-org/missing: {ms.url} has no such repository" in line and "Fix: " in line
