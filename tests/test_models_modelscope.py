@@ -400,3 +400,15 @@ def test_invoke_lock_asks_the_endpoint_of_modelscopes_own_variable(root, tmp_pat
     assert failed.returncode == 2 and "Traceback" not in out
     [line] = [ln for ln in out.splitlines() if ln.startswith("error: ")]
     assert f"test-org/missing: {ms.url} has no such repository" in line and "Fix: " in line
+
+
+def test_every_source_has_its_module_and_its_endpoint_option():
+    from dataclasses import fields
+
+    from gpustack_offline.core.models import SOURCES
+    from gpustack_offline.core.options import Options
+    from gpustack_offline.stages.model_sources import MODEL_SOURCES
+
+    assert sorted(MODEL_SOURCES) == sorted(SOURCES)
+    names = {f.name for f in fields(Options)}
+    assert {source.OPTION for source in MODEL_SOURCES.values()} <= names
