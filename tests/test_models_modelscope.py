@@ -412,3 +412,12 @@ def test_every_source_has_its_module_and_its_endpoint_option():
     assert sorted(MODEL_SOURCES) == sorted(SOURCES)
     names = {f.name for f in fields(Options)}
     assert {source.OPTION for source in MODEL_SOURCES.values()} <= names
+
+
+def test_a_listing_at_modelscopes_cap_is_refused_as_maybe_incomplete(
+    root, tmp_path, ms, monkeypatch
+):
+    monkeypatch.setattr(modelscope, "LISTING_CAP", 3)  # the stand-in's repository has 3 files
+    ctx = context(root, tmp_path, ms.url)
+    with pytest.raises(HubError, match="listed 3 entries at 'master', ModelScope's cap"):
+        model_bundles.lock(ctx, ctx.models(["ms-gguf"])[0])

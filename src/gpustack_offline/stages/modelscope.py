@@ -56,6 +56,10 @@ LOCK_NOTE = (
     "size and sha256: from ModelScope's file listing at that commit (it gives every file's",
     "sha256), checked again on every download. Review a change like code.",
 )
+# ModelScope's listing stops at this many entries, saying nothing (its client's
+# REPO_FILES_TRUNCATION_LIMIT; the client then walks the tree folder by folder): a listing this
+# long may be short of files, so it is refused rather than locked.
+LISTING_CAP = 3000
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _TIMEOUT = (10.0, 60.0)
@@ -221,7 +225,15 @@ def _listing(
             f"{what}: {base} named no commit for {revision!r} (LatestCommitter.Id "
             f"{commit!r}); is it ModelScope or a mirror of it? Check {_FIX}"
         )
-    return commit, [e for e in data["Files"] if isinstance(e, dict)]
+    entries = [e for e in data["Files"] if isinstance(e, dict)]
+    if len(entries) >= LISTING_CAP:
+        raise HubError(
+            f"{what}: {base} listed {len(entries)} entries at {revision!r}, ModelScope's cap on "
+            "one listing, so the list may be incomplete; a repository this large is not "
+            "supported. Fix: lock a smaller repository (one quantisation's own), or the same "
+            "model from huggingface"
+        )
+    return commit, entries
 
 
 class _Missing(Exception):
