@@ -155,14 +155,13 @@ def resolve(
     names = sorted(str(e.get("Path") or e.get("Name") or "") for e in blobs)
     where = f"{model.repository}@{commit}"
     check_patterns(model, names, f"{model.repository}@{commit[:12]}")
-    http_files = ms_session(base=base)
     files = []
     for entry in sorted(blobs, key=lambda e: str(e.get("Path") or e.get("Name") or "")):
         path = str(entry.get("Path") or entry.get("Name") or "")
         if not model.matches(path):
             continue
         safe_path(path, where)
-        files.append(_file(model, base, commit, path, entry, store, http_files))
+        files.append(_file(model, base, commit, path, entry, store, http))
     model.entry(f.path for f in files)  # a llama-box model with no GGUF, or several: now
     return Resolved(commit, tuple(files))
 
@@ -192,7 +191,11 @@ def _file(
 
 
 def _revision_names(data: Any) -> tuple[list[str], list[str]]:
+    """The branch and tag names of a revisions answer (`Data.RevisionMap`; a bare list, which
+    its client also accepts, is taken as branches)."""
     found: dict[str, list[str]] = {"Branches": [], "Tags": []}
+    if isinstance(data, list):
+        data = {"RevisionMap": {"Branches": data}}
     table = data.get("RevisionMap") if isinstance(data, dict) else None
     for kind in found:
         for item in (table or {}).get(kind) or []:
