@@ -306,14 +306,20 @@ class Vendor:
         return replace(self, devices=nodes, paths=paths)
 
 
+def run_option(option: str) -> tuple[str, str]:
+    """A `docker run` option as upstream's docs write it, as its flag and value: `--device
+    /dev/davinci0`, `--device=/dev/kfd`, `-v SRC:DST:ro`, `--ipc=host`."""
+    words = shlex.split(option)
+    flag, _, value = words[0].partition("=")
+    return flag, value or " ".join(words[1:])
+
+
 def run_needs(options: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The host's device nodes (`--device X`, `--device=X[:Y]`) and files or folders (`-v
     SRC:DST`, `--volume`) that `docker run` options name."""
     nodes, paths = [], []
-    for option in options:
-        words = shlex.split(option)
-        flag, _, value = words[0].partition("=")
-        source = (value or (words[1] if len(words) > 1 else "")).split(":")[0]
+    for flag, value in map(run_option, options):
+        source = value.split(":")[0]
         if flag == "--device":
             nodes.append(source)
         elif flag in ("-v", "--volume") and source.startswith("/"):

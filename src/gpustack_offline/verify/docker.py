@@ -143,9 +143,7 @@ def verify_docker(
     added: list[str] = []
     stand_in = standins.host_env(cell, cache, os.environ.get("PATH", ""))
     env = {**os.environ, **stand_in} if stand_in else None
-    options = (
-        standins.image_options(cell, Path(stand_in["PREFLIGHT_HOST_ROOT"])) if stand_in else {}
-    )
+    options = standins.image_options(cell, standins.host_root(cell, cache)) if stand_in else {}
 
     def step(name: str, argv: list[str]) -> Step:
         return host_step(cell, report, name, argv, env)

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import hashlib
 import re
-import shlex
 from pathlib import Path
 from typing import Any
 
 from gpustack_offline import payload
+from gpustack_offline.core.devices import run_option
+from gpustack_offline.core.errors import VerifyError
 from gpustack_offline.core.files import atomic_dir
 from gpustack_offline.core.matrix import Cell
 
@@ -106,9 +107,7 @@ def image_options(cell: Cell, root: Path) -> dict[str, Any]:
     (read-only). The host network is left out: the verification chooses the network."""
     out: dict[str, Any] = {}
     for option in cell.worker_options():
-        words = shlex.split(option)
-        flag, _, value = words[0].partition("=")
-        value = value or (words[1] if len(words) > 1 else "")
+        flag, value = run_option(option)
         if flag == "--device":
             out.setdefault("devices", []).append(f"/dev/null:{value.split(':')[0]}:rwm")
         elif flag in ("-v", "--volume"):
@@ -125,5 +124,8 @@ def image_options(cell: Cell, root: Path) -> dict[str, Any]:
         elif flag == "--ipc":
             out["ipc_mode"] = value
         elif flag != "--network":
-            raise ValueError(f"{cell.id}: no stand-in for the run option {option!r}")
+            raise VerifyError(
+                f"{cell.id}: the verification has no stand-in for the run option {option!r}; "
+                "teach verify/standins.py image_options it"
+            )
     return out
