@@ -613,7 +613,8 @@ check_installer_file() {
   esac
 }
 
-# GPUStack 2.x: the worker's docker run options for the device (one a line), printed in its line.
+# The device's docker run options (one a line), printed in the run line: a GPUStack 2.x worker's,
+# or a 0.x image's as upstream's docs run it.
 check_worker_options_file() {
   [[ -n $WORKER_OPTIONS ]] || return 0
   case /$WORKER_OPTIONS/ in
@@ -1127,16 +1128,22 @@ EOF
 
 # Upstream's `docker run` for the device, as docs/installation/<device>/online-installation.md of
 # GPUStack 0.6.2 and 0.7.1 give it (host network; NVIDIA adds --gpus all and --ipc=host for the
-# shared memory of vLLM and PyTorch), with `--pull never` added.
+# shared memory of vLLM and PyTorch; Ascend, AMD, Hygon and Moore Threads their options from the
+# build matrix, WORKER_OPTIONS: device nodes, driver mounts, groups), with `--pull never` added.
 print_docker_next_steps() {
-  local image line=()
+  local image line=() device=()
   image=$(server_image)
   if ((HAS_REGISTRY)); then image=$(registry_ref "$image"); fi
   line=("docker run -d --name gpustack" "--restart=unless-stopped")
-  case $TARGET_DEVICE in
-    cuda*) line+=("--gpus all" "--network=host" "--ipc=host") ;;
-    *) line+=("--network=host") ;;
-  esac
+  if [[ -n $WORKER_OPTIONS ]]; then
+    mapfile -t device <"$BUNDLE/$WORKER_OPTIONS"
+    line+=("${device[@]}")
+  else
+    case $TARGET_DEVICE in
+      cuda*) line+=("--gpus all" "--network=host" "--ipc=host") ;;
+      *) line+=("--network=host") ;;
+    esac
+  fi
   line+=("-v $VOLUME:/var/lib/gpustack")
   site_volumes -v
   line+=("${SITE_VOLUMES[@]}" "--env-file $DOCKER_ENV" "--pull never" "$image")
@@ -1154,10 +1161,7 @@ print_docker_next_steps() {
        docker pull $image
 EOF
   fi
-  case $TARGET_DEVICE in
-    cpu | cuda*) printf "  Start the GPUStack server and built-in worker (upstream's line for %s):\n" "$TARGET_DEVICE" ;;
-    *) printf "  Start GPUStack; add the %s flags from upstream's installation docs:\n" "$TARGET_DEVICE" ;;
-  esac
+  printf "  Start the GPUStack server and built-in worker (upstream's line for %s):\n" "$TARGET_DEVICE"
   print_run_line "${line[@]}"
   cat <<EOF
   --pull never makes Docker use the image on this host and never reach for Docker Hub. Append
