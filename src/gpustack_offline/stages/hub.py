@@ -35,8 +35,7 @@ from gpustack_offline.stages.model_locks import (
     ModelFile,
     ModelLock,
     Resolved,
-    check_patterns,
-    safe_path,
+    resolved,
 )
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
@@ -101,21 +100,12 @@ def resolve(
             f"model {model.name}: {base} named no commit for {model.repository} at "
             f"{model.revision!r} (sha {commit!r}); is it a Hugging Face hub or mirror?"
         )
-    siblings = list(getattr(info, "siblings", None) or [])
-    names = sorted(str(s.rfilename) for s in siblings)
-    check_patterns(model, names, f"{model.repository}@{commit[:12]}")
+    siblings = {str(s.rfilename): s for s in getattr(info, "siblings", None) or []}
     known = {f.blob_id: f for f in previous.files if f.blob_id} if previous else {}
     http = hub_session()
-    files = []
-    where = f"{model.repository}@{commit}"
-    for sibling in sorted(siblings, key=lambda s: str(s.rfilename)):
-        path = str(sibling.rfilename)
-        if not model.matches(path):
-            continue
-        safe_path(path, where)
-        files.append(_file(model, base, commit, sibling, store, http, known))
-    model.entry(f.path for f in files)  # a llama-box model with no GGUF, or several: now
-    return Resolved(commit, tuple(files))
+    return resolved(
+        model, commit, siblings, lambda _, s: _file(model, base, commit, s, store, http, known)
+    )
 
 
 def _file(

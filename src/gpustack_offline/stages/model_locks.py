@@ -15,10 +15,10 @@ import fnmatch
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 from gpustack_offline.core.errors import LockError
 from gpustack_offline.core.files import write_text
@@ -202,6 +202,28 @@ def changes(old: ModelLock | None, new: ModelLock) -> list[str]:
 
 def stale(lock: ModelLock, model: Model) -> bool:
     return lock.inputs_digest != model.inputs_digest() or lock.name != model.name
+
+
+Entry = TypeVar("Entry")
+
+
+def resolved(
+    model: Model,
+    commit: str,
+    listing: Mapping[str, Entry],
+    lock_file: Callable[[str, Entry], ModelFile],
+) -> Resolved:
+    """The model's files among a source's `listing` at `commit` (path -> the source's entry),
+    each made a lock line by `lock_file`: every pattern must match, every path must be safe,
+    and the backend must find its entry file."""
+    check_patterns(model, sorted(listing), f"{model.repository}@{commit[:12]}")
+    files = []
+    for path in sorted(listing):
+        if model.matches(path):
+            safe_path(path, f"{model.repository}@{commit}")
+            files.append(lock_file(path, listing[path]))
+    model.entry(f.path for f in files)  # a llama-box model with no GGUF, or several: now
+    return Resolved(commit, tuple(files))
 
 
 def check_patterns(model: Model, names: Sequence[str], where: str) -> None:

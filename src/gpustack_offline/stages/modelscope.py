@@ -44,8 +44,7 @@ from gpustack_offline.stages.model_locks import (
     ModelFile,
     ModelLock,
     Resolved,
-    check_patterns,
-    safe_path,
+    resolved,
 )
 
 DEFAULT_ENDPOINT = "https://www.modelscope.cn"
@@ -151,19 +150,14 @@ def resolve(
             f"{what}: {base} named commit {commit} for {model.revision!r}, and {pinned or 'none'} "
             "when asked for the files at that commit; is it ModelScope or a mirror of it?"
         )
-    blobs = [e for e in entries if (e.get("Type") or "blob") != "tree"]
-    names = sorted(str(e.get("Path") or e.get("Name") or "") for e in blobs)
-    where = f"{model.repository}@{commit}"
-    check_patterns(model, names, f"{model.repository}@{commit[:12]}")
-    files = []
-    for entry in sorted(blobs, key=lambda e: str(e.get("Path") or e.get("Name") or "")):
-        path = str(entry.get("Path") or entry.get("Name") or "")
-        if not model.matches(path):
-            continue
-        safe_path(path, where)
-        files.append(_file(model, base, commit, path, entry, store, http))
-    model.entry(f.path for f in files)  # a llama-box model with no GGUF, or several: now
-    return Resolved(commit, tuple(files))
+    blobs = {
+        str(e.get("Path") or e.get("Name") or ""): e
+        for e in entries
+        if (e.get("Type") or "blob") != "tree"
+    }
+    return resolved(
+        model, commit, blobs, lambda path, e: _file(model, base, commit, path, e, store, http)
+    )
 
 
 def _file(
