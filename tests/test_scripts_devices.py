@@ -14,7 +14,6 @@ path is tested in test_scripts_docker.py.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ from test_scripts_docker import make_docker_bundle, run_line
 from gpustack_offline import payload
 from gpustack_offline.bundle.assemble import WORKER_OPTIONS, bundle_env
 from gpustack_offline.core.matrix import Cell, Matrix
+from gpustack_offline.verify.standins import write_host
 
 FAKES = payload.path("fakes")
 SERVER = "gpustack/gpustack:v2.3.0"
@@ -121,12 +121,7 @@ def make_site(tmp_path: Path, cell: Cell, version: str | None = None) -> Site:
         (bundle / WORKER_OPTIONS).write_text("".join(f"{o}\n" for o in cell.worker_options()))
         write_sha256sums(bundle)
     host = tmp_path / "host"
-    for pattern in vendor.devices:
-        node = host / re.sub(r"\[0-9\]\*", "0", pattern).replace("*", "128").lstrip("/")
-        node.parent.mkdir(parents=True, exist_ok=True)
-        node.write_text("")
-    for folder in vendor.paths:
-        (host / folder.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    write_host(host, vendor)
     where = HOSTS[backend].version_file
     if where:
         (host / where[0].lstrip("/")).parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,6 @@ output format), and the host's device nodes, folders and version files are a hos
 from __future__ import annotations
 
 import json
-import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from test_scripts_docker import make_2x_bundle, run_line
 
 from gpustack_offline.bundle.assemble import DEVICE_KEYS, device_env
 from gpustack_offline.core.matrix import Cell, Matrix
+from gpustack_offline.verify.standins import write_host
 
 # The host's toolkit version file of each backend, where upstream's detector reads it ({v}: the
 # version as the vendor writes it there).
@@ -85,12 +85,7 @@ def make_site(
     env.update(TARGET_DEVICE=cell.device, BUNDLE_CELL=cell.id)
     bundle = make_bundle(tmp_path, wheel, **env)  # type: ignore[arg-type]  # all str values
     host = tmp_path / "host"
-    for pattern in vendor.devices:
-        node = host / re.sub(r"\[0-9\]\*", "0", pattern).replace("*", "128").lstrip("/")
-        node.parent.mkdir(parents=True, exist_ok=True)
-        node.write_text("")
-    for folder in vendor.paths:
-        (host / folder.lstrip("/")).mkdir(parents=True, exist_ok=True)
+    write_host(host, vendor)
     if backend in VERSION_FILES:
         path, text = VERSION_FILES[backend]
         (host / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gpustack_offline import payload
-from gpustack_offline.core.devices import run_option
+from gpustack_offline.core.devices import Vendor, run_option
 from gpustack_offline.core.errors import VerifyError
 from gpustack_offline.core.files import atomic_dir
 from gpustack_offline.core.matrix import Cell
@@ -72,17 +72,24 @@ def host_root(cell: Cell, cache: Path) -> Path:
     if final.is_dir():
         return final
     with atomic_dir(final) as root:
-        for pattern in vendor.devices:
-            node = root / re.sub(r"\[0-9\]\*", "0", pattern).replace("*", "128").lstrip("/")
-            node.parent.mkdir(parents=True, exist_ok=True)
-            node.write_text("")
-        for folder in vendor.paths:  # folders, or (a run line's -v) files or folders
-            (root / folder.lstrip("/")).mkdir(parents=True, exist_ok=True)
+        write_host(root, vendor)
         if vendor.version in VERSION_FILES:
             path, text = VERSION_FILES[vendor.version]
             (root / path).parent.mkdir(parents=True, exist_ok=True)
             (root / path).write_text(text.format(v=device.version.replace(".rc", ".RC")))
     return final
+
+
+def write_host(root: Path, vendor: Vendor) -> None:
+    """The vendor's device nodes (empty files; a pattern's `[0-9]*` as 0, `*` as 128) and its
+    folders (or a run line's `-v` paths, files or folders: folders stand in for both) under
+    `root`."""
+    for pattern in vendor.devices:
+        node = root / re.sub(r"\[0-9\]\*", "0", pattern).replace("*", "128").lstrip("/")
+        node.parent.mkdir(parents=True, exist_ok=True)
+        node.write_text("")
+    for folder in vendor.paths:
+        (root / folder.lstrip("/")).mkdir(parents=True, exist_ok=True)
 
 
 def host_env(cell: Cell, cache: Path, path: str) -> dict[str, str]:
