@@ -34,12 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from gpustack_offline import payload
-from gpustack_offline.core.docker import base_image, exec_in, internal_network
 from gpustack_offline.core.errors import VerifyError
 from gpustack_offline.core.matrix import Cell
 from gpustack_offline.verify import egress
 from gpustack_offline.verify.common import (
-    HOST_ARCH,
     SETTLE,
     Report,
     Step,
@@ -54,9 +52,11 @@ from gpustack_offline.verify.pip import (
     PREFIX,
     SITE_START,
     Start,
+    exec_step,
     finish,
     launch,
     observe,
+    target_container,
 )
 
 MODEL_PROBE = payload.path("model_probe.py").read_text()
@@ -86,31 +86,16 @@ def verify_model(
     name, entry = env["MODEL_NAME"], env.get("MODEL_ENTRY", "")
     placed = f"{MODELS_DIR}/{name}" + (f"/{entry}" if entry else "")
     catalog = f"{MODELS_DIR}/model-catalog.yaml"
-    image = base_image(cell.arch, cache, mirror)
     mounts = {
         bundle_dir.resolve(): "/bundle",
         model_dir.resolve(): "/model",
         audit_hook(): "/opt/egress-audit",
     }
-    with egress.audited_container(
-        image,
-        network=internal_network(),
-        sinkhole_image=base_image(HOST_ARCH, cache, mirror),
-        mounts=mounts,
-        read_only=list(mounts.values()),
-        env={},
-        name_hint=f"models-{cell.arch}",
-    ) as audit:
+    with target_container(cell, cache, mirror, mounts, f"models-{cell.arch}") as audit:
         box = audit.box
 
         def step(name: str, argv: list[str]) -> Step:
-            started = time.monotonic()
-            code, output = exec_in(box, argv)
-            result = Step(name, code, round(time.monotonic() - started, 1), output)
-            report.steps.append(result)
-            if code != 0:
-                raise VerifyError(failure(cell, result))
-            return result
+            return exec_step(cell, report, box, name, argv)
 
         def judge(name: str, ok: bool, output: str, why: str) -> None:
             report.steps.append(Step(name, 0 if ok else 1, 0.0, output))
