@@ -189,6 +189,7 @@ def test_a_model_bundle_beside_the_2x_bundle_is_offered_and_deployed_as_far_as_t
     assert probe["created"]["status"] == 200 and probe["created"]["body"]["local_path"] == placed
     assert probe["created"]["body"]["backend"] == "vLLM"
     # the scheduler read the config from the server's own copy, through the mount
+    assert "Trying to get pretrained config from" in steps["config-read"]
     assert "does not exist in server node" not in steps["config-read"]
     assert "analyzing" in probe["states"] and probe["states"][-1] == "pending"
     assert probe["instance"]["state_message"] == "No available workers"
@@ -196,7 +197,7 @@ def test_a_model_bundle_beside_the_2x_bundle_is_offered_and_deployed_as_far_as_t
     assert report.egress == {"hosts_attempted": 0, "hosts": []}
     saved = ctx.dist / f"model-tiny-st.{CELL}.verify.json"
     assert json.loads(saved.read_text())["ok"] is True
-    print(f"\n{report.note}")
+    print(f"\n{report.note}\n{steps['config-read']}")
 
 
 def test_the_audit_fails_a_server_start_that_reaches_for_docker_hub_and_quay(ctx, hub):

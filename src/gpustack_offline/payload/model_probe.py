@@ -8,7 +8,9 @@ Logs in as admin (the password in PASSWORD_FILE), finds MODEL_NAME in the model 
 (`GET API/model-sets?search=`, then its specs: `GET API/model-sets/{id}/specs`; API is `/v1`,
 GPUStack 0.6 and 0.7, the default, or `/v2`, GPUStack 2.x's `versioned_prefix`), deploys its
 `local_path` spec (`POST API/models`: the spec's source, path, backend and replicas under the
-set's name and categories, as the UI's catalog page sends them), then follows the model's
+set's name and categories, as the UI's catalog page sends them; for 2.x also a cluster: the
+first of `GET API/clusters`, or, on a fresh server-only 2.x that has none, one made as the
+operator's "Add Cluster" does, `POST API/clusters` with provider Docker), then follows the model's
 instance for at most SECONDS until it runs or fails (at most a minute after the worker resolved
 its file), or until the scheduler, having analyzed it, put it back to `pending` with its reason
 (no worker fits) (`GET API/models/{id}/instances`, then `GET API/model-files`). Prints one JSON
@@ -29,6 +31,7 @@ import urllib.request
 BEFORE_SERVING = ("pending", "analyzing", "scheduled", "initializing", "downloading")
 ENDED = ("running", "error")
 ENGINE_SECONDS = 60  # from `starting`, how long the engine gets to run or fail
+CLUSTER = "site"  # the cluster made on a 2.x server that has none
 
 
 def main() -> int:
@@ -81,6 +84,15 @@ def main() -> int:
             "categories": found[0].get("categories") or [],
             "description": found[0].get("description"),
         }
+        if api != "/v1":  # 2.x: a model is deployed to a cluster
+            _, clusters = call(f"{api}/clusters?page=1&perPage=100")
+            items = clusters.get("items") or []
+            if not items:  # a fresh server has none: the operator adds one (Docker) first
+                status, made = call(f"{api}/clusters", {"name": CLUSTER, "provider": "Docker"})
+                out["cluster_created"] = status
+                items = [made] if status == 200 else []
+            out["clusters"] = [c.get("name") for c in items]
+            model["cluster_id"] = items[0]["id"]
         status, created = call(f"{api}/models", model)
         out["created"] = {"status": status, "body": created}
         if status != 200:
