@@ -7,6 +7,8 @@ sharing a base layer, pause and health. The build pins and pulls them through th
 `registry-mirror` option; verification pushes them into a loopback site registry with
 install.sh, checks every reference the worker will compute, and starts the server from there as
 install.sh told the operator, audited for egress: its first start, an admin login and 30 s more.
+A tiny model bundle is then verified beside the same bundle, as far as the server goes without a
+GPU worker (catalog, deployment, the scheduler reading its config at the placed path).
 
 The cell is 2.2.3's: started the way install.sh configures it today, 2.3.0's server also asks
 ota.gpustack.ai for its content index (`--ota-server-url`, new in 2.3.0), which install.sh's
