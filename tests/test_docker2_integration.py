@@ -193,7 +193,7 @@ def test_a_model_bundle_beside_the_2x_bundle_is_offered_and_deployed_as_far_as_t
     # the scheduler read the config from the server's own copy, through the mount
     assert "Trying to get pretrained config from" in steps["config-read"]
     assert "does not exist in server node" not in steps["config-read"]
-    assert "analyzing" in probe["states"] and probe["states"][-1] == "pending"
+    assert probe["states"][-1] == "pending"  # `analyzing` may pass between two polls
     assert probe["instance"]["state_message"] == "No available workers"
     assert "the scheduler: No available workers" in report.note
     assert report.egress == {"hosts_attempted": 0, "hosts": []}

@@ -10,13 +10,14 @@ GPUStack 0.6 and 0.7, the default, or `/v2`, GPUStack 2.x's `versioned_prefix`),
 `local_path` spec (`POST API/models`: the spec's source, path, backend and replicas under the
 set's name and categories, as the UI's catalog page sends them; for 2.x also a cluster: the
 first of `GET API/clusters`, or, on a fresh server-only 2.x that has none, one made as the
-operator's "Add Cluster" does, `POST API/clusters` with provider Docker), then follows the model's
-instance for at most SECONDS until it runs or fails (at most a minute after the worker resolved
-its file), or until the scheduler, having analyzed it, put it back to `pending` with its reason
-(no worker fits) (`GET API/models/{id}/instances`, then `GET API/model-files`). Prints one JSON
-line: what each answered (`catalog`, `spec`, `created`, the instance states seen in order, the
-last instance, the model files), or `error`. Exits 0 when every request got an answer; judging
-them is the caller's.
+operator's "Add Cluster" does, `POST API/clusters` with provider Docker), then follows the
+model's instance (`GET API/models/{id}/instances`) for at most SECONDS until it runs or fails
+(at most a minute after the worker resolved its file), or until the scheduler left it `pending`
+with its reason (no worker fits; a fresh instance is `pending` with none, and `analyzing` may
+pass between two polls), and asks `GET API/model-files`. Prints one JSON line: what each
+answered (`catalog`, `spec`, `created`, the instance states seen in order, the last instance,
+the model files), or `error`. Exits 0 when every request got an answer; judging them is the
+caller's.
 """
 
 import http.cookiejar
@@ -110,7 +111,7 @@ def main() -> int:
                     states.append(state)
                 if state in ENDED:
                     break
-                if state == "pending" and "analyzing" in states and instance.get("state_message"):
+                if state == "pending" and instance.get("state_message"):
                     break  # the scheduler's answer: no worker fits (or none is there)
                 if instance.get("resolved_path") and state not in BEFORE_SERVING:
                     # the file is resolved: give the engine a little longer to say how it went

@@ -279,9 +279,9 @@ def verify_model_docker2(
                   f"the server did not read {name}'s config at {placed}")  # fmt: skip
             instance = found.get("instance") or {}
             message = (instance.get("state_message") or "").strip()
-            judge("scheduler", instance.get("state") == "pending" and "analyzing"
-                  in (found.get("states") or []) and bool(message), text,
-                  f"{name}'s instance was not analyzed and answered by the scheduler (state "
+            # after config-read (its evaluation), the scheduler's answer: no worker to run it
+            judge("scheduler", instance.get("state") == "pending" and bool(message), text,
+                  f"the scheduler gave {name}'s instance no answer (state "
                   f"{instance.get('state')!r}: {message!r})")  # fmt: skip
             reached = [line for line in log if any(sign in line for sign in HUB_SIGNS)]
             judge("no-download", not reached, "\n".join(reached) or "no hub named in the log",
