@@ -124,43 +124,14 @@ check_signature() {
   say "signature good: SHA256SUMS signed by key $signer"
 }
 
-listed_files() {
-  sed -E -n 's/^[0-9a-fA-F]{64} [ *](\.\/)?//p' SHA256SUMS
-}
-
-present_files() {
-  find . \( -type f -o -type l \) ! -path ./SHA256SUMS ! -path ./SHA256SUMS.sig -print | sed 's|^\./||'
-}
-
 verify_bundle() {
-  local out line problems=0
+  local problems
   [[ -f SHA256SUMS ]] || die 3 "SHA256SUMS not found in $BUNDLE: the bundle is incomplete; re-copy the whole bundle from the source media"
   command -v sha256sum >/dev/null || die 3 "sha256sum not found; install coreutils to verify the bundle"
+  [[ -f check-sums.sh ]] || die 3 "check-sums.sh not found in $BUNDLE: the bundle is incomplete; re-copy the whole bundle from the source media"
   say "verifying the bundle against SHA256SUMS"
-  if ! out=$(sha256sum -c --strict --quiet SHA256SUMS 2>&1); then
-    while IFS= read -r line; do
-      case $line in
-        *': FAILED open or read') printf '%s: missing: %s\n' "$PROG" "${line%: FAILED open or read}" >&2 ;;
-        *': FAILED') printf '%s: altered (checksum mismatch): %s\n' "$PROG" "${line%: FAILED}" >&2 ;;
-        *) continue ;;
-      esac
-      problems=$((problems + 1))
-    done <<<"$out"
-  fi
-  while IFS= read -r line; do
-    printf '%s: SHA256SUMS has a malformed line: %s\n' "$PROG" "$line" >&2
-    problems=$((problems + 1))
-  done < <(grep -nvE '^[0-9a-fA-F]{64} [ *].' SHA256SUMS)
-  if [[ -n $out ]] && ((problems == 0)); then
-    printf '%s\n' "$out" >&2
-    problems=1
-  fi
-  while IFS= read -r line; do
-    [[ -n $line ]] || continue
-    printf '%s: unexpected file (not in SHA256SUMS): %s\n' "$PROG" "$line" >&2
-    problems=$((problems + 1))
-  done < <(LC_ALL=C comm -13 <(listed_files | LC_ALL=C sort -u) <(present_files | LC_ALL=C sort -u))
-  ((problems == 0)) || die 3 "the bundle in $BUNDLE is damaged ($problems problem(s) listed above); nothing was placed. Re-copy the whole bundle from the source media and run $PROG again"
+  problems=$(PROG=$PROG bash ./check-sums.sh "$BUNDLE") \
+    || die 3 "the bundle in $BUNDLE is damaged (${problems:-?} problem(s) listed above); nothing was placed. Re-copy the whole bundle from the source media and run $PROG again"
   say "bundle verified"
 }
 

@@ -202,17 +202,7 @@ check_registry_syntax() {
 
 # ---------------------------------------------------------------------------------------------
 # Step 2: integrity. Every file must be listed in SHA256SUMS and match it; nothing else may be
-# there. A copy from removable media that lost or damaged a file must not half-install.
-
-# Paths listed in SHA256SUMS, one per line ("<hash>  <path>" or "<hash> *<path>"), without "./".
-listed_files() {
-  sed -E -n 's/^[0-9a-fA-F]{64} [ *](\.\/)?//p' SHA256SUMS
-}
-
-# Paths present in the bundle, relative, except SHA256SUMS itself and its signature.
-present_files() {
-  find . \( -type f -o -type l \) ! -path ./SHA256SUMS ! -path ./SHA256SUMS.sig ! -path ./base.json -print | sed 's|^\./||'
-}
+# there (check-sums.sh, shared with install-model.sh).
 
 # The signature covers SHA256SUMS, which covers every file: checked first, with the site's key
 # and the host's own gpgv. (Whoever can alter the bundle can alter this script too: README.md,
@@ -226,43 +216,14 @@ check_signature() {
 }
 
 verify_bundle() {
-  local out line problems=0
+  local problems
   [[ -f SHA256SUMS ]] || die 3 "SHA256SUMS not found in $BUNDLE: the bundle is incomplete; re-copy the whole bundle from the source media"
   command -v sha256sum >/dev/null || die 3 "sha256sum not found; install coreutils to verify the bundle"
+  [[ -f check-sums.sh ]] || die 3 "check-sums.sh not found in $BUNDLE: the bundle is incomplete; re-copy the whole bundle from the source media"
   if [[ -f base.json ]]; then complete_delta; fi
   say "verifying the bundle against SHA256SUMS"
-
-  # --quiet prints only problems: "path: FAILED" (altered), "path: FAILED open or read" (missing).
-  # --strict fails on a malformed line but only counts them, so those are named below instead.
-  if ! out=$(sha256sum -c --strict --quiet SHA256SUMS 2>&1); then
-    while IFS= read -r line; do
-      case $line in
-        *': FAILED open or read') printf '%s: missing: %s\n' "$PROG" "${line%: FAILED open or read}" >&2 ;;
-        *': FAILED') printf '%s: altered (checksum mismatch): %s\n' "$PROG" "${line%: FAILED}" >&2 ;;
-        *) continue ;; # sha256sum's summary warnings repeat what the lines above say
-      esac
-      problems=$((problems + 1))
-    done <<<"$out"
-  fi
-
-  while IFS= read -r line; do
-    printf '%s: SHA256SUMS has a malformed line: %s\n' "$PROG" "$line" >&2
-    problems=$((problems + 1))
-  done < <(grep -nvE '^[0-9a-fA-F]{64} [ *].' SHA256SUMS)
-
-  # A failure nothing above explains (an unreadable SHA256SUMS, say) still means: do not trust it.
-  if [[ -n $out ]] && ((problems == 0)); then
-    printf '%s\n' "$out" >&2
-    problems=1
-  fi
-
-  while IFS= read -r line; do
-    [[ -n $line ]] || continue
-    printf '%s: unexpected file (not in SHA256SUMS): %s\n' "$PROG" "$line" >&2
-    problems=$((problems + 1))
-  done < <(LC_ALL=C comm -13 <(listed_files | LC_ALL=C sort -u) <(present_files | LC_ALL=C sort -u))
-
-  ((problems == 0)) || die 3 "the bundle in $BUNDLE is damaged ($problems problem(s) listed above); re-copy the whole bundle from the source media and run $PROG again"
+  problems=$(PROG=$PROG bash ./check-sums.sh "$BUNDLE") \
+    || die 3 "the bundle in $BUNDLE is damaged (${problems:-?} problem(s) listed above); re-copy the whole bundle from the source media and run $PROG again"
   say "bundle verified"
 }
 
@@ -652,7 +613,8 @@ check_installer_file() {
   esac
 }
 
-# GPUStack 2.x: the worker's docker run options for the device (one a line), printed in its line.
+# The device's docker run options (one a line), printed in the run line: a GPUStack 2.x worker's,
+# or a 0.x image's as upstream's docs run it.
 check_worker_options_file() {
   [[ -n $WORKER_OPTIONS ]] || return 0
   case /$WORKER_OPTIONS/ in
@@ -1166,16 +1128,22 @@ EOF
 
 # Upstream's `docker run` for the device, as docs/installation/<device>/online-installation.md of
 # GPUStack 0.6.2 and 0.7.1 give it (host network; NVIDIA adds --gpus all and --ipc=host for the
-# shared memory of vLLM and PyTorch), with `--pull never` added.
+# shared memory of vLLM and PyTorch; Ascend, AMD, Hygon and Moore Threads their options from the
+# build matrix, WORKER_OPTIONS: device nodes, driver mounts, groups), with `--pull never` added.
 print_docker_next_steps() {
-  local image line=()
+  local image line=() device=()
   image=$(server_image)
   if ((HAS_REGISTRY)); then image=$(registry_ref "$image"); fi
   line=("docker run -d --name gpustack" "--restart=unless-stopped")
-  case $TARGET_DEVICE in
-    cuda*) line+=("--gpus all" "--network=host" "--ipc=host") ;;
-    *) line+=("--network=host") ;;
-  esac
+  if [[ -n $WORKER_OPTIONS ]]; then
+    mapfile -t device <"$BUNDLE/$WORKER_OPTIONS"
+    line+=("${device[@]}")
+  else
+    case $TARGET_DEVICE in
+      cuda*) line+=("--gpus all" "--network=host" "--ipc=host") ;;
+      *) line+=("--network=host") ;;
+    esac
+  fi
   line+=("-v $VOLUME:/var/lib/gpustack")
   site_volumes -v
   line+=("${SITE_VOLUMES[@]}" "--env-file $DOCKER_ENV" "--pull never" "$image")
@@ -1193,10 +1161,7 @@ print_docker_next_steps() {
        docker pull $image
 EOF
   fi
-  case $TARGET_DEVICE in
-    cpu | cuda*) printf "  Start the GPUStack server and built-in worker (upstream's line for %s):\n" "$TARGET_DEVICE" ;;
-    *) printf "  Start GPUStack; add the %s flags from upstream's installation docs:\n" "$TARGET_DEVICE" ;;
-  esac
+  printf "  Start the GPUStack server and built-in worker (upstream's line for %s):\n" "$TARGET_DEVICE"
   print_run_line "${line[@]}"
   cat <<EOF
   --pull never makes Docker use the image on this host and never reach for Docker Hub. Append

@@ -19,7 +19,8 @@
 # the llama-box build their tools archive carries (DEVICE_BUILD, e.g. cann-8.2.rc1-310p): the
 # device tool must answer; for pip bundles the host's toolkit, which that build loads, must be at
 # least the build's (an image carries its own); an Ascend host's chips must be the build's; for
-# docker bundles the vendor's runtime, where upstream's docker line needs one.
+# docker bundles the device nodes and host paths upstream's docker line passes in (--device, -v)
+# must exist, and the vendor's runtime, where that line relies on one, must be Docker's default.
 #
 # PREFLIGHT_HOST_ROOT=DIR looks for device nodes, driver folders and version files under DIR (the
 # host's / mounted into a container; the tests use it too).
@@ -406,10 +407,11 @@ docker_daemon_fix() {
   esac
 }
 
-# Sets DOCKER_OK=1 and DOCKER_ROOT, DOCKER_CGROUP, DOCKER_RUNTIMES when the daemon answers.
+# Sets DOCKER_OK=1 and DOCKER_ROOT, DOCKER_CGROUP, DOCKER_RUNTIMES, DOCKER_DEFAULT_RUNTIME when
+# the daemon answers.
 check_docker() {
   local out version
-  DOCKER_OK=0 DOCKER_ROOT="" DOCKER_CGROUP="" DOCKER_RUNTIMES=""
+  DOCKER_OK=0 DOCKER_ROOT="" DOCKER_CGROUP="" DOCKER_RUNTIMES="" DOCKER_DEFAULT_RUNTIME=""
   if ! command -v docker >/dev/null 2>&1; then
     add_check docker fail "docker CLI not found on PATH; this is a docker bundle" \
       "install Docker Engine (docker-ce, or docker.io on Debian/Ubuntu) from your OS media or mirror, or use the pip bundle of the same cell"
@@ -431,7 +433,7 @@ check_docker() {
   # One call for the rest, one value per line. Its warnings on stderr ("No swap limit support")
   # must not mix with the values; on failure it runs again to say why.
   # shellcheck disable=SC2016 # a Go template, not shell
-  local format='{{.DockerRootDir}}{{"\n"}}{{.CgroupDriver}}{{"\n"}}{{range $name, $_ := .Runtimes}}{{$name}} {{end}}'
+  local format='{{.DockerRootDir}}{{"\n"}}{{.CgroupDriver}}{{"\n"}}{{range $name, $_ := .Runtimes}}{{$name}} {{end}}{{"\n"}}{{.DefaultRuntime}}'
   if ! out=$(docker_cmd info --format "$format" 2>/dev/null); then
     out=$(docker_cmd info --format "$format" 2>&1 >/dev/null)
     add_check docker-daemon fail "docker info failed: $(grep -v '^[[:space:]]*$' <<<"$out" | tail -n1)" \
@@ -439,7 +441,7 @@ check_docker() {
     add_check docker-version skip "no Docker daemon"
     return
   fi
-  { IFS= read -r DOCKER_ROOT; IFS= read -r DOCKER_CGROUP; IFS= read -r DOCKER_RUNTIMES; } <<<"$out"
+  { IFS= read -r DOCKER_ROOT; IFS= read -r DOCKER_CGROUP; IFS= read -r DOCKER_RUNTIMES; IFS= read -r DOCKER_DEFAULT_RUNTIME; } <<<"$out"
   DOCKER_RUNTIMES=${DOCKER_RUNTIMES% }
   DOCKER_OK=1
   add_check docker-daemon ok "Docker Engine $version answers${DOCKER_HOST:+ at $DOCKER_HOST}"
@@ -715,34 +717,42 @@ check_device_runtime() {
   fi
 }
 
-# Device nodes the runner containers are given: each pattern must match.
+# Device nodes the containers are given (2.x: the runners'; a 0.x image: its run line's
+# --device): each pattern must match.
 check_device_nodes() {
   local -a patterns
-  local p missing=""
+  local p missing="" who="runner containers cannot reach the devices"
   [[ -n $DEVICE_NODES ]] || return 0
+  [[ -z $DEVICE_BUILD ]] || who="the run line passes them to GPUStack's container (--device), which docker refuses to start without them"
   IFS=, read -ra patterns <<<"$DEVICE_NODES"
   for p in "${patterns[@]}"; do
     compgen -G "$(host_path "$p")" >/dev/null || missing+="${missing:+, }$p"
   done
   if [[ -n $missing ]]; then
-    add_check "$DEVICE_BACKEND-devices" fail "device nodes missing: $missing; runner containers cannot reach the devices" \
+    add_check "$DEVICE_BACKEND-devices" fail "device nodes missing: $missing; $who" \
       "load the $DEVICE_TOOLKIT driver (its kernel module) and check that $DEV_TOOL lists the devices"
   else
     add_check "$DEVICE_BACKEND-devices" ok "${DEVICE_NODES//,/, }"
   fi
 }
 
-# Driver and toolkit folders the worker line mounts (docker would mount an empty folder).
+# Driver and toolkit files or folders the worker line (0.x image: the run line, -v) mounts, or a
+# 0.x pip install loads the toolkit from (docker would mount an empty folder made in its place).
 check_device_paths() {
   local -a paths
-  local p missing=""
+  local p missing="" who="the worker line mounts it into the worker"
   [[ -n $DEVICE_PATHS ]] || return 0
+  if [[ -n $DEVICE_BUILD && $INSTALL_METHOD == docker ]]; then
+    who="the run line mounts it into GPUStack's container (-v), and docker would create an empty folder in its place"
+  elif [[ -n $DEVICE_BUILD ]]; then
+    who="the llama-box build ($DEVICE_BUILD) loads the host's $DEVICE_TOOLKIT from there"
+  fi
   IFS=, read -ra paths <<<"$DEVICE_PATHS"
   for p in "${paths[@]}"; do
-    [[ -d $(host_path "$p") ]] || missing+="${missing:+, }$p"
+    [[ -e $(host_path "$p") ]] || missing+="${missing:+, }$p"
   done
   if [[ -n $missing ]]; then
-    add_check "$DEVICE_BACKEND-paths" fail "missing: $missing; the worker line mounts it into the worker" \
+    add_check "$DEVICE_BACKEND-paths" fail "missing: $missing; $who" \
       "install the $DEVICE_TOOLKIT driver and toolkit in their default places"
   else
     add_check "$DEVICE_BACKEND-paths" ok "${DEVICE_PATHS//,/, }"
@@ -763,6 +773,25 @@ check_device() {
   check_device_runtime
   check_device_nodes
   check_device_paths
+}
+
+# GPUStack 0.x image: upstream's run line names no --runtime where the vendor's runtime gives the
+# container its devices (Moore Threads: "MT Container Toolkits ... set as the default runtime",
+# docs/installation/moorethreads-musa), so that runtime must be Docker's default.
+check_default_runtime() {
+  local rt=$DEVICE_RUNTIME
+  [[ -n $rt ]] || return 0
+  if ((!DOCKER_OK)); then
+    add_check "$rt-runtime" skip "no Docker daemon"
+  elif [[ $DOCKER_DEFAULT_RUNTIME == "$rt" ]]; then
+    add_check "$rt-runtime" ok "Docker's default runtime: $rt"
+  elif [[ " $DOCKER_RUNTIMES " == *" $rt "* ]]; then
+    add_check "$rt-runtime" fail "the $rt runtime is registered with Docker but its default runtime is ${DOCKER_DEFAULT_RUNTIME:-unknown}; upstream's run line names no --runtime, so GPUStack's container would see no device" \
+      "make $rt Docker's default runtime (\"default-runtime\": \"$rt\" in /etc/docker/daemon.json), restart Docker, and check: docker info | grep -i runtime"
+  else
+    add_check "$rt-runtime" fail "the $rt runtime is not registered with Docker (runtimes: ${DOCKER_RUNTIMES:-none}); upstream's run line needs it as Docker's default runtime to give GPUStack's container the devices" \
+      "install the vendor's container toolkit for $DEVICE_TOOLKIT from your mirror, make $rt Docker's default runtime (\"default-runtime\": \"$rt\" in /etc/docker/daemon.json), restart Docker, and check: docker info | grep -i runtime"
+  fi
 }
 
 # GPUStack 0.x: the host's toolkit against what the bundle's llama-box build was made for (pip
@@ -805,9 +834,10 @@ check_device_0x() {
     add_check "$DEVICE_BACKEND" ok "the image carries $DEVICE_TOOLKIT $DEVICE_FLOOR and its llama-box build ($DEVICE_BUILD); the host's driver must support $DEVICE_TOOLKIT $DEVICE_FLOOR"
   fi
   if [[ $DEVICE_BACKEND == cann ]]; then check_npu_variant; fi
+  # pip: the toolkit's folders; docker: what the run line passes in (the image has the toolkit)
   check_device_nodes
-  # the image carries the toolkit; a pip install loads the host's from these folders
-  if [[ $INSTALL_METHOD == docker ]]; then check_device_runtime; else check_device_paths; fi
+  check_device_paths
+  if [[ $INSTALL_METHOD == docker ]]; then check_default_runtime; fi
 }
 
 # `docker load` unpacks the archive's compressed layers under Docker's root dir: ask for about

@@ -550,6 +550,11 @@ def _mb(size: int) -> str:
     return f"{size / 1e6:,.1f} MB"
 
 
+def tree_bytes(folder: Path) -> int:
+    """Bytes of the files under `folder`, as a site's disk counts what it carries."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
 def _describe(m: Measurement) -> str:
     fetching = "" if m.fetch_seconds is None else f"{m.fetch_seconds:.1f}s fetching, "
     return f"{_mb(m.bytes)} in {m.seconds:.1f}s ({fetching}{m.fetched_layers} layers fetched)"

@@ -25,7 +25,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import _mb
+from bench import _mb, tree_bytes
 from support.gpustack2_images import push_images, runner_images, server_image
 from support.registry_fixture import AMD64, hub_registry
 from support.release_mirror import ReleaseMirror, build_assets, write_fixture_locks
@@ -60,17 +60,13 @@ class DeltaRow:
         return self.delta / self.floor if self.floor else float("inf")
 
 
-def _bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
 def _whole_image_skip(old: Path, new: Path) -> int:
     """The new bundle's bytes less the blobs of images whose manifest digest the old one holds
     too (blobs another image of the new bundle needs stay)."""
     old_images = {i["digest"] for i in json.loads((old / "manifest.json").read_text())["images"]}
     images = json.loads((new / "manifest.json").read_text())["images"]
     if not images:
-        return _bytes(new)
+        return tree_bytes(new)
     docker_view = json.loads((new / "images" / "manifest.json").read_text())
     blobs_of = {
         tag: {b.rsplit("/", 1)[-1] for b in [entry["Config"], *entry["Layers"]]}
@@ -83,7 +79,7 @@ def _whole_image_skip(old: Path, new: Path) -> int:
         tag = image["reference"].removeprefix("docker.io/").removeprefix("library/")
         (skipped if image["digest"] in old_images else kept).update(blobs_of.get(tag, set()))
     blob_dir = new / "images" / "blobs" / "sha256"
-    return _bytes(new) - sum((blob_dir / b).stat().st_size for b in skipped - kept)
+    return tree_bytes(new) - sum((blob_dir / b).stat().st_size for b in skipped - kept)
 
 
 def _row(ctx: commands.Context, old_id: str, new_id: str) -> DeltaRow:
@@ -94,8 +90,8 @@ def _row(ctx: commands.Context, old_id: str, new_id: str) -> DeltaRow:
     return DeltaRow(
         old=old_id,
         new=new_id,
-        full=_bytes(new.directory),
-        delta=_bytes(made),
+        full=tree_bytes(new.directory),
+        delta=tree_bytes(made),
         floor=delta.floor(new.directory, base),
         zarf=_whole_image_skip(old.directory, new.directory),
     )

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from bench import _mb
+from bench import _mb, tree_bytes
 from support.release_mirror import ReleaseMirror, build_assets, write_fixture_locks
 
 from gpustack_offline.cli import commands
@@ -85,10 +85,6 @@ def _timed(action: Callable[[], object]) -> float:
     started = time.monotonic()
     action()
     return round(time.monotonic() - started, 1)
-
-
-def _size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def naive_download(cell: Cell, dest: Path) -> float:
@@ -181,7 +177,7 @@ def measure(root: Path, work: Path, progress: Callable[[str], None]) -> list[Pip
                 PipRow(
                     cell=cell_id,
                     naive_download_s=naive_s,
-                    naive_bytes=_size(area / "naive"),
+                    naive_bytes=tree_bytes(area / "naive"),
                     cold_s=cold_s,
                     warm_s=warm_s,
                     warm_stages=warm.stages,

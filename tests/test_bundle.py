@@ -54,6 +54,7 @@ def test_bundle_has_manifest_sums_scripts_and_index(matrix, root, tmp_path):
     paths = {f["path"]: f for f in manifest["files"]}
     for required in (
         "install.sh",
+        "check-sums.sh",
         "preflight.sh",
         "README.md",
         "README.zh-CN.md",

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from support.loopback import serving
+from support.prompt import as_at_a_prompt
 from support.registry_fixture import _free_port
 
 from gpustack_offline.core.files import held
@@ -273,7 +274,8 @@ def test_an_interrupt_is_one_line_too(area, tmp_path):
     env = {**area, "GPUSTACK_OFFLINE_INDEX_URL":
            f"http://127.0.0.1:{listener.getsockname()[1]}/simple"}  # fmt: skip
     proc = subprocess.Popen([INVOKE, "lock", "--cell", PIP_CELL], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=as_at_a_prompt)  # fmt: skip
     listener.settimeout(60)
     waiting, _ = listener.accept()  # uv asked the index and waits on it: interrupt it now
     proc.send_signal(signal.SIGINT)

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.prompt import as_at_a_prompt
 from support.release_mirror import ReleaseMirror, write_fixture_locks
 
 from gpustack_offline.bundle import compare
@@ -158,7 +159,9 @@ def wait_for(condition, timeout: float, what: str):  # type: ignore[no-untyped-d
 
 def python_running(code: str) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)], env=env, text=True, preexec_fn=as_at_a_prompt
+    )
 
 
 def test_a_process_killed_while_it_runs_a_program_takes_the_program_with_it() -> None:

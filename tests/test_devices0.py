@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 from support import upstream
 from support.release_mirror import GPUSTACK_TOOLS
 
-from gpustack_offline.core.devices import Device
+from gpustack_offline.core.devices import Device, run_needs
 from gpustack_offline.core.errors import CellError
 from gpustack_offline.core.options import resolve
 from gpustack_offline.core.processes import run
@@ -89,6 +90,46 @@ def test_a_versions_images_are_the_tags_its_docker_ci_publishes(matrix, version)
         expected[device] = (image.tag, image.platforms)
     images = matrix._images[version]
     assert {d: (i.tag, i.platforms) for d, i in images.items()} == expected
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_0x_images_run_options_are_upstreams_docker_line_for_its_device(matrix, version):
+    """What install.sh prints and preflight.sh checks for a vendor's 0.x image is the docker
+    line upstream's installation docs start that image with: the doc the matrix names as the
+    options' source, at the version's tag, for the image of the cell's tag; the runtime the
+    line relies on is the one that doc checks `docker info` for (none where it checks none)."""
+    backends = set()
+    for cell in matrix.select(version=version, method="docker"):
+        if cell.vendor is None:
+            continue
+        assert cell.image is not None and cell.toolkit is not None
+        doc = re.search(r"docs/installation/\S+\.md", dict(cell.vendor.sources)["run"])
+        assert doc, cell.vendor.sources
+        lines = upstream.docker_run_options(version, doc[0])
+        assert cell.worker_options() == lines[f"gpustack/gpustack:latest{cell.image.tag}"], cell.id
+        checked = re.search(
+            r"docker info \| grep Runtimes \| grep (\w+)",
+            upstream.read("gpustack/gpustack", f"v{version}", doc[0]),
+        )
+        assert cell.vendor.runtime == (checked[1] if checked else ""), cell.id
+        backends.add(cell.toolkit.device.backend)
+    assert backends == {"cann", "rocm", "dtk", "musa"}
+
+
+def test_a_0x_images_host_needs_the_nodes_and_paths_its_run_line_names(matrix):
+    """preflight.sh checks, for an image, what its run line passes in; for a pip install, the
+    toolkit's folders and the devices upstream's detection reads."""
+    image = matrix.cell("v0.7.1-linux-amd64-dtk25.04-py3.11-base-docker")
+    assert image.vendor is not None
+    assert image.vendor.devices == ("/dev/kfd", "/dev/mkfd", "/dev/dri")
+    assert image.vendor.paths == ("/opt/hyhal",)
+    pip = matrix.cell("v0.7.1-linux-amd64-dtk25.04-py3.11-base-pip")
+    assert pip.vendor is not None and pip.worker_options() == ()
+    assert pip.vendor.paths == ("/opt/hyhal", "/opt/dtk")
+    assert run_needs(["--device /dev/davinci0", "-v /usr/local/dcmi:/usr/local/dcmi",
+                      "--volume=gpustack-data:/var/lib/gpustack", "--device=/dev/dri:/dev/dri",
+                      "--group-add video"]) == (("/dev/davinci0", "/dev/dri"),
+                                                ("/usr/local/dcmi",))  # fmt: skip
 
 
 def test_0x_accelerator_cells_know_their_build_and_how_the_worker_picks_it(matrix):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 from support.disk import extra_disk
@@ -74,6 +75,32 @@ def test_a_docker_bundle_loads_runs_offline_and_runs_again_from_a_site_registry(
     assert "/healthz 200" in report.steps[-1].output
     # upstream's run line reaches for the catalog and update hosts; with docker.env, nothing
     assert {"huggingface.co", "update-service.gpustack.ai"} <= set(report.upstream["hosts"])
+    assert report.egress == {"hosts_attempted": 0, "hosts": []}
+
+
+ROCM = "v0.7.1-linux-amd64-rocm6.2-py3.11-base-docker"
+
+
+def test_a_vendors_image_passes_preflight_on_stand_ins_and_starts_with_upstreams_line(ctx, hub):
+    """The AMD image: install.sh's preflight finds the stand-in rocm-smi and the device nodes
+    upstream's line for the image names (a stand-in host root), prints that line, and the image
+    starts offline with its options (each node /dev/null under its name), audited, then again
+    from the site registry."""
+    cell = ctx.matrix.cell(ROCM)
+    commands.lock(ctx, [cell])
+    (result,) = commands.build(ctx, [cell])
+    options = (result.directory / assemble.WORKER_OPTIONS).read_text().splitlines()
+    assert options == list(cell.worker_options()) and "--device=/dev/kfd" in options
+
+    report = commands.verify_cell(ctx, cell)
+
+    assert report.ok
+    install = next(s for s in report.steps if s.name == "install").output
+    assert re.search(r"^\[ ok \] rocm-devices +/dev/kfd, /dev/dri$", install, re.M), install
+    assert re.search(r"^\[ ok \] rocm-smi ", install, re.M), install
+    assert "preflight: passed" in install
+    assert all(f"{o} \\\n" in install for o in options), install  # the printed run line
+    assert [s.name for s in report.steps][-3:] == ["push", "pull", "run-from-registry"]
     assert report.egress == {"hosts_attempted": 0, "hosts": []}
 
 

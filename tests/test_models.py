@@ -29,7 +29,7 @@ from gpustack_offline.bundle.signing import generate_key
 from gpustack_offline.cli import commands
 from gpustack_offline.core.errors import BundleError, LockError, ModelError
 from gpustack_offline.core.files import CHUNK
-from gpustack_offline.core.models import Models
+from gpustack_offline.core.models import SOURCES, Models
 from gpustack_offline.recipes import models as model_bundles
 from gpustack_offline.stages.errors import HubError
 from gpustack_offline.stages.model_locks import read_lock
@@ -65,13 +65,6 @@ categories = ["llm"]
 [[model]]
 name = "both-quants"
 source = "huggingface"
-repository = "test-org/tiny-GGUF"
-files = ["*.gguf"]
-backend = "llama-box"
-
-[[model]]
-name = "from-modelscope"
-source = "modelscope"
 repository = "test-org/tiny-GGUF"
 files = ["*.gguf"]
 backend = "llama-box"
@@ -136,7 +129,7 @@ def test_the_committed_models_data_reads_and_names_real_small_models(root):
     models = Models.load(root / "bundles" / "models.toml")
     assert models.names, "bundles/models.toml declares no model"
     for model in models.models.values():
-        assert model.source == "huggingface" and "/" in model.repository and model.files
+        assert model.source in SOURCES and "/" in model.repository and model.files
 
 
 def test_an_unknown_model_name_is_one_clear_error_naming_the_nearest(root, tmp_path):
@@ -184,15 +177,6 @@ def test_a_malformed_model_entry_is_refused_with_its_place(tmp_path, text, wante
     (tmp_path / "models.toml").write_text(text)
     with pytest.raises(ModelError, match=wanted.replace("[", r"\[").replace("]", r"\]")):
         Models.load(tmp_path / "models.toml")
-
-
-def test_modelscope_is_declared_but_refused_as_not_yet(root, tmp_path, hub):
-    ctx = context(root, tmp_path, hub.url)
-    with pytest.raises(ModelError, match="source 'modelscope' is not supported yet"):
-        model_bundles.lock(ctx, ctx.models(["from-modelscope"])[0])
-    assert hub.requests("/api/models/") == [] or all(
-        "modelscope" not in s.path for s in hub.requests("/api/models/")
-    )
 
 
 # -- lock --------------------------------------------------------------------------------------
@@ -308,6 +292,7 @@ def test_a_model_bundle_is_the_model_files_plus_under_1_mb_with_manifest_sums_sb
         "manifest.json",
         "sbom.cdx.json",
         "install-model.sh",
+        "check-sums.sh",
         "verify-signature.sh",
         "bundle.env",
         "catalog/gpustack-0.x.yaml",

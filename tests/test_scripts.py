@@ -239,7 +239,7 @@ def make_bundle(
     )
     (bundle / "bundle.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
     (bundle / "manifest.json").write_text(json.dumps({"cell": env["BUNDLE_CELL"]}) + "\n")
-    for name in ("install.sh", "preflight.sh", CHECKER, "verify-signature.sh"):
+    for name in ("install.sh", "check-sums.sh", "preflight.sh", CHECKER, "verify-signature.sh"):
         shutil.copy2(SCRIPTS / name, bundle / name)
     if tools_archive is not None:
         (bundle / "tools").mkdir()

@@ -35,7 +35,8 @@ STAND_IN_DOCKER = """\
 # Stand-in for the docker CLI: the calls preflight.sh and install.sh make, a daemon that answers.
 case "$1" in
   version) echo "28.2.2" ;;
-  info) printf '%s\\n%s\\n%s\\n' "$FAKE_DOCKER_ROOT" cgroupfs "$FAKE_DOCKER_RUNTIMES" ;;
+  info) printf '%s\\n%s\\n%s\\n%s\\n' "$FAKE_DOCKER_ROOT" cgroupfs "$FAKE_DOCKER_RUNTIMES" \\
+    "${{FAKE_DOCKER_DEFAULT_RUNTIME:-runc}}" ;;
   load) cat >/dev/null; echo "Loaded image: {server}" ;;
   image) echo "sha256:0123456789abcdef linux/{arch}" ;;
   run) exit 1 ;;
@@ -367,6 +368,7 @@ def test_every_cells_bundle_env_is_one_word_per_value_and_names_its_device(root:
         if cell.series == 2:
             assert env["DEVICE_BACKEND"] and env["DEVICE_FLOOR"] and env["WORKER_OPTIONS"]
             assert cell.device.startswith(env["DEVICE_BACKEND"] + env["DEVICE_FLOOR"])
-        else:  # 0.x: vendor devices name their backend and build (test_scripts_devices0.py)
+        else:  # 0.x: vendor devices name their backend and build (test_scripts_devices0.py),
+            # and a vendor's image the options of upstream's line for it
             assert bool(env["DEVICE_BACKEND"]) == (cell.vendor is not None), cell.id
-            assert not env["WORKER_OPTIONS"]
+            assert bool(env["WORKER_OPTIONS"]) == bool(cell.vendor and cell.image), cell.id

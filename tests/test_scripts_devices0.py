@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from test_scripts import HOST_ARCH, build_gpustack_wheel, check, make_bundle, run_script
-from test_scripts_devices import FAKES, failed
+from test_scripts_devices import FAKES, STAND_IN_DOCKER, failed
+from test_scripts_docker import make_2x_bundle, run_line
 
 from gpustack_offline.bundle.assemble import DEVICE_KEYS, device_env
 from gpustack_offline.core.matrix import Cell, Matrix
@@ -212,5 +214,145 @@ def test_every_0x_vendor_cell_names_its_device_and_build_in_bundle_env(matrix: M
         assert (env["DEVICE_BACKEND"], env["DEVICE_BUILD"]) == (
             cell.toolkit.device.backend, cell.toolkit.build
         )  # fmt: skip
-        assert cell.device == cell.toolkit.device.name and not env["WORKER_OPTIONS"]
+        assert cell.device == cell.toolkit.device.name
+        assert bool(env["WORKER_OPTIONS"]) == (cell.image is not None), cell.id
         assert (FAKES / cell.vendor.tool[0]).is_file(), cell.vendor.tool
+
+
+# ---------------------------------------------------------------------------------------------
+# Docker bundles: upstream's image, started with upstream's line for the device
+
+# One 0.7.1 docker cell per backend, on this host's arch where upstream publishes the image.
+DOCKER_CELLS = {
+    "cann": f"v0.7.1-linux-{HOST_ARCH}-cann8.2.rc1-910b-py3.11-base-docker",
+    "rocm": "v0.7.1-linux-amd64-rocm6.2-py3.11-base-docker",
+    "dtk": "v0.7.1-linux-amd64-dtk25.04-py3.11-base-docker",
+    "musa": "v0.7.1-linux-amd64-musarc4.2-py3.11-base-docker",
+}
+DOCKER_BACKENDS = [b for b, c in DOCKER_CELLS.items() if f"-linux-{HOST_ARCH}-" in c]
+
+
+def image_of(cell: Cell) -> str:
+    assert cell.image is not None
+    return f"gpustack/gpustack:v{cell.version}{cell.image.tag}"
+
+
+def make_docker_site(tmp_path: Path, cell: Cell) -> Site:
+    """A docker bundle of `cell` as the build writes its bundle.env and run options, on a host
+    with the vendor's tool, the device nodes and paths upstream's line names, and the vendor's
+    runtime (where the line relies on one) as Docker's default; Docker is the stand-in of
+    test_scripts_devices.py (this host's engine cannot register a vendor's runtime)."""
+    assert cell.vendor is not None and cell.toolkit is not None
+    vendor = cell.vendor
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    (archive / "manifest.json").write_text("[]\n")
+    bundle = make_2x_bundle(tmp_path, archive, cell, images=image_of(cell))
+    host = tmp_path / "host"
+    for path in (*vendor.devices, *vendor.paths):  # files; a folder where the line says so
+        (host / path.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
+        if path.endswith("/"):
+            (host / path.lstrip("/")).mkdir()
+        else:
+            (host / path.lstrip("/")).write_text("")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / vendor.tool[0]).symlink_to(FAKES / vendor.tool[0])
+    (bindir / "docker").write_text(STAND_IN_DOCKER.format(server=image_of(cell), arch=HOST_ARCH))
+    (bindir / "docker").chmod(0o755)
+    (tmp_path / "docker-root").mkdir()
+    env = {
+        "PREFLIGHT_HOST_ROOT": str(host),
+        "FAKE_DOCKER_ROOT": str(tmp_path / "docker-root"),
+        "FAKE_DOCKER_RUNTIMES": f"io.containerd.runc.v2 runc {vendor.runtime}".strip(),
+        "FAKE_DOCKER_DEFAULT_RUNTIME": vendor.runtime or "runc",
+        "FAKE_NPU_NAME": "310P3" if cell.toolkit.device.variant == "310p" else "910B3",
+    }
+    return Site(bundle, host, bindir, env)
+
+
+@pytest.mark.parametrize("backend", DOCKER_BACKENDS)
+def test_install_checks_and_prints_upstreams_docker_line_for_the_vendors_image(
+    tmp_path: Path, matrix: Matrix, backend: str
+) -> None:
+    cell = matrix.cell(DOCKER_CELLS[backend])
+    site = make_docker_site(tmp_path, cell)
+    prefix = tmp_path / "prefix"
+
+    proc = run_script(
+        site.bundle, "install.sh", "--prefix", str(prefix), path_prepend=site.bin,
+        extra_env=site.env,
+    )  # fmt: skip
+
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "preflight: passed" in proc.stdout
+    assert f"upstream's line for {cell.device}" in proc.stdout
+    options = [w for o in cell.worker_options() for w in shlex.split(o)]
+    assert run_line(proc.stdout) == [
+        "docker", "run", "-d", "--name", "gpustack", "--restart=unless-stopped", *options,
+        "-v", "gpustack-data:/var/lib/gpustack", "--env-file", str(prefix / "docker.env"),
+        "--pull", "never", image_of(cell),
+    ]  # fmt: skip
+    assert run_line((prefix / "run-line.txt").read_text()) == run_line(proc.stdout)
+    code, report = site.preflight()
+    assert code == 0, failed(report)
+    assert cell.vendor is not None
+    if cell.vendor.devices:
+        assert check(report, f"{backend}-devices")["detail"] == ", ".join(cell.vendor.devices)
+    if cell.vendor.runtime:
+        assert check(report, f"{cell.vendor.runtime}-runtime")["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    ("backend", "missing", "name"),
+    [
+        ("cann", "/dev/davinci0", "cann-devices"),
+        ("cann", "/usr/local/bin/npu-smi", "cann-paths"),
+        ("rocm", "/dev/kfd", "rocm-devices"),
+        ("dtk", "/opt/hyhal", "dtk-paths"),
+    ],
+)
+def test_preflight_names_what_upstreams_docker_line_passes_in_and_the_host_lacks(
+    tmp_path: Path, matrix: Matrix, backend: str, missing: str, name: str
+) -> None:
+    if backend not in DOCKER_BACKENDS:
+        pytest.skip(f"upstream publishes the {backend} image for linux/amd64 only")
+    site = make_docker_site(tmp_path, matrix.cell(DOCKER_CELLS[backend]))
+    (site.host / missing.lstrip("/")).unlink()
+
+    code, report = site.preflight()
+
+    assert code == 1
+    (fail,) = failed(report)
+    assert fail["name"] == name and f"missing: {missing};" in fail["detail"]
+    assert "the run line" in fail["detail"] and "\n" not in fail["detail"] and fail["fix"]
+
+
+@pytest.mark.parametrize(
+    ("runtimes", "default", "says"),
+    [
+        ("io.containerd.runc.v2 runc mthreads", "runc", "its default runtime is runc"),
+        ("io.containerd.runc.v2 runc", "runc", "the mthreads runtime is not registered"),
+    ],
+)
+def test_a_0x_musa_image_needs_the_mthreads_runtime_as_dockers_default(
+    tmp_path: Path, matrix: Matrix, runtimes: str, default: str, says: str
+) -> None:
+    """Upstream's line for the -musa image names no --runtime: the MT Container Toolkit must be
+    Docker's default runtime, as upstream's docs say."""
+    if "musa" not in DOCKER_BACKENDS:
+        pytest.skip("upstream publishes the 0.7.1 musa image for linux/amd64 only")
+    site = make_docker_site(tmp_path, matrix.cell(DOCKER_CELLS["musa"]))
+    site.env.update(FAKE_DOCKER_RUNTIMES=runtimes, FAKE_DOCKER_DEFAULT_RUNTIME=default)
+
+    code, report = site.preflight()
+
+    assert code == 1
+    (fail,) = failed(report)
+    assert fail["name"] == "mthreads-runtime" and says in fail["detail"]
+    assert '"default-runtime": "mthreads"' in fail["fix"]
+    proc = run_script(
+        site.bundle, "install.sh", "--prefix", str(tmp_path / "prefix"), path_prepend=site.bin,
+        extra_env=site.env,
+    )  # fmt: skip
+    assert proc.returncode == 4 and "[fail] mthreads-runtime" in proc.stdout

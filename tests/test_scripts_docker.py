@@ -138,7 +138,7 @@ def make_docker_bundle(
     # As the build writes it: plain KEY=value lines (IMAGES is comma-separated).
     (bundle / "bundle.env").write_text("".join(f"{k}={v}\n" for k, v in env.items()))
     (bundle / "manifest.json").write_text(json.dumps({"cell": env["BUNDLE_CELL"]}) + "\n")
-    for name in ("install.sh", "preflight.sh", "check-tools-archive.py"):
+    for name in ("install.sh", "check-sums.sh", "preflight.sh", "check-tools-archive.py"):
         shutil.copy2(SCRIPTS / name, bundle / name)
     for name in ("README.md", "README.zh-CN.md"):
         (bundle / name).write_text(render_readme(SCRIPTS / name, env), encoding="utf-8")

@@ -263,3 +263,29 @@ def test_an_accelerator_is_stood_in_for_at_exactly_the_cells_floor(
     else:
         assert (root / "opt/rocm/.info/version").read_text() == "6.2\n"
         assert {"dev/kfd", "dev/dri/renderD128"} <= files
+
+
+def test_a_vendors_image_is_started_with_upstreams_options_on_stand_ins(matrix, tmp_path) -> None:
+    """The Hygon image's line: every device node /dev/null under its name, every host path the
+    stand-in host root's (read-only), the rest as upstream gives it; the host network is the
+    verification's to choose. The host root holds what preflight checks for that line."""
+    cell = matrix.cell("v0.7.1-linux-amd64-dtk25.04-py3.11-base-docker")
+    env = standins.host_env(cell, tmp_path, "/usr/bin")
+    root = Path(env["PREFLIGHT_HOST_ROOT"])
+    assert (root / "dev/mkfd").is_file() and (root / "opt/hyhal").is_dir()
+    tools = env["PATH"].split(":")
+    assert tools[1:] == ["/usr/bin"] and (Path(tools[0]) / "hy-smi").resolve() == (
+        payload.path("fakes/hy-smi")
+    )  # fmt: skip
+
+    assert standins.image_options(cell, root) == {
+        "devices": ["/dev/null:/dev/kfd:rwm", "/dev/null:/dev/mkfd:rwm", "/dev/null:/dev/dri:rwm"],
+        "volumes": {str(root / "opt/hyhal"): {"bind": "/opt/hyhal", "mode": "ro"}},
+        "ipc_mode": "host",
+        "group_add": ["video"],
+        "cap_add": ["SYS_PTRACE"],
+        "security_opt": ["seccomp=unconfined"],
+    }
+    pip = matrix.cell("v0.7.1-linux-amd64-dtk25.04-py3.11-base-pip")
+    assert standins.image_options(pip, root) == {}
+    assert standins.host_root(pip, tmp_path) != root  # its own nodes and folders

@@ -43,8 +43,14 @@ VERSION = "0.7.1"
 
 
 def tags(version: str = VERSION) -> dict[str, str]:
-    """Upstream's tag per device for a 0.x version: `v0.7.1` (CUDA 12.4), `v0.7.1-cpu`, …"""
-    return {"cuda12.4": f"v{version}", "cpu": f"v{version}-cpu", "cuda12.8": f"v{version}-cuda12.8"}
+    """Upstream's tag per device for a 0.x version: `v0.7.1` (CUDA 12.4), `v0.7.1-cpu`, … and
+    `v0.7.1-rocm` (AMD: a vendor's image, started with upstream's device options)."""
+    return {
+        "cuda12.4": f"v{version}",
+        "cpu": f"v{version}-cpu",
+        "cuda12.8": f"v{version}-cuda12.8",
+        "rocm6.2": f"v{version}-rocm",
+    }
 
 
 TAGS = tags()

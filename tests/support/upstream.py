@@ -1,7 +1,9 @@
 """Upstream's own files, copied byte for byte under tests/fixtures/upstream/, read as upstream
 reads them: the build matrix of llama-box's release workflow (which builds, hence which assets,
-each llama-box release has) and the publish matrix of GPUStack's docker-ci.yaml (which image tag
-each device has). `SOURCES.toml` there names where each copy came from and its git blob id.
+each llama-box release has), the publish matrix of GPUStack's docker-ci.yaml (which image tag
+each device has) and the `docker run` lines of GPUStack's installation docs (which options each
+device's image is started with). `SOURCES.toml` there names where each copy came from and its
+git blob id.
 
 The loopback release mirror serves the llama-box assets these workflows name, and the matrix's
 0.x data is checked against them (tests/test_devices0.py).
@@ -164,3 +166,31 @@ def dockerfile_arg(version: str, dockerfile: str, name: str) -> str:
             return match[1]
         raise KeyError(f"{path} of GPUStack {version} has no default for ARG {name}")
     raise KeyError(f"no copy of {dockerfile} of GPUStack {version} under {UPSTREAM}")
+
+
+# -- GPUStack's installation docs -----------------------------------------------------------------
+
+_RUN = "docker run -d --name gpustack"
+_DATA = "-v gpustack-data:/var/lib/gpustack"
+
+
+def docker_run_options(version: str, doc: str) -> dict[str, tuple[str, ...]]:
+    """Per image the `docker run` lines of the doc start (`gpustack/gpustack:latest-npu`), the
+    option lines between `--restart=unless-stopped` and the data volume, as the doc writes them;
+    every line of the doc that starts the same image must give the same options."""
+    lines = read("gpustack/gpustack", _tag(version), doc).splitlines()
+    found: dict[str, tuple[str, ...]] = {}
+    for start, line in enumerate(lines):
+        if line.strip() != f"{_RUN} \\":
+            continue
+        block = []
+        for text in lines[start + 1 :]:
+            block.append(text.strip().removesuffix("\\").strip())
+            if not text.rstrip().endswith("\\"):
+                break
+        assert block[0] == "--restart=unless-stopped", block
+        end = block.index(_DATA)
+        image = block[end + 1].split()[0]
+        options = tuple(block[1:end])
+        assert found.setdefault(image, options) == options, (doc, image)
+    return found

@@ -42,15 +42,16 @@ SCHEMA_VERSION = 1
 IMAGE_ARCHIVE = "images"
 README_TEMPLATES = ("README.md", "README.zh-CN.md")
 START_MODULES = "start-modules.txt"
-# GPUStack 2.x: the worker's docker run options for the cell's device, one a line (install.sh
-# prints them in the worker line; an option may hold spaces and quotes, which bundle.env cannot)
+# The docker run options of the cell's device, one a line: a GPUStack 2.x worker's, a 0.x
+# image's as upstream's docs run it (install.sh prints them in its run line; an option may hold
+# spaces and quotes, which bundle.env cannot)
 WORKER_OPTIONS = "worker-options.txt"
 DEVICE_KEYS = (
     "DEVICE_BACKEND", "DEVICE_FLOOR", "DEVICE_VARIANT", "DEVICE_CEILING", "DEVICE_NEWEST",
     "DEVICE_TOOLKIT", "DEVICE_TOOL", "DEVICE_VERSION_READER", "DEVICE_RUNTIME", "DEVICE_NODES",
     "DEVICE_PATHS", "WORKER_OPTIONS", "DEVICE_BUILD",
 )  # fmt: skip
-MODEL_SCRIPTS = ("install-model.sh", "verify-signature.sh")
+MODEL_SCRIPTS = ("install-model.sh", "check-sums.sh", "verify-signature.sh")
 MODEL_README = "README.model.md"  # scripts/ template, shipped as README.md
 MODELS_DIR = "models"  # a model bundle's files: models/<name>/<path in the repository>
 
@@ -105,8 +106,8 @@ def device_env(cell: Cell) -> dict[str, str]:
     """What preflight.sh checks on a host of an accelerator other than a 0.x CUDA one, from the
     matrix (2.x: the runner data and the cell's [backends] table; 0.x: the llama-box build and
     the table's "0.x" part): the backend, its floor (and for 2.x its ceiling), the device tool,
-    the version reader, the container runtime, device nodes and folders; for 0.x the build the
-    bundle carries. Empty values for other cells."""
+    the version reader, the container runtime, device nodes and folders (a 0.x image's: those
+    its run line names); for 0.x the build the bundle carries. Empty values for other cells."""
     vendor = cell.vendor
     device = cell.runner_device or (cell.toolkit.device if cell.toolkit else None)
     if device is None or vendor is None:
@@ -144,7 +145,7 @@ def _scripts(cell: Cell) -> tuple[str, ...]:
     entry = (
         ("install.ps1",)
         if cell.os == "windows"
-        else ("install.sh", "preflight.sh", "verify-signature.sh")
+        else ("install.sh", "check-sums.sh", "preflight.sh", "verify-signature.sh")
     )
     return (*entry, "check-tools-archive.py")
 

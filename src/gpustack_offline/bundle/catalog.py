@@ -16,6 +16,7 @@ import json
 
 from gpustack_offline.core.models import BACKENDS, Model
 from gpustack_offline.stages.model_locks import ModelLock
+from gpustack_offline.stages.model_sources import for_source
 
 LOCAL_PATH = "@LOCAL_PATH@"  # replaced by install-model.sh with the placed file or folder
 SERIES = ("0", "2")
@@ -51,7 +52,7 @@ def entry(model: Model, lock: ModelLock, series: str) -> str:
     lines = [
         f"- name: {_q(model.name)}",
         f"  description: {_q(description)}",
-        f"  home: {_q(f'https://huggingface.co/{model.repository}')}",
+        f"  home: {_q(for_source(model.source).home(model.repository))}",
         "  categories:",
         *(f"    - {_q(c)}" for c in model.categories),
         "  templates:" if series == "0" else "  specs:",

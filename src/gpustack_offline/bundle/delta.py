@@ -150,11 +150,9 @@ def blob_repositories(bundle: Path) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for image in json.loads(path.read_text()):
         repos = [tag.rsplit(":", 1)[0] for tag in image.get("RepoTags") or []]
-        for blob in [image["Config"], *image["Layers"]]:
-            for repo in repos:
-                out.setdefault(blob.rsplit("/", 1)[-1], [])
-                if repo not in out[blob.rsplit("/", 1)[-1]]:
-                    out[blob.rsplit("/", 1)[-1]].append(repo)
+        for blob in [image["Config"], *image["Layers"]] if repos else []:
+            held = out.setdefault(blob.rsplit("/", 1)[-1], [])
+            held.extend(repo for repo in repos if repo not in held)
     return out
 
 
@@ -198,7 +196,7 @@ def make(full: Path, base: Base, out: Path, tar: Path | None = None) -> Delta:
         full=sum(sizes.values()) + sum(
             p.stat().st_size for p in _files(full) if p.relative_to(full).as_posix() not in sums
         ),
-        floor=floor(full, base),
+        floor=sum(size for p, size in sizes.items() if sums[p] not in base.digests),
         left_out=len(omitted),
     )  # fmt: skip
 

@@ -6,10 +6,12 @@ platform, and its layers as sub-components), every tool asset inside the tools a
 download URL, sha256), and the shipped scripts. The bundle itself is the metadata component.
 
 A model bundle's SBOM describes the model: the metadata component is a `machine-learning-model`
-(purl `pkg:huggingface/<owner>/<name>@<commit>`, its source, repository, revision and commit as
-properties), and each file it carries is a component with its sha256, size and download URL at
-that commit: the weights (GGUF, safetensors, ...) as `machine-learning-model` components with the
-same source properties, the rest (config, tokenizer) as `file` components.
+(purl `pkg:huggingface/<owner>/<name>@<commit>`; purl has no ModelScope type, so a ModelScope
+model is `pkg:generic/<owner>/<name>@<commit>?repository_url=https://www.modelscope.cn`; its
+source, repository, revision and commit as properties), and each file it carries is a component
+with its sha256, size and download URL at that commit (the source's public endpoint, not the
+mirror a build may have used): the weights (GGUF, safetensors, ...) as `machine-learning-model`
+components with the same source properties, the rest (config, tokenizer) as `file` components.
 
 The SBOM is a function of the manifest and the files it lists: the serial number is a uuid5 of
 the manifest's digest and the timestamp is the manifest's `built_at`, so the same bundle always
@@ -56,8 +58,8 @@ from packaging.utils import InvalidWheelFilename, parse_wheel_filename
 from gpustack_offline.bundle.errors import SbomError
 from gpustack_offline.bundle.provenance import tool_url
 from gpustack_offline.core.files import write_text
-from gpustack_offline.stages.hub import DEFAULT_ENDPOINT, file_url
 from gpustack_offline.stages.images import UPSTREAM_DIGEST, read_layout_file
+from gpustack_offline.stages.model_sources import for_source
 from gpustack_offline.stages.registry import Reference
 
 try:  # the factory's home since cyclonedx-python-lib 11; the old path warns
@@ -292,7 +294,11 @@ def _model_bom(manifest: Mapping[str, Any]) -> Bom:
         external_references=[
             ExternalReference(
                 type=ExternalReferenceType.WEBSITE,
-                url=XsUri(f"{DEFAULT_ENDPOINT}/{model['repository']}/tree/{model['commit']}"),
+                url=XsUri(
+                    for_source(str(model["source"])).web_url(
+                        str(model["repository"]), str(model["commit"])
+                    )
+                ),
             )
         ],
     )
@@ -311,8 +317,15 @@ def _model_bom(manifest: Mapping[str, Any]) -> Bom:
 
 def _model_purl(model: Mapping[str, Any]) -> PackageURL:
     owner, _, name = str(model["repository"]).partition("/")
-    kind = "huggingface" if model["source"] == "huggingface" else "generic"
-    return PackageURL(kind, namespace=owner, name=name, version=str(model["commit"]))
+    commit = str(model["commit"])
+    if model["source"] == "huggingface":  # purl's own type (huggingface.co by default)
+        return PackageURL("huggingface", namespace=owner, name=name, version=commit)
+    # purl has no type for ModelScope: generic, naming the site it comes from
+    site = for_source(str(model["source"])).DEFAULT_ENDPOINT
+    return PackageURL(
+        "generic", namespace=owner, name=name, version=commit,
+        qualifiers={"repository_url": site},
+    )  # fmt: skip
 
 
 def _model_file(
@@ -320,7 +333,10 @@ def _model_file(
 ) -> Component:
     sha = _sha256(entry["sha256"])
     weights = path.lower().endswith(_WEIGHTS)
-    url = file_url(DEFAULT_ENDPOINT, str(model["repository"]), str(model["commit"]), path)
+    public = for_source(str(model["source"]))
+    url = public.file_url(
+        public.DEFAULT_ENDPOINT, str(model["repository"]), str(model["commit"]), path
+    )
     purl = _model_purl(model)
     return Component(
         type=ComponentType.MACHINE_LEARNING_MODEL if weights else ComponentType.FILE,

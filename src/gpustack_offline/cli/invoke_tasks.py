@@ -182,7 +182,8 @@ def bundle(
     help={**_AXIS_HELP, "tools": "pip cells: also run upstream's download-tools for the target "
           "and record its assets' sums in bundles/tools/ (downloads the tools)",
           "model": _MODEL_HELP + "; pins its revision to a commit and its files to sha256 in "
-          "bundles/locks/models/<name>.toml (the hf-endpoint option or HF_ENDPOINT: a mirror)"},
+          "bundles/locks/models/<name>.toml (a mirror: the hf-endpoint option or HF_ENDPOINT, "
+          "modelscope-endpoint or MODELSCOPE_ENDPOINT)"},
 )  # fmt: skip
 @_wired
 @_selecting

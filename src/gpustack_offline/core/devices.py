@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -297,12 +298,40 @@ class Vendor:
                 return entry.options
         return ()
 
+    def for_image0(self, gpustack: str, version: str) -> Vendor:
+        """This 0.x table for a host that runs upstream's image: the device nodes and host
+        paths to check are the ones upstream's docker line passes in (`--device`, `-v`), not
+        those a pip install loads its toolkit from."""
+        nodes, paths = run_needs(self.run_options(gpustack, version))
+        return replace(self, devices=nodes, paths=paths)
+
+
+def run_option(option: str) -> tuple[str, str]:
+    """A `docker run` option as upstream's docs write it, as its flag and value: `--device
+    /dev/davinci0`, `--device=/dev/kfd`, `-v SRC:DST:ro`, `--ipc=host`."""
+    words = shlex.split(option)
+    flag, _, value = words[0].partition("=")
+    return flag, value or " ".join(words[1:])
+
+
+def run_needs(options: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The host's device nodes (`--device X`, `--device=X[:Y]`) and files or folders (`-v
+    SRC:DST`, `--volume`) that `docker run` options name."""
+    nodes, paths = [], []
+    for flag, value in map(run_option, options):
+        source = value.split(":")[0]
+        if flag == "--device":
+            nodes.append(source)
+        elif flag in ("-v", "--volume") and source.startswith("/"):
+            paths.append(source)
+    return tuple(nodes), tuple(paths)
+
 
 _VENDOR_KEYS = {"toolkit", "tool", "version", "runtime", "devices", "paths", "run", "sources"}
 LINE0 = "0.x"  # the sub-table of a [backends] entry for GPUStack 0.x
 _LINE0_KEYS = {
     "device", "llama-box", "version-env", "variant-env", "named-variants",
-    "tool", "version", "runtime", "devices", "paths", "sources",
+    "tool", "version", "runtime", "devices", "paths", "run", "sources",
 }  # fmt: skip
 
 
@@ -316,15 +345,7 @@ def vendors(data: Mapping[str, Any], source: str) -> dict[str, Vendor]:
             if unknown:
                 raise ValueError(f"unknown keys {sorted(unknown)} (known: {sorted(_VENDOR_KEYS)})")
             _reader(table)
-            runs = tuple(
-                RunOptions(
-                    tuple(_strings(r["options"])),
-                    tuple(_strings(r.get("gpustack", []))),
-                    tuple(_strings(r.get("versions", []))),
-                )
-                for r in table.get("run", [])
-            )
-            vendor = _vendor(backend, table, runs)
+            vendor = _vendor(backend, table, _runs(table))
             if LINE0 in table:
                 vendor = replace(vendor, line0=_line0(vendor, table, table[LINE0]))
             out[backend] = vendor
@@ -334,6 +355,17 @@ def vendors(data: Mapping[str, Any], source: str) -> dict[str, Vendor]:
         if not out[backend].tool or (line0 is not None and not line0.tool):
             raise CellError(f"{where} names no device tool (tool = [...])")
     return out
+
+
+def _runs(table: Mapping[str, Any]) -> tuple[RunOptions, ...]:
+    return tuple(
+        RunOptions(
+            tuple(_strings(r["options"])),
+            tuple(_strings(r.get("gpustack", []))),
+            tuple(_strings(r.get("versions", []))),
+        )
+        for r in table.get("run", [])
+    )
 
 
 def _reader(table: Mapping[str, Any]) -> str:
@@ -358,8 +390,8 @@ def _vendor(backend: str, table: Mapping[str, Any], runs: tuple[RunOptions, ...]
 
 
 def _line0(vendor: Vendor, table: Mapping[str, Any], sub: Mapping[str, Any]) -> Vendor:
-    """The backend's table for GPUStack 0.x: its "0.x" keys over the 2.x ones (no run lines:
-    0.x cells print upstream's own docker line)."""
+    """The backend's table for GPUStack 0.x: its "0.x" keys over the 2.x ones; its run options
+    are its own (upstream's 0.x docker line for the image), never the 2.x worker's."""
     unknown = set(sub) - _LINE0_KEYS
     if unknown:
         known = sorted(_LINE0_KEYS)
@@ -373,7 +405,7 @@ def _line0(vendor: Vendor, table: Mapping[str, Any], sub: Mapping[str, Any]) -> 
         variant_env=str(sub.get("variant-env", "")),
         named_variants=tuple(_strings(sub.get("named-variants", []))),
     )
-    return replace(_vendor(vendor.backend, merged, ()), worker0=worker)
+    return replace(_vendor(vendor.backend, merged, _runs(sub)), worker0=worker)
 
 
 def _strings(value: object) -> list[str]:

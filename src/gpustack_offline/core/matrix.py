@@ -147,11 +147,14 @@ class Cell:
         return device.backend if device else None
 
     def worker_options(self) -> tuple[str, ...]:
-        """The `docker run` options a GPUStack 2.x worker of this device needs, as upstream's
-        Add Worker command gives them (empty for other cells)."""
-        if self.vendor is None or self.runner_device is None:
-            return ()
-        return self.vendor.run_options(self.version, self.runner_device.version)
+        """The `docker run` options of this device: a GPUStack 2.x worker's, as upstream's Add
+        Worker command gives them; a 0.x image's, as upstream's installation docs run it (empty
+        for other cells: cpu, 0.x CUDA, pip)."""
+        if self.vendor is not None and self.runner_device is not None:
+            return self.vendor.run_options(self.version, self.runner_device.version)
+        if self.vendor is not None and self.toolkit is not None and self.image is not None:
+            return self.vendor.run_options(self.version, self.toolkit.device.version)
+        return ()
 
 
 @dataclass(frozen=True)
@@ -361,12 +364,16 @@ class Matrix:
             # vendor's, as 2.x cells have them
             vendor = self.vendors[backend].line0 if backend not in ("", "cuda") else None
             image = self._images[axes["version"]].get(axes["device"])
+            if axes["method"] != "docker":
+                image = None
+            elif vendor is not None:  # the host runs upstream's image: what its line needs
+                vendor = vendor.for_image0(axes["version"], version)
             return cell(
                 cuda=version if backend == "cuda" else None,
                 rocm=version if backend == "rocm" else None,
                 toolkit=toolkit,
                 vendor=vendor,
-                image=image if axes["method"] == "docker" else None,
+                image=image,
             )
         if offers is None:
             facts = self._devices[axes["device"]]

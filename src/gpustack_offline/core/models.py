@@ -1,11 +1,11 @@
 """The models a site can be given, as data: `bundles/models.toml`, one `[[model]]` each.
 
 A model is named once (its name is its bundle's name, `model-<name>`, and its folder on the
-site), comes from a source (`huggingface`; `modelscope` is declared and refused until it is
-built), a repository at a revision (a branch or tag: `invoke lock --model` pins it to a commit),
-file patterns (fnmatch, as `huggingface_hub`'s `allow_patterns`: one GGUF quantisation, or a
+site), comes from a source (`huggingface` or `modelscope`), a repository at a revision (a branch
+or tag, by default the source's default branch: `invoke lock --model` pins it to a commit), file
+patterns (fnmatch, as `huggingface_hub`'s `allow_patterns`: one GGUF quantisation, or a
 safetensors folder's files) and the GPUStack backend that serves it. This module only reads the
-data; the hub is asked in `stages/hub.py`.
+data; the source is asked in `stages/hub.py` or `stages/modelscope.py`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ from gpustack_offline.core.tomlfile import read_toml
 
 SCHEMA = 1
 SOURCES = ("huggingface", "modelscope")
-SUPPORTED_SOURCES = ("huggingface",)
+# A revision not given is the source's default branch (the Hugging Face hub's main, ModelScope's
+# master: its client's DEFAULT_MODEL_REVISION).
+DEFAULT_REVISIONS: Mapping[str, str] = {"huggingface": "main", "modelscope": "master"}
 # A backend, as models.toml names it, and its spelling in GPUStack's catalog per release line
 # (gpustack/schemas/models.py BackendEnum): None where that line has no such backend. 2.x has
 # no llama-box (GGUF) backend; 0.x has no SGLang.
@@ -191,7 +193,9 @@ def _model(entry: Any, where: str) -> Model:
         name=name,
         source=source,
         repository=repository,
-        revision=_text(entry, "revision", where) if "revision" in entry else "main",
+        revision=_text(entry, "revision", where)
+        if "revision" in entry
+        else DEFAULT_REVISIONS[source],
         files=files,
         backend=backend,
         description=_text(entry, "description", where) if "description" in entry else "",

@@ -52,10 +52,13 @@ class Options:
     # GPUStack 2.x: upstream's runner list per version, written by `invoke lock`
     runners_dir: str = "bundles/runners"
     # models (bundles/models.toml) and their locks; the Hugging Face endpoint models are locked
-    # and fetched from ("" = $HF_ENDPOINT, else https://huggingface.co): a site mirror works
+    # and fetched from ("" = $HF_ENDPOINT, else https://huggingface.co) and ModelScope's ("" =
+    # $MODELSCOPE_ENDPOINT, else $MODELSCOPE_DOMAIN, else https://www.modelscope.cn): a site
+    # mirror answering the same paths works
     models: str = "bundles/models.toml"
     model_locks_dir: str = "bundles/locks/models"
     hf_endpoint: str = ""
+    modelscope_endpoint: str = ""
     # signing: an exported secret key file ("" = unsigned) and the name of the environment
     # variable holding its passphrase ("" = none); verify_key: the public key `verify` checks with
     signing_key: str = ""

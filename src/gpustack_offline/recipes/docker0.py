@@ -60,8 +60,9 @@ class Docker0:
         sinkhole = base_image(HOST_ARCH, ctx.cache, ctx.opts.debian_mirror)
         allowlist = egress.load_allowlist(ctx.layout.egress_allowlist, cell.id)
         return verify_docker(
-            cell, ctx.layout.bundle(cell.id), ctx.opts.verify_timeout, report, sinkhole, allowlist
-        )
+            cell, ctx.layout.bundle(cell.id), ctx.layout.cache, ctx.opts.verify_timeout, report,
+            sinkhole, allowlist,
+        )  # fmt: skip
 
     def verify_upgrade(
         self, ctx: Context, cell: Cell, old_dir: Path, delta_dir: Path, report: Report

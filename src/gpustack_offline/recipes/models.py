@@ -26,7 +26,6 @@ from gpustack_offline.core.matrix import Cell
 from gpustack_offline.core.models import FILE_BACKENDS, Model
 from gpustack_offline.recipes import docker2, for_cell, pip0
 from gpustack_offline.recipes.base import Locked, build_bundle, existing
-from gpustack_offline.stages import hub
 from gpustack_offline.stages.model_locks import (
     ModelLock,
     changes,
@@ -35,24 +34,30 @@ from gpustack_offline.stages.model_locks import (
     stale,
     write_lock,
 )
+from gpustack_offline.stages.model_sources import ModelSource, for_source
 from gpustack_offline.verify import common as verifying
 from gpustack_offline.verify import egress
 from gpustack_offline.verify.common import HOST_ARCH, Report, Unverifiable
 from gpustack_offline.verify.models import model_bundle_env, verify_model, verify_model_docker2
 
 
-def endpoint(ctx: Context) -> str:
-    return hub.endpoint(ctx.opts.hf_endpoint)
+def source(ctx: Context, model: Model) -> tuple[ModelSource, str]:
+    """The model's source (`stages/model_sources.py`) and the endpoint it is asked at: its
+    option (`hf-endpoint`, `modelscope-endpoint`), else the source client's own variables."""
+    chosen = for_source(model.source)
+    return chosen, chosen.endpoint(str(getattr(ctx.opts, chosen.OPTION)))
 
 
 def lock(ctx: Context, model: Model) -> Locked:
     """Pin the model's revision to a commit and its files to size and sha256 (online), and
     say what moved since the committed lock."""
-    hub.refuse_unsupported(model)
+    chosen, base = source(ctx, model)
     path = lock_path(ctx.layout.model_locks, model.name)
     old = read_lock(path) if path.is_file() else None
-    resolved = hub.resolve(model, endpoint(ctx), ctx.store(), old)
-    made = write_lock(ctx.layout.model_locks, model, resolved.commit, resolved.files)
+    resolved = chosen.resolve(model, base, ctx.store(), old)
+    made = write_lock(
+        ctx.layout.model_locks, model, resolved.commit, resolved.files, chosen.LOCK_NOTE
+    )
     return Locked(made, changes(old, read_lock(made)))
 
 
@@ -72,7 +77,6 @@ def inputs(ctx: Context, model: Model) -> list[Path]:
 
 def _current(ctx: Context, model: Model, frozen: bool) -> tuple[ModelLock, str]:
     """The model's current lock, made or refreshed online unless `frozen`; and what happened."""
-    hub.refuse_unsupported(model)
     path = lock_path(ctx.layout.model_locks, model.name)
     fix = f"run `invoke lock --model {model.name}` and commit it"
     if not path.is_file():
@@ -98,7 +102,8 @@ def build(ctx: Context, model: Model) -> Result:
 
     def gather() -> tuple[tuple[ModelLock, dict[str, Path]], str]:
         current, state = _current(ctx, model, ctx.opts.frozen)
-        blobs = hub.fetch(ctx.store(), current, endpoint(ctx), ctx.opts.jobs, ctx.opts.progress)
+        chosen, base = source(ctx, model)
+        blobs = chosen.fetch(ctx.store(), current, base, ctx.opts.jobs, ctx.opts.progress)
         return (current, blobs), state
 
     def fill(stage: Path, gathered: tuple[ModelLock, dict[str, Path]]) -> dict[str, object]:

@@ -48,5 +48,5 @@ class PlatformError(RegistryError):
 
 
 class HubError(BundleError):
-    """The model hub (Hugging Face or a site mirror) cannot be asked, or has no such repository,
-    revision or file."""
+    """The model source (the Hugging Face hub, ModelScope, or a site mirror of either) cannot be
+    asked, or has no such repository, revision or file."""

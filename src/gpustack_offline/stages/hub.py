@@ -17,25 +17,32 @@ gated models; requests drops it when the hub redirects to its CDN on another hos
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import os
 import urllib.parse
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import requests
 
 from gpustack_offline.core.downloads import BlobStore, Download, session
-from gpustack_offline.core.errors import IntegrityError, ModelError
-from gpustack_offline.core.models import SUPPORTED_SOURCES, Model
+from gpustack_offline.core.errors import IntegrityError
+from gpustack_offline.core.models import Model
 from gpustack_offline.stages.errors import HubError
-from gpustack_offline.stages.model_locks import ModelFile, ModelLock, safe_path
+from gpustack_offline.stages.model_locks import (
+    HF_NOTE,
+    ModelFile,
+    ModelLock,
+    Resolved,
+    check_patterns,
+    safe_path,
+)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 ENDPOINT_ENV = "HF_ENDPOINT"
+OPTION = "hf_endpoint"  # the option naming the endpoint (`hf-endpoint`)
+LOCK_NOTE = HF_NOTE
 
 
 def endpoint(option: str, env: Mapping[str, str] | None = None) -> str:
@@ -48,14 +55,14 @@ def file_url(base: str, repository: str, commit: str, path: str) -> str:
     return f"{base.rstrip('/')}/{repository}/resolve/{commit}/{urllib.parse.quote(path)}"
 
 
-def refuse_unsupported(model: Model) -> None:
-    if model.source not in SUPPORTED_SOURCES:
-        raise ModelError(
-            f"model {model.name}: source {model.source!r} is not supported yet (only "
-            f"{', '.join(SUPPORTED_SOURCES)}); ModelScope locking and downloads are still to "
-            "be built (issue 17). Fix: use the same repository from huggingface if it is "
-            "published there"
-        )
+def home(repository: str) -> str:
+    """The repository's public page (the catalog's `home`)."""
+    return f"{DEFAULT_ENDPOINT}/{repository}"
+
+
+def web_url(repository: str, commit: str) -> str:
+    """The repository's files at the commit, on the public hub (the SBOM's website)."""
+    return f"{DEFAULT_ENDPOINT}/{repository}/tree/{commit}"
 
 
 def hub_session() -> requests.Session:
@@ -78,12 +85,6 @@ def git_blob_id(path: Path) -> str:
     return digest.hexdigest()
 
 
-@dataclass(frozen=True)
-class Resolved:
-    commit: str
-    files: tuple[ModelFile, ...]
-
-
 def resolve(
     model: Model,
     base: str,
@@ -93,7 +94,6 @@ def resolve(
     """The model's revision as a commit, and every file its patterns match with size and
     sha256. Files outside LFS are fetched into `store` to be hashed, unless `previous` (the
     lock being refreshed) already has the same git blob stored."""
-    refuse_unsupported(model)
     info = _model_info(model, base)
     commit = str(getattr(info, "sha", "") or "")
     if len(commit) != 40:
@@ -103,12 +103,7 @@ def resolve(
         )
     siblings = list(getattr(info, "siblings", None) or [])
     names = sorted(str(s.rfilename) for s in siblings)
-    for pattern in model.files:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
-            raise HubError(
-                f"model {model.name}: no file of {model.repository}@{commit[:12]} matches "
-                f"{pattern!r}; it has {_listing(names)}. Fix: correct files in models.toml"
-            )
+    check_patterns(model, names, f"{model.repository}@{commit[:12]}")
     known = {f.blob_id: f for f in previous.files if f.blob_id} if previous else {}
     http = hub_session()
     files = []
@@ -154,12 +149,6 @@ def _file(
             "and rerun"
         )
     return ModelFile(path, size, sha256, lfs=False, blob_id=blob_id)
-
-
-def _listing(names: Sequence[str]) -> str:
-    shown = ", ".join(names[:20])
-    more = f" and {len(names) - 20} more" if len(names) > 20 else ""
-    return f"{shown}{more}" if names else "no files"
 
 
 def _model_info(model: Model, base: str) -> Any:

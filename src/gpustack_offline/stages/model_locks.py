@@ -2,7 +2,8 @@
 sha256, one reviewed file per model (`bundles/locks/models/<name>.toml`).
 
 The lock is what a build downloads and checks against; `invoke lock --model NAME` writes it
-from the hub's answer (`stages/hub.py`). It records a digest of the model's entry in
+from the source's answer (`stages/hub.py` for Hugging Face, `stages/modelscope.py` for
+ModelScope, chosen in `stages/model_sources.py`). It records a digest of the model's entry in
 `models.toml` (source, repository, revision, patterns), so a changed entry shows up as a stale
 lock, refused by a frozen build, instead of a silently different bundle. The file is written
 atomically, its files sorted by path, so a refresh reads as a diff of what moved.
@@ -10,10 +11,11 @@ atomically, its files sorted by path, so a refresh reads as a diff of what moved
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -22,6 +24,7 @@ from gpustack_offline.core.errors import LockError
 from gpustack_offline.core.files import write_text
 from gpustack_offline.core.models import Model
 from gpustack_offline.core.tomlfile import read_toml
+from gpustack_offline.stages.errors import HubError
 
 SCHEMA = 1
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -34,7 +37,7 @@ class ModelFile:
     path: str  # inside the repository, with "/"
     size: int
     sha256: str
-    lfs: bool = False  # the hub gave the sha256 (Git LFS); else it was hashed at lock time
+    lfs: bool = False  # the source keeps it in Git LFS (the hub: the sha256 came from its API)
     blob_id: str = ""  # the git blob id the hub names, for a file outside LFS
 
 
@@ -55,6 +58,21 @@ class ModelLock:
 
     def digest(self) -> str:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A source's answer for a model: its revision as a commit, and the files it carries."""
+
+    commit: str
+    files: tuple[ModelFile, ...]
+
+
+# What a lock says of where its sums came from, by source (a comment in the lock file).
+HF_NOTE = (
+    "size and sha256: from the hub's API for Git LFS files, hashed here for the others (each",
+    "checked against the git blob id the hub names). Review a change like code.",
+)
 
 
 def lock_path(locks_dir: Path, name: str) -> Path:
@@ -126,15 +144,21 @@ def _file(entry: Any, where: str) -> ModelFile:
     )
 
 
-def write_lock(locks_dir: Path, model: Model, commit: str, files: Sequence[ModelFile]) -> Path:
-    """Write the model's lock atomically, files sorted by path; return its path."""
+def write_lock(
+    locks_dir: Path,
+    model: Model,
+    commit: str,
+    files: Sequence[ModelFile],
+    note: Sequence[str] = HF_NOTE,
+) -> Path:
+    """Write the model's lock atomically, files sorted by path; return its path. `note` says
+    where the sums came from (the source's own words, a comment)."""
     final = lock_path(locks_dir, model.name)
     lines = [
         f"# Lock for model {model.name}: written by `invoke lock --model {model.name}`, read by",
         f"# `invoke bundle --model {model.name}`. The revision pinned to a commit and every "
         "file to its",
-        "# size and sha256: from the hub's API for Git LFS files, hashed here for the others (each",
-        "# checked against the git blob id the hub names). Review a change like code.",
+        *(f"# {line}" for line in note),
         f"schema = {SCHEMA}",
         f"name = {json.dumps(model.name)}",
         f"source = {json.dumps(model.source)}",
@@ -178,3 +202,20 @@ def changes(old: ModelLock | None, new: ModelLock) -> list[str]:
 
 def stale(lock: ModelLock, model: Model) -> bool:
     return lock.inputs_digest != model.inputs_digest() or lock.name != model.name
+
+
+def check_patterns(model: Model, names: Sequence[str], where: str) -> None:
+    """Refuse a pattern of the model that matches none of the repository's files `names`,
+    naming them (the fix is in models.toml)."""
+    for pattern in model.files:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise HubError(
+                f"model {model.name}: no file of {where} matches {pattern!r}; it has "
+                f"{listing(names)}. Fix: correct files in models.toml"
+            )
+
+
+def listing(names: Iterable[str]) -> str:
+    shown = sorted(names)
+    more = f" and {len(shown) - 20} more" if len(shown) > 20 else ""
+    return f"{', '.join(shown[:20])}{more}" if shown else "no files"

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import socket
 import subprocess
@@ -29,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import requests
 
@@ -47,7 +48,7 @@ from gpustack_offline.core.matrix import Cell
 from gpustack_offline.core.processes import run
 from gpustack_offline.stages import runners
 from gpustack_offline.stages.registry import Registry, RegistryError
-from gpustack_offline.verify import egress
+from gpustack_offline.verify import egress, standins
 from gpustack_offline.verify.common import (
     AUDIT_LOG,
     SETTLE,
@@ -126,20 +127,26 @@ def site_registry() -> Iterator[str]:
 def verify_docker(
     cell: Cell,
     bundle_dir: Path,
+    cache: Path,
     timeout: int,
     report: Report,
     sinkhole_image: str,
     allowlist: Sequence[str] = (),
 ) -> Report:
-    """A GPUStack 0.x docker bundle, as the module's doc says."""
+    """A GPUStack 0.x docker bundle, as the module's doc says. A vendor's image (Ascend, AMD,
+    Hygon, Moore Threads) is installed with the stand-ins of `verify.standins` for its preflight
+    and started with upstream's options for it (`standins.image_options`)."""
     refs = bundle_images(bundle_dir)
     if not refs:
         raise VerifyError(f"{bundle_dir}: bundle.env names no IMAGES; rebuild the bundle")
     engine = client()
     added: list[str] = []
+    stand_in = standins.host_env(cell, cache, os.environ.get("PATH", ""))
+    env = {**os.environ, **stand_in} if stand_in else None
+    options = standins.image_options(cell, standins.host_root(cell, cache)) if stand_in else {}
 
     def step(name: str, argv: list[str]) -> Step:
-        return host_step(cell, report, name, argv)
+        return host_step(cell, report, name, argv, env)
 
     _require_absent(engine, cell, refs, report)
     # No NVIDIA runtime here: cuda cells skip the preflight, and run without --gpus.
@@ -155,11 +162,11 @@ def verify_docker(
                 egress.resolver_mounts(hole) as dns,
             ):
                 audit = (engine, hole, dns)
-                upstream = run_audited(
-                    audit, cell, refs[0], ImageStart("upstream", IMAGE_PORT), timeout, report
-                )
+                plain = ImageStart("upstream", IMAGE_PORT, options=options)
+                upstream = run_audited(audit, cell, refs[0], plain, timeout, report)
                 site = run_audited(
-                    audit, cell, refs[0], ImageStart("site", IMAGE_PORT, env=site_env),
+                    audit, cell, refs[0], ImageStart("site", IMAGE_PORT, env=site_env,
+                                                     options=options),
                     timeout, report,
                 )  # fmt: skip
             report.upstream = upstream.summary()
@@ -348,6 +355,7 @@ class ImageStart:
     log_in: bool = True  # with the initial password (not once an operator has changed it)
     during: Callable[[Container], None] | None = None  # after the login, before the settling
     mounts: Sequence[str] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)  # more Docker SDK create arguments
 
 
 @dataclass(frozen=True)
@@ -387,6 +395,8 @@ def run_audited(
     for spec in start.mounts:
         host, inside, *mode = spec.split(":")
         volumes[host] = {"bind": inside, "mode": mode[0] if mode else "rw"}
+    more = dict(start.options)
+    volumes.update(more.pop("volumes", {}))
     box = engine.containers.create(
         ref,
         command=list(start.args) or None,
@@ -394,6 +404,7 @@ def run_audited(
         environment=_hooked(engine, ref, start.env),
         volumes=volumes,
         name=f"verify-{start.name}-{int(time.time() * 1000) % 10**9}",
+        **more,
     )
     try:
         box.start()
@@ -436,11 +447,13 @@ def _hooked(engine: DockerClient, ref: str, env: Mapping[str, str]) -> dict[str,
     }
 
 
-def host_step(cell: Cell, report: Report, name: str, argv: list[str]) -> Step:
+def host_step(
+    cell: Cell, report: Report, name: str, argv: list[str], env: Mapping[str, str] | None = None
+) -> Step:
     """Run one command of the verification, record it, and fail the cell if it failed."""
     started = time.monotonic()
     try:
-        code, output = 0, run(argv, what=name).stdout or ""
+        code, output = 0, run(argv, what=name, env=env).stdout or ""
     except CommandError as exc:  # its message has the exit status and the output's tail
         found = re.search(r"\(exit (-?\d+)\)", str(exc))
         code, output = (int(found[1]) if found else 1), str(exc)

@@ -8,14 +8,24 @@ chip of the cell's build. Where preflight reads the host's toolkit version, devi
 driver folders, a stand-in host root holds them at the floor (`PREFLIGHT_HOST_ROOT`, the same
 hook the tests of preflight.sh use): nothing of it is in the container's own folders, so the
 installed GPUStack still runs on a machine with no accelerator libraries.
+
+A 0.x docker bundle of a vendor's device is installed on this host itself: `install.sh` runs its
+preflight with the stand-in tool first on PATH and the host root (`host_env`), which holds the
+device nodes and paths upstream's line for the image names; the image is then started with that
+line's options (`image_options`), each device node being /dev/null under the node's name and
+each mounted host path the host root's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
+from typing import Any
 
 from gpustack_offline import payload
+from gpustack_offline.core.devices import run_option
+from gpustack_offline.core.errors import VerifyError
 from gpustack_offline.core.files import atomic_dir
 from gpustack_offline.core.matrix import Cell
 
@@ -55,7 +65,10 @@ def host_root(cell: Cell, cache: Path) -> Path:
     toolkit version at the floor; made once per device and kept in the cache."""
     assert cell.vendor is not None and cell.toolkit is not None
     vendor, device = cell.vendor, cell.toolkit.device
-    final = cache / "verify" / "stand-in-hosts" / f"{device.name}-{vendor.version or 'none'}"
+    # a pip cell's nodes and folders differ from an image's of the same device (its run line's)
+    what = hashlib.sha256(repr((vendor.devices, vendor.paths)).encode()).hexdigest()[:8]
+    name = f"{device.name}-{vendor.version or 'none'}-{what}"
+    final = cache / "verify" / "stand-in-hosts" / name
     if final.is_dir():
         return final
     with atomic_dir(final) as root:
@@ -63,10 +76,56 @@ def host_root(cell: Cell, cache: Path) -> Path:
             node = root / re.sub(r"\[0-9\]\*", "0", pattern).replace("*", "128").lstrip("/")
             node.parent.mkdir(parents=True, exist_ok=True)
             node.write_text("")
-        for folder in vendor.paths:
+        for folder in vendor.paths:  # folders, or (a run line's -v) files or folders
             (root / folder.lstrip("/")).mkdir(parents=True, exist_ok=True)
         if vendor.version in VERSION_FILES:
             path, text = VERSION_FILES[vendor.version]
             (root / path).parent.mkdir(parents=True, exist_ok=True)
             (root / path).write_text(text.format(v=device.version.replace(".rc", ".RC")))
     return final
+
+
+def host_env(cell: Cell, cache: Path, path: str) -> dict[str, str]:
+    """What to add to the environment of a 0.x vendor bundle's scripts run on this host as on
+    the cell's: `path` (PATH) behind a folder with the stand-in tool alone, the host root
+    (PREFLIGHT_HOST_ROOT) and the tool's answers. Nothing for other cells."""
+    if cell.vendor is None or cell.toolkit is None:
+        return {}
+    name = cell.vendor.tool[0]
+    tools = cache / "verify" / "stand-in-tools" / name
+    if not (tools / name).is_symlink():
+        with atomic_dir(tools) as folder:
+            (folder / name).symlink_to(payload.path(f"fakes/{name}"))
+    _, env = stand_ins(cell, cache)
+    root = str(host_root(cell, cache))
+    return {**env, "PREFLIGHT_HOST_ROOT": root, "PATH": f"{tools}:{path}"}
+
+
+def image_options(cell: Cell, root: Path) -> dict[str, Any]:
+    """The cell's run options (upstream's line for its image) as Docker SDK arguments, with
+    stand-ins: each device node /dev/null under its name, each host path the one under `root`
+    (read-only). The host network is left out: the verification chooses the network."""
+    out: dict[str, Any] = {}
+    for option in cell.worker_options():
+        flag, value = run_option(option)
+        if flag == "--device":
+            out.setdefault("devices", []).append(f"/dev/null:{value.split(':')[0]}:rwm")
+        elif flag in ("-v", "--volume"):
+            source, inside = value.split(":")[:2]
+            # read-only whatever the line says: the stand-ins are kept in the cache
+            volumes = out.setdefault("volumes", {})
+            volumes[str(root / source.strip("/"))] = {"bind": inside, "mode": "ro"}
+        elif flag == "--group-add":
+            out.setdefault("group_add", []).append(value)
+        elif flag == "--cap-add":
+            out.setdefault("cap_add", []).append(value)
+        elif flag == "--security-opt":
+            out.setdefault("security_opt", []).append(value)
+        elif flag == "--ipc":
+            out["ipc_mode"] = value
+        elif flag != "--network":
+            raise VerifyError(
+                f"{cell.id}: the verification has no stand-in for the run option {option!r}; "
+                "teach verify/standins.py image_options it"
+            )
+    return out
