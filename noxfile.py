@@ -70,7 +70,8 @@ def _model_pairs() -> list[str]:
 @nox.parametrize("pair", [nox.param(p, id=p) for p in _model_pairs() or ["none-built"]])
 def models(session: nox.Session, pair: str) -> None:
     """Install a model bundle beside a GPUStack bundle offline, offer it from the site's catalog
-    and deploy it (llama-box models beside 0.x pip cells; inference is not run)."""
+    and deploy it (llama-box beside 0.x pip cells; vLLM/SGLang beside 2.x docker cells, up to
+    the scheduler; inference is not run)."""
     from gpustack_offline.cli import commands
 
     outcome = commands.models_session(ROOT, None if pair == "none-built" else pair)

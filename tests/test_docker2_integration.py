@@ -7,6 +7,8 @@ sharing a base layer, pause and health. The build pins and pulls them through th
 `registry-mirror` option; verification pushes them into a loopback site registry with
 install.sh, checks every reference the worker will compute, and starts the server from there as
 install.sh told the operator, audited for egress: its first start, an admin login and 30 s more.
+A tiny model bundle is then verified beside the same bundle, as far as the server goes without a
+GPU worker (catalog, deployment, the scheduler reading its config at the placed path).
 
 The cell is 2.2.3's: started the way install.sh configures it today, 2.3.0's server also asks
 ota.gpustack.ai for its content index (`--ota-server-url`, new in 2.3.0), which install.sh's
@@ -133,6 +135,71 @@ def test_a_2x_bundle_carries_upstreams_images_and_its_configured_server_start_re
     assert written["server"]["errors"] == []
     saved = json.loads(ctx.layout.report(cell.id).read_text())
     assert saved["ok"] and saved["egress"] == {"hosts_attempted": 0, "hosts": []}
+
+
+MODEL_STEPS = [
+    "absent", "install", "registry-references", "pull", "install-model", "config-catalog",
+    "healthz-server", "ui-server", "deploy", "catalog", "deployment", "config-read", "scheduler",
+    "no-download", "egress",
+]  # fmt: skip
+
+
+def test_a_model_bundle_beside_the_2x_bundle_is_offered_and_deployed_as_far_as_the_server_goes(
+    ctx, root, tmp_path
+):
+    """A tiny safetensors model (vLLM), bundled from the loopback hub stand-in through the real
+    `huggingface_hub`, placed with install-model.sh --prefix beside the 2.2.3 bundle installed
+    with install.sh --registry: the server from the site registry, started with install.sh's
+    server.args, docker.env and docker.volumes, lists the model with its local path, accepts
+    its deployment (POST /v2/models) and reads its config at the placed path through the
+    mount; no worker runs here (a 2.x worker needs a GPU and runner containers), so the
+    scheduler answers "No available workers" and the check stops there. Nothing outside is
+    asked."""
+    from support.hf_hub import HubStandIn, tiny_safetensors
+
+    cell = ctx.matrix.cell(CELL)
+    commands.lock(ctx, [cell])
+    commands.build(ctx, [cell])  # checked, not rebuilt, after the test above
+    (tmp_path / "models.toml").write_text(
+        '[[model]]\nname = "tiny-st"\nsource = "huggingface"\nrepository = "test-org/tiny-st"\n'
+        'files = ["*.json", "*.safetensors"]\nbackend = "vllm"\ncategories = ["llm"]\n'
+    )
+    config = b'{"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}\n'
+    with HubStandIn() as hf:
+        hf.add("test-org/tiny-st", {"config.json": config, "model.safetensors": tiny_safetensors()})
+        cli = {
+            "models": str(tmp_path / "models.toml"),
+            "model_locks_dir": str(tmp_path / "locks"),
+            "dist_dir": str(ctx.dist),
+            "runners_dir": str(ctx.layout.runners),
+            "hf_endpoint": hf.url,
+            "progress": False,
+        }
+        model_ctx = commands.Context.load(root, cli=cli)
+        (model,) = commands.build(model_ctx, [], model_ctx.models(["tiny-st"]))
+
+    report = commands.verify_model(model_ctx, cell, model.directory)
+    assert report.ok and [s.name for s in report.steps] == MODEL_STEPS, report.steps
+    steps = {s.name: s.output for s in report.steps}
+    probe = json.loads(steps["deploy"].strip().splitlines()[-1])
+    placed = probe["spec"]["local_path"]
+    assert placed.endswith("/models/tiny-st") and probe["spec"]["source"] == "local_path"
+    assert (
+        f"GPUSTACK_MODEL_CATALOG_FILE={placed.removesuffix('/tiny-st')}/model-catalog.yaml"
+        in (steps["config-catalog"])
+    )
+    assert probe["created"]["status"] == 200 and probe["created"]["body"]["local_path"] == placed
+    assert probe["created"]["body"]["backend"] == "vLLM"
+    # the scheduler read the config from the server's own copy, through the mount
+    assert "Trying to get pretrained config from" in steps["config-read"]
+    assert "does not exist in server node" not in steps["config-read"]
+    assert probe["states"][-1] == "pending"  # `analyzing` may pass between two polls
+    assert probe["instance"]["state_message"] == "No available workers"
+    assert "the scheduler: No available workers" in report.note
+    assert report.egress == {"hosts_attempted": 0, "hosts": []}
+    saved = ctx.dist / f"model-tiny-st.{CELL}.verify.json"
+    assert json.loads(saved.read_text())["ok"] is True
+    print(f"\n{report.note}\n{steps['config-read']}")
 
 
 def test_the_audit_fails_a_server_start_that_reaches_for_docker_hub_and_quay(ctx, hub):

@@ -218,7 +218,16 @@ def test_without_server_args_the_2x_server_gets_the_registry_flag_install_sh_pri
 ) -> None:
     start = docker_verify.server_start(tmp_path, "127.0.0.1:5000/site/mirror")
     assert list(start.args) == ["--system-default-container-registry", "127.0.0.1:5000/site/mirror"]
-    assert dict(start.env) == {}
+    assert dict(start.env) == {} and start.mounts == ()
+
+
+def test_the_2x_server_mounts_the_folders_install_model_sh_recorded(tmp_path: Path) -> None:
+    (tmp_path / "docker.volumes").write_text(
+        "# Folders the GPUStack containers must see, one HOST:CONTAINER[:ro] a line\n"
+        "/srv/models:/srv/models:ro\n\n/etc/catalogs:/etc/catalogs:ro\n"
+    )
+    start = docker_verify.server_start(tmp_path, "127.0.0.1:5000/site/mirror")
+    assert start.mounts == ("/srv/models:/srv/models:ro", "/etc/catalogs:/etc/catalogs:ro")
 
 
 @pytest.mark.parametrize(

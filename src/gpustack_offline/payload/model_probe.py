@@ -2,17 +2,22 @@
 
 Run in the target container by its python3 (standard library only, Python 3.8 and later):
 
-    python3 -c "$(cat model_probe.py)" BASE_URL PASSWORD_FILE MODEL_NAME SECONDS
+    python3 -c "$(cat model_probe.py)" BASE_URL PASSWORD_FILE MODEL_NAME SECONDS [API]
 
 Logs in as admin (the password in PASSWORD_FILE), finds MODEL_NAME in the model catalog
-(`GET /v1/model-sets?search=`, then its specs: `GET /v1/model-sets/{id}/specs`, GPUStack 0.6
-and 0.7), deploys its `local_path` spec (`POST /v1/models`: the spec's source, path, backend and
-replicas under the set's name and categories, as the UI's catalog page sends them), then follows
-the model's instance for at most SECONDS until it runs or fails (at most a minute after the
-worker resolved its file) (`GET /v1/models/{id}/instances`, then `GET /v1/model-files`).
-Prints one JSON line: what each answered (`catalog`, `spec`, `created`, the instance states
-seen in order, the last instance, the model files), or `error`. Exits 0 when every request got
-an answer; judging them is the caller's.
+(`GET API/model-sets?search=`, then its specs: `GET API/model-sets/{id}/specs`; API is `/v1`,
+GPUStack 0.6 and 0.7, the default, or `/v2`, GPUStack 2.x's `versioned_prefix`), deploys its
+`local_path` spec (`POST API/models`: the spec's source, path, backend and replicas under the
+set's name and categories, as the UI's catalog page sends them; for 2.x also a cluster: the
+first of `GET API/clusters`, or, on a fresh server-only 2.x that has none, one made as the
+operator's "Add Cluster" does, `POST API/clusters` with provider Docker), then follows the
+model's instance (`GET API/models/{id}/instances`) for at most SECONDS until it runs or fails
+(at most a minute after the worker resolved its file), or until the scheduler left it `pending`
+with its reason (no worker fits; a fresh instance is `pending` with none, and `analyzing` may
+pass between two polls), and asks `GET API/model-files`. Prints one JSON line: what each
+answered (`catalog`, `spec`, `created`, the instance states seen in order, the last instance,
+the model files), or `error`. Exits 0 when every request got an answer; judging them is the
+caller's.
 """
 
 import http.cookiejar
@@ -23,14 +28,16 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
-# The states an instance passes before its engine runs (GPUStack 0.7 ModelInstanceStateEnum).
+# The states an instance passes before its engine runs (ModelInstanceStateEnum, 0.7 and 2.x).
 BEFORE_SERVING = ("pending", "analyzing", "scheduled", "initializing", "downloading")
 ENDED = ("running", "error")
 ENGINE_SECONDS = 60  # from `starting`, how long the engine gets to run or fail
+CLUSTER = "site"  # the cluster made on a 2.x server that has none
 
 
 def main() -> int:
     base, password_file, name, seconds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+    api = sys.argv[5] if len(sys.argv) > 5 else "/v1"
     with open(password_file) as fh:
         password = fh.read().strip()
     jar = http.cookiejar.CookieJar()
@@ -56,12 +63,12 @@ def main() -> int:
     try:
         out["login"], _ = call("/auth/login", {"username": "admin", "password": password}, True)
         query = urllib.parse.urlencode({"search": name, "page": 1, "perPage": 100})
-        _, sets = call(f"/v1/model-sets?{query}")
+        _, sets = call(f"{api}/model-sets?{query}")
         found = [s for s in sets["items"] if s.get("name") == name]
         out["catalog"] = found
         if not found:
             raise LookupError(f"no model set named {name!r} in the catalog")
-        _, specs = call(f"/v1/model-sets/{found[0]['id']}/specs?page=1&perPage=100")
+        _, specs = call(f"{api}/model-sets/{found[0]['id']}/specs?page=1&perPage=100")
         local = [s for s in specs["items"] if s.get("source") == "local_path"]
         out["spec"] = local[0] if local else None
         if not local:
@@ -78,15 +85,24 @@ def main() -> int:
             "categories": found[0].get("categories") or [],
             "description": found[0].get("description"),
         }
-        status, created = call("/v1/models", model)
+        if api != "/v1":  # 2.x: a model is deployed to a cluster
+            _, clusters = call(f"{api}/clusters?page=1&perPage=100")
+            items = clusters.get("items") or []
+            if not items:  # a fresh server has none: the operator adds one (Docker) first
+                status, made = call(f"{api}/clusters", {"name": CLUSTER, "provider": "Docker"})
+                out["cluster_created"] = status
+                items = [made] if status == 200 else []
+            out["clusters"] = [c.get("name") for c in items]
+            model["cluster_id"] = items[0]["id"]
+        status, created = call(f"{api}/models", model)
         out["created"] = {"status": status, "body": created}
         if status != 200:
-            raise RuntimeError(f"POST /v1/models answered {status}")
+            raise RuntimeError(f"POST {api}/models answered {status}")
         states: list = []
         instance = None
         deadline = time.monotonic() + float(seconds)
         while time.monotonic() < deadline:
-            _, instances = call(f"/v1/models/{created['id']}/instances?page=1&perPage=10")
+            _, instances = call(f"{api}/models/{created['id']}/instances?page=1&perPage=10")
             items = instances.get("items") or []
             if items:
                 instance = items[0]
@@ -95,13 +111,15 @@ def main() -> int:
                     states.append(state)
                 if state in ENDED:
                     break
+                if state == "pending" and instance.get("state_message"):
+                    break  # the scheduler's answer: no worker fits (or none is there)
                 if instance.get("resolved_path") and state not in BEFORE_SERVING:
                     # the file is resolved: give the engine a little longer to say how it went
                     deadline = min(deadline, time.monotonic() + ENGINE_SECONDS)
             time.sleep(1)
         out["states"] = states
         out["instance"] = instance
-        _, files = call("/v1/model-files?page=1&perPage=100")
+        _, files = call(f"{api}/model-files?page=1&perPage=100")
         out["model_files"] = files.get("items") if isinstance(files, dict) else files
     except Exception as exc:  # one line for the report, whatever failed
         out["error"] = f"{type(exc).__name__}: {exc}"

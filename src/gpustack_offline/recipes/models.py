@@ -20,10 +20,11 @@ from pathlib import Path
 from gpustack_offline.bundle import assemble
 from gpustack_offline.bundle.assemble import Result
 from gpustack_offline.core.context import Context
+from gpustack_offline.core.docker import base_image
 from gpustack_offline.core.errors import LockError, VerifyError
 from gpustack_offline.core.matrix import Cell
 from gpustack_offline.core.models import FILE_BACKENDS, Model
-from gpustack_offline.recipes import for_cell, pip0
+from gpustack_offline.recipes import docker2, for_cell, pip0
 from gpustack_offline.recipes.base import Locked, build_bundle, existing
 from gpustack_offline.stages.model_locks import (
     ModelLock,
@@ -36,8 +37,8 @@ from gpustack_offline.stages.model_locks import (
 from gpustack_offline.stages.model_sources import ModelSource, for_source
 from gpustack_offline.verify import common as verifying
 from gpustack_offline.verify import egress
-from gpustack_offline.verify.common import Report, Unverifiable
-from gpustack_offline.verify.models import model_bundle_env, verify_model
+from gpustack_offline.verify.common import HOST_ARCH, Report, Unverifiable
+from gpustack_offline.verify.models import model_bundle_env, verify_model, verify_model_docker2
 
 
 def source(ctx: Context, model: Model) -> tuple[ModelSource, str]:
@@ -120,15 +121,19 @@ def report_path(ctx: Context, cell: Cell, model_dir: Path) -> Path:
 
 def unverifiable(cell: Cell, model_dir: Path) -> str | None:
     """Why the model bundle cannot be verified beside `cell`'s bundle here, if it cannot."""
-    if not isinstance(for_cell(cell), pip0.Pip0):
-        return f"{cell.id}: a model bundle is verified beside a pip bundle of GPUStack 0.x so far"
+    recipe = for_cell(cell)
+    if not isinstance(recipe, pip0.Pip0 | docker2.Docker2):
+        return (
+            f"{cell.id}: a model bundle is verified beside a pip bundle of GPUStack 0.x or a "
+            "docker bundle of 2.x so far"
+        )
     env = model_bundle_env(model_dir)
     if not env.get(f"CATALOG_GPUSTACK_{cell.series}"):
         return (
             f"{model_dir.name}: GPUStack {cell.series}.x has no {env.get('MODEL_BACKEND')} "
             f"backend, so {cell.id} cannot serve it"
         )
-    if env.get("MODEL_BACKEND") not in FILE_BACKENDS:
+    if isinstance(recipe, pip0.Pip0) and env.get("MODEL_BACKEND") not in FILE_BACKENDS:
         return (
             f"{model_dir.name}: a {env.get('MODEL_BACKEND')} model is scheduled only to a GPU "
             "with its engine installed; verification here covers llama-box (GGUF) models, "
@@ -138,9 +143,10 @@ def unverifiable(cell: Cell, model_dir: Path) -> str | None:
 
 
 def verify(ctx: Context, cell: Cell, model_dir: Path) -> Report:
-    """The model bundle `model_dir` installed beside the cell's bundle (both under dist) in one
-    clean container, offered from the site's catalog and deployed (`verify.models`); the report
-    beside them, whatever happens."""
+    """The model bundle `model_dir` installed beside the cell's bundle (both under dist),
+    offered from the site's catalog and deployed (`verify.models`): with a 0.x pip bundle in
+    one clean container, with a 2.x docker bundle on the Docker Engine, as far as its server
+    goes without a GPU worker; the report beside them, whatever happens."""
 
     def body(report: Report) -> Report:
         if not (model_dir / "manifest.json").is_file():
@@ -149,6 +155,12 @@ def verify(ctx: Context, cell: Cell, model_dir: Path) -> Report:
         if reason:
             raise Unverifiable(reason)
         allowlist = egress.load_allowlist(ctx.layout.egress_allowlist, cell.id)
+        if isinstance(for_cell(cell), docker2.Docker2):
+            sinkhole = base_image(HOST_ARCH, ctx.cache, ctx.opts.debian_mirror)
+            return verify_model_docker2(
+                cell, ctx.layout.bundle(cell.id), model_dir, ctx.opts.verify_timeout, report,
+                ctx.layout.runners, sinkhole, allowlist,
+            )  # fmt: skip
         return verify_model(
             cell, ctx.layout.bundle(cell.id), model_dir, ctx.layout.cache,
             ctx.opts.verify_timeout, ctx.opts.debian_mirror, report, allowlist,

@@ -198,15 +198,39 @@ def verify_docker2(
     sinkhole_image: str | None = None,
     allowlist: Sequence[str] = (),
 ) -> Report:
-    """A GPUStack 2.x bundle as a site uses it: `install.sh --registry` loads every image and
-    pushes it into the site's registry; every reference the server and worker will compute with
-    `--system-default-container-registry` (runners, pause and health included) must then
-    resolve there to a manifest for the cell's platform; with the local copies removed, the
-    server image pulled from that registry is started as install.sh told the operator
-    (`server_start`) with no route out and audited (`audit_server`).
+    """A GPUStack 2.x bundle as a site uses it (`docker2_site`), then the server image pulled
+    from the site registry started as install.sh told the operator (`server_start`) with no
+    route out and audited (`audit_server`).
 
     The sinkhole runs from `sinkhole_image` (the host's base image keeps it out of qemu), else
     from the server image itself, which has python3."""
+    with docker2_site(cell, bundle_dir, report, runners_dir) as site:
+        start = server_start(site.prefix, site.registry)
+        sinkhole = sinkhole_image or site.server
+        audit_server(cell, site.server, start, timeout, report, sinkhole, allowlist)
+    report.ok = True
+    return report
+
+
+@dataclass(frozen=True)
+class Docker2Site:
+    """A 2.x bundle installed as a site installs it: the prefix install.sh wrote its files to,
+    the site registry (with its prefix) it pushed to, and the server image pulled from there."""
+
+    prefix: Path
+    registry: str
+    server: str
+
+
+@contextlib.contextmanager
+def docker2_site(
+    cell: Cell, bundle_dir: Path, report: Report, runners_dir: Path
+) -> Iterator[Docker2Site]:
+    """`install.sh --registry` loads every image of the 2.x bundle and pushes it into a
+    loopback site registry; every reference the server and worker will compute with
+    `--system-default-container-registry` (runners, pause and health included) must then
+    resolve there to a manifest for the cell's platform; the local copies are removed and the
+    server image pulled from that registry. Everything it added is removed after."""
     refs = bundle_images(bundle_dir)
     if not refs:
         raise VerifyError(f"{bundle_dir}: bundle.env names no IMAGES; rebuild the bundle")
@@ -231,20 +255,17 @@ def verify_docker2(
             added += wanted
             report.steps.append(_resolve_in(cell, wanted, f"linux/{cell.arch}", prefix))
             remove_images(engine, added)
-            server = wanted[0]
-            _pull(engine, cell, report, server)
-            start = server_start(Path(prefix), registry)
-            audit_server(cell, server, start, timeout, report, sinkhole_image or server, allowlist)
+            _pull(engine, cell, report, wanted[0])
+            yield Docker2Site(Path(prefix), registry, wanted[0])
     finally:
         remove_images(engine, added)
-    report.ok = True
-    return report
 
 
 def server_start(prefix: Path, registry: str) -> ImageStart:
     """The start install.sh told the operator for the 2.x server: the arguments after the image
     from `<prefix>/server.args` (one a line) if install.sh wrote one, else the registry flag its
-    printed line ends with; the environment of `<prefix>/docker.env` (its `--env-file`)."""
+    printed line ends with; the environment of `<prefix>/docker.env` (its `--env-file`); the
+    folders of `<prefix>/docker.volumes` (its `--volume`s: the models install-model.sh placed)."""
     args_file, env_file = prefix / "server.args", prefix / "docker.env"
     if args_file.is_file():
         args = [line for line in args_file.read_text().splitlines() if line.strip()]
@@ -252,7 +273,15 @@ def server_start(prefix: Path, registry: str) -> ImageStart:
         args = ["--system-default-container-registry", registry]
     env = read_env_file(env_file) if env_file.is_file() else {}
     return ImageStart("server", API_PORT_2X, args=args, env=env, worker_port=None,
-                      pages=UI_PAGES_2X)  # fmt: skip
+                      pages=UI_PAGES_2X, mounts=site_volumes(prefix))  # fmt: skip
+
+
+def site_volumes(prefix: Path) -> tuple[str, ...]:
+    """The `HOST:CONTAINER[:ro]` lines of `<prefix>/docker.volumes` (comments and blanks
+    skipped), as install.sh adds each to its run lines."""
+    path = prefix / "docker.volumes"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    return tuple(line for line in lines if line.strip() and not line.startswith("#"))
 
 
 def audit_server(
@@ -313,7 +342,8 @@ class ImageStart:
     """One audited start of an image: its name in the steps, the port its /healthz answers on,
     the arguments after the image, its environment, the embedded worker's port if it has one,
     and the pages the admin asks after the login (the 0.x UI's when empty); for an upgrade, the
-    data volume, whether to log in, and what to do in the running container."""
+    data volume, whether to log in, and what to do in the running container; the site's
+    folders to mount (`HOST:CONTAINER[:ro]`, from docker.volumes)."""
 
     name: str
     port: int
@@ -324,6 +354,7 @@ class ImageStart:
     volume: str = ""  # a named volume at GPUStack's data directory, kept after the start
     log_in: bool = True  # with the initial password (not once an operator has changed it)
     during: Callable[[Container], None] | None = None  # after the login, before the settling
+    mounts: Sequence[str] = ()
     options: Mapping[str, Any] = field(default_factory=dict)  # more Docker SDK create arguments
 
 
@@ -361,6 +392,9 @@ def run_audited(
     volumes[str(audit_hook())] = {"bind": "/opt/egress-audit", "mode": "ro"}
     if start.volume:
         volumes[start.volume] = {"bind": DATA_DIR, "mode": "rw"}
+    for spec in start.mounts:
+        host, inside, *mode = spec.split(":")
+        volumes[host] = {"bind": inside, "mode": mode[0] if mode else "rw"}
     more = dict(start.options)
     volumes.update(more.pop("volumes", {}))
     box = engine.containers.create(

@@ -1,4 +1,6 @@
-"""Verification of a model bundle beside a GPUStack pip bundle, offline, in one clean container.
+"""Verification of a model bundle beside a GPUStack bundle, offline: a 0.x pip bundle in one
+clean container (`verify_model`), or a 2.x docker bundle on the Docker Engine
+(`verify_model_docker2`, the second part below).
 
 The container is the one `verify.pip` uses (Debian of the cell's arch, an internal network, the
 sinkhole as its only resolver, the audit hook on the start's PYTHONPATH); both bundles are
@@ -23,23 +25,46 @@ gguf-parser, a fixed estimate so that upstream's scheduler runs): the instance t
 `error` with the engine's message. What is asserted is what comes before the engine: the catalog
 entry, the accepted deployment, the instance scheduled to the worker, the file resolved there at
 the placed path, and nothing fetched.
+
+Beside a GPUStack 2.x docker bundle, as a site does it:
+
+1. `install.sh --prefix P --registry SITE` loads the bundle and pushes it into a loopback site
+   registry, where every image the server and worker will ask for must resolve (`docker2_site`);
+2. `install-model.sh --prefix P --dest DIR` places the model in DIR (a folder the server and
+   workers mount at the same path), writes the 2.x catalog there, and records
+   `GPUSTACK_MODEL_CATALOG_FILE` in `P/docker.env` and `DIR:DIR:ro` in `P/docker.volumes`;
+3. the server pulled from the site registry starts as install.sh prints its run line
+   (`server_start`: server.args, docker.env, docker.volumes), audited (`audit_server`): `/healthz`
+   on 30080 and the admin's login;
+4. `payload/model_probe.py` (with `/v2`, 2.x's `versioned_prefix`) finds the model in the catalog
+   with its `local_path`, deploys that spec (`POST /v2/models`) and follows its instance: the
+   scheduler analyzes it, reading the model's config at the placed path through the mount
+   (2.2.3 `scheduler/calculator.py`, `get_pretrained_config_with_workers`: the server's own copy
+   first, a worker's only when the path is not there), then looks for a worker;
+5. the server's log must name no hub and no missing path, and the egress audit of the start,
+   login and deployment must show no outside host.
+
+The check stops at the scheduler. A 2.x worker is a second container on a GPU host, with the
+Docker socket, that runs the model in a vLLM or SGLang runner container (2.x has no CPU engine
+for a safetensors model); none runs here, so the scheduler answers `No available workers` and
+the instance stays `pending`. The worker's side (its local-path check, its model file resolved,
+the runner started) and inference are not checked for 2.x.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gpustack_offline import payload
-from gpustack_offline.core.docker import base_image, exec_in, internal_network
 from gpustack_offline.core.errors import VerifyError
 from gpustack_offline.core.matrix import Cell
 from gpustack_offline.verify import egress
 from gpustack_offline.verify.common import (
-    HOST_ARCH,
     SETTLE,
     Report,
     Step,
@@ -48,17 +73,31 @@ from gpustack_offline.verify.common import (
     egress_summary,
     failure,
 )
+from gpustack_offline.verify.docker import (
+    API_PORT_2X,
+    PASSWORD_FILE,
+    audit_server,
+    docker2_site,
+    host_step,
+    server_start,
+)
 from gpustack_offline.verify.pip import (
     ISOLATION,
     PORT,
     PREFIX,
     SITE_START,
     Start,
+    exec_step,
     finish,
     launch,
     observe,
+    target_container,
 )
 
+if TYPE_CHECKING:
+    from docker.models.containers import Container
+
+Judge = Callable[[str, bool, str, str], None]
 MODEL_PROBE = payload.path("model_probe.py").read_text()
 MODELS_DIR = "/var/lib/gpustack/models"  # install-model.sh's default --dest
 DATA_DIR = "/var/lib/gpustack-site"  # `launch`'s data dir for a start named "site"
@@ -68,6 +107,10 @@ DEPLOY_SECONDS = 240
 # What a hub download leaves in GPUStack's logs (0.7 worker/downloaders.py, huggingface_hub).
 HUB_SIGNS = ("huggingface.co", "hf_hub_download", "modelscope.cn", "snapshot_download")
 DOWNLOAD_SIGN = "Downloading model file:"  # worker/model_file_manager.py, then the source
+# GPUStack 2.x's scheduler reading a local_path model's config (2.2.3 scheduler/calculator.py):
+# from the server's own copy, or, when the path is not there, from the workers
+READ_HERE = "Trying to get pretrained config from"
+NOT_HERE = "does not exist in server node"
 
 
 def verify_model(
@@ -86,37 +129,18 @@ def verify_model(
     name, entry = env["MODEL_NAME"], env.get("MODEL_ENTRY", "")
     placed = f"{MODELS_DIR}/{name}" + (f"/{entry}" if entry else "")
     catalog = f"{MODELS_DIR}/model-catalog.yaml"
-    image = base_image(cell.arch, cache, mirror)
     mounts = {
         bundle_dir.resolve(): "/bundle",
         model_dir.resolve(): "/model",
         audit_hook(): "/opt/egress-audit",
     }
-    with egress.audited_container(
-        image,
-        network=internal_network(),
-        sinkhole_image=base_image(HOST_ARCH, cache, mirror),
-        mounts=mounts,
-        read_only=list(mounts.values()),
-        env={},
-        name_hint=f"models-{cell.arch}",
-    ) as audit:
+    with target_container(cell, cache, mirror, mounts, f"models-{cell.arch}") as audit:
         box = audit.box
 
         def step(name: str, argv: list[str]) -> Step:
-            started = time.monotonic()
-            code, output = exec_in(box, argv)
-            result = Step(name, code, round(time.monotonic() - started, 1), output)
-            report.steps.append(result)
-            if code != 0:
-                raise VerifyError(failure(cell, result))
-            return result
+            return exec_step(cell, report, box, name, argv)
 
-        def judge(name: str, ok: bool, output: str, why: str) -> None:
-            report.steps.append(Step(name, 0 if ok else 1, 0.0, output))
-            if not ok:
-                raise VerifyError(failure(cell, report.steps[-1], why))
-
+        judge = _judge(cell, report)
         step("isolation", ["python3", "-c", ISOLATION, audit.sinkhole.address])
         mark = len(egress.read_events(audit.sinkhole))
         step("install", ["/bundle/install.sh", "--prefix", PREFIX])
@@ -163,8 +187,20 @@ def verify_model(
     return report
 
 
-def _judge_deployment(found: dict[str, Any], name: str, placed: str, judge: Any) -> str:
-    """Each thing the probe saw, judged in the order it happens; the report's note."""
+def _judge(cell: Cell, report: Report) -> Judge:
+    """One step per thing judged; the cell fails, saying `why`, on the first that is not ok."""
+
+    def judge(name: str, ok: bool, output: str, why: str) -> None:
+        report.steps.append(Step(name, 0 if ok else 1, 0.0, output))
+        if not ok:
+            raise VerifyError(failure(cell, report.steps[-1], why))
+
+    return judge
+
+
+def _judge_offer(found: dict[str, Any], name: str, placed: str, judge: Judge, api: str) -> str:
+    """The catalog lists the model with its placed path and its deployment was accepted; the
+    probe's answers as text, for the steps."""
     text = json.dumps(found, indent=1, sort_keys=True)
     spec = found.get("spec") or {}
     judge("catalog", spec.get("local_path") == placed and spec.get("source") == "local_path",
@@ -172,7 +208,14 @@ def _judge_deployment(found: dict[str, Any], name: str, placed: str, judge: Any)
     created = found.get("created") or {}
     body = created.get("body") or {}
     judge("deployment", created.get("status") == 200 and body.get("local_path") == placed,
-          text, f"POST /v1/models of {name}'s catalog entry was not accepted")  # fmt: skip
+          text, f"POST {api}/models of {name}'s catalog entry was not accepted")  # fmt: skip
+    return text
+
+
+def _judge_deployment(found: dict[str, Any], name: str, placed: str, judge: Judge) -> str:
+    """Each thing the probe saw, judged in the order it happens; the report's note."""
+    text = _judge_offer(found, name, placed, judge, "/v1")
+    body = (found.get("created") or {}).get("body") or {}
     instance = found.get("instance") or {}
     judge("scheduled", bool(instance.get("worker_id")), text,
           f"{name}'s instance was not scheduled to a worker (state {instance.get('state')!r}: "
@@ -191,6 +234,72 @@ def _judge_deployment(found: dict[str, Any], name: str, placed: str, judge: Any)
         f"instance states {' -> '.join(found.get('states') or [])}; the engine: {engine} "
         "(inference is not run here)"
     )
+
+
+def verify_model_docker2(
+    cell: Cell,
+    bundle_dir: Path,
+    model_dir: Path,
+    timeout: int,
+    report: Report,
+    runners_dir: Path,
+    sinkhole_image: str,
+    allowlist: Sequence[str],
+) -> Report:
+    """The model bundle `model_dir` installed beside the GPUStack 2.x docker bundle `bundle_dir`
+    (of `cell`), offered by the server from the site's catalog and deployed, as the module's
+    doc says (its second part)."""
+    name = model_bundle_env(model_dir)["MODEL_NAME"]
+    judge = _judge(cell, report)
+    found: dict[str, Any] = {}
+    with docker2_site(cell, bundle_dir, report, runners_dir) as site:
+        dest = site.prefix / "models"  # a folder the server and every worker mount
+        catalog, placed = dest / "model-catalog.yaml", dest / name
+        installer = ["bash", str(model_dir / "install-model.sh")]
+        host_step(cell, report, "install-model",
+                  [*installer, "--prefix", str(site.prefix), "--dest", str(dest)])  # fmt: skip
+        start = server_start(site.prefix, site.registry)
+        configured = start.env.get("GPUSTACK_MODEL_CATALOG_FILE") == str(catalog)
+        mounted = f"{dest}:{dest}:ro" in start.mounts
+        seen = "\n".join([*(f"{k}={v}" for k, v in start.env.items()), *start.mounts])
+        judge("config-catalog", configured and mounted, seen,
+              f"docker.env does not name {catalog} or docker.volumes lacks {dest}")  # fmt: skip
+
+        def deploy(box: Container) -> None:
+            url = f"http://127.0.0.1:{API_PORT_2X}"
+            argv = ["python3", "-c", MODEL_PROBE, url, PASSWORD_FILE, name, str(DEPLOY_SECONDS),
+                    "/v2"]  # fmt: skip
+            probe = exec_step(cell, report, box, "deploy", argv)
+            found.update(json.loads(probe.output.strip().splitlines()[-1]))
+            text = _judge_offer(found, name, str(placed), judge, "/v2")
+            log = bytes(box.logs()).decode(errors="replace").splitlines()
+            read = [line for line in log if READ_HERE in line or NOT_HERE in line]
+            judge("config-read", bool(read) and not any(NOT_HERE in line for line in read),
+                  "\n".join(read) or "no line of the scheduler's evaluation in the log",
+                  f"the server did not read {name}'s config at {placed}")  # fmt: skip
+            instance = found.get("instance") or {}
+            message = (instance.get("state_message") or "").strip()
+            # after config-read (its evaluation), the scheduler's answer: no worker to run it
+            judge("scheduler", instance.get("state") == "pending" and bool(message), text,
+                  f"the scheduler gave {name}'s instance no answer (state "
+                  f"{instance.get('state')!r}: {message!r})")  # fmt: skip
+            reached = [line for line in log if any(sign in line for sign in HUB_SIGNS)]
+            judge("no-download", not reached, "\n".join(reached) or "no hub named in the log",
+                  "the server reached for a hub for a local_path model")  # fmt: skip
+
+        audited = dataclasses.replace(start, during=deploy)
+        audit_server(cell, site.server, audited, timeout, report, sinkhole_image, allowlist)
+    instance = found.get("instance") or {}
+    body = (found.get("created") or {}).get("body") or {}
+    message = ((instance.get("state_message") or "").strip().splitlines() or ["-"])[0]
+    report.note = (
+        f"{name}: listed in the catalog with local_path {placed}; deployment accepted (model "
+        f"{body.get('id')}); its config read by the server at {placed} with nothing fetched; "
+        f"instance states {' -> '.join(found.get('states') or [])}; the scheduler: {message} "
+        "(no 2.x worker runs here: the worker's side and inference are not checked)"
+    )
+    report.ok = True
+    return report
 
 
 def model_bundle_env(model_dir: Path) -> dict[str, str]:

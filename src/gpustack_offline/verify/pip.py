@@ -8,9 +8,10 @@ answer `/healthz` within a bound. A bundle that merely installs is not verified.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -70,28 +71,20 @@ def verify_pip(
     The install goes into a volume that a second container of the same image shares: upstream's
     plain start runs there while the configured start runs in the first, both at once, and the
     sinkhole tells their attempts apart by address. The two share one settling time."""
-    image = base_image(cell.arch, cache, mirror)
     mounts = {bundle_dir.resolve(): "/bundle", audit_hook(): "/opt/egress-audit"}
     # No accelerator here: the vendor's tool (and host facts) at exactly the cell's floor.
     standing_in, env = stand_ins(cell, cache)
     mounts.update(standing_in)
-    read_only = list(mounts.values())
     with (
         volume("gpustack-offline-verify-prefix") as prefix,
-        egress.audited_container(
-            image,
-            network=internal_network(),
-            sinkhole_image=base_image(HOST_ARCH, cache, mirror),
-            mounts={**mounts, prefix: PREFIX},
-            read_only=read_only,
-            env=env,
-            name_hint=f"verify-{cell.arch}",
+        target_container(
+            cell, cache, mirror, mounts, f"verify-{cell.arch}", writable={prefix: PREFIX}, env=env
         ) as audit,
         egress.audited_twin(
             audit,
-            image,
+            base_image(cell.arch, cache, mirror),
             mounts={**mounts, prefix: PREFIX},
-            read_only=read_only,
+            read_only=list(mounts.values()),
             env=env,
             name_hint=f"verify-{cell.arch}-upstream",
         ) as twin,
@@ -99,13 +92,7 @@ def verify_pip(
         box = audit.box
 
         def step(name: str, argv: list[str]) -> Step:
-            started = time.monotonic()
-            code, output = exec_in(box, argv, env=env)
-            result = Step(name, code, round(time.monotonic() - started, 1), output)
-            report.steps.append(result)
-            if code != 0:
-                raise VerifyError(failure(cell, result))
-            return result
+            return exec_step(cell, report, box, name, argv, env)
 
         step("isolation", ["python3", "-c", ISOLATION, audit.sinkhole.address])
         mark = len(egress.read_events(audit.sinkhole))
@@ -142,6 +129,51 @@ def verify_pip(
         egress_step(cell, judged, site, allowlist, report)
     report.ok = True
     return report
+
+
+@contextlib.contextmanager
+def target_container(
+    cell: Cell,
+    cache: Path,
+    mirror: str,
+    mounts: Mapping[Path, str],
+    name_hint: str,
+    *,
+    writable: Mapping[Path, str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[egress.Audit]:
+    """A clean container of the cell's target (Debian of its arch, arm64 under qemu) on an
+    internal network with the sinkhole as its only resolver: `mounts` read-only (the bundles,
+    the audit hook), `writable` not. The sinkhole runs on the host's arch, out of qemu."""
+    with egress.audited_container(
+        base_image(cell.arch, cache, mirror),
+        network=internal_network(),
+        sinkhole_image=base_image(HOST_ARCH, cache, mirror),
+        mounts={**mounts, **(writable or {})},
+        read_only=list(mounts.values()),
+        env=env or {},
+        name_hint=name_hint,
+    ) as audit:
+        yield audit
+
+
+def exec_step(
+    cell: Cell,
+    report: Report,
+    box: Container,
+    name: str,
+    argv: list[str],
+    env: Mapping[str, str] | None = None,
+) -> Step:
+    """Run one command of the verification in the target, record it, and fail the cell (with
+    the command's output) if it failed."""
+    started = time.monotonic()
+    code, output = exec_in(box, argv, env=env)
+    result = Step(name, code, round(time.monotonic() - started, 1), output)
+    report.steps.append(result)
+    if code != 0:
+        raise VerifyError(failure(cell, result))
+    return result
 
 
 @dataclass

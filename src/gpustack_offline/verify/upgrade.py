@@ -29,18 +29,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gpustack_offline import payload
-from gpustack_offline.core.docker import (
-    base_image,
-    client,
-    exec_in,
-    internal_network,
-    remove_images,
-)
+from gpustack_offline.core.docker import client, exec_in, internal_network, remove_images
 from gpustack_offline.core.errors import VerifyError
 from gpustack_offline.core.matrix import Cell
 from gpustack_offline.verify import egress
 from gpustack_offline.verify.common import (
-    HOST_ARCH,
     SETTLE,
     Report,
     Step,
@@ -64,9 +57,11 @@ from gpustack_offline.verify.pip import (
     PREFIX,
     SITE_START,
     Start,
+    exec_step,
     finish,
     launch,
     observe,
+    target_container,
 )
 
 if TYPE_CHECKING:
@@ -94,33 +89,18 @@ def verify_upgrade(
 ) -> Report:
     """The upgrade from the bundle `old_dir` with the delta `delta_dir` (of `cell`), as the
     module's doc says."""
-    image = base_image(cell.arch, cache, mirror)
     mounts = {
         old_dir.resolve(): "/old",
         delta_dir.resolve(): "/delta-media",
         audit_hook(): "/opt/egress-audit",
     }
-    with egress.audited_container(
-        image,
-        network=internal_network(),
-        sinkhole_image=base_image(HOST_ARCH, cache, mirror),
-        mounts=mounts,
-        read_only=list(mounts.values()),
-        env={},
-        name_hint=f"upgrade-{cell.arch}",
-    ) as audit:
+    with target_container(cell, cache, mirror, mounts, f"upgrade-{cell.arch}") as audit:
         box = audit.box
         network = audit.sinkhole.network
         url = f"http://127.0.0.1:{PORT}"
 
         def step(name: str, argv: list[str]) -> Step:
-            started = time.monotonic()
-            code, output = exec_in(box, argv)
-            result = Step(name, code, round(time.monotonic() - started, 1), output)
-            report.steps.append(result)
-            if code != 0:
-                raise VerifyError(failure(cell, result))
-            return result
+            return exec_step(cell, report, box, name, argv)
 
         def start(label: str, login: bool) -> Start:
             run = Start(box, "site", SITE_START, egress.address_of(box, network))
