@@ -40,9 +40,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 # Free disk an integration run needs where its folders and the cache are: a default-tier run
-# wrote PEAK_GB at its peak beyond a warm cache (measured, docs/design.md "Tests"), and a cold cache
-# fills with some GBs more. A run short of it fails at once, naming the disk, instead of failing
-# a hundred tests with "no space left" half way.
+# took 14.5 GB more at its peak on a warm cache (measured twice, docs/design.md "Tests"), and a
+# cold cache fills with some GBs more. A run short of it fails at once, naming the disk, instead
+# of failing a hundred tests with "no space left" half way.
 NEEDED_GB = 20
 
 
