@@ -99,10 +99,13 @@ def host_env(cell: Cell, cache: Path, path: str) -> dict[str, str]:
     if cell.vendor is None or cell.toolkit is None:
         return {}
     name = cell.vendor.tool[0]
-    tools = cache / "verify" / "stand-in-tools" / name
-    if not (tools / name).is_symlink():
+    # a copy, named by its content: a link into one checkout dangles once that checkout is gone
+    tool = payload.path(f"fakes/{name}").read_bytes()
+    tools = cache / "verify" / "stand-in-tools" / f"{name}-{hashlib.sha256(tool).hexdigest()[:12]}"
+    if not tools.is_dir():
         with atomic_dir(tools) as folder:
-            (folder / name).symlink_to(payload.path(f"fakes/{name}"))
+            (folder / name).write_bytes(tool)
+            (folder / name).chmod(0o755)
     _, env = stand_ins(cell, cache)
     root = str(host_root(cell, cache))
     return {**env, "PREFLIGHT_HOST_ROOT": root, "PATH": f"{tools}:{path}"}
