@@ -2,7 +2,9 @@
 
 The cell is the amd64 cpu docker cell, pulled from a loopback distribution registry (the
 `registry-mirror` option) that holds an image of six 2 MiB incompressible layers, so a build has
-downloads, an export and a tar worth interrupting.
+downloads, an export and a tar worth interrupting. The registry is reached through a link of
+8 MiB/s a download (`Pace`), as Docker Hub is from a site: on loopback the six layers would
+come in some 40 ms, too short a phase for kills to land in it run after run.
 
 A traced build from an empty cache records when each file appears in the blob store and under
 dist/, and how long it stays (temporary names are compared with their random part starred).
@@ -44,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from support.fault_proxy import FaultProxy, Pace
 from support.registry_fixture import (
     AMD64,
     OCI_LAYER,
@@ -73,6 +76,7 @@ FINAL = {CELL, f"{CELL}.tar", f".{CELL}.old", RECORD}
 TAR_TEMP = re.compile(rf"/\.{re.escape(CELL)}\.tar\.\*\.part$")  # a key (see key())
 # mkstemp/mkdtemp's eight random characters in a temporary name (core.files.atomic_path)
 TEMP_TOKEN = re.compile(r"\.[a-z0-9_]{8}\.part(?=/|$)")
+LINK_RATE = 8 << 20  # bytes a second of each download from the registry
 SEEN_FOR_SURE = 0.25  # seconds a name must last in the trace to anchor a kill point
 
 
@@ -101,6 +105,14 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DistributionR
     """A registry standing in for Docker Hub, for gpustack/gpustack:v0.7.1-cpu (amd64)."""
     with plain_registry(tmp_path_factory.mktemp("kill-registry")) as registry:
         yield registry
+
+
+@pytest.fixture(scope="module")
+def link(upstream: DistributionRegistry) -> Iterator[FaultProxy]:
+    """The registry behind a slow link: each blob comes at LINK_RATE."""
+    with FaultProxy(upstream.url) as proxy:
+        proxy.on(r"/blobs/", Pace(LINK_RATE))
+        yield proxy
 
 
 def serve_builds() -> None:
@@ -255,14 +267,17 @@ class Build:
 
 @pytest.fixture(scope="module")
 def build(
-    builds: Builds, upstream: DistributionRegistry, tmp_path_factory: pytest.TempPathFactory
+    builds: Builds,
+    upstream: DistributionRegistry,
+    link: FaultProxy,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Build:
     """The area, pinned to the registry's image; `older` holds a bundle of another image that
     the tag named before."""
     base = tmp_path_factory.mktemp("kill")
     env = clean_env()
     env.update(
-        GPUSTACK_OFFLINE_REGISTRY_MIRROR=upstream.host,
+        GPUSTACK_OFFLINE_REGISTRY_MIRROR=link.host,
         GPUSTACK_OFFLINE_IMAGES_PINS_DIR=str(base / "pins"),
         GPUSTACK_OFFLINE_CACHE_DIR=str(base / "cache"),
         GPUSTACK_OFFLINE_DIST_DIR=str(base / "dist"),

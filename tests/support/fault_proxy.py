@@ -8,6 +8,7 @@ matches the rule's pattern):
     proxy.on(r"/blobs/", Drop(after=100_000), attempts=[1])      # reset mid-body, first try
     proxy.on(r"\\.whl$", Status(503), attempts=range(1, 4))       # a burst of three 503s
     proxy.on(r"\\.whl$", Flip(at=1000))                           # wrong bytes, every time
+    proxy.on(r"/blobs/", Pace(8 << 20))                           # a slow link: 8 MiB/s
 
 Every request is recorded (method, path, Range header, whether it carried credentials, the fault
 applied, the status sent), so tests can prove that a resume happened and count the faults.
@@ -60,6 +61,13 @@ class Stall:
 
 
 @dataclass(frozen=True)
+class Pace:
+    """Send the body at `rate` bytes a second, as a slow link does (each request alone)."""
+
+    rate: int
+
+
+@dataclass(frozen=True)
 class Flip:
     """Invert one byte of the body (at `at`, or in the middle)."""
 
@@ -96,7 +104,9 @@ class Unauthorized:
     token."""
 
 
-Fault = Status | Drop | Stall | Flip | Swap | IgnoreRange | WrongStart | Redirect | Unauthorized
+Fault = (
+    Status | Drop | Stall | Pace | Flip | Swap | IgnoreRange | WrongStart | Redirect | Unauthorized
+)
 
 
 @dataclass(frozen=True)
@@ -259,7 +269,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             conn.close()
 
         if self.command == "HEAD" or status >= 300:
-            if isinstance(fault, Drop | Stall | Flip | Swap):
+            if isinstance(fault, Drop | Stall | Pace | Flip | Swap):
                 applied = None
             record(status)
             self._send(status, answer, body, head=self.command == "HEAD")
@@ -288,6 +298,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self.wfile.flush()
                 time.sleep(fault.seconds)
                 body = body[fault.after :]
+            if isinstance(fault, Pace):
+                self._pace(body, fault.rate)
+                return
             self.wfile.write(body)
         except OSError:
             pass  # the client gave up (a stall longer than its read timeout)
@@ -307,6 +320,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         if body and self.command != "HEAD":
             self.wfile.write(body)
+
+    def _pace(self, body: bytes, rate: int) -> None:
+        """Write `body` in small pieces, each when a link of `rate` bytes a second would."""
+        started, piece = time.monotonic(), 16 << 10
+        for at in range(0, len(body), piece):
+            self.wfile.write(body[at : at + piece])
+            self.wfile.flush()
+            ahead = started + (at + piece) / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
 
     def _cut(self) -> None:
         """End the connection mid-body: the client reads fewer bytes than Content-Length."""
