@@ -552,39 +552,23 @@ tool_field() {
   sed -n "s/.*$1: *\\([^[:space:]|]*\\).*/\\1/p" <<<"$DEV_TOOL_OUT" | head -n1
 }
 
-# MetaX (detector/metax.py: mxSmlGetMacaVersion): "| MACA Version: 2.33.0.5   BIOS Version: ... |"
-version_mx_smi() {
+# field_version LABEL: the toolkit version from the device tool's "LABEL:" field.
+field_version() {
   local v
-  if v=$(brief_version "$(tool_field 'MACA Version')"); then
-    DEV_VERSION=$v DEV_SOURCE="mx-smi's MACA Version"
-    return 0
-  fi
-  DEV_SOURCE="mx-smi's MACA Version"
-  return 1
+  DEV_SOURCE="$DEV_TOOL's $1"
+  v=$(brief_version "$(tool_field "$1")") || return 1
+  DEV_VERSION=$v
 }
 
+# MetaX (detector/metax.py: mxSmlGetMacaVersion): "| MACA Version: 2.33.0.5   BIOS Version: ... |"
+version_mx_smi() { field_version 'MACA Version'; }
+
 # Iluvatar: "|  IX-ML: 4.3.0       Driver Version: 4.3.0       CUDA Version: 10.2  |"
-version_ixsmi() {
-  local v
-  if v=$(brief_version "$(tool_field 'Driver Version')"); then
-    DEV_VERSION=$v DEV_SOURCE="ixsmi's Driver Version"
-    return 0
-  fi
-  DEV_SOURCE="ixsmi's Driver Version"
-  return 1
-}
+version_ixsmi() { field_version 'Driver Version'; }
 
 # T-Head (detector/thead.py: hgmlSystemGetHggcDriverVersion):
 # "| PPU-SMI 1.28          Driver Version: 2.1.0-dbda51  HGGC Version: 13.0          |"
-version_ppu_smi() {
-  local v
-  if v=$(brief_version "$(tool_field 'HGGC Version')"); then
-    DEV_VERSION=$v DEV_SOURCE="ppu-smi's HGGC Version"
-    return 0
-  fi
-  DEV_SOURCE="ppu-smi's HGGC Version"
-  return 1
-}
+version_ppu_smi() { field_version 'HGGC Version'; }
 
 # The device tool as upstream's docs and UI run it (npu-smi info, amd-smi static, hy-smi, ...).
 check_device_tool() {
