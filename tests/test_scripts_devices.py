@@ -200,6 +200,9 @@ def test_preflight_refuses_a_version_below_the_floor_in_one_line_naming_it(
     assert fail["name"] == version_check(backend)
     assert below in fail["detail"] and floor in fail["detail"] and "older than" in fail["detail"]
     assert "\n" not in fail["detail"] and fail["fix"]
+    assert cell.vendor is not None
+    if cell.vendor.version in ("mx-smi", "ixsmi", "ppu-smi"):  # read from the tool's header
+        assert f"({cell.vendor.tool[0]}'s " in fail["detail"], fail
     proc = site.run("preflight.sh")
     assert [line for line in proc.stdout.splitlines() if line.startswith("[fail]")] == [
         f"[fail] {fail['name']:<{len(max((c['name'] for c in report['checks']), key=len))}}  "
