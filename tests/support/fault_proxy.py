@@ -29,7 +29,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import cast
 
-from support.loopback import LoopbackServer
+from support.loopback import LoopbackServer, Served
 
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade"}
 
@@ -132,25 +132,23 @@ class _Rule:
 
 
 @dataclass
-class FaultProxy:
+class FaultProxy(Served):
     """Start with `with FaultProxy(upstream) as proxy:`; `proxy.url` is its base URL."""
 
     upstream: str
     _rules: list[_Rule] = field(default_factory=list)
     _seen: list[Seen] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
-    _server: LoopbackServer[FaultProxy] | None = None
+    server_name = "fault-proxy"
+
+    def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
+        return _Handler
 
     def on(self, pattern: str, fault: Fault, attempts: Collection[int] | None = None) -> None:
         """Apply `fault` to the requests matching `pattern` whose 1-based number (counted per
         rule) is in `attempts` (all of them when None). The first rule that fires wins."""
         with self._lock:
             self._rules.append(_Rule(re.compile(pattern), fault, attempts))
-
-    @property
-    def port(self) -> int:
-        assert self._server is not None, "the proxy is not started"
-        return self._server.port
 
     @property
     def host(self) -> str:
@@ -183,21 +181,6 @@ class FaultProxy:
     def _record(self, seen: Seen) -> None:
         with self._lock:
             self._seen.append(seen)
-
-    def start(self) -> FaultProxy:
-        self._server = LoopbackServer(_Handler, self, name="fault-proxy").start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-    def __enter__(self) -> FaultProxy:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from support.loopback import LoopbackServer
+from support.loopback import LoopbackServer, Served
 
 _API = re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?")
 _RESOLVE = re.compile(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)")
@@ -69,14 +69,13 @@ class Seen:
     authorization: str | None = None  # the header as sent (a gated model's token)
 
 
-class HubStandIn:
+class HubStandIn(Served):
     """`with HubStandIn() as hub:`; `hub.add(...)` publishes files, `hub.url` is the endpoint."""
 
     def __init__(self) -> None:
         self.repos: dict[str, Repo] = {}
         self._seen: list[Seen] = []
         self._lock = threading.Lock()
-        self._server: LoopbackServer[HubStandIn] | None = None
 
     def add(
         self,
@@ -108,25 +107,14 @@ class HubStandIn:
         with self._lock:
             self._seen.append(seen)
 
+    server_name = "hf-hub"
+
+    def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
+        return _Handler
+
     @property
     def url(self) -> str:
-        assert self._server is not None, "the hub stand-in is not started"
-        return self._server.url
-
-    def start(self) -> HubStandIn:
-        self._server = LoopbackServer(_Handler, self, name="hf-hub").start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-    def __enter__(self) -> HubStandIn:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return self.served_url
 
     # -- answers -------------------------------------------------------------------------------
 

@@ -1,7 +1,8 @@
 """One loopback HTTP server for every stand-in: a ThreadingHTTPServer on 127.0.0.1 at a free
 port, served from a daemon thread, stopped (shutdown, close, join) by `stop()` or on leaving a
 `with` block. The stand-ins (release mirror, fault proxy, token server, one-off indexes) differ
-only in their handler and in the object the handler reads (`owner`)."""
+only in their handler and in the object the handler reads (`owner`); a stand-in that is such an
+object derives from `Served`, which starts and stops its server."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Generic, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 log = logging.getLogger("gpustack_offline.tests.loopback")
 
@@ -75,6 +76,48 @@ class LoopbackServer(http.server.ThreadingHTTPServer, Generic[Owner]):
 
     def handle_error(self, request: object, client_address: object) -> None:
         log.debug("%s: error serving %s", self.name, client_address, exc_info=True)
+
+
+class Served:
+    """A stand-in served by a LoopbackServer of its `handler` (the owner the handler reads is
+    the stand-in): `with TheStandIn(...) as it:`, or start()/stop(); `served_url` once started.
+    `handler` is a method so that the handler class may be defined below the stand-in."""
+
+    server_name: ClassVar[str] = "loopback"
+    _server: LoopbackServer[Any] | None = None
+
+    def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
+        raise NotImplementedError
+
+    @property
+    def served_url(self) -> str:
+        """http://127.0.0.1:PORT of the started stand-in."""
+        if self._server is None:
+            raise RuntimeError(f"the {self.server_name} stand-in is not started")
+        return self._server.url
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError(f"the {self.server_name} stand-in is not started")
+        return self._server.port
+
+    def start(self) -> Self:
+        if self._server is not None:
+            raise RuntimeError(f"the {self.server_name} stand-in is already started")
+        self._server = LoopbackServer(self.handler(), self, name=self.server_name).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
 
 @contextmanager

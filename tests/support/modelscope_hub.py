@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from support.hf_hub import default_lfs
-from support.loopback import LoopbackServer
+from support.loopback import LoopbackServer, Served
 
 _MODEL = re.compile(r"/api/v1/models/(?P<repo>[^/]+/[^/]+)/(?P<tail>revisions|repo/files|repo)")
 _OSS = re.compile(r"/oss/(?P<sha>[0-9a-f]{64})")
@@ -62,7 +62,7 @@ class Seen:
     authorization: str | None = None
 
 
-class ModelScopeStandIn:
+class ModelScopeStandIn(Served):
     """`with ModelScopeStandIn() as ms:`; `ms.add(...)` publishes files, `ms.url` is the
     endpoint. Paths in `without_sha256` are listed with an empty `Sha256`."""
 
@@ -72,7 +72,6 @@ class ModelScopeStandIn:
         self._seen: list[Seen] = []
         self._lock = threading.Lock()
         self._blobs: dict[str, bytes] = {}
-        self._server: LoopbackServer[ModelScopeStandIn] | None = None
 
     def add(
         self,
@@ -118,25 +117,14 @@ class ModelScopeStandIn:
         with self._lock:
             self._seen.append(seen)
 
+    server_name = "modelscope"
+
+    def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
+        return _Handler
+
     @property
     def url(self) -> str:
-        assert self._server is not None, "the ModelScope stand-in is not started"
-        return self._server.url
-
-    def start(self) -> ModelScopeStandIn:
-        self._server = LoopbackServer(_Handler, self, name="modelscope").start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-    def __enter__(self) -> ModelScopeStandIn:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return self.served_url
 
     # -- answers -------------------------------------------------------------------------------
 

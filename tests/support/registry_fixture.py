@@ -64,7 +64,7 @@ from gpustack_offline.stages.registry import (
     Reference,
     host_env_name,
 )
-from support.loopback import LoopbackServer
+from support.loopback import LoopbackServer, Served
 from support.release_mirror import cache_root
 
 log = logging.getLogger("gpustack_offline.registry_fixture")
@@ -472,7 +472,7 @@ class TokenRequest:
     granted: tuple[tuple[str, tuple[str, ...]], ...]  # (repository, actions)
 
 
-class TokenServer:
+class TokenServer(Served):
     """Docker Hub's token endpoint, for one registry: GET /token?service=…&scope=…"""
 
     def __init__(
@@ -491,12 +491,10 @@ class TokenServer:
         self.private = {repo: set(who) for repo, who in (private or {}).items()}
         self._lock = threading.Lock()
         self._requests: list[TokenRequest] = []
-        self._server: LoopbackServer[TokenServer] | None = None
 
     @property
     def realm(self) -> str:
-        assert self._server is not None
-        return f"{self._server.url}/token"
+        return f"{self.served_url}/token"
 
     @property
     def requests(self) -> list[TokenRequest]:
@@ -556,37 +554,33 @@ class TokenServer:
         with self._lock:
             self._requests.append(request)
 
-    def start(self) -> TokenServer:
-        outer = self
+    server_name = "token-server"
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+    def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
+        return _TokenHandler
 
-            def do_GET(self) -> None:
-                url = urllib.parse.urlsplit(self.path)
-                if url.path != "/token":
-                    status, body = 404, {"details": "not found"}
-                else:
-                    status, body = outer.answer(url.query, self.headers.get("Authorization"))
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                if status == 401:
-                    self.send_header("WWW-Authenticate", 'Basic realm="fixture"')
-                self.end_headers()
-                self.wfile.write(data)
 
-            def log_message(self, format: str, *args: object) -> None:
-                log.debug("token server: " + format, *args)
+class _TokenHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
 
-        self._server = LoopbackServer(Handler, self, name="token-server").start()
-        return self
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        tokens = cast("LoopbackServer[TokenServer]", self.server).owner
+        url = urllib.parse.urlsplit(self.path)
+        if url.path != "/token":
+            status, body = 404, {"details": "not found"}
+        else:
+            status, body = tokens.answer(url.query, self.headers.get("Authorization"))
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        if status == 401:
+            self.send_header("WWW-Authenticate", 'Basic realm="fixture"')
+        self.end_headers()
+        self.wfile.write(data)
 
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        log.debug("token server: " + format, *args)
 
 
 # -- distribution ----------------------------------------------------------------------------

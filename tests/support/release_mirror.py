@@ -34,7 +34,6 @@ from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import cast
 
 import pytest
@@ -43,7 +42,7 @@ from gpustack_offline.core.files import atomic_path, sha256_file
 from gpustack_offline.core.processes import run
 from gpustack_offline.stages import tools
 from support import upstream
-from support.loopback import LoopbackServer
+from support.loopback import LoopbackServer, Served
 
 log = logging.getLogger("gpustack_offline.release_mirror")
 
@@ -421,7 +420,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(payload)
 
 
-class ReleaseMirror:
+class ReleaseMirror(Served):
     """Serves the files under `root` at their relative paths, recording every request path.
 
     Use as a context manager, or start()/stop(). Assets change with replace(); a test that
@@ -432,14 +431,16 @@ class ReleaseMirror:
         self.root = root
         self._lock = threading.Lock()
         self._requests: list[str] = []
-        self._server: LoopbackServer[ReleaseMirror] | None = None
+
+    server_name = "release-mirror"
+
+    def handler(self) -> type[http.server.BaseHTTPRequestHandler]:
+        return _Handler
 
     @property
     def base_url(self) -> str:
         """`--tools-download-base-url` for download-tools: http://127.0.0.1:PORT."""
-        if self._server is None:
-            raise RuntimeError("the release mirror is not started")
-        return self._server.url
+        return self.served_url
 
     @property
     def requests(self) -> list[str]:
@@ -449,28 +450,6 @@ class ReleaseMirror:
 
     def url(self, url_path: str) -> str:
         return self.base_url + _normalise(url_path)
-
-    def start(self) -> ReleaseMirror:
-        if self._server is not None:
-            raise RuntimeError("the release mirror is already started")
-        self._server = LoopbackServer(_Handler, self, name="release-mirror").start()
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-    def __enter__(self) -> ReleaseMirror:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def replace(self, url_path: str, data: bytes) -> bytes:
         """Swap an existing asset's bytes (upstream re-uploaded it); return the old bytes. The
