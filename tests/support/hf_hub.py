@@ -31,11 +31,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-from support.loopback import LoopbackServer, Served
+from support.loopback import FileHandler, LoopbackServer, Served
 
 _API = re.compile(r"/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+))?")
 _RESOLVE = re.compile(r"/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)")
-_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 
 
 def git_blob_id(data: bytes) -> str:
@@ -164,19 +163,8 @@ class HubStandIn(Served):
         }
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        self._handle()
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._handle()
-
-    def _handle(self) -> None:
+class _Handler(FileHandler):
+    def handle_request(self) -> None:
         hub = cast("LoopbackServer[HubStandIn]", self.server).owner
         url = urllib.parse.urlsplit(self.path)
         path = urllib.parse.unquote(url.path)
@@ -188,7 +176,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         elif match := _RESOLVE.fullmatch(path):
             self._resolve(hub, match["repo"], match["rev"], match["path"])
         else:
-            self._send(404, {"X-Error-Code": "EntryNotFound"}, b'{"error":"not found"}')
+            self.send(404, {"X-Error-Code": "EntryNotFound"}, b'{"error":"not found"}')
 
     def _api(self, hub: HubStandIn, repository: str, rev: str, blobs: bool) -> None:
         if repository not in hub.repos:
@@ -199,7 +187,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
             return
         body = json.dumps(hub.model_json(repository, commit, blobs)).encode()
-        self._send(200, {"Content-Type": "application/json"}, body)
+        self.send(200, {"Content-Type": "application/json"}, body)
 
     def _resolve(self, hub: HubStandIn, repository: str, rev: str, path: str) -> None:
         commit = hub.commit_of(repository, rev)
@@ -212,37 +200,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self._error(404, "EntryNotFound", f"{path} not found")
             return
         lfs = hub.repos[repository].lfs(path)
-        headers = {
-            "Content-Type": "application/octet-stream",
-            "Accept-Ranges": "bytes",
-            "X-Repo-Commit": commit,
-            "ETag": f'"{hashlib.sha256(data).hexdigest() if lfs else git_blob_id(data)}"',
-        }
-        status, body = 200, data
-        asked = self.headers.get("Range")
-        if asked and (match := _RANGE.fullmatch(asked.strip())):
-            start = int(match[1])
-            end = int(match[2]) if match[2] else len(data) - 1
-            if start >= len(data):
-                self._send(416, {"Content-Range": f"bytes */{len(data)}"}, b"")
-                return
-            end = min(end, len(data) - 1)
-            status, body = 206, data[start : end + 1]
-            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-        self._send(status, headers, body)
+        etag = hashlib.sha256(data).hexdigest() if lfs else git_blob_id(data)
+        self.send_file(data, {"X-Repo-Commit": commit, "ETag": f'"{etag}"'})
 
     def _error(self, status: int, code: str, message: str) -> None:
         body = json.dumps({"error": message}).encode()
-        self._send(status, {"Content-Type": "application/json", "X-Error-Code": code}, body)
-
-    def _send(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD" and body:
-            self.wfile.write(body)
+        self.send(status, {"Content-Type": "application/json", "X-Error-Code": code}, body)
 
 
 # -- tiny model files --------------------------------------------------------------------------

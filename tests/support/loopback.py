@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import http.server
 import logging
+import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
 log = logging.getLogger("gpustack_offline.tests.loopback")
+RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 
 Owner = TypeVar("Owner")
 
@@ -118,6 +120,51 @@ class Served:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class FileHandler(http.server.BaseHTTPRequestHandler):
+    """A quiet handler whose GET and HEAD go to `handle_request`, with the answers a file host
+    gives: `send` (a body with its length; none for HEAD) and `send_file` (the Range header's
+    part with 206, 416 past the end)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.handle_request()
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self.handle_request()
+
+    def handle_request(self) -> None:
+        raise NotImplementedError
+
+    def send(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD" and body:
+            self.wfile.write(body)
+
+    def send_file(self, data: bytes, headers: Mapping[str, str]) -> None:
+        """`data` (with `headers` and Accept-Ranges), or the part the Range header asks."""
+        answer = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes", **headers}
+        status, body = 200, data
+        asked = self.headers.get("Range")
+        if asked and (match := RANGE.fullmatch(asked.strip())):
+            start = int(match[1])
+            end = int(match[2]) if match[2] else len(data) - 1
+            if start >= len(data):
+                self.send(416, {"Content-Range": f"bytes */{len(data)}"}, b"")
+                return
+            end = min(end, len(data) - 1)
+            status, body = 206, data[start : end + 1]
+            answer["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+        self.send(status, answer, body)
 
 
 @contextmanager

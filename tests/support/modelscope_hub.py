@@ -36,11 +36,10 @@ from dataclasses import dataclass, field
 from typing import cast
 
 from support.hf_hub import default_lfs
-from support.loopback import LoopbackServer, Served
+from support.loopback import FileHandler, LoopbackServer, Served
 
 _MODEL = re.compile(r"/api/v1/models/(?P<repo>[^/]+/[^/]+)/(?P<tail>revisions|repo/files|repo)")
 _OSS = re.compile(r"/oss/(?P<sha>[0-9a-f]{64})")
-_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 GITATTRIBUTES = b"*.gguf filter=lfs diff=lfs merge=lfs -text\n*.safetensors filter=lfs diff=lfs merge=lfs -text\n"  # noqa: E501
 EPOCH = 1735689600  # 2025-01-01, every commit's date
 
@@ -175,19 +174,8 @@ class ModelScopeStandIn(Served):
         }  # fmt: skip
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        self._handle()
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._handle()
-
-    def _handle(self) -> None:
+class _Handler(FileHandler):
+    def handle_request(self) -> None:
         ms = cast("LoopbackServer[ModelScopeStandIn]", self.server).owner
         url = urllib.parse.urlsplit(self.path)
         path = urllib.parse.unquote(url.path)
@@ -197,7 +185,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if match := _OSS.fullmatch(path):
             data = ms._blobs.get(match["sha"])
             if data is None:
-                self._send(404, {"Content-Type": "application/xml"}, b"<Error>NoSuchKey</Error>")
+                self.send(404, {"Content-Type": "application/xml"}, b"<Error>NoSuchKey</Error>")
             else:
                 self._bytes(data, match["sha"])
             return
@@ -228,41 +216,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         sha = hashlib.sha256(data).hexdigest()
         if ms.repos[repository].lfs(file_path):  # the object store, as ModelScope redirects
-            self._send(302, {"Location": f"/oss/{sha}?Expires=9999999999&Signature=x"}, b"")
+            self.send(302, {"Location": f"/oss/{sha}?Expires=9999999999&Signature=x"}, b"")
             return
         self._bytes(data, sha)
 
     def _ok(self, data: object) -> None:
         body = {"Code": 200, "Data": data, "Message": "success",
                 "RequestId": "00000000-0000-0000-0000-000000000000", "Success": True}  # fmt: skip
-        self._send(200, {"Content-Type": "application/json"}, json.dumps(body).encode())
+        self.send(200, {"Content-Type": "application/json"}, json.dumps(body).encode())
 
     def _miss(self, message: str) -> None:
         body = {"Code": 404, "Message": message,
                 "RequestId": "00000000-0000-0000-0000-000000000000", "Success": False}  # fmt: skip
-        self._send(404, {"Content-Type": "application/json"}, json.dumps(body).encode())
+        self.send(404, {"Content-Type": "application/json"}, json.dumps(body).encode())
 
     def _bytes(self, data: bytes, sha: str) -> None:
-        headers = {"Content-Type": "application/octet-stream", "Accept-Ranges": "bytes",
-                   "ETag": f'"{sha}"'}  # fmt: skip
-        status, body = 200, data
-        asked = self.headers.get("Range")
-        if asked and (match := _RANGE.fullmatch(asked.strip())):
-            start = int(match[1])
-            end = int(match[2]) if match[2] else len(data) - 1
-            if start >= len(data):
-                self._send(416, {"Content-Range": f"bytes */{len(data)}"}, b"")
-                return
-            end = min(end, len(data) - 1)
-            status, body = 206, data[start : end + 1]
-            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-        self._send(status, headers, body)
-
-    def _send(self, status: int, headers: Mapping[str, str], body: bytes) -> None:
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if self.command != "HEAD" and body:
-            self.wfile.write(body)
+        self.send_file(data, {"ETag": f'"{sha}"'})
