@@ -7,12 +7,13 @@ sharing a base layer, pause and health. The build pins and pulls them through th
 `registry-mirror` option; verification pushes them into a loopback site registry with
 install.sh, checks every reference the worker will compute, and starts the server from there as
 install.sh told the operator, audited for egress: its first start, an admin login and 30 s more.
-A tiny model bundle is then verified beside the same bundle, as far as the server goes without a
-GPU worker (catalog, deployment, the scheduler reading its config at the placed path).
+A tiny model bundle is then verified beside the same bundle: catalog, deployment, the
+scheduler reading its config at the placed path, and the server's embedded worker, with a
+declared stand-in GPU, finding the file there (no GPU and no engine run here).
 
-The cell is 2.2.3's: started the way install.sh configures it today, 2.3.0's server also asks
-ota.gpustack.ai for its content index (`--ota-server-url`, new in 2.3.0), which install.sh's
-docker.env does not yet turn off, so its audit fails, as it should.
+The cell is 2.2.3's. 2.3.0's server also reads a content index from ota.gpustack.ai
+(`--ota-server-url`, new in 2.3.0), which install.sh's docker.env points at a closed local port
+(tests/test_scripts_docker.py).
 """
 
 from __future__ import annotations
@@ -139,22 +140,23 @@ def test_a_2x_bundle_carries_upstreams_images_and_its_configured_server_start_re
 
 MODEL_STEPS = [
     "absent", "install", "registry-references", "pull", "install-model", "config-catalog",
-    "healthz-server", "ui-server", "deploy", "catalog", "deployment", "config-read", "scheduler",
-    "no-download", "egress",
+    "healthz-server", "ui-server", "deploy", "catalog", "deployment", "scheduled", "file-resolved",
+    "config-read", "no-download", "egress",
 ]  # fmt: skip
 
 
-def test_a_model_bundle_beside_the_2x_bundle_is_offered_and_deployed_as_far_as_the_server_goes(
+def test_a_model_bundle_beside_the_2x_bundle_is_deployed_and_its_file_found_by_the_worker(
     ctx, root, tmp_path
 ):
     """A tiny safetensors model (vLLM), bundled from the loopback hub stand-in through the real
     `huggingface_hub`, placed with install-model.sh --prefix beside the 2.2.3 bundle installed
     with install.sh --registry: the server from the site registry, started with install.sh's
-    server.args, docker.env and docker.volumes, lists the model with its local path, accepts
-    its deployment (POST /v2/models) and reads its config at the placed path through the
-    mount; no worker runs here (a 2.x worker needs a GPU and runner containers), so the
-    scheduler answers "No available workers" and the check stops there. Nothing outside is
-    asked."""
+    server.args, docker.env and docker.volumes and its embedded worker on, with one declared
+    stand-in GPU of the cell's CUDA (resources.gpu_devices), lists the model with its local
+    path, accepts its deployment (POST /v2/models), reads its config at the placed path through
+    the mount and places the instance on the worker; the worker resolves the file at the placed
+    path (its model file `ready`) and goes on to its engine, which cannot start here (no Docker
+    socket, no GPU). Nothing outside is asked."""
     from support.hf_hub import HubStandIn, tiny_safetensors
 
     cell = ctx.matrix.cell(CELL)
@@ -193,9 +195,14 @@ def test_a_model_bundle_beside_the_2x_bundle_is_offered_and_deployed_as_far_as_t
     # the scheduler read the config from the server's own copy, through the mount
     assert "Trying to get pretrained config from" in steps["config-read"]
     assert "does not exist in server node" not in steps["config-read"]
-    assert probe["states"][-1] == "pending"  # `analyzing` may pass between two polls
-    assert probe["instance"]["state_message"] == "No available workers"
-    assert "the scheduler: No available workers" in report.note
+    instance = probe["instance"]
+    assert instance["worker_id"] and instance["resolved_path"] == placed
+    (file,) = [f for f in probe["model_files"] if f["local_path"] == placed]
+    assert file["state"] == "ready" and file["resolved_paths"] == [placed], file
+    assert file["worker_id"] == instance["worker_id"]
+    # past the file: the engine's start, which fails for want of a container runtime here
+    assert "starting" in probe["states"] or instance["state"] == "error", probe["states"]
+    assert "file resolved there" in report.note and "declared" in report.note
     assert report.egress == {"hosts_attempted": 0, "hosts": []}
     saved = ctx.dist / f"model-tiny-st.{CELL}.verify.json"
     assert json.loads(saved.read_text())["ok"] is True

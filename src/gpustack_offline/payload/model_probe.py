@@ -2,7 +2,7 @@
 
 Run in the target container by its python3 (standard library only, Python 3.8 and later):
 
-    python3 -c "$(cat model_probe.py)" BASE_URL PASSWORD_FILE MODEL_NAME SECONDS [API]
+    python3 -c "$(cat model_probe.py)" BASE_URL PASSWORD_FILE MODEL_NAME SECONDS [API [worker]]
 
 Logs in as admin (the password in PASSWORD_FILE), finds MODEL_NAME in the model catalog
 (`GET API/model-sets?search=`, then its specs: `GET API/model-sets/{id}/specs`; API is `/v1`,
@@ -10,7 +10,9 @@ GPUStack 0.6 and 0.7, the default, or `/v2`, GPUStack 2.x's `versioned_prefix`),
 `local_path` spec (`POST API/models`: the spec's source, path, backend and replicas under the
 set's name and categories, as the UI's catalog page sends them; for 2.x also a cluster: the
 first of `GET API/clusters`, or, on a fresh server-only 2.x that has none, one made as the
-operator's "Add Cluster" does, `POST API/clusters` with provider Docker), then follows the
+operator's "Add Cluster" does, `POST API/clusters` with provider Docker; with `worker`, first
+waits until `GET API/workers` lists one `ready`, as an operator deploys once the worker is up,
+and takes its cluster), then follows the
 model's instance (`GET API/models/{id}/instances`) for at most SECONDS until it runs or fails
 (at most a minute after the worker resolved its file), or until the scheduler left it `pending`
 with its reason (no worker fits; a fresh instance is `pending` with none, and `analyzing` may
@@ -38,6 +40,7 @@ CLUSTER = "site"  # the cluster made on a 2.x server that has none
 def main() -> int:
     base, password_file, name, seconds = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
     api = sys.argv[5] if len(sys.argv) > 5 else "/v1"
+    wait_worker = len(sys.argv) > 6 and sys.argv[6] == "worker"
     with open(password_file) as fh:
         password = fh.read().strip()
     jar = http.cookiejar.CookieJar()
@@ -85,9 +88,30 @@ def main() -> int:
             "categories": found[0].get("categories") or [],
             "description": found[0].get("description"),
         }
+        deadline = time.monotonic() + float(seconds)
+        worker = None
+        while wait_worker and worker is None:
+            _, workers = call(f"{api}/workers?page=1&perPage=100")
+            listed = workers.get("items") or [] if isinstance(workers, dict) else []
+            out["workers"] = [
+                {
+                    "name": w.get("name"),
+                    "state": w.get("state"),
+                    "cluster_id": w.get("cluster_id"),
+                    "gpus": len((w.get("status") or {}).get("gpu_devices") or []),
+                }
+                for w in listed
+            ]
+            worker = next((w for w in listed if w.get("state") == "ready"), None)
+            if worker is None and time.monotonic() > deadline:
+                raise RuntimeError(f"no worker became ready in {seconds} s: {out['workers']}")
+            if worker is None:
+                time.sleep(1)
         if api != "/v1":  # 2.x: a model is deployed to a cluster
             _, clusters = call(f"{api}/clusters?page=1&perPage=100")
             items = clusters.get("items") or []
+            if worker is not None:  # the worker's own cluster
+                items = [c for c in items if c.get("id") == worker.get("cluster_id")] or items
             if not items:  # a fresh server has none: the operator adds one (Docker) first
                 status, made = call(f"{api}/clusters", {"name": CLUSTER, "provider": "Docker"})
                 out["cluster_created"] = status
@@ -100,7 +124,6 @@ def main() -> int:
             raise RuntimeError(f"POST {api}/models answered {status}")
         states: list = []
         instance = None
-        deadline = time.monotonic() + float(seconds)
         while time.monotonic() < deadline:
             _, instances = call(f"{api}/models/{created['id']}/instances?page=1&perPage=10")
             items = instances.get("items") or []

@@ -35,20 +35,24 @@ Beside a GPUStack 2.x docker bundle, as a site does it:
    `GPUSTACK_MODEL_CATALOG_FILE` in `P/docker.env` and `DIR:DIR:ro` in `P/docker.volumes`;
 3. the server pulled from the site registry starts as install.sh prints its run line
    (`server_start`: server.args, docker.env, docker.volumes), audited (`audit_server`): `/healthz`
-   on 30080 and the admin's login;
+   on 30080 and the admin's login. Its embedded worker is on (`GPUSTACK_ENABLE_WORKER`), and
+   its config file (`GPUSTACK_CONFIG_FILE`) declares one stand-in GPU of the cell's device
+   (`resources.gpu_devices`, upstream's way to declare GPUs it cannot detect; `vendor` named by
+   the image's own gpustack_runtime): a worker a GPU host would run, with the same mounts;
 4. `payload/model_probe.py` (with `/v2`, 2.x's `versioned_prefix`) finds the model in the catalog
    with its `local_path`, deploys that spec (`POST /v2/models`) and follows its instance: the
    scheduler analyzes it, reading the model's config at the placed path through the mount
    (2.2.3 `scheduler/calculator.py`, `get_pretrained_config_with_workers`: the server's own copy
-   first, a worker's only when the path is not there), then looks for a worker;
-5. the server's log must name no hub and no missing path, and the egress audit of the start,
-   login and deployment must show no outside host.
+   first, a worker's only when the path is not there), and places it on the worker's GPU; the
+   worker resolves the file (its model file `ready` with the placed path as `resolved_paths`,
+   2.2.3 `worker/model_file_manager.py`) and goes on to start the engine;
+5. the log must name no hub and no missing path, and the egress audit of the start, login and
+   deployment must show no outside host.
 
-The check stops at the scheduler. A 2.x worker is a second container on a GPU host, with the
-Docker socket, that runs the model in a vLLM or SGLang runner container (2.x has no CPU engine
-for a safetensors model); none runs here, so the scheduler answers `No available workers` and
-the instance stays `pending`. The worker's side (its local-path check, its model file resolved,
-the runner started) and inference are not checked for 2.x.
+What is not checked for 2.x: GPU detection (the GPU is declared) and the engine. The worker
+starts the model in a vLLM or SGLang runner container through the Docker socket; none is given
+here (it would pull and start runner containers on the test host), so the instance ends in
+`error` ("No available deployer") after its file was found. Inference is not run.
 """
 
 from __future__ import annotations
@@ -61,9 +65,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpustack_offline import payload
+from gpustack_offline.core.docker import container, exec_in
 from gpustack_offline.core.errors import VerifyError
 from gpustack_offline.core.matrix import Cell
-from gpustack_offline.verify import egress
+from gpustack_offline.verify import egress, standins
 from gpustack_offline.verify.common import (
     SETTLE,
     Report,
@@ -111,6 +116,10 @@ DOWNLOAD_SIGN = "Downloading model file:"  # worker/model_file_manager.py, then 
 # from the server's own copy, or, when the path is not there, from the workers
 READ_HERE = "Trying to get pretrained config from"
 NOT_HERE = "does not exist in server node"
+# The 2.x server's embedded worker, on (2.2.3 config/config.py: a fresh server runs none), and
+# where its config file declaring the stand-in GPU is mounted.
+WORKER_2X = {"GPUSTACK_ENABLE_WORKER": "true"}
+GPU_CONFIG = "/etc/gpustack-verify/stand-in-gpu.yaml"
 
 
 def verify_model(
@@ -212,9 +221,11 @@ def _judge_offer(found: dict[str, Any], name: str, placed: str, judge: Judge, ap
     return text
 
 
-def _judge_deployment(found: dict[str, Any], name: str, placed: str, judge: Judge) -> str:
+def _judge_deployment(
+    found: dict[str, Any], name: str, placed: str, judge: Judge, api: str = "/v1"
+) -> str:
     """Each thing the probe saw, judged in the order it happens; the report's note."""
-    text = _judge_offer(found, name, placed, judge, "/v1")
+    text = _judge_offer(found, name, placed, judge, api)
     body = (found.get("created") or {}).get("body") or {}
     instance = found.get("instance") or {}
     judge("scheduled", bool(instance.get("worker_id")), text,
@@ -264,42 +275,49 @@ def verify_model_docker2(
         seen = "\n".join([*(f"{k}={v}" for k, v in start.env.items()), *start.mounts])
         judge("config-catalog", configured and mounted, seen,
               f"docker.env does not name {catalog} or docker.volumes lacks {dest}")  # fmt: skip
+        gpu = site.prefix / "stand-in-gpu.yaml"
+        gpu.write_text(standins.declared_gpu(cell, manufacturer(cell, site.server)))
+        note: list[str] = []
 
         def deploy(box: Container) -> None:
             url = f"http://127.0.0.1:{API_PORT_2X}"
             argv = ["python3", "-c", MODEL_PROBE, url, PASSWORD_FILE, name, str(DEPLOY_SECONDS),
-                    "/v2"]  # fmt: skip
+                    "/v2", "worker"]  # fmt: skip
             probe = exec_step(cell, report, box, "deploy", argv)
             found.update(json.loads(probe.output.strip().splitlines()[-1]))
-            text = _judge_offer(found, name, str(placed), judge, "/v2")
+            note.append(_judge_deployment(found, name, str(placed), judge, "/v2"))
             log = bytes(box.logs()).decode(errors="replace").splitlines()
             read = [line for line in log if READ_HERE in line or NOT_HERE in line]
             judge("config-read", bool(read) and not any(NOT_HERE in line for line in read),
                   "\n".join(read) or "no line of the scheduler's evaluation in the log",
                   f"the server did not read {name}'s config at {placed}")  # fmt: skip
-            instance = found.get("instance") or {}
-            message = (instance.get("state_message") or "").strip()
-            # after config-read (its evaluation), the scheduler's answer: no worker to run it
-            judge("scheduler", instance.get("state") == "pending" and bool(message), text,
-                  f"the scheduler gave {name}'s instance no answer (state "
-                  f"{instance.get('state')!r}: {message!r})")  # fmt: skip
             reached = [line for line in log if any(sign in line for sign in HUB_SIGNS)]
             judge("no-download", not reached, "\n".join(reached) or "no hub named in the log",
-                  "the server reached for a hub for a local_path model")  # fmt: skip
+                  "the server or its worker reached for a hub for a local_path model")  # fmt: skip
 
-        audited = dataclasses.replace(start, during=deploy)
+        audited = dataclasses.replace(
+            start,
+            env={**start.env, **WORKER_2X, "GPUSTACK_CONFIG_FILE": GPU_CONFIG},
+            mounts=(*start.mounts, f"{gpu}:{GPU_CONFIG}:ro"),
+            during=deploy,
+        )
         audit_server(cell, site.server, audited, timeout, report, sinkhole_image, allowlist)
-    instance = found.get("instance") or {}
-    body = (found.get("created") or {}).get("body") or {}
-    message = ((instance.get("state_message") or "").strip().splitlines() or ["-"])[0]
     report.note = (
-        f"{name}: listed in the catalog with local_path {placed}; deployment accepted (model "
-        f"{body.get('id')}); its config read by the server at {placed} with nothing fetched; "
-        f"instance states {' -> '.join(found.get('states') or [])}; the scheduler: {message} "
-        "(no 2.x worker runs here: the worker's side and inference are not checked)"
+        f"{note[0]}; the worker is the server's own (GPUSTACK_ENABLE_WORKER) with a declared "
+        "stand-in GPU (resources.gpu_devices: no GPU is detected here)"
     )
     report.ok = True
     return report
+
+
+def manufacturer(cell: Cell, image: str) -> str:
+    """What GPUStack's runtime in `image` names the maker of the cell's devices (`vendor` of a
+    declared GPU), asked of the image with no network."""
+    with container(image, name_hint="gpustack-manufacturer") as box:
+        code, out = exec_in(box, ["python3", "-c", standins.MANUFACTURER_PROBE, str(cell.backend)])
+    if code != 0 or not out.strip():
+        raise VerifyError(f"{cell.id}: {image} names no maker for {cell.backend} devices: {out}")
+    return out.strip().splitlines()[-1]
 
 
 def model_bundle_env(model_dir: Path) -> dict[str, str]:

@@ -19,6 +19,7 @@ each mounted host path the host root's.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -139,3 +140,35 @@ def image_options(cell: Cell, root: Path) -> dict[str, Any]:
                 "teach verify/standins.py image_options it"
             )
     return out
+
+
+# A GPUStack 2.x worker reports the GPUs its config file declares instead of detecting them
+# (2.2.3 config/config.py get_gpu_devices): a stand-in of the cell's device, of this size.
+DECLARED_MEMORY = 80 << 30
+# What upstream names the maker of a runner backend's devices (gpustack_runtime.detector),
+# asked of the server image itself: a declared GPU's `vendor` must be one of upstream's.
+MANUFACTURER_PROBE = (
+    "import sys; from gpustack_runtime.detector import backend_to_manufacturer as m; "
+    "print(getattr(m(sys.argv[1]), 'value', m(sys.argv[1])))"
+)
+
+
+def declared_gpu(cell: Cell, manufacturer: str) -> str:
+    """A 2.x config file (`GPUSTACK_CONFIG_FILE`; JSON is YAML) whose `resources.gpu_devices`
+    declares one GPU of the cell's runner device: its backend and version (the runner the
+    worker will ask for), DECLARED_MEMORY, and for CUDA a compute capability the runners
+    support (9.0, Hopper)."""
+    device = cell.runner_device
+    if device is None or cell.backend is None:
+        raise VerifyError(f"{cell.id}: no accelerator to declare (a cpu or 0.x cell)")
+    gpu: dict[str, Any] = {
+        "name": f"stand-in {device.name} GPU (no GPU on this host)",
+        "vendor": manufacturer,
+        "type": device.backend,
+        "index": 0,
+        "runtime_version": device.version,
+        "memory": {"total": DECLARED_MEMORY},
+    }
+    if device.backend == "cuda":
+        gpu["compute_capability"] = "9.0"
+    return json.dumps({"resources": {"gpu_devices": [gpu]}}, indent=1) + "\n"
