@@ -1089,11 +1089,13 @@ write_docker_env() {
     return
   fi
   local catalog="# GPUSTACK_MODEL_CATALOG_FILE=(GPUStack's python package not found in $image)" site
-  # GPUStack 2.3's content index (gpustack/server/sources/probe.py, --ota-server-url): a closed
-  # local port, so the stored content stays as shipped; earlier releases ignore the variable
+  # GPUStack 2.3's content index (gpustack/server/sources/probe.py): its official sources start
+  # out of service, serving the content the image ships (GPUSTACK_BOOTSTRAP_WITH_EMBEDDED_SOURCES,
+  # upstream's switch "where the OTA server is out of reach"), and --ota-server-url is a closed
+  # local port should an admin put one in service; earlier releases ignore both variables
   local ota="# (no OTA content server before GPUStack 2.x)"
   if [[ $GPUSTACK_VERSION == 2.* ]]; then
-    ota=$'# --ota-server-url (2.3): a closed local port instead of ota.gpustack.ai\nGPUSTACK_OTA_SERVER_URL=http://127.0.0.1:1/latest'
+    ota=$'# (2.3) the content the image ships, not ota.gpustack.ai\nGPUSTACK_BOOTSTRAP_WITH_EMBEDDED_SOURCES=true\n# --ota-server-url (2.3): a closed local port instead of ota.gpustack.ai\nGPUSTACK_OTA_SERVER_URL=http://127.0.0.1:1/latest'
   fi
   site=$(site_catalog)
   if [[ -n $site ]]; then

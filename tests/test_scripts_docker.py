@@ -469,9 +469,40 @@ def test_preflight_checks_rocm_for_a_2x_rocm_cell(
     assert "nvidia-smi" not in {c["name"] for c in report["checks"]}
 
 
+UPSTREAM_ENVS = """
+from gpustack import envs
+from gpustack.utils.envs import get_gpustack_env
+print(envs.BOOTSTRAP_WITH_EMBEDDED_SOURCES)
+print(get_gpustack_env("OTA_SERVER_URL"))
+"""
+
+
+def upstream_envs(root: Path, version: str, env_file: str) -> list[str]:
+    """What upstream's `version` reads of the docker.env text `env_file` (as `--env-file`
+    hands it over): the embedded-sources switch and the OTA server's URL."""
+    from gpustack_offline.core.options import resolve
+    from gpustack_offline.stages.tools import gpustack_venv
+
+    opts = resolve(root)
+    python = gpustack_venv(version, [], Path(opts.cache_dir), opts.index_url)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSTACK_")}
+    for line in env_file.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith("#"):
+            env[key] = value
+    out = subprocess.run([python, "-c", UPSTREAM_ENVS], capture_output=True, text=True, env=env,
+                         timeout=300, check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.splitlines()[-2:]
+
+
 @pytest.mark.integration
 def test_a_2x_bundle_prints_the_server_and_worker_lines_with_the_site_registry(
-    tmp_path: Path, engine: Archive, site_registry: DistributionRegistry, matrix: Matrix
+    root: Path,
+    tmp_path: Path,
+    engine: Archive,
+    site_registry: DistributionRegistry,
+    matrix: Matrix,
 ) -> None:
     cell = matrix.cell("v2.3.0-linux-amd64-cuda12.9-py3.11-vllm-docker")
     bundle = make_2x_bundle(tmp_path, engine.path, cell)
@@ -483,9 +514,11 @@ def test_a_2x_bundle_prints_the_server_and_worker_lines_with_the_site_registry(
         assert f"pushed to {registry}; the server and workers will ask for exactly these" in out
         assert out.count(f"--system-default-container-registry {registry}") == 2  # server, worker
         assert "--runtime nvidia" in out and "/var/run/docker.sock:/var/run/docker.sock" in out
-        # 2.3's content index asks ota.gpustack.ai unless pointed at a closed port
+        # 2.3's content index asks ota.gpustack.ai unless its official sources start out of
+        # service and its URL is a closed port: upstream's 2.3.0 reads both from docker.env
         env = (prefix_of(bundle) / "docker.env").read_text()
         assert "GPUSTACK_OTA_SERVER_URL=http://127.0.0.1:1/latest" in env.splitlines()
+        assert upstream_envs(root, "2.3.0", env) == ["True", "http://127.0.0.1:1/latest"]
         assert f"{registry}/{IMAGE}" in out
     finally:
         remove_image(f"{registry}/{IMAGE}")
