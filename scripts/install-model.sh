@@ -12,7 +12,11 @@
 # The catalog file is this script's own: a header line names its format (GPUStack 0.x: a list of
 # model sets with templates; 2.x: model_sets with specs, and draft_models), and each model's entry
 # sits between two marker lines, replaced when that model is installed again; other models'
-# entries are kept. A catalog written by hand is not edited: name a new file with --catalog.
+# entries are kept. A catalog written by hand is merged into the same way, where a Python with
+# PyYAML reads it as a GPUStack catalog whose list of model sets is its last block (the entries
+# are appended to it, indented as its own): its lines are kept as they were, a copy of it is
+# kept beside it (FILE.orig) the first time, and the result must read back with every model set
+# it had plus this one, else it is left as it was.
 #
 # With --prefix (the prefix install.sh installed GPUStack into), the server's configuration there
 # is pointed at the catalog, each file rewritten whole through a temporary file renamed into
@@ -40,8 +44,9 @@ source: local_path. Start the GPUStack server with --model-catalog-file FILE to 
 
   --dest DIR         where models go, each in a folder of its name (default: $DEFAULT_DEST);
                      give a shared mount every worker sees at the same path
-  --catalog FILE     the catalog to write or merge into (default: DIR/model-catalog.yaml); an
-                     existing one must have been written by $PROG
+  --catalog FILE     the catalog to write or merge into (default: DIR/model-catalog.yaml); one
+                     written by hand is merged into where python3 with PyYAML reads it (its
+                     model sets the last block), its copy kept as FILE.orig
   --prefix DIR       the prefix install.sh installed GPUStack into (such as /opt/gpustack):
                      point its configuration at the catalog (pip: model_catalog_file in
                      DIR/gpustack.yaml; docker: GPUSTACK_MODEL_CATALOG_FILE in DIR/docker.env
@@ -286,13 +291,67 @@ catalog_series() {
   esac
 }
 
+# A Python with PyYAML (a pip install of GPUStack has one), on PATH; fails if there is none.
+yaml_python() {
+  local py
+  for py in python3 python; do
+    if command -v "$py" >/dev/null 2>&1 && "$py" -c 'import yaml' 2>/dev/null; then
+      printf '%s' "$py"
+      return 0
+    fi
+  done
+  return 1
+}
+
+# foreign_catalog FILE: for a catalog written by hand, "SERIES INDENT": its format (0: a list of
+# model sets; 2: a mapping whose last key is model_sets) and the indent of its model sets' "-"
+# lines, so entries appended at the end join that list; fails if it is not such a catalog.
+foreign_catalog() {
+  local py
+  py=$(yaml_python) || return 1
+  "$py" - "$1" <<'PY'
+import re
+import sys
+
+import yaml
+
+with open(sys.argv[1]) as fh:
+    text = fh.read()
+try:
+    data = yaml.safe_load(text)
+except yaml.YAMLError:
+    sys.exit(1)
+lines = text.splitlines()
+if isinstance(data, list) and all(isinstance(s, dict) and s.get("name") for s in data):
+    series, start = "0", 0
+elif isinstance(data, dict) and isinstance(data.get("model_sets"), list):
+    keys = [i for i, line in enumerate(lines) if re.match(r"[^\s#-]", line)]
+    if not keys or not re.match(r"model_sets:\s*(#.*)?$", lines[keys[-1]]):
+        sys.exit(1)  # model_sets is not the last block, or not a block list
+    series, start = "2", keys[-1] + 1
+else:
+    sys.exit(1)
+items = [line for line in lines[start:] if line.strip() and not line.lstrip().startswith("#")]
+if items and not items[0].lstrip().startswith("- "):
+    sys.exit(1)
+print(series, len(items[0]) - len(items[0].lstrip()) if items else 0)
+PY
+}
+
 choose_series() {
-  local found=""
+  local found="" foreign
+  CATALOG_INDENT=0 FOREIGN=0
   if [[ -e $CATALOG ]]; then
     [[ -f $CATALOG ]] || die 5 "$CATALOG is not a file; pass --catalog FILE"
     found=$(catalog_series "$CATALOG")
-    [[ -n $found ]] ||
-      die 5 "$CATALOG was not written by $PROG, so it is not edited: pass --catalog to a new file (the server reads one: merge its entries into yours by hand), or move $CATALOG aside"
+    if [[ -z $found ]]; then
+      yaml_python >/dev/null ||
+        die 5 "$CATALOG was not written by $PROG, and merging into it needs python3 with PyYAML (pip install pyyaml), which is not here: install it, or pass --catalog to a new file, or move $CATALOG aside"
+      foreign=$(foreign_catalog "$CATALOG") ||
+        die 5 "$CATALOG was not written by $PROG and does not read as a GPUStack catalog whose model sets are its last block (a list; for 2.x model_sets: as the last key), so it is not edited: pass --catalog to a new file and merge its entries into yours by hand, or move $CATALOG aside"
+      read -r found CATALOG_INDENT <<<"$foreign"
+      FOREIGN=1
+    fi
     if [[ -n $SERIES && $SERIES != "$found" ]]; then
       die 2 "$CATALOG is a GPUStack $found.x catalog; GPUStack $SERIES.x ($SERIES_WHY) would mix formats. Pass --catalog to another file for GPUStack $SERIES.x"
     fi
@@ -307,14 +366,16 @@ choose_series() {
   [[ -f $FRAGMENT ]] || die 3 "$FRAGMENT named in bundle.env is not in $BUNDLE; re-copy the whole bundle from the source media"
 }
 
-# The entry, with the placed path (LOCAL_PATH) as a YAML double-quoted string.
+# The entry, with the placed path (LOCAL_PATH) as a YAML double-quoted string, each line
+# indented by CATALOG_INDENT (a hand-written catalog's own indent of its model sets).
 catalog_entry() {
-  local escaped fragment
+  local escaped fragment pad
   escaped=${LOCAL_PATH//\\/\\\\}
   escaped=${escaped//\"/\\\"}
   fragment=$(<"$FRAGMENT")
   shopt -u patsub_replacement 2>/dev/null || true
-  printf '%s\n' "${fragment//@LOCAL_PATH@/"$escaped"}"
+  printf -v pad '%*s' "$CATALOG_INDENT" ''
+  printf '%s\n' "${fragment//@LOCAL_PATH@/"$escaped"}" | sed "s/^./$pad&/"
 }
 
 write_catalog() {
@@ -345,7 +406,14 @@ write_catalog() {
     fi
     printf '%s\n%s\n%s\n' "$begin" "$entry" "$end"
   } >"$CATALOG_PART" || die 5 "cannot write $CATALOG_PART"
-  check_catalog "$CATALOG_PART"
+  check_catalog "$CATALOG_PART" "$CATALOG"
+  if ((FOREIGN)) && [[ ! -e $CATALOG.orig ]]; then
+    if ! { cp -p -- "$CATALOG" "$CATALOG.orig.part" && mv -f -- "$CATALOG.orig.part" "$CATALOG.orig"; }; then
+      rm -f -- "$CATALOG.orig.part"
+      die 5 "cannot keep a copy of $CATALOG as $CATALOG.orig; check permissions in $dir"
+    fi
+    say "kept the hand-written catalog as it was: $CATALOG.orig"
+  fi
   chmod 0644 -- "$CATALOG_PART"
   mv -f -- "$CATALOG_PART" "$CATALOG" || die 5 "cannot rename $CATALOG_PART to $CATALOG"
   CATALOG_PART=""
@@ -353,26 +421,35 @@ write_catalog() {
   say "catalog $CATALOG (GPUStack $SERIES.x, $models model(s)): $MODEL_NAME -> $LOCAL_PATH"
 }
 
-# Where a Python with PyYAML is at hand (a pip install of GPUStack has one), read the new catalog
-# back as GPUStack will, before it replaces the old one.
+# check_catalog NEW OLD: where a Python with PyYAML is at hand (a pip install of GPUStack has
+# one), read the new catalog back as GPUStack will, before it replaces the old one: a list of
+# model sets, those of the old one (if any) with this model's once, in their order.
 check_catalog() {
   local py
-  for py in python3 python; do
-    command -v "$py" >/dev/null 2>&1 || continue
-    "$py" -c 'import yaml' 2>/dev/null || continue
-    "$py" - "$1" "$SERIES" <<'PY' || die 5 "the catalog written for $MODEL_NAME does not read back as a GPUStack $SERIES.x catalog (above); $CATALOG was left as it was"
+  py=$(yaml_python) || return 0
+  "$py" - "$1" "$2" "$SERIES" "$MODEL_NAME" <<'PY' || die 5 "the catalog written for $MODEL_NAME does not read back as a GPUStack $SERIES.x catalog with every model set it had plus $MODEL_NAME (above); $CATALOG was left as it was"
+import os
 import sys
 
 import yaml
 
-with open(sys.argv[1]) as fh:
-    data = yaml.safe_load(fh)
-sets = data if sys.argv[2] == "0" else (data or {}).get("model_sets")
-if not isinstance(sets, list) or not all(isinstance(s, dict) and s.get("name") for s in sets):
-    sys.exit("not a list of model sets, each with a name")
+
+def names(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as fh:
+        data = yaml.safe_load(fh)
+    sets = data if sys.argv[3] == "0" else (data or {}).get("model_sets")
+    if not isinstance(sets, list) or not all(isinstance(s, dict) and s.get("name") for s in sets):
+        sys.exit(f"{path}: not a list of model sets, each with a name")
+    return [s["name"] for s in sets]
+
+
+new, model = names(sys.argv[1]), sys.argv[4]
+kept = [n for n in names(sys.argv[2]) if n != model]
+if [n for n in new if n != model] != kept or new.count(model) != 1:
+    sys.exit(f"model sets read back: {new}; wanted {kept} and {model} once")
 PY
-    return 0
-  done
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -471,12 +471,66 @@ def test_a_copy_that_breaks_off_leaves_no_file_under_its_final_name(shipped, tmp
     assert (dest / "tiny-gguf" / GGUF).read_bytes() == files[GGUF]
 
 
-def test_the_installer_leaves_a_hand_written_catalog_alone(shipped, tmp_path):
+HAND_WRITTEN = {
+    "0": "# our site's models\n- name: mine\n  templates: []  # kept as written\n",
+    "2": "draft_models: []\nmodel_sets:\n  # ours\n  - name: mine\n    specs: []\n",
+}
+
+
+@pytest.mark.parametrize(("series", "bundle"), [("0", "model-tiny-gguf"), ("2", "model-tiny-st")])
+def test_the_installer_merges_into_a_hand_written_catalog_keeping_its_lines(
+    shipped, tmp_path, series, bundle
+):
+    """A site's own catalog (0.x: a list; 2.x: model_sets last, its sets indented): the entry is
+    appended to its list, indented as its own; its lines stay as written, a copy is kept as
+    .orig, and a second install replaces the entry, not adds one."""
+    catalog, written = tmp_path / "catalog.yaml", HAND_WRITTEN[series]
+    catalog.write_text(written)
+    args = ("--dest", tmp_path / "m", "--catalog", catalog, "--gpustack", series)
+    proc = install(shipped[bundle], *args)
+    assert proc.returncode == 0, proc.stderr
+    merged = catalog.read_text()
+    assert merged.startswith(written) and (tmp_path / "catalog.yaml.orig").read_text() == written
+    data = yaml.safe_load(merged)
+    sets = data if series == "0" else data["model_sets"]
+    name = bundle.removeprefix("model-")
+    assert [s["name"] for s in sets] == ["mine", name]
+    assert "kept the hand-written catalog as it was" in proc.stdout
+    assert install(shipped[bundle], *args).returncode == 0
+    assert catalog.read_text() == merged
+    assert (tmp_path / "catalog.yaml.orig").read_text() == written
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("model_sets:\n- name: mine\n  specs: []\ndraft_models: []\n", "last block"),
+        ("draft_models: []\nmodel_sets: [{name: mine, specs: []}]\n", "last block"),
+        ("models: {}\n", "does not read as a GPUStack catalog"),
+        ("- name: [unclosed\n", "does not read as a GPUStack catalog"),
+    ],
+)
+def test_a_hand_written_catalog_it_cannot_append_to_is_left_alone(shipped, tmp_path, text, why):
     catalog = tmp_path / "catalog.yaml"
-    catalog.write_text("- name: mine\n  templates: []\n")
-    proc = install(shipped["model-tiny-gguf"], "--dest", tmp_path / "m", "--catalog", catalog)
-    assert proc.returncode == 5 and "was not written by install-model.sh" in proc.stderr
-    assert catalog.read_text() == "- name: mine\n  templates: []\n"
+    catalog.write_text(text)
+    proc = install(shipped["model-tiny-st"], "--dest", tmp_path / "m", "--catalog", catalog)
+    assert proc.returncode == 5 and why in proc.stderr and "--catalog to a new file" in proc.stderr
+    assert catalog.read_text() == text and not (tmp_path / "m").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.yaml"]
+
+
+def test_merging_a_hand_written_catalog_without_pyyaml_is_refused_naming_it(shipped, tmp_path):
+    catalog, bin_dir = tmp_path / "catalog.yaml", tmp_path / "bin"
+    catalog.write_text(HAND_WRITTEN["0"])
+    bin_dir.mkdir()
+    for name in ("python3", "python"):  # a host whose Pythons have no PyYAML
+        (bin_dir / name).write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    proc = install(shipped["model-tiny-gguf"], "--dest", tmp_path / "m", "--catalog", catalog,
+                   env=env)  # fmt: skip
+    assert proc.returncode == 5 and "needs python3 with PyYAML" in proc.stderr
+    assert catalog.read_text() == HAND_WRITTEN["0"]
 
 
 def test_the_installer_script_is_shellcheck_clean(root):
