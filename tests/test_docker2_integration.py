@@ -11,9 +11,9 @@ A tiny model bundle is then verified beside the same bundle: catalog, deployment
 scheduler reading its config at the placed path, and the server's embedded worker, with a
 declared stand-in GPU, finding the file there (no GPU and no engine run here).
 
-The cell is 2.2.3's. 2.3.0's server also reads a content index from ota.gpustack.ai
-(`--ota-server-url`, new in 2.3.0), which install.sh's docker.env points at a closed local port
-(tests/test_scripts_docker.py).
+The bundle and the model run for 2.2.3 and 2.3.0 (whose server also reads a content index from
+ota.gpustack.ai, which install.sh's docker.env keeps it from: tests/test_scripts_docker.py); the
+refusals run for 2.2.3.
 """
 
 from __future__ import annotations
@@ -35,46 +35,76 @@ from gpustack_offline.verify.docker import API_PORT_2X, UI_PAGES_2X, ImageStart,
 
 pytestmark = pytest.mark.integration
 
-VERSION = "2.2.3"
-CELL = f"v{VERSION}-linux-amd64-cuda12.9-py3.11-vllm+sglang-docker"
-ARM_CELL = f"v{VERSION}-linux-arm64-cuda12.9-py3.11-vllm+sglang-docker"
+VERSION = "2.2.3"  # of the tests that run for one version
+VERSIONS = ("2.2.3", "2.3.0")
+# The runners upstream's data names for the cell (gpustack-runner as each release pins it)
+RUNNER_TAGS = {
+    "2.2.3": ("cuda12.9-vllm0.25.1", "cuda12.9-sglang0.5.15.post1"),
+    "2.3.0": ("cuda12.9-vllm0.32.0", "cuda12.9-sglang0.5.18"),
+}
+
+
+def cell_id(version: str = VERSION, arch: str = "amd64") -> str:
+    return f"v{version}-linux-{arch}-cuda12.9-py3.11-vllm+sglang-docker"
+
+
+CELL, ARM_CELL = cell_id(), cell_id(arch="arm64")
 SERVER = f"gpustack/gpustack:v{VERSION}"
 
 
 @pytest.fixture(scope="module")
-def ctx(root, hub: Hub, tmp_path_factory):
-    runners_dir = tmp_path_factory.mktemp("runners")
-    shutil.copy(root / f"bundles/runners/gpustack-{VERSION}.json", runners_dir)
-    cli = {
-        "dist_dir": str(tmp_path_factory.mktemp("dist")),
-        "images_pins_dir": str(tmp_path_factory.mktemp("pins")),
-        "runners_dir": str(runners_dir),
-        "registry_mirror": hub.host,
-        "progress": False,
-    }
-    ctx = commands.Context.load(root, cli=cli)
-    cell = ctx.matrix.cell(CELL)
-    selection = runners.cell_selection(runners_dir, VERSION, "amd64", "cuda12.9", cell.extra_names)
-    names = [i.name for i in selection.images]
-    # amd64 only: the arm64 cell must be refused, naming what the hub has
-    push_images(hub, {names[0]: server_image(VERSION, (AMD64,))})
-    push_images(hub, runner_images(names[1:], (AMD64,)))
-    return ctx
+def contexts(root, hub: Hub, tmp_path_factory):
+    """A build context per version, made on first use: its own dist/, pins and runner data, the
+    hub seeded with the version's server and runner stand-ins (amd64 only: an arm64 cell must
+    be refused, naming what the hub has)."""
+    made: dict[str, commands.Context] = {}
+
+    def context(version: str):
+        if version in made:
+            return made[version]
+        runners_dir = tmp_path_factory.mktemp(f"runners-{version}")
+        shutil.copy(root / f"bundles/runners/gpustack-{version}.json", runners_dir)
+        cli = {
+            "dist_dir": str(tmp_path_factory.mktemp(f"dist-{version}")),
+            "images_pins_dir": str(tmp_path_factory.mktemp(f"pins-{version}")),
+            "runners_dir": str(runners_dir),
+            "registry_mirror": hub.host,
+            "progress": False,
+        }
+        ctx = commands.Context.load(root, cli=cli)
+        cell = ctx.matrix.cell(cell_id(version))
+        selection = runners.cell_selection(
+            runners_dir, version, "amd64", "cuda12.9", cell.extra_names
+        )
+        names = [i.name for i in selection.images]
+        push_images(hub, {names[0]: server_image(version, (AMD64,))})
+        push_images(hub, runner_images(names[1:], (AMD64,)))
+        made[version] = ctx
+        return ctx
+
+    return context
 
 
+@pytest.fixture(scope="module")
+def ctx(contexts):
+    return contexts(VERSION)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
 def test_a_2x_bundle_carries_upstreams_images_and_its_configured_server_start_reaches_nothing(
-    ctx, root
+    contexts, root, version
 ):
-    cell = ctx.matrix.cell(CELL)
+    ctx = contexts(version)
+    cell = ctx.matrix.cell(cell_id(version))
     pins = commands.lock(ctx, [cell])
-    # the runner list was read again from the gpustack-runner wheel 2.2.3 pins: same data
-    runner_data = ctx.opts.path("runners_dir", root) / f"gpustack-{VERSION}.json"
+    # the runner list was read again from the gpustack-runner wheel the release pins: same data
+    runner_data = ctx.opts.path("runners_dir", root) / f"gpustack-{version}.json"
     assert (
-        runner_data.read_text() == (root / f"bundles/runners/gpustack-{VERSION}.json").read_text()
+        runner_data.read_text() == (root / f"bundles/runners/gpustack-{version}.json").read_text()
     )
     pin_files = sorted(p.name for p in ctx.opts.path("images_pins_dir", root).iterdir())
     assert pin_files == [
-        f"{kind}-{VERSION}.toml" for kind in ("benchmark-runner", "gpustack", "runner", "runtime")
+        f"{kind}-{version}.toml" for kind in ("benchmark-runner", "gpustack", "runner", "runtime")
     ]
     assert pins
 
@@ -83,12 +113,11 @@ def test_a_2x_bundle_carries_upstreams_images_and_its_configured_server_start_re
     refs = sorted(i["reference"] for i in manifest["images"])
     assert refs == sorted(
         [
-            f"docker.io/{SERVER}",
-            "docker.io/gpustack/runner:cuda12.9-vllm0.25.1",
-            "docker.io/gpustack/runner:cuda12.9-sglang0.5.15.post1",
+            f"docker.io/gpustack/gpustack:v{version}",
+            *(f"docker.io/gpustack/runner:{tag}" for tag in RUNNER_TAGS[version]),
             "docker.io/gpustack/runtime:pause",
             "docker.io/gpustack/runtime:health",
-            f"docker.io/{runners.load(root / 'bundles/runners', VERSION).image('benchmark')}",
+            f"docker.io/{runners.load(root / 'bundles/runners', version).image('benchmark')}",
         ]
     )
     assert {i["platform"] for i in manifest["images"]} == {"linux/amd64"}
@@ -118,13 +147,13 @@ def test_a_2x_bundle_carries_upstreams_images_and_its_configured_server_start_re
     assert any("/gpustack/runtime:pause -> sha256:" in line for line in resolved)
     install_output = report.steps[1].output
     assert "--system-default-container-registry 127.0.0.1:" in install_output
-    assert "/gpustack/runner:cuda12.9-sglang0.5.15.post1" in install_output
+    assert f"/gpustack/runner:{RUNNER_TAGS[version][1]}" in install_output
 
     # the server from the site registry, started as install.sh told the operator: the real
     # first start answered, the admin logged in with the initial password, and in all that and
     # 30 s more it reached for no outside host
     healthz, visit, egress = report.steps[4:]
-    assert "/site/mirror/gpustack/gpustack:v2.2.3: /healthz 200 on 30080" in healthz.output
+    assert f"/site/mirror/gpustack/gpustack:v{version}: /healthz 200 on 30080" in healthz.output
     assert visit.output.splitlines()[0] == "/auth/login 200"
     assert "/v2/model-sets?page=1&perPage=10 200" in visit.output
     assert (egress.code, egress.output) == (0, "outside hosts attempted: none")
@@ -145,11 +174,12 @@ MODEL_STEPS = [
 ]  # fmt: skip
 
 
+@pytest.mark.parametrize("version", VERSIONS)
 def test_a_model_bundle_beside_the_2x_bundle_is_deployed_and_its_file_found_by_the_worker(
-    ctx, root, tmp_path
+    contexts, root, tmp_path, version
 ):
     """A tiny safetensors model (vLLM), bundled from the loopback hub stand-in through the real
-    `huggingface_hub`, placed with install-model.sh --prefix beside the 2.2.3 bundle installed
+    `huggingface_hub`, placed with install-model.sh --prefix beside the 2.x bundle installed
     with install.sh --registry: the server from the site registry, started with install.sh's
     server.args, docker.env and docker.volumes and its embedded worker on, with one declared
     stand-in GPU of the cell's CUDA (resources.gpu_devices), lists the model with its local
@@ -159,7 +189,8 @@ def test_a_model_bundle_beside_the_2x_bundle_is_deployed_and_its_file_found_by_t
     socket, no GPU). Nothing outside is asked."""
     from support.hf_hub import HubStandIn, tiny_safetensors
 
-    cell = ctx.matrix.cell(CELL)
+    ctx = contexts(version)
+    cell = ctx.matrix.cell(cell_id(version))
     commands.lock(ctx, [cell])
     commands.build(ctx, [cell])  # checked, not rebuilt, after the test above
     (tmp_path / "models.toml").write_text(
@@ -204,7 +235,7 @@ def test_a_model_bundle_beside_the_2x_bundle_is_deployed_and_its_file_found_by_t
     assert "starting" in probe["states"] or instance["state"] == "error", probe["states"]
     assert "file resolved there" in report.note and "declared" in report.note
     assert report.egress == {"hosts_attempted": 0, "hosts": []}
-    saved = ctx.dist / f"model-tiny-st.{CELL}.verify.json"
+    saved = ctx.dist / f"model-tiny-st.{cell.id}.verify.json"
     assert json.loads(saved.read_text())["ok"] is True
     print(f"\n{report.note}\n{steps['config-read']}")
 
