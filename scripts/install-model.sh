@@ -303,13 +303,12 @@ yaml_python() {
   return 1
 }
 
-# foreign_catalog FILE: for a catalog written by hand, "SERIES INDENT": its format (0: a list of
-# model sets; 2: a mapping whose last key is model_sets) and the indent of its model sets' "-"
-# lines, so entries appended at the end join that list; fails if it is not such a catalog.
+# foreign_catalog PYTHON FILE: for a catalog written by hand, "SERIES INDENT": its format (0: a
+# list of model sets; 2: a mapping whose last key is model_sets) and the indent of its model
+# sets' "-" lines, so entries appended at the end join that list; fails if it is not such a
+# catalog. PYTHON is one with PyYAML (yaml_python).
 foreign_catalog() {
-  local py
-  py=$(yaml_python) || return 1
-  "$py" - "$1" <<'PY'
+  "$1" - "$2" <<'PY'
 import re
 import sys
 
@@ -339,15 +338,15 @@ PY
 }
 
 choose_series() {
-  local found="" foreign
+  local found="" foreign py
   CATALOG_INDENT=0 FOREIGN=0
   if [[ -e $CATALOG ]]; then
     [[ -f $CATALOG ]] || die 5 "$CATALOG is not a file; pass --catalog FILE"
     found=$(catalog_series "$CATALOG")
     if [[ -z $found ]]; then
-      yaml_python >/dev/null ||
+      py=$(yaml_python) ||
         die 5 "$CATALOG was not written by $PROG, and merging into it needs python3 with PyYAML (pip install pyyaml), which is not here: install it, or pass --catalog to a new file, or move $CATALOG aside"
-      foreign=$(foreign_catalog "$CATALOG") ||
+      foreign=$(foreign_catalog "$py" "$CATALOG") ||
         die 5 "$CATALOG was not written by $PROG and does not read as a GPUStack catalog whose model sets are its last block (a list; for 2.x model_sets: as the last key), so it is not edited: pass --catalog to a new file and merge its entries into yours by hand, or move $CATALOG aside"
       read -r found CATALOG_INDENT <<<"$foreign"
       FOREIGN=1
