@@ -21,6 +21,7 @@ import pytest
 import yaml
 from support.fault_proxy import Drop, FaultProxy
 from support.hf_hub import HubStandIn, git_blob_id, tiny_gguf, tiny_safetensors
+from support.upstream import run_gpustack
 from test_scripts import gpustack_wheel, make_bundle
 from test_scripts import install as install_gpustack
 
@@ -578,23 +579,13 @@ print(json.dumps(rows))
 def test_upstream_gpustack_loads_the_catalog_with_the_placed_paths(
     root, shipped, tmp_path, version, series
 ):
-    from gpustack_offline.core.options import resolve
-    from gpustack_offline.stages.tools import gpustack_venv
-
     dest, catalog = tmp_path / "models", tmp_path / "catalog.yaml"
     names = ["model-tiny-st"] + (["model-tiny-gguf"] if series == "0" else [])
     for name in names:
         proc = install(shipped[name], "--dest", dest, "--catalog", catalog, "--gpustack", series)
         assert proc.returncode == 0
-    opts = resolve(root)
-    python = gpustack_venv(version, [], Path(opts.cache_dir), opts.index_url)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSTACK_")}
-    out = subprocess.run(
-        [python, "-c", UPSTREAM_LOADER, catalog], capture_output=True, text=True, env=env,
-        timeout=300, check=False,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = sorted(tuple(r) for r in json.loads(out.stdout.splitlines()[-1]))
+    out = run_gpustack(root, version, UPSTREAM_LOADER, catalog)
+    rows = sorted(tuple(r) for r in json.loads(out.splitlines()[-1]))
     vllm = "vllm" if series == "0" else "vLLM"
     wanted = [("local_path", str(dest / "tiny-st"), vllm)]
     if series == "0":

@@ -29,6 +29,7 @@ from support.registry_fixture import (
     Hub,
     runnable,
 )
+from support.upstream import run_gpustack
 from test_scripts import (
     HOST_ARCH,
     SCRIPTS,
@@ -480,20 +481,12 @@ print(get_gpustack_env("OTA_SERVER_URL"))
 def upstream_envs(root: Path, version: str, env_file: str) -> list[str]:
     """What upstream's `version` reads of the docker.env text `env_file` (as `--env-file`
     hands it over): the embedded-sources switch and the OTA server's URL."""
-    from gpustack_offline.core.options import resolve
-    from gpustack_offline.stages.tools import gpustack_venv
-
-    opts = resolve(root)
-    python = gpustack_venv(version, [], Path(opts.cache_dir), opts.index_url)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSTACK_")}
+    env = {}
     for line in env_file.splitlines():
         key, sep, value = line.partition("=")
         if sep and not line.startswith("#"):
             env[key] = value
-    out = subprocess.run([python, "-c", UPSTREAM_ENVS], capture_output=True, text=True, env=env,
-                         timeout=300, check=False)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout.splitlines()[-2:]
+    return run_gpustack(root, version, UPSTREAM_ENVS, env=env).splitlines()[-2:]
 
 
 @pytest.mark.integration

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.upstream import run_gpustack
 
 from gpustack_offline import payload
 from gpustack_offline.core.errors import VerifyError
@@ -321,32 +322,19 @@ def test_a_declared_stand_in_gpu_is_one_upstream_loads_for_every_2x_backend(
     backend (`standins.MANUFACTURER_PROBE`, as the verification asks the server image), then the
     config file declaring the stand-in GPU, loaded by upstream's own Config: one GPU of the
     cell's backend and runner version, of that maker."""
-    import subprocess
-
-    from gpustack_offline.core.options import resolve
-    from gpustack_offline.stages.tools import gpustack_venv
-
     cells: dict[str, Cell] = {}
     for cell in matrix.cells:
         if cell.version == version and cell.runner_device is not None and cell.backend:
             cells.setdefault(cell.backend, cell)
     assert {"cuda", "rocm", "cann"} <= set(cells), sorted(cells)
-    opts = resolve(root)
-    python = gpustack_venv(version, [], Path(opts.cache_dir), opts.index_url)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUSTACK_")}
 
     def upstream(*args: str) -> dict[str, Any]:
-        out = subprocess.run([python, "-c", DECLARED_LOADER, *args], capture_output=True,
-                             text=True, env=env, timeout=300, check=False)  # fmt: skip
-        assert out.returncode == 0, out.stderr[-2000:]
-        return dict(json.loads(out.stdout.splitlines()[-1]))
+        out = run_gpustack(root, version, DECLARED_LOADER, *args)
+        return dict(json.loads(out.splitlines()[-1]))
 
     backends = sorted(cells)
     makers = upstream("manufacturer", ",".join(backends))
-    probed = subprocess.run(
-        [python, "-c", standins.MANUFACTURER_PROBE, "cuda"], capture_output=True, text=True,
-        env=env, check=True,
-    ).stdout.strip()  # fmt: skip
+    probed = run_gpustack(root, version, standins.MANUFACTURER_PROBE, "cuda").strip()
     assert probed == makers["cuda"] == "nvidia"
     made = {}
     for backend, maker in makers.items():

@@ -14,7 +14,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import os
 import re
+import subprocess
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -194,3 +196,23 @@ def docker_run_options(version: str, doc: str) -> dict[str, tuple[str, ...]]:
         options = tuple(block[1:end])
         assert found.setdefault(image, options) == options, (doc, image)
     return found
+
+
+def run_gpustack(
+    root: Path, version: str, script: str, *args: str | Path, env: Mapping[str, str] = {}
+) -> str:
+    """`script` run by the Python of upstream's GPUStack `version` (the tools stage's venv, made
+    once and cached; PyPI the first time), in this environment less GPUSTACK_* settings plus
+    `env`; its stdout. A failed run fails the test with the end of its stderr."""
+    from gpustack_offline.core.options import resolve
+    from gpustack_offline.stages.tools import gpustack_venv
+
+    opts = resolve(root)
+    python = gpustack_venv(version, [], Path(opts.cache_dir), opts.index_url)
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("GPUSTACK_")}
+    out = subprocess.run(
+        [python, "-c", script, *map(str, args)], capture_output=True, text=True,
+        env={**environ, **env}, timeout=300, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
